@@ -95,3 +95,27 @@ pub fn quantize_f32(v: f32, scale: f32, lo: i64, hi: i64) -> Result<i64, NonFini
     let q = r.clamp(lo as f32, hi as f32) as i64;
     Ok(q.clamp(lo, hi))
 }
+
+/// The sizes of the integer datapath that the numerics rules depend on, taken from
+/// `EngineConfig` (`EngineConfig::datapath()`). Golden ops take this, never the whole config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Datapath {
+    /// Weight group length along the input dimension (N7), in elements.
+    pub w_group_len: usize,
+    /// Width of a group-scale multiplier (N9); `SF = w_scale_bits - 1`.
+    pub w_scale_bits: u32,
+    /// Accumulator width (N13), saturated after every group.
+    pub acc_bits: u32,
+    /// Tokens per key group of the KV4 cache (N16).
+    pub kv_group_len: usize,
+    /// Most recent tokens kept at 8 bits (N16), a multiple of `kv_group_len`.
+    pub kv_recent_window: usize,
+}
+
+impl Datapath {
+    /// Fractional bits of a group-scale multiplier (N9).
+    #[must_use]
+    pub fn scale_frac_bits(&self) -> u32 {
+        self.w_scale_bits - 1
+    }
+}
