@@ -56,10 +56,7 @@ pub fn mac(in_bits: u32, acc_bits: u32) -> Res<Module> {
     let acc = m.reg_in("acc", "acc", Ty::s(acc_bits), Reset::Value(0))?;
     let sat = m.reg_in("acc", "sat", Ty::bit(), Reset::Value(0))?;
     let wide = acc_bits + 1;
-    let sum = m.wire_of(
-        "sum",
-        acc.q.e().sext(wide)?.add(&prod.q.e().sext(wide)?)?,
-    )?;
+    let sum = m.wire_of("sum", acc.q.e().sext(wide)?.add(&prod.q.e().sext(wide)?)?)?;
     let max = (1i128 << (acc_bits - 1)) - 1;
     let min = -(1i128 << (acc_bits - 1));
     let over = m.wire_of("over", sum.e().gt(&Expr::sconst(wide, max)?)?)?;
@@ -214,31 +211,60 @@ pub fn ops() -> Res<Module> {
         ("umul_o", a.mul(&b)?),
         ("smul_o", x.mul(&y)?),
         ("bits_o", a.and(&b)?.or(&a.xor(&b)?)?.not()),
-        ("cmp_o", Expr::concat(&[
-            a.eq(&b)?,
-            a.ne(&b)?,
-            a.lt(&b)?,
-            a.le(&b)?,
-            x.gt(&y)?,
-            x.ge(&y)?,
-            x.lt(&y)?,
-            a.as_signed().lt(&b.as_signed())?,
-        ])?),
-        ("red_o", Expr::concat(&[a.reduce_and(), a.reduce_or(), b.reduce_xor()])?),
+        (
+            "cmp_o",
+            Expr::concat(&[
+                a.eq(&b)?,
+                a.ne(&b)?,
+                a.lt(&b)?,
+                a.le(&b)?,
+                x.gt(&y)?,
+                x.ge(&y)?,
+                x.lt(&y)?,
+                a.as_signed().lt(&b.as_signed())?,
+            ])?,
+        ),
+        (
+            "red_o",
+            Expr::concat(&[a.reduce_and(), a.reduce_or(), b.reduce_xor()])?,
+        ),
         ("mux_o", a.lt(&b)?.mux(&x, &y)?),
-        ("shc_o", Expr::concat(&[a.shl(3)?, a.shr(2)?, x.sra(5)?.as_unsigned()])?),
-        ("shv_o", Expr::concat(&[a.shl_by(&sh)?, b.shr_by(&sh)?, y.sra_by(&sh)?.as_unsigned()])?),
-        ("ext_o", Expr::concat(&[a.zext(12)?, x.sext(12)?.as_unsigned(), x.bit(7)?.sext(4)?.as_unsigned()])?),
+        (
+            "shc_o",
+            Expr::concat(&[a.shl(3)?, a.shr(2)?, x.sra(5)?.as_unsigned()])?,
+        ),
+        (
+            "shv_o",
+            Expr::concat(&[a.shl_by(&sh)?, b.shr_by(&sh)?, y.sra_by(&sh)?.as_unsigned()])?,
+        ),
+        (
+            "ext_o",
+            Expr::concat(&[
+                a.zext(12)?,
+                x.sext(12)?.as_unsigned(),
+                x.bit(7)?.sext(4)?.as_unsigned(),
+            ])?,
+        ),
         ("rep_o", a.slice(3, 0)?.repeat(3)?),
         // Part-selects of expressions: upper bits of a sum and of a product,
         // a bit of a shifted value, and sign extension of an expression.
-        ("hi_o", Expr::concat(&[
-            a.add_wide(&b)?.slice(8, 1)?,
-            x.mul(&y)?.slice(15, 8)?,
-            a.shr_by(&sh)?.bit(0)?,
-            x.add(&y)?.sext(10)?.as_unsigned(),
-        ])?),
-        ("const_o", Expr::concat(&[Expr::uconst(4, 0xa)?, Expr::sconst(6, -3)?, Expr::uconst(1, 1)?])?),
+        (
+            "hi_o",
+            Expr::concat(&[
+                a.add_wide(&b)?.slice(8, 1)?,
+                x.mul(&y)?.slice(15, 8)?,
+                a.shr_by(&sh)?.bit(0)?,
+                x.add(&y)?.sext(10)?.as_unsigned(),
+            ])?,
+        ),
+        (
+            "const_o",
+            Expr::concat(&[
+                Expr::uconst(4, 0xa)?,
+                Expr::sconst(6, -3)?,
+                Expr::uconst(1, 1)?,
+            ])?,
+        ),
     ];
     // Mixed-sign trap: an arithmetic shift inside an unsigned addition must
     // stay arithmetic.

@@ -403,7 +403,10 @@ impl Expr {
 
     fn bin(&self, op: BinOp, name: &str, rhs: &Expr) -> R {
         same_ty(name, self, rhs)?;
-        Ok(Expr::new(ExprKind::Bin(op, self.clone(), rhs.clone()), self.ty))
+        Ok(Expr::new(
+            ExprKind::Bin(op, self.clone(), rhs.clone()),
+            self.ty,
+        ))
     }
 
     /// Wrapping add: both operands of one type, result of that type.

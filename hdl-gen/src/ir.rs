@@ -376,10 +376,7 @@ impl Module {
                 .find(|q| &q.name == p)
                 .ok_or_else(|| self.err(format!("parameter {p} is not declared")))?;
             if param.value < 1 || param.value > i64::from(u32::MAX) {
-                return Err(self.err(format!(
-                    "parameter {p} = {} cannot be a width",
-                    param.value
-                )));
+                return Err(self.err(format!("parameter {p} = {} cannot be a width", param.value)));
             }
             self.used_params.insert(p.clone());
         }
@@ -455,7 +452,11 @@ impl Module {
             Dir::Output => name.ends_with("_o"),
         } || name.ends_with(if dir == Dir::Input { "_ni" } else { "_no" });
         if !ok {
-            let suffix = if dir == Dir::Input { "_i (or _ni)" } else { "_o (or _no)" };
+            let suffix = if dir == Dir::Input {
+                "_i (or _ni)"
+            } else {
+                "_o (or _no)"
+            };
             return Err(self.err(format!("port {name}: name must end in {suffix}")));
         }
         let kind = if dir == Dir::Input {
@@ -742,9 +743,7 @@ impl Module {
             )));
         }
         if depth < 2 || width == 0 {
-            return Err(self.err(format!(
-                "ram {name}: depth must be >= 2 and width >= 1"
-            )));
+            return Err(self.err(format!("ram {name}: depth must be >= 2 and width >= 1")));
         }
         let aw = addr_width(depth);
         let we = self.wire(&format!("{name}_we"), Ty::bit())?;

@@ -17,5 +17,7 @@ pub mod print;
 pub use error::HdlError;
 pub use expr::{Expr, Ty};
 pub use ir::{Design, Module, Param, Port, RamStyle, Reg, Reset, Signal};
-pub use lint::{verilator_lint, yosys_synth, Family, LintReport, SynthStats, ToolError};
+pub use lint::{
+    verilator_lint, yosys_synth, Family, LintReport, SynthOptions, SynthStats, ToolError,
+};
 pub use print::{print_module, WrittenDesign};

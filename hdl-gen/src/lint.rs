@@ -170,7 +170,14 @@ pub fn verilator_lint(design: &WrittenDesign) -> Result<LintReport, ToolError> {
         .to_string();
     let out = run(
         "verilator",
-        &["--lint-only", "-Wall", "--top-module", &design.top, "-f", &f],
+        &[
+            "--lint-only",
+            "-Wall",
+            "--top-module",
+            &design.top,
+            "-f",
+            &f,
+        ],
         &design.dir,
     )?;
     let raw = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -265,12 +272,7 @@ pub fn parse_yosys_stat(log: &str) -> Option<SynthStats> {
     let start = lines
         .iter()
         .rposition(|l| l.trim_start().starts_with("Number of cells:"))?;
-    let total = lines[start]
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse::<u64>()
-        .ok()?;
+    let total = lines[start].split(':').nth(1)?.trim().parse::<u64>().ok()?;
     let mut stats = SynthStats {
         cells: BTreeMap::new(),
         total_cells: total,
@@ -288,9 +290,33 @@ pub fn parse_yosys_stat(log: &str) -> Option<SynthStats> {
     Some(stats)
 }
 
+/// Options for [`yosys_synth`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynthOptions {
+    /// Target family.
+    pub family: Family,
+    /// Out-of-context estimate: no I/O buffers, no clock buffer
+    /// (`-noiopad -noclkbuf`), so the counts are the module's own logic.
+    pub out_of_context: bool,
+    /// Flatten the hierarchy first (`-flatten`).
+    pub flatten: bool,
+}
+
+impl Default for SynthOptions {
+    /// UltraScale+, out of context, flattened.
+    fn default() -> SynthOptions {
+        SynthOptions {
+            family: Family::UltraScalePlus,
+            out_of_context: true,
+            flatten: true,
+        }
+    }
+}
+
 /// Run `yosys` `synth_xilinx -family <family> -top <top>` on a written
-/// design and parse the final `stat`.
-pub fn yosys_synth(design: &WrittenDesign, family: Family) -> Result<SynthStats, ToolError> {
+/// design and parse the final `stat`. The script and the full log are left
+/// in the design directory as `<top>_synth.ys` / `<top>_synth.log`.
+pub fn yosys_synth(design: &WrittenDesign, opts: &SynthOptions) -> Result<SynthStats, ToolError> {
     let mut script = String::new();
     for f in &design.files {
         let name = f
@@ -299,16 +325,27 @@ pub fn yosys_synth(design: &WrittenDesign, family: Family) -> Result<SynthStats,
             .ok_or_else(|| ToolError::Io("bad file path".to_string()))?;
         script.push_str(&format!("read_verilog {name}\n"));
     }
+    let mut flags = String::new();
+    if opts.out_of_context {
+        flags.push_str(" -noiopad -noclkbuf");
+    }
+    if opts.flatten {
+        flags.push_str(" -flatten");
+    }
     script.push_str(&format!(
-        "synth_xilinx -family {} -top {}\nstat\n",
-        family.yosys_name(),
+        "synth_xilinx -family {}{flags} -top {}\nstat\n",
+        opts.family.yosys_name(),
         design.top
     ));
     let script_name = format!("{}_synth.ys", design.top);
     std::fs::write(design.dir.join(&script_name), &script)
         .map_err(|e| ToolError::Io(format!("writing yosys script: {e}")))?;
     let log_name = format!("{}_synth.log", design.top);
-    let out = run("yosys", &["-q", "-l", &log_name, "-s", &script_name], &design.dir)?;
+    let out = run(
+        "yosys",
+        &["-q", "-l", &log_name, "-s", &script_name],
+        &design.dir,
+    )?;
     let log = std::fs::read_to_string(design.dir.join(&log_name)).unwrap_or_default();
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -66,8 +66,11 @@ impl Temps {
         let name = format!("hg_t{}", self.next);
         self.next += 1;
         let w = e.width();
-        self.decls
-            .push(format!("  wire {}{}{name};", signed_kw(e.ty()), range(w, None)));
+        self.decls.push(format!(
+            "  wire {}{}{name};",
+            signed_kw(e.ty()),
+            range(w, None)
+        ));
         self.assigns.push(format!("  assign {name} = {text};"));
         let (hi, lo) = used;
         let mut rest = Vec::new();
@@ -103,10 +106,7 @@ impl Temps {
                 format!("{{{}}}", p.join(", "))
             }
             ExprKind::Repeat(n, x) => format!("{{{n}{{{}}}}}", self.expr(x)),
-            ExprKind::Zext(x) => {
-                let k = w - x.width();
-                format!("{{{{{k}{{1'b0}}}}, {}}}", self.expr(x))
-            }
+            ExprKind::Zext(x) => self.zext_text(x, w),
             ExprKind::Sext(x) => self.sext(x, w),
             ExprKind::Cast(x) => self.expr(x),
             ExprKind::Bin(op, a, b) => {
@@ -179,7 +179,7 @@ impl Temps {
         if k == 0 {
             sx
         } else {
-            format!("{{{{{k}{{1'b0}}}}, {sx}}}")
+            format!("{{{}, {sx}}}", literal(k, 0))
         }
     }
 
@@ -189,9 +189,12 @@ impl Temps {
         if k == 0 {
             return self.expr(x);
         }
-        let n = self.ident(x, (xw - 1, 0));
         if xw == 1 {
-            format!("{{{w}{{{n}}}}}")
+            return format!("{{{w}{{{}}}}}", self.expr(x));
+        }
+        let n = self.ident(x, (xw - 1, 0));
+        if k == 1 {
+            format!("{{{n}[{}], {n}}}", xw - 1)
         } else {
             format!("{{{{{k}{{{n}[{}]}}}}, {n}}}", xw - 1)
         }
@@ -269,7 +272,11 @@ pub fn print_module(m: &Module, header: &[String]) -> Result<String, HdlError> {
 
     let mut decls = Vec::new();
     for p in m.params() {
-        decls.push(format!("  localparam integer {} = {};", p.name(), p.value()));
+        decls.push(format!(
+            "  localparam integer {} = {};",
+            p.name(),
+            p.value()
+        ));
     }
     for w in m.wires() {
         let ty = w.signal.ty();
@@ -327,13 +334,13 @@ pub fn print_module(m: &Module, header: &[String]) -> Result<String, HdlError> {
             }
         } else if regs.len() == 1 {
             let r = regs[0];
-            let rv = r.reset.as_ref().map(|e| t_const(e)).unwrap_or_default();
+            let rv = r.reset.as_ref().map(t_const).unwrap_or_default();
             let _ = writeln!(s, "    if (!{RESET}) {} <= {rv};", r.reg.q.name());
             let _ = writeln!(s, "    else {} <= {};", r.reg.q.name(), r.reg.d.name());
         } else {
             let _ = writeln!(s, "    if (!{RESET}) begin");
             for r in &regs {
-                let rv = r.reset.as_ref().map(|e| t_const(e)).unwrap_or_default();
+                let rv = r.reset.as_ref().map(t_const).unwrap_or_default();
                 let _ = writeln!(s, "      {} <= {rv};", r.reg.q.name());
             }
             s.push_str("    end else begin\n");
