@@ -27,3 +27,10 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy >/dev/null 2>&1 || true
 echo "setup: verilator $(verilator --version | awk '{print $2}'), yosys $(yosys -V | awk '{print $2}'), $(cargo --version)"
+
+# The real LLM for `tessera run` and the runtime's real-model tests (optional: warn, never fail).
+if model=$(bash "$(dirname "$0")/fetch-model.sh"); then
+  echo "setup: model $model"
+else
+  echo "setup: warning: could not fetch the SmolLM2 model; real-model tests will be skipped" >&2
+fi
