@@ -5,4 +5,8 @@
 //! every engine operation (docs/numerics.md). It depends on no other Tessera crate.
 
 pub mod config;
+pub mod kv;
 pub mod numerics;
+pub mod ops;
+pub mod pack;
+pub mod quant;

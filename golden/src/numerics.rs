@@ -28,7 +28,10 @@ pub fn round_shift(x: i64, s: u32) -> i64 {
 /// Smallest value of a `bits`-wide two's-complement integer.
 #[must_use]
 pub fn min_signed(bits: u32) -> i64 {
-    assert!((1..=64).contains(&bits), "min_signed: bits {bits} not in 1..=64");
+    assert!(
+        (1..=64).contains(&bits),
+        "min_signed: bits {bits} not in 1..=64"
+    );
     if bits == 64 {
         i64::MIN
     } else {
@@ -39,7 +42,10 @@ pub fn min_signed(bits: u32) -> i64 {
 /// Largest value of a `bits`-wide two's-complement integer.
 #[must_use]
 pub fn max_signed(bits: u32) -> i64 {
-    assert!((1..=64).contains(&bits), "max_signed: bits {bits} not in 1..=64");
+    assert!(
+        (1..=64).contains(&bits),
+        "max_signed: bits {bits} not in 1..=64"
+    );
     if bits == 64 {
         i64::MAX
     } else {
@@ -70,7 +76,11 @@ pub struct NonFinite {
 
 impl std::fmt::Display for NonFinite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} is not finite ({}): quantize only finite values", self.what, self.value)
+        write!(
+            f,
+            "{} is not finite ({}): quantize only finite values",
+            self.what, self.value
+        )
     }
 }
 
@@ -79,21 +89,39 @@ impl std::error::Error for NonFinite {}
 /// N4: `clamp(round_half_away(v / scale), lo, hi)` in `f32`. `scale` must be finite and > 0.
 pub fn quantize_f32(v: f32, scale: f32, lo: i64, hi: i64) -> Result<i64, NonFinite> {
     if !v.is_finite() {
-        return Err(NonFinite { what: "input value", value: v });
+        return Err(NonFinite {
+            what: "input value",
+            value: v,
+        });
     }
     if !scale.is_finite() || scale <= 0.0 {
-        return Err(NonFinite { what: "quantizer scale", value: scale });
+        return Err(NonFinite {
+            what: "quantizer scale",
+            value: scale,
+        });
     }
     assert!(lo <= hi, "quantize_f32: empty range [{lo}, {hi}]");
-    let r = round_half_away_f32(v / scale);
-    // r is finite: v finite, scale > 0 finite; but v/scale may overflow to inf for tiny scales.
+    Ok(round_clamp_f32(v / scale, lo, hi))
+}
+
+/// N1 then a clamp: `clamp(round_half_away(v), lo, hi)` as an integer. `v` must not be NaN;
+/// `+-inf` (e.g. a quotient that overflowed `f32`) clamps to `hi` / `lo`. Used by N4's
+/// `quantize_f32` and by the quantizers whose formula is not a plain `v / scale` (N7, N9).
+#[must_use]
+pub fn round_clamp_f32(v: f32, lo: i64, hi: i64) -> i64 {
+    assert!(
+        !v.is_nan(),
+        "round_clamp_f32: NaN (callers reject non-finite inputs first)"
+    );
+    assert!(lo <= hi, "round_clamp_f32: empty range [{lo}, {hi}]");
+    let r = round_half_away_f32(v);
     if !r.is_finite() {
-        return Ok(if r > 0.0 { hi } else { lo });
+        return if r > 0.0 { hi } else { lo };
     }
     // Clamp in f32 first so the cast cannot saturate silently at i64's range.
     #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
     let q = r.clamp(lo as f32, hi as f32) as i64;
-    Ok(q.clamp(lo, hi))
+    q.clamp(lo, hi)
 }
 
 /// The sizes of the integer datapath that the numerics rules depend on, taken from
