@@ -594,6 +594,122 @@ impl Expr {
         self.shift(ShiftOp::Sra, ShiftAmount::Expr(amount.clone()))
     }
 
+    /// Evaluate with signal values from `env` (bit patterns; extra high bits
+    /// are ignored). Returns the result's bit pattern. This is the IR's
+    /// reference semantics; the printer tests check Verilog against it.
+    /// Widths above 128 bits are not supported.
+    pub fn eval(&self, env: &dyn Fn(&str) -> Option<u128>) -> Result<u128, HdlError> {
+        let w = self.ty.width;
+        if w > 128 {
+            return Err(HdlError::new(format!("eval: width {w} above 128")));
+        }
+        let m = mask(w);
+        let sx = |v: u128, width: u32| -> i128 {
+            if width < 128 && (v >> (width - 1)) & 1 == 1 {
+                (v | !mask(width)) as i128
+            } else {
+                v as i128
+            }
+        };
+        let v = match &*self.kind {
+            ExprKind::Const(v) => *v,
+            ExprKind::Sig(n) => {
+                env(n).ok_or_else(|| HdlError::new(format!("eval: no value for {n}")))?
+            }
+            ExprKind::Slice(x, _, lo) => x.eval(env)? >> lo,
+            ExprKind::Concat(parts) => {
+                let mut acc = 0u128;
+                for p in parts {
+                    let pw = p.ty.width;
+                    acc = acc.checked_shl(pw).unwrap_or(0) | (p.eval(env)? & mask(pw));
+                }
+                acc
+            }
+            ExprKind::Repeat(n, x) => {
+                let xv = x.eval(env)? & mask(x.ty.width);
+                let mut acc = 0u128;
+                for _ in 0..*n {
+                    acc = acc.checked_shl(x.ty.width).unwrap_or(0) | xv;
+                }
+                acc
+            }
+            ExprKind::Zext(x) => x.eval(env)? & mask(x.ty.width),
+            ExprKind::Sext(x) => sx(x.eval(env)? & mask(x.ty.width), x.ty.width) as u128,
+            ExprKind::Cast(x) => x.eval(env)?,
+            ExprKind::Bin(op, a, b) => {
+                let (a, b) = (a.eval(env)?, b.eval(env)?);
+                match op {
+                    BinOp::Add => a.wrapping_add(b),
+                    BinOp::Sub => a.wrapping_sub(b),
+                    BinOp::And => a & b,
+                    BinOp::Or => a | b,
+                    BinOp::Xor => a ^ b,
+                }
+            }
+            ExprKind::Mul(a, b) => {
+                let (av, bv) = (
+                    a.eval(env)? & mask(a.ty.width),
+                    b.eval(env)? & mask(b.ty.width),
+                );
+                if self.ty.signed {
+                    sx(av, a.ty.width).wrapping_mul(sx(bv, b.ty.width)) as u128
+                } else {
+                    av.wrapping_mul(bv)
+                }
+            }
+            ExprKind::Cmp(op, a, b) => {
+                let aw = a.ty.width;
+                let (av, bv) = (a.eval(env)? & mask(aw), b.eval(env)? & mask(aw));
+                let ord = if a.ty.signed {
+                    sx(av, aw).cmp(&sx(bv, aw))
+                } else {
+                    av.cmp(&bv)
+                };
+                use std::cmp::Ordering::*;
+                let r = match op {
+                    CmpOp::Eq => ord == Equal,
+                    CmpOp::Ne => ord != Equal,
+                    CmpOp::Lt => ord == Less,
+                    CmpOp::Le => ord != Greater,
+                    CmpOp::Gt => ord == Greater,
+                    CmpOp::Ge => ord != Less,
+                };
+                u128::from(r)
+            }
+            ExprKind::Not(x) => !x.eval(env)?,
+            ExprKind::Reduce(op, x) => {
+                let xw = x.ty.width;
+                let xv = x.eval(env)? & mask(xw);
+                u128::from(match op {
+                    RedOp::And => xv == mask(xw),
+                    RedOp::Or => xv != 0,
+                    RedOp::Xor => xv.count_ones() % 2 == 1,
+                })
+            }
+            ExprKind::Mux(s, a, b) => {
+                if s.eval(env)? & 1 == 1 {
+                    a.eval(env)?
+                } else {
+                    b.eval(env)?
+                }
+            }
+            ExprKind::Shift(op, x, amt) => {
+                let xv = x.eval(env)? & m;
+                let n = match amt {
+                    ShiftAmount::Const(n) => u128::from(*n),
+                    ShiftAmount::Expr(a) => a.eval(env)? & mask(a.ty.width),
+                };
+                let n = u32::try_from(n).unwrap_or(u32::MAX);
+                match op {
+                    ShiftOp::Shl => xv.checked_shl(n).unwrap_or(0),
+                    ShiftOp::Shr => xv.checked_shr(n).unwrap_or(0),
+                    ShiftOp::Sra => (sx(xv, w) >> n.min(127)) as u128,
+                }
+            }
+        };
+        Ok(v & m)
+    }
+
     /// Names of all signals this expression reads, in order of appearance.
     pub fn signals(&self, out: &mut Vec<String>) {
         match &*self.kind {
