@@ -184,10 +184,79 @@ fn mask(width: u32) -> u128 {
 }
 
 impl Expr {
+    /// Build a node, folding it to a constant when all its operands are
+    /// constants (and a mux with a constant select to the chosen arm), so
+    /// the printed Verilog has no constant logic for lint to flag.
     pub(crate) fn new(kind: ExprKind, ty: Ty) -> Expr {
-        Expr {
+        let e = Expr {
             kind: Box::new(kind),
             ty,
+        };
+        if let ExprKind::Mux(s, a, b) = &*e.kind {
+            if let ExprKind::Const(v) = &*s.kind {
+                return if v & 1 == 1 { a.clone() } else { b.clone() };
+            }
+        }
+        // Absorbing constants: x & 0, x | ~0, x * 0.
+        let absorbed = match &*e.kind {
+            ExprKind::Bin(BinOp::And, a, b) => {
+                [a, b].iter().any(|o| o.as_const() == Some(0)).then_some(0)
+            }
+            ExprKind::Bin(BinOp::Or, a, b) => [a, b]
+                .iter()
+                .any(|o| o.as_const() == Some(mask(ty.width)))
+                .then_some(mask(ty.width)),
+            ExprKind::Mul(a, b) => [a, b].iter().any(|o| o.as_const() == Some(0)).then_some(0),
+            _ => None,
+        };
+        if let Some(v) = absorbed {
+            if ty.width <= MAX_CONST_WIDTH {
+                return Expr {
+                    kind: Box::new(ExprKind::Const(v)),
+                    ty,
+                };
+            }
+        }
+        let foldable = !matches!(&*e.kind, ExprKind::Const(_) | ExprKind::Sig(_))
+            && ty.width <= MAX_CONST_WIDTH
+            && e.operands()
+                .iter()
+                .all(|o| matches!(&*o.kind, ExprKind::Const(_)));
+        if foldable {
+            if let Ok(v) = e.eval(&|_| None) {
+                return Expr {
+                    kind: Box::new(ExprKind::Const(v)),
+                    ty,
+                };
+            }
+        }
+        e
+    }
+
+    /// Direct operands of this node (including a signal shift amount).
+    pub fn operands(&self) -> Vec<&Expr> {
+        match &*self.kind {
+            ExprKind::Const(_) | ExprKind::Sig(_) => Vec::new(),
+            ExprKind::Slice(e, _, _)
+            | ExprKind::Repeat(_, e)
+            | ExprKind::Zext(e)
+            | ExprKind::Sext(e)
+            | ExprKind::Cast(e)
+            | ExprKind::Not(e)
+            | ExprKind::Reduce(_, e) => vec![e],
+            ExprKind::Concat(parts) => parts.iter().collect(),
+            ExprKind::Bin(_, a, b) | ExprKind::Mul(a, b) | ExprKind::Cmp(_, a, b) => vec![a, b],
+            ExprKind::Mux(s, a, b) => vec![s, a, b],
+            ExprKind::Shift(_, e, ShiftAmount::Expr(a)) => vec![e, a],
+            ExprKind::Shift(_, e, ShiftAmount::Const(_)) => vec![e],
+        }
+    }
+
+    /// The constant value, if this is a constant.
+    pub fn as_const(&self) -> Option<u128> {
+        match &*self.kind {
+            ExprKind::Const(v) => Some(*v),
+            _ => None,
         }
     }
 
@@ -469,6 +538,9 @@ impl Expr {
 
     fn cmp(&self, op: CmpOp, name: &str, rhs: &Expr) -> R {
         same_ty(name, self, rhs)?;
+        if let Some(v) = self.constant_compare(op, rhs) {
+            return Ok(Expr::new(ExprKind::Const(u128::from(v)), Ty::bit()));
+        }
         Ok(Expr::new(
             ExprKind::Cmp(op, self.clone(), rhs.clone()),
             Ty::bit(),
@@ -497,6 +569,42 @@ impl Expr {
     /// `a >= b`.
     pub fn ge(&self, rhs: &Expr) -> R {
         self.cmp(CmpOp::Ge, "ge", rhs)
+    }
+
+    /// Result of a comparison that is constant because one side is a
+    /// constant at the end of the type's range (`x >= 0` for unsigned, ...).
+    fn constant_compare(&self, op: CmpOp, rhs: &Expr) -> Option<bool> {
+        let w = self.ty.width;
+        let (min, max) = if self.ty.signed {
+            (1u128 << (w - 1), mask(w - 1))
+        } else {
+            (0, mask(w))
+        };
+        if w > MAX_CONST_WIDTH {
+            return None;
+        }
+        // Normalise to `x op c`.
+        let (op, c) = match (self.as_const(), rhs.as_const()) {
+            (_, Some(c)) => (op, c),
+            (Some(c), None) => (
+                match op {
+                    CmpOp::Lt => CmpOp::Gt,
+                    CmpOp::Le => CmpOp::Ge,
+                    CmpOp::Gt => CmpOp::Lt,
+                    CmpOp::Ge => CmpOp::Le,
+                    o => o,
+                },
+                c,
+            ),
+            (None, None) => return None,
+        };
+        match op {
+            CmpOp::Lt if c == min => Some(false),
+            CmpOp::Ge if c == min => Some(true),
+            CmpOp::Gt if c == max => Some(false),
+            CmpOp::Le if c == max => Some(true),
+            _ => None,
+        }
     }
 
     fn reduce(&self, op: RedOp) -> Expr {
@@ -546,6 +654,21 @@ impl Expr {
             }
             _ => {}
         }
+        // A constant-valued amount becomes a constant shift (an amount of at
+        // least the width shifts everything out, or fills with the sign).
+        let amount = match amount {
+            ShiftAmount::Expr(e) if e.as_const().is_some() && !e.ty.signed => {
+                let n = e.as_const().unwrap_or(0);
+                if n < u128::from(self.ty.width) {
+                    ShiftAmount::Const(n as u32)
+                } else if op == ShiftOp::Sra {
+                    ShiftAmount::Const(self.ty.width - 1)
+                } else {
+                    return Expr::zero(self.ty);
+                }
+            }
+            a => a,
+        };
         match &amount {
             ShiftAmount::Const(n) if *n >= self.ty.width => {
                 return Err(HdlError::new(format!(

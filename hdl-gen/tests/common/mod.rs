@@ -29,3 +29,84 @@ pub fn assert_lint_clean(design: &Design) {
         );
     }
 }
+
+/// Evaluate every assigned signal of `m` (the top of `w`) with yosys `eval`
+/// for each input vector and compare with `Expr::eval`. Returns the number
+/// of values checked.
+pub fn check_eval(
+    m: &tessera_hdl_gen::Module,
+    w: &WrittenDesign,
+    vectors: &[std::collections::BTreeMap<String, u128>],
+) -> usize {
+    let mut script = format!("read_verilog {}.v\nproc\nflatten\n", m.name());
+    for v in vectors {
+        let mut line = String::from("eval");
+        for (n, val) in v {
+            // Binary literal with the port's width: yosys parses plain
+            // decimals as 32-bit integers.
+            let width = m
+                .ports()
+                .iter()
+                .find(|p| &p.name == n)
+                .expect("input port")
+                .ty
+                .width as usize;
+            line.push_str(&format!(" -set {n} {width}'b{val:0width$b}"));
+        }
+        for (target, _) in m.assigns() {
+            line.push_str(&format!(" -show {}", target.name()));
+        }
+        script.push_str(&line);
+        script.push('\n');
+    }
+    std::fs::write(w.dir.join("eval.ys"), script).expect("write script");
+    let out = match std::process::Command::new("yosys")
+        .args(["-q", "-l", "eval.log", "-s", "eval.ys"])
+        .current_dir(&w.dir)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("yosys not found on PATH: install it with apt-get install yosys")
+        }
+        Err(e) => panic!("running yosys: {e}"),
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(w.dir.join("eval.log")).expect("log");
+    let results: Vec<(String, u128)> = log
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Eval result: \\"))
+        .map(|r| {
+            let (name, val) = r.split_once(" = ").expect("name = value");
+            let val = val.trim_end_matches('.');
+            // yosys prints `W'bits`, or a plain decimal for 32-bit values.
+            let value = match val.split_once('\'') {
+                Some((_, bits)) => u128::from_str_radix(bits, 2),
+                None => val.parse::<u128>(),
+            }
+            .unwrap_or_else(|e| panic!("unexpected eval result {r:?}: {e}"));
+            (name.to_string(), value)
+        })
+        .collect();
+    let per_vec = m.assigns().len();
+    assert_eq!(results.len(), vectors.len() * per_vec);
+    let mut checked = 0;
+    for (vi, v) in vectors.iter().enumerate() {
+        let env = |n: &str| v.get(n).copied();
+        for (k, (target, e)) in m.assigns().iter().enumerate() {
+            let (name, got) = &results[vi * per_vec + k];
+            assert_eq!(name, target.name());
+            let want = e.eval(&env).expect("eval");
+            assert_eq!(
+                *got, want,
+                "{name} = {e:?}\nfor inputs {v:?}: verilog {got:#x}, IR {want:#x}"
+            );
+            checked += 1;
+        }
+    }
+    checked
+}
