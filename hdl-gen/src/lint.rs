@@ -160,7 +160,7 @@ pub fn parse_verilator(stderr: &str) -> Vec<LintMessage> {
     out
 }
 
-/// Run `verilator --lint-only -Wall` on a written design.
+/// Run `verilator --lint-only -Wall +1364-2001ext+v` on a written design.
 pub fn verilator_lint(design: &WrittenDesign) -> Result<LintReport, ToolError> {
     let f = design
         .filelist
@@ -173,6 +173,8 @@ pub fn verilator_lint(design: &WrittenDesign) -> Result<LintReport, ToolError> {
         &[
             "--lint-only",
             "-Wall",
+            // Parse .v files as Verilog-2001, the language we promise.
+            "+1364-2001ext+v",
             "--top-module",
             &design.top,
             "-f",
@@ -358,4 +360,79 @@ pub fn yosys_synth(design: &WrittenDesign, opts: &SynthOptions) -> Result<SynthS
         tool: "yosys",
         detail: "no stat block in the log".to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_tool_message_is_one_clear_line() {
+        let e = run("tessera-no-such-tool", &[], Path::new(".")).expect_err("missing");
+        assert!(matches!(e, ToolError::NotFound { .. }));
+        let e = ToolError::NotFound { tool: "verilator" };
+        assert_eq!(
+            e.to_string(),
+            "verilator not found on PATH: install it with apt-get install verilator"
+        );
+    }
+
+    #[test]
+    fn parses_verilator_messages() {
+        let stderr = "\
+%Warning-WIDTHEXPAND: t.v:14:16: Operator ASSIGNW expects 9 bits on the Assign RHS, but Assign RHS's ADD generates 8 bits.
+                                : ... In instance t
+   14 |   assign y_o = a_i + b_i;
+      |                ^
+                      ... For warning description see https://verilator.org/warn/WIDTHEXPAND?v=5.006
+%Warning-UNUSEDSIGNAL: t.v:3:23: Signal is not used: 'c_i'
+%Error: t.v:20:1: syntax error, unexpected endmodule
+%Error: Exiting due to 2 warning(s)
+";
+        let m = parse_verilator(stderr);
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[0].severity, Severity::Warning);
+        assert_eq!(m[0].code, "WIDTHEXPAND");
+        assert_eq!((m[0].file.as_str(), m[0].line), ("t.v", 14));
+        assert!(m[0].text.starts_with("Operator ASSIGNW expects 9 bits"));
+        assert_eq!(m[1].code, "UNUSEDSIGNAL");
+        assert_eq!(m[2].severity, Severity::Error);
+        assert_eq!(m[2].code, "");
+        assert_eq!(m[2].line, 20);
+    }
+
+    #[test]
+    fn parses_last_yosys_stat() {
+        let log = "\
+=== mac ===
+
+   Number of wires:                 50
+   Number of cells:                  5
+     FDRE                            2
+     LUT2                            3
+
+=== design hierarchy ===
+
+   Number of cells:                 12
+     CARRY4                          1
+     DSP48E2                         1
+     FDRE                            4
+     FDSE                            1
+     LUT1                            1
+     LUT6                            2
+     RAMB18E2                        1
+     RAMB36E2                        1
+
+End of script.
+";
+        let s = parse_yosys_stat(log).expect("stat");
+        assert_eq!(s.total_cells, 12);
+        assert_eq!(s.luts(), 3);
+        assert_eq!(s.ffs(), 5);
+        assert_eq!(s.dsps(), 1);
+        assert_eq!(s.brams(), 2);
+        assert_eq!(s.carries(), 1);
+        assert_eq!(s.urams(), 0);
+        assert!(parse_yosys_stat("nothing").is_none());
+    }
 }

@@ -200,3 +200,60 @@ fn instance_connections_are_checked() {
     d.add(cell).expect("add pe");
     assert_eq!(d.render().expect("render").len(), 2);
 }
+
+#[test]
+fn constants_fold() {
+    let (_m, a, _b, s) = sigs();
+    let c = |w, v| Expr::uconst(w, v).expect("const");
+    assert_eq!(c(8, 200).add(&c(8, 100)).expect("add").as_const(), Some(44));
+    assert_eq!(
+        Expr::sconst(8, -3)
+            .expect("c")
+            .mul(&Expr::sconst(8, 5).expect("c"))
+            .expect("mul")
+            .as_const(),
+        Some(0xfff1)
+    );
+    // Absorbing constants and range-end comparisons fold too: Verilator
+    // would flag them as constant logic.
+    assert_eq!(a.and(&c(8, 0)).expect("and").as_const(), Some(0));
+    assert_eq!(a.or(&c(8, 0xff)).expect("or").as_const(), Some(0xff));
+    assert_eq!(a.ge(&c(8, 0)).expect("ge").as_const(), Some(1));
+    assert_eq!(a.lt(&c(8, 0)).expect("lt").as_const(), Some(0));
+    assert_eq!(c(8, 255).ge(&a).expect("ge").as_const(), Some(1));
+    let smax = Expr::sconst(8, 127).expect("c");
+    assert_eq!(s.gt(&smax).expect("gt").as_const(), Some(0));
+    assert_eq!(
+        s.gt(&Expr::sconst(8, 126).expect("c"))
+            .expect("gt")
+            .as_const(),
+        None
+    );
+    // A constant select picks its arm; a constant shift amount is a constant shift.
+    assert_eq!(c(1, 1).mux(&a, &c(8, 3)).expect("mux"), a);
+    assert_eq!(a.shr_by(&c(4, 9)).expect("shr").as_const(), Some(0));
+    assert_eq!(a.shr_by(&c(4, 3)).expect("shr"), a.shr(3).expect("shr"));
+    assert_eq!(s.sra_by(&c(4, 12)).expect("sra"), s.sra(7).expect("sra"));
+}
+
+#[test]
+fn eval_is_twos_complement() {
+    let (_m, a, _b, s) = sigs();
+    let env = |n: &str| match n {
+        "a_i" => Some(0xf0),
+        "s_i" => Some(0x80), // -128
+        _ => None,
+    };
+    assert_eq!(s.sext(12).expect("sext").eval(&env), Ok(0xf80));
+    assert_eq!(s.sra(3).expect("sra").eval(&env), Ok(0xf0));
+    assert_eq!(s.mul(&s).expect("mul").eval(&env), Ok(0x4000)); // 16384
+    assert_eq!(s.sub_wide(&s.not()).expect("sub").eval(&env), Ok(0x101)); // -128 - 127 = -255
+    assert_eq!(a.add_wide(&a).expect("add").eval(&env), Ok(0x1e0));
+    assert_eq!(
+        s.lt(&Expr::sconst(8, 0).expect("c"))
+            .expect("lt")
+            .eval(&env),
+        Ok(1)
+    );
+    assert!(a.eval(&|_| None).is_err());
+}
