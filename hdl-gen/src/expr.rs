@@ -5,7 +5,8 @@
 use crate::error::HdlError;
 use std::fmt;
 
-/// Maximum width of a constant (constants are stored as `u128`).
+/// Widest value that constant folding and [`Expr::eval`] handle
+/// (constants are stored as `u128`; wider constants are zero-extended).
 pub const MAX_CONST_WIDTH: u32 = 128;
 
 /// Width and signedness of a value.
@@ -281,13 +282,9 @@ impl Expr {
     }
 
     /// Unsigned constant; errors when `value` does not fit in `width` bits.
+    /// Any width is allowed; the value itself is at most 128 bits.
     pub fn uconst(width: u32, value: u128) -> R {
         check_width("constant", width)?;
-        if width > MAX_CONST_WIDTH {
-            return Err(HdlError::new(format!(
-                "constant: width {width} exceeds {MAX_CONST_WIDTH}; build it with concat"
-            )));
-        }
         if value & !mask(width) != 0 {
             return Err(HdlError::new(format!(
                 "constant: value {value} does not fit in u{width}"
@@ -298,11 +295,12 @@ impl Expr {
 
     /// Signed constant; errors when `value` is outside the `width`-bit
     /// two's-complement range.
+    /// Above 128 bits only non-negative values are representable.
     pub fn sconst(width: u32, value: i128) -> R {
         check_width("constant", width)?;
-        if width > MAX_CONST_WIDTH {
+        if width > MAX_CONST_WIDTH && value < 0 {
             return Err(HdlError::new(format!(
-                "constant: width {width} exceeds {MAX_CONST_WIDTH}; build it with concat"
+                "constant: negative value in s{width}: above {MAX_CONST_WIDTH} bits build it with sext"
             )));
         }
         if width < 128 {
@@ -575,14 +573,14 @@ impl Expr {
     /// constant at the end of the type's range (`x >= 0` for unsigned, ...).
     fn constant_compare(&self, op: CmpOp, rhs: &Expr) -> Option<bool> {
         let w = self.ty.width;
+        if w > MAX_CONST_WIDTH {
+            return None;
+        }
         let (min, max) = if self.ty.signed {
             (1u128 << (w - 1), mask(w - 1))
         } else {
             (0, mask(w))
         };
-        if w > MAX_CONST_WIDTH {
-            return None;
-        }
         // Normalise to `x op c`.
         let (op, c) = match (self.as_const(), rhs.as_const()) {
             (_, Some(c)) => (op, c),

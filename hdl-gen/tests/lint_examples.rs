@@ -105,3 +105,28 @@ fn header_lines_are_in_every_file() {
     }
     common::assert_lint_clean(&d);
 }
+
+#[test]
+fn wide_values_are_lint_clean() {
+    use tessera_hdl_gen::{Expr, Module, Reset, Ty};
+    let mut m = Module::new("wide").expect("m");
+    m.clock().expect("clk");
+    m.reset().expect("rst");
+    let x = m.input("x_i", Ty::u(300)).expect("x");
+    let y = m.output("y_o", Ty::u(300)).expect("y");
+    // Negative constants wider than 128 bits are not representable.
+    assert!(m.reg("bad", Ty::s(300), Reset::Value(-1)).is_err());
+    let r = m
+        .reg("acc", Ty::s(300), Reset::Value(i128::MAX))
+        .expect("reg");
+    let one = Expr::uconst(300, 1).expect("one");
+    let next = r.q.e().add(&x.e().add(&one).expect("add").as_signed());
+    m.assign(&r.d, next.expect("add")).expect("assign");
+    m.assign(&y, r.q.e().sra(3).expect("sra").as_unsigned())
+        .expect("assign");
+    let d = single(m).expect("design");
+    let text = &d.render().expect("render")[0].1;
+    let want = format!("acc_q <= 300'h{}7{};", "0".repeat(43), "f".repeat(31));
+    assert!(text.contains(&want), "{text}");
+    common::assert_lint_clean(&d);
+}
