@@ -10,12 +10,14 @@
 pub mod error;
 pub mod examples;
 pub mod expr;
+pub mod interp;
 pub mod ir;
 pub mod lint;
 pub mod print;
 
 pub use error::HdlError;
 pub use expr::{Expr, Ty};
+pub use interp::Interp;
 pub use ir::{Design, Module, Param, Port, RamStyle, Reg, Reset, Signal};
 pub use lint::{
     verilator_lint, yosys_synth, Family, LintReport, SynthOptions, SynthStats, ToolError,

@@ -110,3 +110,87 @@ pub fn check_eval(
     }
     checked
 }
+
+/// Run `m` (the top of `w`, flat) for `stimulus.len()` cycles in yosys
+/// `sat -seq` (all flops and memory words start at zero, like `Interp`)
+/// and in `Interp`, and compare every output port at every step.
+/// Returns the interpreter's per-step values.
+pub fn check_seq(
+    m: &tessera_hdl_gen::Module,
+    w: &WrittenDesign,
+    stimulus: &[std::collections::BTreeMap<String, u128>],
+) -> Vec<std::collections::BTreeMap<String, u128>> {
+    use tessera_hdl_gen::ir::Dir;
+    let outputs: Vec<&tessera_hdl_gen::Port> =
+        m.ports().iter().filter(|p| p.dir == Dir::Output).collect();
+    let mut cmd = format!("sat -seq {} -set-init-zero", stimulus.len());
+    for (t, v) in stimulus.iter().enumerate() {
+        for p in m.ports().iter().filter(|p| p.dir == Dir::Input) {
+            if p.name == "clk_i" {
+                continue;
+            }
+            let width = p.ty.width as usize;
+            let val = v[&p.name];
+            cmd.push_str(&format!(
+                " -set-at {} {} {width}'b{val:0width$b}",
+                t + 1,
+                p.name
+            ));
+        }
+    }
+    let names: Vec<&str> = outputs.iter().map(|p| p.name.as_str()).collect();
+    cmd.push_str(&format!(" -show {}", names.join(",")));
+    let script = format!(
+        "read_verilog {}.v\nproc\nmemory\nflatten\nopt_clean\n{cmd}\n",
+        m.name()
+    );
+    std::fs::write(w.dir.join("seq.ys"), script).expect("write script");
+    let out = match std::process::Command::new("yosys")
+        .args(["-q", "-l", "seq.log", "-s", "seq.ys"])
+        .current_dir(&w.dir)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("yosys not found on PATH: install it with apt-get install yosys")
+        }
+        Err(e) => panic!("running yosys: {e}"),
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(w.dir.join("seq.log")).expect("log");
+    // Lines: "  <step> \<name>  <dec> <hex> <bin>".
+    let mut got: std::collections::BTreeMap<(usize, String), u128> = Default::default();
+    for line in log.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() == 5 && f[1].starts_with('\\') {
+            if let (Ok(step), Ok(v)) = (f[0].parse::<usize>(), u128::from_str_radix(f[4], 2)) {
+                got.insert((step, f[1][1..].to_string()), v);
+            }
+        }
+    }
+    assert_eq!(
+        got.len(),
+        stimulus.len() * outputs.len(),
+        "could not parse the sat table:\n{log}"
+    );
+    let mut interp = tessera_hdl_gen::Interp::new(m).expect("interp");
+    let mut trace = Vec::new();
+    for (t, v) in stimulus.iter().enumerate() {
+        let values = interp.step(v).expect("step");
+        for p in &outputs {
+            let want = values[&p.name];
+            let have = got[&(t + 1, p.name.clone())];
+            assert_eq!(
+                have, want,
+                "{} at step {}: verilog {have:#x}, IR {want:#x}; inputs {v:?}",
+                p.name, t
+            );
+        }
+        trace.push(values);
+    }
+    trace
+}
