@@ -34,7 +34,7 @@ fn counter_matches_interp() {
             vec_of(&[
                 ("clk_i", 0),
                 ("rst_ni", rst),
-                ("en_i", u128::from(r.next() % 4 != 0)),
+                ("en_i", u128::from(!r.next().is_multiple_of(4))),
             ])
         })
         .collect();
@@ -54,7 +54,7 @@ fn mac_matches_interp_and_saturating_model() {
         // Large same-sign products drive the 18-bit accumulator into
         // saturation both ways; a clear in the middle restarts it.
         let sign = if t < 22 { 0x80 } else { 0x7f };
-        let a = if r.next() % 5 == 0 {
+        let a = if r.next().is_multiple_of(5) {
             r.next() & 0xff
         } else {
             sign
@@ -65,7 +65,7 @@ fn mac_matches_interp_and_saturating_model() {
             ("rst_ni", u128::from(t >= 1)),
             ("a_i", a),
             ("b_i", b),
-            ("valid_i", u128::from(r.next() % 8 != 0)),
+            ("valid_i", u128::from(!r.next().is_multiple_of(8))),
             ("clear_i", u128::from(t == 21)),
             ("shift_i", r.next() % 19),
         ]));
