@@ -111,6 +111,9 @@ impl OutputStage {
     }
 
     /// N14 on one accumulator of at most `acc_bits` (<= 48) bits.
+    ///
+    /// # Panics
+    /// If [`OutputStage::check`] fails (callers check user stages first, as [`weight_op`] does).
     #[must_use]
     pub fn apply(&self, acc_i64: i64) -> i64 {
         assert!(
@@ -161,6 +164,9 @@ pub struct GroupSums {
     pub g_i64: i64,
 }
 
+/// # Panics
+/// If the lengths do not match the tensor (an internal invariant of [`weight_acc`]).
+///
 /// N12 for token row `x_i8` (length `k`) against weight row `row` given its unpacked codes
 /// `codes_row` (length `k`): one [`GroupSums`] per group, ascending. Positions past `k` are
 /// zero activations, so the padding codes add nothing.

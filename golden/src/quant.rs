@@ -289,7 +289,10 @@ pub fn quantize_group_ternary(w: &[f32]) -> Result<GroupCodes, QuantError> {
 
 /// N9 (and the fold scales of N17): `s_ref = max_e s_e` and
 /// `m_e = round_half_away(s_e / s_ref * 2^sf)` in `[0, 2^sf]`, computed in `f32`.
-/// All-zero scales give `s_ref = 0` and every multiplier 0. Scales must be finite and `>= 0`.
+/// All-zero scales give `s_ref = 0` and every multiplier 0.
+///
+/// # Panics
+/// If a scale is negative or not finite, or `sf > 15` (the quantizers never produce those).
 #[must_use]
 pub fn scale_multipliers(scales: &[f32], sf: u32) -> (f32, Vec<u16>) {
     assert!(
