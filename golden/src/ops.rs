@@ -164,12 +164,12 @@ pub struct GroupSums {
     pub g_i64: i64,
 }
 
-/// # Panics
-/// If the lengths do not match the tensor (an internal invariant of [`weight_acc`]).
-///
 /// N12 for token row `x_i8` (length `k`) against weight row `row` given its unpacked codes
 /// `codes_row` (length `k`): one [`GroupSums`] per group, ascending. Positions past `k` are
 /// zero activations, so the padding codes add nothing.
+///
+/// # Panics
+/// If the lengths do not match the tensor (an internal invariant of [`weight_acc`]).
 #[must_use]
 pub fn group_partial_sums(
     w: &QuantWeights,
