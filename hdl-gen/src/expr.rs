@@ -833,32 +833,18 @@ impl Expr {
 
     /// Names of all signals this expression reads, in order of appearance.
     pub fn signals(&self, out: &mut Vec<String>) {
-        match &*self.kind {
-            ExprKind::Const(_) => {}
-            ExprKind::Sig(n) => out.push(n.clone()),
-            ExprKind::Slice(e, _, _)
-            | ExprKind::Repeat(_, e)
-            | ExprKind::Zext(e)
-            | ExprKind::Sext(e)
-            | ExprKind::Cast(e)
-            | ExprKind::Not(e)
-            | ExprKind::Reduce(_, e) => e.signals(out),
-            ExprKind::Concat(parts) => parts.iter().for_each(|p| p.signals(out)),
-            ExprKind::Bin(_, a, b) | ExprKind::Mul(a, b) | ExprKind::Cmp(_, a, b) => {
-                a.signals(out);
-                b.signals(out);
-            }
-            ExprKind::Mux(s, a, b) => {
-                s.signals(out);
-                a.signals(out);
-                b.signals(out);
-            }
-            ExprKind::Shift(_, e, amt) => {
-                e.signals(out);
-                if let ShiftAmount::Expr(a) = amt {
-                    a.signals(out);
-                }
-            }
+        let mut refs = Vec::new();
+        self.signal_refs(&mut refs);
+        out.extend(refs.into_iter().map(|(n, _)| n));
+    }
+
+    /// Names and types of all signal references, in order of appearance.
+    pub fn signal_refs(&self, out: &mut Vec<(String, Ty)>) {
+        if let ExprKind::Sig(n) = &*self.kind {
+            out.push((n.clone(), self.ty));
+        }
+        for o in self.operands() {
+            o.signal_refs(out);
         }
     }
 }

@@ -744,15 +744,20 @@ impl Module {
     }
 
     fn check_reads(&self, what: &str, e: &Expr) -> Res<()> {
-        let mut names = Vec::new();
-        e.signals(&mut names);
-        for n in names {
+        let mut refs = Vec::new();
+        e.signal_refs(&mut refs);
+        for (n, ty) in refs {
             match self.kinds.get(&n) {
                 None => {
                     return Err(self.err(format!("{what}: reads unknown signal {n}")));
                 }
                 Some((Kind::Other, _)) => {
                     return Err(self.err(format!("{what}: {n} is not a signal")));
+                }
+                Some((_, declared)) if *declared != ty => {
+                    return Err(self.err(format!(
+                        "{what}: {n} is declared {declared}, the handle says {ty} (handle from another module?)"
+                    )));
                 }
                 Some(_) => {}
             }

@@ -109,6 +109,12 @@ fn assign_checks_type_and_drivers() {
     let mut other = Module::new("other").expect("m");
     let o = other.output("o_o", Ty::u(9)).expect("o");
     assert!(err(other.assign(&o, b)).contains("reads unknown signal b_i"));
+    // Same name, other type: rejected too.
+    other.input("b_i", Ty::u(3)).expect("b");
+    let mut third = Module::new("third").expect("m");
+    let b9 = third.input("b_i", Ty::u(9)).expect("b").e();
+    let e = err(other.assign(&o, b9));
+    assert!(e.contains("b_i is declared u3, the handle says u9"), "{e}");
 }
 
 #[test]
