@@ -6,6 +6,30 @@
 //! Every expression builder checks widths and signedness and returns
 //! [`HdlError`] on a mismatch, so the printed Verilog passes
 //! `verilator --lint-only -Wall` without waivers.
+//!
+//! ```
+//! use tessera_hdl_gen::{Design, Expr, Module, Reset, Ty};
+//!
+//! # fn main() -> Result<(), tessera_hdl_gen::HdlError> {
+//! let width = 12; // from the engine config, at run time
+//! let mut m = Module::new("acc")?;
+//! m.clock()?;
+//! m.reset()?;
+//! let x = m.input("x_i", Ty::s(8))?;
+//! let y = m.output("y_o", Ty::s(width))?;
+//! let acc = m.reg("acc", Ty::s(width), Reset::Value(0))?;
+//! // x.e().add(&acc.q.e()) would be rejected: s8 vs s12.
+//! assert!(x.e().add(&acc.q.e()).is_err());
+//! m.assign(&acc.d, acc.q.e().add(&x.e().sext(width)?)?)?;
+//! m.assign(&y, acc.q.e())?;
+//! let mut d = Design::new("acc");
+//! d.header_line("config: example");
+//! d.add(m)?;
+//! let files = d.render()?; // or d.write(dir) for acc.v + acc.f
+//! assert!(files[0].1.contains("acc_q <= acc_d;"));
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod error;
 pub mod examples;
