@@ -1,0 +1,3 @@
+//! Library half of the `tessera` package, shared by the CLI binary and the integration tests.
+
+pub mod runtime;

@@ -1,0 +1,197 @@
+//! `tessera run`: load a GGUF model, tokenize a prompt (optionally through the chat template),
+//! prefill, then stream generated tokens to stdout; speeds go to stderr.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use super::gguf::Gguf;
+use super::model::Model;
+use super::sampler::Sampler;
+use super::tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
+use super::{Error, Result};
+
+/// File name of the default model inside the cache's `models/` folder.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Arguments of `tessera run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// GGUF model file [default: the SmolLM2-135M-Instruct fetched by scripts/fetch-model.sh]
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Prompt text
+    #[arg(long, short = 'p')]
+    pub prompt: String,
+    /// Wrap the prompt as a user turn in the model's chat template
+    #[arg(long)]
+    pub chat: bool,
+    /// Most tokens to generate
+    #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
+    pub n_predict: usize,
+    /// Sampling seed
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sampling temperature (0 = greedy)
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+    /// Nucleus (top-p) sampling threshold, used when --temp > 0
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+}
+
+/// `${TESSERA_CACHE:-$HOME/.cache/tessera}` (as scripts/fetch-model.sh).
+pub fn cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("TESSERA_CACHE") {
+        Some(d) if !d.is_empty() => Some(PathBuf::from(d)),
+        _ => std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .map(|h| PathBuf::from(h).join(".cache").join("tessera")),
+    }
+}
+
+/// Where scripts/fetch-model.sh puts SmolLM2-135M-Instruct.
+pub fn default_model_path() -> Option<PathBuf> {
+    cache_dir().map(|d| d.join("models").join(DEFAULT_MODEL_FILE))
+}
+
+/// Resolves `--model`, with a clear error when the default model was never fetched.
+pub fn resolve_model(model: Option<&PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = model {
+        return Ok(p.clone());
+    }
+    match default_model_path() {
+        Some(p) if p.is_file() => Ok(p),
+        Some(p) => Err(Error::new(format!(
+            "no model at {}: run scripts/fetch-model.sh, or pass --model PATH",
+            p.display()
+        ))),
+        None => Err(Error::new(
+            "no default model path (HOME and TESSERA_CACHE unset): pass --model PATH",
+        )),
+    }
+}
+
+/// Loads a model and its tokenizer, with a progress bar on stderr while weights dequantize.
+pub fn load(path: &std::path::Path) -> Result<(Model, Tokenizer)> {
+    let g = Gguf::open(path)?;
+    let tok =
+        Tokenizer::from_gguf(&g).map_err(|e| Error::new(format!("{}: {e}", path.display())))?;
+    let bar = indicatif::ProgressBar::with_draw_target(
+        None,
+        indicatif::ProgressDrawTarget::stderr_with_hz(10),
+    );
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} tensors")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(
+        path.file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    let model = Model::from_gguf(&g, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .map_err(|e| Error::new(format!("{}: {e}", path.display())))?;
+    bar.finish_and_clear();
+    if model.cfg.vocab < tok.vocab_size() {
+        return Err(Error::new(format!(
+            "{}: tokenizer has {} tokens but the embedding only {}",
+            path.display(),
+            tok.vocab_size(),
+            model.cfg.vocab
+        )));
+    }
+    Ok((model, tok))
+}
+
+/// The prompt's token ids: chat-templated when `chat`, BOS first when the model asks for it.
+pub fn prompt_tokens(tok: &Tokenizer, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+    let text = if chat {
+        tok.apply_chat_template(&[ChatMessage::new("user", prompt)], true)?
+    } else {
+        prompt.to_string()
+    };
+    let mut ids = Vec::new();
+    if tok.add_bos {
+        ids.extend(tok.bos_id);
+    }
+    ids.extend(tok.encode(&text)?);
+    if ids.is_empty() {
+        return Err(Error::new("the prompt is empty"));
+    }
+    Ok(ids)
+}
+
+/// Runs `tessera run`.
+pub fn run(args: &RunArgs) -> Result<()> {
+    if !(args.temp.is_finite() && args.temp >= 0.0) {
+        return Err(Error::new(format!("--temp {} must be >= 0", args.temp)));
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(Error::new(format!(
+            "--top-p {} must be in (0, 1]",
+            args.top_p
+        )));
+    }
+    let path = resolve_model(args.model.as_ref())?;
+    let (model, tok) = load(&path)?;
+    let ids = prompt_tokens(&tok, &args.prompt, args.chat)?;
+    if ids.len() + args.n_predict > model.cfg.ctx_len {
+        return Err(Error::new(format!(
+            "prompt ({} tokens) + -n {} exceed the context length {}",
+            ids.len(),
+            args.n_predict,
+            model.cfg.ctx_len
+        )));
+    }
+    let mut sampler = Sampler::new(args.temp, args.top_p, args.seed);
+    let mut session = model.session();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let write_err = |e: std::io::Error| Error::new(format!("cannot write to stdout: {e}"));
+
+    let t0 = Instant::now();
+    let mut logits = model.forward(&mut session, &ids, false)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+
+    let mut dec = StreamDecoder::default();
+    let t1 = Instant::now();
+    let mut n_gen = 0usize;
+    let mut n_decoded = 0usize;
+    while n_gen < args.n_predict {
+        let next = sampler.sample(&logits);
+        n_gen += 1;
+        if tok.is_end(next) {
+            break;
+        }
+        let text = if tok.is_special(next) {
+            String::new()
+        } else {
+            dec.push(&tok.token_bytes(next))
+        };
+        out.write_all(text.as_bytes()).map_err(write_err)?;
+        out.flush().map_err(write_err)?;
+        if n_gen == args.n_predict {
+            break;
+        }
+        logits = model.forward(&mut session, &[next], false)?;
+        n_decoded += 1;
+    }
+    let rest = dec.finish();
+    writeln!(out, "{rest}").map_err(write_err)?;
+    let decode_s = t1.elapsed().as_secs_f64();
+    eprintln!(
+        "prefill: {} tokens in {:.2} s ({:.1} tok/s); decode: {} tokens in {:.2} s ({:.1} tok/s)",
+        ids.len(),
+        prefill_s,
+        ids.len() as f64 / prefill_s.max(1e-9),
+        n_decoded,
+        decode_s,
+        n_decoded as f64 / decode_s.max(1e-9),
+    );
+    Ok(())
+}

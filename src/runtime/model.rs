@@ -1,0 +1,429 @@
+//! The f32 reference forward pass of a Llama-architecture model (as llama.cpp's LLM_ARCH_LLAMA):
+//! RMSNorm, "normal" (adjacent-pair) RoPE on the GGUF-permuted Q/K weights, grouped-query
+//! attention with a KV cache, SiLU-gated FFN, and an output head (tied to the token embedding
+//! when the file has no `output.weight`).
+//!
+//! Weight products and attention products go through [`Linear`] and [`KvCache`] (module
+//! [`super::ops`]), the dispatch points for the later quantized modes.
+
+use std::sync::Arc;
+
+use super::gguf::Gguf;
+use super::ops::{KvCache, Linear};
+use super::{Error, Result};
+
+/// Sizes and constants of a Llama-architecture model, all read from GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub n_layer: usize,
+    pub d_model: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    /// Training context length (the most positions a session accepts).
+    pub ctx_len: usize,
+    pub rope_base: f32,
+    pub rms_eps: f32,
+}
+
+/// Most of any one size we accept from metadata (bounds allocations before tensors are checked).
+const MAX_DIM: u64 = 1 << 20;
+
+impl LlamaConfig {
+    /// Reads the config from `{arch}.*` metadata; the architecture must be `llama`.
+    pub fn from_gguf(g: &Gguf) -> Result<LlamaConfig> {
+        let arch = g.get_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(Error::new(format!(
+                "unsupported model architecture {arch:?} (only \"llama\" is implemented)"
+            )));
+        }
+        let size = |key: &str| -> Result<usize> {
+            let v = g.get_u64(&format!("{arch}.{key}"))?;
+            if v == 0 || v > MAX_DIM {
+                return Err(Error::new(format!(
+                    "GGUF metadata {arch}.{key} = {v} is out of range 1..={MAX_DIM}"
+                )));
+            }
+            Ok(v as usize)
+        };
+        let n_layer = size("block_count")?;
+        let d_model = size("embedding_length")?;
+        let n_ff = size("feed_forward_length")?;
+        let n_head = size("attention.head_count")?;
+        let n_head_kv = match g.get(&format!("{arch}.attention.head_count_kv")) {
+            Some(_) => size("attention.head_count_kv")?,
+            None => n_head,
+        };
+        let ctx_len = size("context_length")?;
+        if d_model % n_head != 0 {
+            return Err(Error::new(format!(
+                "embedding_length {d_model} is not a multiple of head_count {n_head}"
+            )));
+        }
+        let head_dim = match g.get(&format!("{arch}.attention.key_length")) {
+            Some(_) => size("attention.key_length")?,
+            None => d_model / n_head,
+        };
+        if n_head % n_head_kv != 0 {
+            return Err(Error::new(format!(
+                "head_count {n_head} is not a multiple of head_count_kv {n_head_kv}"
+            )));
+        }
+        if head_dim % 2 != 0 {
+            return Err(Error::new(format!("head dimension {head_dim} is odd")));
+        }
+        if let Some(v) = g.get(&format!("{arch}.attention.value_length")) {
+            if v.as_u64() != Some(head_dim as u64) {
+                return Err(Error::new(format!(
+                    "value_length {v:?} differs from key_length {head_dim} (not supported)"
+                )));
+            }
+        }
+        if let Some(v) = g.get(&format!("{arch}.rope.dimension_count")) {
+            if v.as_u64() != Some(head_dim as u64) {
+                return Err(Error::new(format!(
+                    "partial RoPE (rope.dimension_count {v:?} != head dim {head_dim}) is not supported"
+                )));
+            }
+        }
+        if g.get(&format!("{arch}.rope.scaling.type"))
+            .is_some_and(|v| {
+                !matches!(v.as_str(), Some("none") | Some("linear"))
+                    || g.get(&format!("{arch}.rope.scaling.factor"))
+                        .and_then(|f| f.as_f64())
+                        .is_some_and(|f| f != 1.0)
+            })
+        {
+            return Err(Error::new("RoPE scaling is not supported"));
+        }
+        let rope_base = match g.get(&format!("{arch}.rope.freq_base")) {
+            Some(_) => g.get_f64(&format!("{arch}.rope.freq_base"))? as f32,
+            None => 10_000.0,
+        };
+        let rms_eps = g.get_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))? as f32;
+        let emb = g
+            .tensor("token_embd.weight")
+            .ok_or_else(|| Error::new("GGUF tensor \"token_embd.weight\" is missing"))?;
+        let vocab = match emb.dims.as_slice() {
+            [d, v] if *d == d_model as u64 && *v > 0 && *v <= 1 << 24 => *v as usize,
+            d => {
+                return Err(Error::new(format!(
+                    "token_embd.weight has dims {d:?}, expected [{d_model}, vocab]"
+                )))
+            }
+        };
+        if !(rope_base.is_finite() && rope_base > 1.0) {
+            return Err(Error::new(format!("rope.freq_base {rope_base} is not > 1")));
+        }
+        if !(rms_eps.is_finite() && rms_eps > 0.0) {
+            return Err(Error::new(format!(
+                "layer_norm_rms_epsilon {rms_eps} is not > 0"
+            )));
+        }
+        Ok(LlamaConfig {
+            n_layer,
+            d_model,
+            n_ff,
+            n_head,
+            n_head_kv,
+            head_dim,
+            vocab,
+            ctx_len,
+            rope_base,
+            rms_eps,
+        })
+    }
+
+    fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+
+    fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+}
+
+/// One transformer block's weights.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub wq: Linear,
+    pub wk: Linear,
+    pub wv: Linear,
+    pub wo: Linear,
+    pub ffn_norm: Vec<f32>,
+    pub w_gate: Linear,
+    pub w_up: Linear,
+    pub w_down: Linear,
+}
+
+/// A loaded model (immutable; a [`Session`] holds the per-sequence state).
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub cfg: LlamaConfig,
+    /// Token embedding, `vocab` rows of `d_model`.
+    pub embed: Arc<Vec<f32>>,
+    pub layers: Vec<Layer>,
+    pub out_norm: Vec<f32>,
+    /// Output head (`d_model` -> `vocab`); shares `embed` when tied.
+    pub output: Linear,
+}
+
+/// The state of one sequence: the KV caches and the next position.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub caches: Vec<KvCache>,
+    pub pos: usize,
+}
+
+impl Model {
+    /// Loads a Llama GGUF, dequantizing every weight to f32. `progress` is called after each
+    /// tensor with (done, total).
+    pub fn from_gguf(g: &Gguf, mut progress: impl FnMut(usize, usize)) -> Result<Model> {
+        let cfg = LlamaConfig::from_gguf(g)?;
+        let (d, ff, qd, kvd) = (
+            cfg.d_model as u64,
+            cfg.n_ff as u64,
+            cfg.q_dim() as u64,
+            cfg.kv_dim() as u64,
+        );
+        let tied = g.tensor("output.weight").is_none();
+        let total = 2 + usize::from(!tied) + cfg.n_layer * 9;
+        let mut done = 0;
+        let mut load = |name: &str, dims: &[u64]| -> Result<Vec<f32>> {
+            let t = g.tensor_f32(name, dims)?;
+            done += 1;
+            progress(done, total);
+            Ok(t)
+        };
+        let embed = Arc::new(load("token_embd.weight", &[d, cfg.vocab as u64])?);
+        let out_norm = load("output_norm.weight", &[d])?;
+        let output = if !tied {
+            Linear::f32(
+                Arc::new(load("output.weight", &[d, cfg.vocab as u64])?),
+                cfg.d_model,
+                cfg.vocab,
+            )
+        } else {
+            Linear::f32(embed.clone(), cfg.d_model, cfg.vocab)
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let mut lin = |n: &str, n_in: u64, n_out: u64| -> Result<Linear> {
+                let w = load(&format!("blk.{i}.{n}.weight"), &[n_in, n_out])?;
+                Ok(Linear::f32(Arc::new(w), n_in as usize, n_out as usize))
+            };
+            let wq = lin("attn_q", d, qd)?;
+            let wk = lin("attn_k", d, kvd)?;
+            let wv = lin("attn_v", d, kvd)?;
+            let wo = lin("attn_output", qd, d)?;
+            let w_gate = lin("ffn_gate", d, ff)?;
+            let w_up = lin("ffn_up", d, ff)?;
+            let w_down = lin("ffn_down", ff, d)?;
+            layers.push(Layer {
+                attn_norm: load(&format!("blk.{i}.attn_norm.weight"), &[d])?,
+                ffn_norm: load(&format!("blk.{i}.ffn_norm.weight"), &[d])?,
+                wq,
+                wk,
+                wv,
+                wo,
+                w_gate,
+                w_up,
+                w_down,
+            });
+        }
+        Ok(Model {
+            cfg,
+            embed,
+            layers,
+            out_norm,
+            output,
+        })
+    }
+
+    /// A fresh session (empty KV caches).
+    pub fn session(&self) -> Session {
+        Session {
+            caches: (0..self.cfg.n_layer)
+                .map(|_| KvCache::f32(self.cfg.n_head_kv, self.cfg.head_dim))
+                .collect(),
+            pos: 0,
+        }
+    }
+
+    /// Runs `tokens` (a whole prompt, or one generated token) at the session's next positions and
+    /// returns the logits of the last token (`vocab` values), or of every token when `all_logits`
+    /// (`tokens.len() * vocab` values).
+    pub fn forward(&self, s: &mut Session, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(Error::new("forward pass on no tokens"));
+        }
+        if s.pos + n > c.ctx_len {
+            return Err(Error::new(format!(
+                "context full: {} + {n} tokens exceed the model's context length {}",
+                s.pos, c.ctx_len
+            )));
+        }
+        let (d, hd, qd, kvd) = (c.d_model, c.head_dim, c.q_dim(), c.kv_dim());
+        let mut x = Vec::with_capacity(n * d);
+        for &t in tokens {
+            let t = t as usize;
+            if t >= c.vocab {
+                return Err(Error::new(format!(
+                    "token id {t} is out of the vocabulary (size {})",
+                    c.vocab
+                )));
+            }
+            x.extend_from_slice(&self.embed[t * d..(t + 1) * d]);
+        }
+        let rope = RopeTable::new(s.pos, n, hd, c.rope_base);
+        let group = c.n_head / c.n_head_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut h = vec![0f32; n * d];
+        let mut q = vec![0f32; n * qd];
+        let mut k = vec![0f32; n * kvd];
+        let mut v = vec![0f32; n * kvd];
+        let mut att = vec![0f32; n * qd];
+        let mut o = vec![0f32; n * d];
+        let mut g = vec![0f32; n * c.n_ff];
+        let mut u = vec![0f32; n * c.n_ff];
+        let mut scores = vec![0f32; s.pos + n];
+
+        for (layer, cache) in self.layers.iter().zip(s.caches.iter_mut()) {
+            if cache.len() != s.pos {
+                return Err(Error::new("KV cache out of step with the session position"));
+            }
+            rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
+            layer.wq.forward(&h, n, &mut q);
+            layer.wk.forward(&h, n, &mut k);
+            layer.wv.forward(&h, n, &mut v);
+            for t in 0..n {
+                rope.apply(t, &mut q[t * qd..(t + 1) * qd]);
+                rope.apply(t, &mut k[t * kvd..(t + 1) * kvd]);
+                cache.push(&k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
+            }
+            for t in 0..n {
+                let n_ctx = s.pos + t + 1;
+                for head in 0..c.n_head {
+                    let kvh = head / group;
+                    let sc = &mut scores[..n_ctx];
+                    cache.scores(
+                        kvh,
+                        &q[t * qd + head * hd..t * qd + (head + 1) * hd],
+                        scale,
+                        sc,
+                    );
+                    softmax(sc);
+                    cache.weighted_sum(
+                        kvh,
+                        sc,
+                        &mut att[t * qd + head * hd..t * qd + (head + 1) * hd],
+                    );
+                }
+            }
+            layer.wo.forward(&att, n, &mut o);
+            add(&mut x, &o);
+
+            rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
+            layer.w_gate.forward(&h, n, &mut g);
+            layer.w_up.forward(&h, n, &mut u);
+            for (gi, ui) in g.iter_mut().zip(&u) {
+                *gi = silu(*gi) * ui;
+            }
+            layer.w_down.forward(&g, n, &mut o);
+            add(&mut x, &o);
+        }
+        s.pos += n;
+
+        let rows = if all_logits { n } else { 1 };
+        let last = &x[(n - rows) * d..];
+        let mut hn = vec![0f32; rows * d];
+        rms_norm(last, &self.out_norm, c.rms_eps, &mut hn);
+        let mut logits = vec![0f32; rows * c.vocab];
+        self.output.forward(&hn, rows, &mut logits);
+        Ok(logits)
+    }
+}
+
+/// cos/sin of RoPE angles for `n` positions from `pos0`, llama.cpp's "normal" mode: element pairs
+/// `(2i, 2i+1)` of each head rotate by `pos * base^(-2i/head_dim)`.
+struct RopeTable {
+    head_dim: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    fn new(pos0: usize, n: usize, head_dim: usize, base: f32) -> RopeTable {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for t in 0..n {
+            let p = (pos0 + t) as f64;
+            for i in 0..half {
+                let theta = p * f64::from(base).powf(-2.0 * i as f64 / head_dim as f64);
+                cos.push(theta.cos() as f32);
+                sin.push(theta.sin() as f32);
+            }
+        }
+        RopeTable { head_dim, cos, sin }
+    }
+
+    /// Rotates every head of token `t`'s vector `x` (length a multiple of head_dim).
+    fn apply(&self, t: usize, x: &mut [f32]) {
+        let half = self.head_dim / 2;
+        let (cs, sn) = (
+            &self.cos[t * half..(t + 1) * half],
+            &self.sin[t * half..(t + 1) * half],
+        );
+        for head in x.chunks_exact_mut(self.head_dim) {
+            for i in 0..half {
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * cs[i] - b * sn[i];
+                head[2 * i + 1] = a * sn[i] + b * cs[i];
+            }
+        }
+    }
+}
+
+/// RMSNorm of each row of `x` (rows of `w.len()`), times `w`. The mean square is summed in f64
+/// as ggml does.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ss: f64 = xr.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let scale = 1.0 / ((ss / d as f64) as f32 + eps).sqrt();
+        for ((o, &xi), &wi) in or.iter_mut().zip(xr).zip(w) {
+            *o = xi * scale * wi;
+        }
+    }
+}
+
+/// In-place softmax.
+pub fn softmax(x: &mut [f32]) {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
