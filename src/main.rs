@@ -1,0 +1,39 @@
+//! `tessera`: generate, co-simulate and run a W2A8KV4 LLM engine for Xilinx FPGAs.
+//!
+//! One module per subcommand under `src/cmd/`. To add one: write `src/cmd/NAME.rs` with an
+//! `Args` struct (clap derive) and `pub fn run(args) -> Result<(), cmd::Failure>`, add a
+//! variant to [`Command`] and a match arm in [`main`]. Every error reaches the user as
+//! `error: ...` lines on stderr with exit code 2, never a panic.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+#[derive(Debug, Parser)]
+#[command(name = "tessera", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check, show and emit engine configs (EngineConfig, the single source of truth).
+    Config(cmd::config::ConfigArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cmd::clap_error(&e),
+    };
+    let result = match cli.command {
+        Command::Config(args) => cmd::config::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(),
+    }
+}
