@@ -548,7 +548,7 @@ impl Gguf {
                     "bad GGUF file: tensor {name:?} appears twice"
                 )));
             }
-            if dims[0] % ty.block_size() != 0 {
+            if !dims[0].is_multiple_of(ty.block_size()) {
                 return Err(Error::new(format!(
                     "bad GGUF file: tensor {name:?} row length {} is not a multiple of the {ty} block size {}",
                     dims[0],
@@ -564,7 +564,7 @@ impl Gguf {
                         "bad GGUF file: tensor {name:?} dims {dims:?} overflow a 64-bit size"
                     ))
                 })?;
-            if rel % alignment != 0 {
+            if !rel.is_multiple_of(alignment) {
                 return Err(Error::new(format!(
                     "bad GGUF file: tensor {name:?} offset {rel} is not a multiple of the alignment {alignment}"
                 )));
@@ -748,7 +748,7 @@ pub fn f32_to_f16(x: f32) -> u16 {
 /// Dequantizes `n` elements of type `ty` from `data` (which must hold exactly those elements).
 pub fn dequantize(ty: GgmlType, data: &[u8], n: u64) -> Result<Vec<f32>> {
     let bs = ty.block_size();
-    if n % bs != 0 {
+    if !n.is_multiple_of(bs) {
         return Err(Error::new(format!(
             "{n} elements is not a whole number of {ty} blocks"
         )));

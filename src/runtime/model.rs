@@ -58,7 +58,7 @@ impl LlamaConfig {
             None => n_head,
         };
         let ctx_len = size("context_length")?;
-        if d_model % n_head != 0 {
+        if !d_model.is_multiple_of(n_head) {
             return Err(Error::new(format!(
                 "embedding_length {d_model} is not a multiple of head_count {n_head}"
             )));
@@ -67,12 +67,12 @@ impl LlamaConfig {
             Some(_) => size("attention.key_length")?,
             None => d_model / n_head,
         };
-        if n_head % n_head_kv != 0 {
+        if !n_head.is_multiple_of(n_head_kv) {
             return Err(Error::new(format!(
                 "head_count {n_head} is not a multiple of head_count_kv {n_head_kv}"
             )));
         }
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(Error::new(format!("head dimension {head_dim} is odd")));
         }
         if let Some(v) = g.get(&format!("{arch}.attention.value_length")) {

@@ -133,7 +133,7 @@ pub fn write_gguf(kv: &[(&str, V)], tensors: &[T], alignment: Option<u32>) -> Ve
         offset = (offset + t.data.len() as u64).div_ceil(align) * align;
     }
     if !tensors.is_empty() {
-        while out.len() as u64 % align != 0 {
+        while !(out.len() as u64).is_multiple_of(align) {
             out.push(0);
         }
     }
