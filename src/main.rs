@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod cmd_run;
 
 #[derive(Debug, Parser)]
 #[command(name = "tessera", version, about, propagate_version = true)]
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Check, show and emit engine configs (EngineConfig, the single source of truth).
     Config(cmd::config::ConfigArgs),
+    /// Run a GGUF LLM on the CPU (f32 reference) and stream the generated text.
+    Run(cmd_run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Config(args) => cmd::config::run(args),
+        Command::Run(args) => cmd_run::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
