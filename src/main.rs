@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Check, show and emit engine configs (EngineConfig, the single source of truth).
     Config(cmd::config::ConfigArgs),
+    /// The main job on embedded defaults: presets, golden GEMM and KV4 attention demos.
+    Demo(cmd::demo::DemoArgs),
     /// Run a GGUF LLM on the CPU (f32 reference) and stream the generated text.
     Run(cmd_run::RunArgs),
 }
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Config(args) => cmd::config::run(args),
+        Command::Demo(args) => cmd::demo::run(args),
         Command::Run(args) => cmd_run::run(args),
     };
     match result {

@@ -417,12 +417,10 @@ fn is_pow2_in(v: u32, lo: u32, hi: u32) -> bool {
     v.is_power_of_two() && (lo..=hi).contains(&v)
 }
 
-/// `gpsum_bits` of N12 for group length `l`: `1 + ceil(log2(l * 128 * 255 + 1))`.
+/// `gpsum_bits` of N12 for group length `l` (a `u32` front for [`crate::ops::gpsum_bits`]).
 #[must_use]
 pub fn gpsum_bits_for(l: u32) -> u32 {
-    let max = u64::from(l) * 128 * 255;
-    // ceil(log2(max + 1)) is the bit length of max.
-    1 + (u64::BITS - max.leading_zeros())
+    crate::ops::gpsum_bits(usize::try_from(l).expect("u32 group length fits usize"))
 }
 
 impl EngineConfig {

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use crate::numerics::{quantize_f32, round_shift, sat, Datapath};
+use crate::numerics::{round_shift, sat, Datapath};
 use crate::ops::{dequant_factor, OpError, OutputStage, ACC_BITS_MAX, ACC_BITS_MIN};
 use crate::pack::{
     kv4_key_group_bytes, kv4_value_token_bytes, pack_kv4_keys, pack_kv4_values, unpack_kv4_keys,
@@ -19,9 +19,6 @@ use crate::quant::{
 /// Bits of a KV4 code and its shift onto the 8-bit lattice (`8 - 4`).
 pub const KV4_BITS: u32 = 4;
 pub const KV4_LATTICE_SHIFT: u32 = 8 - KV4_BITS;
-
-/// The constant scale of probability codes (N19): `p_i8 = quantize_f32(p, 1/127, 0, 127)`.
-pub const P_SCALE: f32 = 1.0 / 127.0;
 
 /// Why a KV cache operation failed.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +35,8 @@ pub enum KvError {
     Quant(QuantError),
     /// The output stage or accumulator width is out of range.
     Op(OpError),
+    /// A probability was negative or not finite (N19).
+    Probability { index: usize, value: f32 },
 }
 
 impl fmt::Display for KvError {
@@ -53,6 +52,10 @@ impl fmt::Display for KvError {
             KvError::BadDatapath { what } => write!(f, "bad KV datapath: {what}"),
             KvError::Quant(e) => write!(f, "KV quantization failed: {e}"),
             KvError::Op(e) => write!(f, "KV product failed: {e}"),
+            KvError::Probability { index, value } => write!(
+                f,
+                "probability at index {index} is {value}: probabilities must be finite and >= 0 (softmax outputs)"
+            ),
         }
     }
 }
@@ -77,19 +80,33 @@ impl From<PackError> for KvError {
     }
 }
 
-/// N19: probability codes `p_i8 = quantize_f32(p, 1/127, 0, 127)`.
-pub fn quantize_probs(p: &[f32]) -> Result<Vec<i8>, KvError> {
-    p.iter()
+/// Probability codes of one query (N19): `p_i8` in `[0, 127]` and the query's `scale_p`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbCodes {
+    pub p_i8: Vec<i8>,
+    /// `max_t p_t / 127` (N5's per-token scale); 0 when every `p_t` is 0.
+    pub scale_p: f32,
+}
+
+/// N19: probabilities are one A8 token (N5): `scale_p = max p / 127`,
+/// `p_i8 = quantize_f32(p, scale_p, 0, 127)`. Negative or non-finite `p` is an error.
+pub fn quantize_probs(p: &[f32]) -> Result<ProbCodes, KvError> {
+    if let Some((index, &value)) = p
+        .iter()
         .enumerate()
-        .map(|(index, &v)| {
-            let q = quantize_f32(v, P_SCALE, 0, 127).map_err(|e| QuantError::NonFinite {
-                what: e.what,
-                index,
-                value: e.value,
-            })?;
-            Ok(i8::try_from(q).expect("clamped to [0, 127]"))
-        })
-        .collect()
+        .find(|(_, v)| !v.is_finite() || **v < 0.0)
+    {
+        return Err(KvError::Probability { index, value });
+    }
+    let codes = quantize_token(p)?;
+    debug_assert!(
+        codes.codes_i8.iter().all(|&c| c >= 0),
+        "p >= 0 gives codes >= 0"
+    );
+    Ok(ProbCodes {
+        p_i8: codes.codes_i8,
+        scale_p: codes.scale_x,
+    })
 }
 
 /// N17 the fold: `xf_i8[e] = sat(round_shift(x_i8[e] * fscale_q[e], sf), 8)`.
@@ -226,11 +243,11 @@ pub struct PvOut {
 }
 
 impl PvOut {
-    /// N20: the real output `sum_t p_t v_t` per channel (both parts, scale of `p` = 1/127).
+    /// N20: the real output `sum_t p_t v_t` per channel (both parts; `scale_p` from [`quantize_probs`]).
     #[must_use]
-    pub fn output_f32(&self, stage: &OutputStage) -> Vec<f32> {
-        let a = self.kv4.dequantize(stage, P_SCALE);
-        let b = self.window.dequantize(stage, P_SCALE);
+    pub fn output_f32(&self, stage: &OutputStage, scale_p: f32) -> Vec<f32> {
+        let a = self.kv4.dequantize(stage, scale_p);
+        let b = self.window.dequantize(stage, scale_p);
         a.iter().zip(&b).map(|(x, y)| x + y).collect()
     }
 }

@@ -80,7 +80,24 @@ pub struct OutputStage {
 }
 
 impl OutputStage {
-    /// The runtime's default: `out_mult = 1, out_shift = 0, out_bits = 32`.
+    /// The runtime's stage for weight operations (N14): `out_shift = SF` drops the group-scale
+    /// fraction, so `y` is in lattice units and `|y| <= k * 128 * 255`; it cannot saturate for
+    /// `k <= K_MAX_LATTICE_I32`.
+    #[must_use]
+    pub const fn weight_lattice_i32(scale_frac_bits: u32) -> OutputStage {
+        OutputStage {
+            out_mult: 1,
+            out_shift: scale_frac_bits,
+            out_bits: 32,
+        }
+    }
+
+    /// Largest `k` for which [`Self::weight_lattice_i32`] cannot saturate: `(2^31 - 1) / (128 * 255)`.
+    pub const K_MAX_LATTICE_I32: usize = ((1u64 << 31) - 1) as usize / (128 * 255);
+
+    /// `out_mult = 1, out_shift = 0, out_bits = 32`: the runtime's stage for the KV products,
+    /// whose accumulators fit 32 bits for `head_dim` and context lengths below 2^16 (N14).
+    /// A weight operation's accumulator can exceed 32 bits: use [`Self::weight_lattice_i32`].
     pub const IDENTITY_I32: OutputStage = OutputStage {
         out_mult: 1,
         out_shift: 0,

@@ -16,7 +16,6 @@ use common::{exact_round_div_pow2, kv_dp, Rng};
 use proptest::prelude::*;
 use tessera_golden::kv::{
     attention_ref_f64, fold_i8, folded_products, quantize_probs, softmax_f64, KvCache, KvError,
-    P_SCALE,
 };
 use tessera_golden::ops::{dequant_factor, OutputStage};
 use tessera_golden::pack::{
@@ -449,14 +448,15 @@ proptest! {
         let inv_sqrt_d = 1.0 / (hd as f64).sqrt();
         let p64 = softmax_f64(&scores.iter().map(|&s| f64::from(s) * inv_sqrt_d).collect::<Vec<_>>());
         let p: Vec<f32> = p64.iter().map(|&v| v as f32).collect();
-        let p_i8 = quantize_probs(&p).unwrap();
+        let probs = quantize_probs(&p).unwrap();
+        let p_i8 = probs.p_i8.clone();
         let pv = cache.pv(&p_i8, &ID).unwrap();
-        let o = pv.output_f32(&ID);
+        let o = pv.output_f32(&ID, probs.scale_p);
         let (vcodes, vscale, vzero) = cache.values4();
         let (wk, wv) = cache.window();
         prop_assert_eq!(wk.len(), n - n4);
         let (_, attn_ref) = attention_ref_f64(&q, &keys, &values);
-        let p_scale = f64::from(P_SCALE);
+        let p_scale = f64::from(probs.scale_p);
         for c in 0..hd {
             let eff4: Vec<i64> = (0..n4).map(|t| (i64::from(vcodes[t * hd + c]) << 4) - i64::from(vzero[t])).collect();
             let (l4, m4) = fold_bound(&p_i8[..n4], &eff4, sf);
@@ -487,4 +487,28 @@ proptest! {
                 "e2e pv c {} got {} ref {} (tight {} e2e {} soft {})", c, got, attn_ref[c], tight, e2e, soft);
         }
     }
+}
+
+#[test]
+fn n19_probabilities_use_a_per_query_scale() {
+    // A flat distribution over 300 tokens: every p = 1/300 < 1/254, which a constant 1/127
+    // scale would round to 0. With N5's per-query scale every code is 127.
+    let p = vec![1.0f32 / 300.0; 300];
+    let probs = quantize_probs(&p).unwrap();
+    assert!(probs.p_i8.iter().all(|&c| c == 127), "{:?}", &probs.p_i8[..4]);
+    assert!((probs.scale_p - (1.0 / 300.0) / 127.0).abs() < 1e-12);
+    // A peaked one: the max maps to 127, the rest in proportion, ties away from zero.
+    let probs = quantize_probs(&[0.5, 0.25, 0.0, 0.25 * (1.0 / 127.0) * 0.5]).unwrap();
+    assert_eq!(probs.p_i8, vec![127, 64, 0, 0]);
+    // All zero: scale 0, codes 0. Negative or NaN: an error naming the index.
+    let probs = quantize_probs(&[0.0, 0.0]).unwrap();
+    assert_eq!((probs.p_i8.clone(), probs.scale_p), (vec![0, 0], 0.0));
+    assert!(matches!(
+        quantize_probs(&[0.5, -0.1]),
+        Err(KvError::Probability { index: 1, .. })
+    ));
+    assert!(matches!(
+        quantize_probs(&[f32::NAN]),
+        Err(KvError::Probability { index: 0, .. })
+    ));
 }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use tessera_golden::config::EngineConfig;
 
 pub mod config;
+pub mod demo;
 
 /// Exit code of every error: bad input, impossible config, missing file.
 pub const EXIT_ERROR: u8 = 2;
