@@ -31,6 +31,7 @@
 //! # }
 //! ```
 
+pub mod engine;
 pub mod error;
 pub mod examples;
 pub mod expr;
