@@ -495,7 +495,11 @@ fn n19_probabilities_use_a_per_query_scale() {
     // scale would round to 0. With N5's per-query scale every code is 127.
     let p = vec![1.0f32 / 300.0; 300];
     let probs = quantize_probs(&p).unwrap();
-    assert!(probs.p_i8.iter().all(|&c| c == 127), "{:?}", &probs.p_i8[..4]);
+    assert!(
+        probs.p_i8.iter().all(|&c| c == 127),
+        "{:?}",
+        &probs.p_i8[..4]
+    );
     assert!((probs.scale_p - (1.0 / 300.0) / 127.0).abs() < 1e-12);
     // A peaked one: the max maps to 127, the rest in proportion, ties away from zero.
     let probs = quantize_probs(&[0.5, 0.25, 0.0, 0.25 * (1.0 / 127.0) * 0.5]).unwrap();
