@@ -1,0 +1,601 @@
+//! Functional check of the generated engine: Verilator (`--binary`) runs a small Verilog
+//! testbench that feeds command and data words from `$readmemh` files (with random stalls on
+//! every stream) and writes every `dout` word; each output integer is compared with
+//! `golden::ops::weight_op` on the same inputs. One Verilator build per config per test run.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use tessera_golden::config::{EngineConfig, WeightMode};
+use tessera_golden::engine::{Cmd, Dataflow, StreamLayout, Word};
+use tessera_golden::ops::{weight_op, OutputStage};
+use tessera_golden::pack::WeightFormat;
+use tessera_golden::quant::{QuantWeights, TERNARY_ZERO_U8};
+use tessera_hdl_gen::engine::generate;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const TB: &str = r#"`timescale 1ns/1ps
+module tb;
+  localparam integer SB = @SB@;
+  localparam integer MAXC = 4096;
+  localparam integer MAXD = 65536;
+  reg clk = 1'b0;
+  reg rst_n = 1'b0;
+  reg [63:0] cmds [0:MAXC-1];
+  reg [SB-1:0] dins [0:MAXD-1];
+  integer ncmd, ndin, stall, ci, di, cyc, idle, fo, fs, seed;
+  reg [31:0] lfsr;
+  wire cmd_ready, din_ready, dout_valid, busy, err;
+  wire [SB-1:0] dout;
+  wire go_c = (stall == 0) || lfsr[0];
+  wire go_d = (stall == 0) || lfsr[1] || lfsr[5];
+  wire dout_ready = (stall == 0) || lfsr[2] || lfsr[3];
+  wire cmd_valid = rst_n && (ci < ncmd) && go_c;
+  wire din_valid = rst_n && (di < ndin) && go_d;
+  tessera_engine dut (
+    .clk_i(clk), .rst_ni(rst_n),
+    .cmd_valid_i(cmd_valid), .cmd_data_i(cmds[ci[11:0]]), .cmd_ready_o(cmd_ready),
+    .din_valid_i(din_valid), .din_data_i(dins[di[15:0]]), .din_ready_o(din_ready),
+    .dout_valid_o(dout_valid), .dout_data_o(dout), .dout_ready_i(dout_ready),
+    .busy_o(busy), .err_o(err));
+  always #5 clk = ~clk;
+  initial begin
+    if (!$value$plusargs("ncmd=%d", ncmd)) ncmd = 0;
+    if (!$value$plusargs("ndin=%d", ndin)) ndin = 0;
+    if (!$value$plusargs("stall=%d", stall)) stall = 0;
+    if (!$value$plusargs("seed=%d", seed)) seed = 1;
+    $readmemh("cmd.hex", cmds);
+    $readmemh("din.hex", dins);
+    fo = $fopen("out.hex", "w");
+    ci = 0; di = 0; cyc = 0; idle = 0;
+    lfsr = seed;
+    repeat (3) @(posedge clk);
+    rst_n = 1'b1;
+  end
+  always @(posedge clk) begin
+    if (rst_n) begin
+      lfsr <= {lfsr[30:0], lfsr[31] ^ lfsr[21] ^ lfsr[1] ^ lfsr[0]};
+      if (cmd_valid && cmd_ready) ci <= ci + 1;
+      if (din_valid && din_ready) di <= di + 1;
+      if (dout_valid && dout_ready) $fwrite(fo, "%h\n", dout);
+      cyc <= cyc + 1;
+      if (ci == ncmd && !busy && !cmd_valid) idle <= idle + 1; else idle <= 0;
+      if (idle == 16 || cyc > 2000000) begin
+        fs = $fopen("status.txt", "w");
+        $fwrite(fs, "%0d %0d %0d %0d\n", err, ci, di, cyc);
+        $fclose(fs);
+        $fclose(fo);
+        $finish;
+      end
+    end
+  end
+endmodule
+"#;
+
+/// A generated engine built with Verilator (kept for the whole test run).
+struct Sim {
+    _dir: tempfile::TempDir,
+    exe: PathBuf,
+    layout: StreamLayout,
+    cfg: EngineConfig,
+}
+
+fn build(cfg: &EngineConfig) -> Sim {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let design = generate(cfg).expect("generate");
+    let written = design.write(dir.path()).expect("write");
+    let layout = StreamLayout::new(cfg);
+    let tb = TB.replace("@SB@", &layout.stream_bits.to_string());
+    std::fs::write(dir.path().join("tb.v"), tb).expect("tb");
+    let mut args: Vec<String> = [
+        "--binary",
+        "-O1",
+        "-j",
+        "2",
+        "-Wno-fatal",
+        "-Wno-lint",
+        "-Wno-style",
+        "--top-module",
+        "tb",
+        "-Mdir",
+        "obj",
+        "-o",
+        "vtb",
+        "tb.v",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for f in &written.files {
+        args.push(f.file_name().expect("name").to_string_lossy().into_owned());
+    }
+    let out = match Command::new("verilator")
+        .args(&args)
+        .current_dir(dir.path())
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("verilator not found on PATH: install it with apt-get install verilator")
+        }
+        Err(e) => panic!("running verilator: {e}"),
+    };
+    assert!(
+        out.status.success(),
+        "verilator --binary failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Sim {
+        exe: dir.path().join("obj").join("vtb"),
+        _dir: dir,
+        layout,
+        cfg: cfg.clone(),
+    }
+}
+
+/// One program: commands, din words, and the expected dout values per drained entry.
+#[derive(Default)]
+struct Program {
+    cmds: Vec<u64>,
+    din: Vec<Word>,
+    /// Expected output entries in drain order (`cols` values each).
+    expect: Vec<Vec<i64>>,
+    /// A label per expected entry, for failure messages.
+    labels: Vec<String>,
+}
+
+impl Program {
+    fn cmd(&mut self, c: Cmd) {
+        self.cmds.push(c.encode().expect("encode"));
+    }
+}
+
+/// One weight operation to run.
+struct Op {
+    label: String,
+    mode: WeightMode,
+    dataflow: Dataflow,
+    m_tokens: usize,
+    n_rows: usize,
+    k: usize,
+    stage: OutputStage,
+    /// Use extreme operands (-128, max codes, max gscale) for this op.
+    extreme: bool,
+}
+
+fn format_of(mode: WeightMode) -> WeightFormat {
+    match mode {
+        WeightMode::W2 => WeightFormat::W2,
+        WeightMode::W4 => WeightFormat::W4,
+        WeightMode::W8 => WeightFormat::W8,
+        WeightMode::Ternary => WeightFormat::Ternary,
+    }
+}
+
+/// Appends `op` to the program (loads, run, drain) and its golden outputs.
+fn add_op(p: &mut Program, sim: &Sim, rng: &mut Rng, op: &Op, out_addr: u32) {
+    let cfg = &sim.cfg;
+    let lay = &sim.layout;
+    let (rows, cols) = (cfg.array.rows as usize, cfg.array.cols as usize);
+    let l = cfg.quant.w_group_len as usize;
+    let ws = cfg.quant.w_scale_bits;
+    let sf = ws - 1;
+    let fmt = format_of(op.mode);
+    let k = op.k;
+    let groups = k.div_ceil(l);
+    let n = op.n_rows;
+    let m = op.m_tokens;
+    // Operands.
+    let max_code = u64::from(fmt.max_code());
+    let codes: Vec<u8> = (0..n * k)
+        .map(|_| {
+            if op.extreme {
+                fmt.max_code()
+            } else {
+                rng.below(max_code + 1) as u8
+            }
+        })
+        .collect();
+    let gscale: Vec<u16> = (0..n * groups)
+        .map(|_| {
+            if op.extreme {
+                1u16 << sf
+            } else {
+                rng.below((1u64 << sf) + 1) as u16
+            }
+        })
+        .collect();
+    let zero: Vec<u8> = (0..n * groups)
+        .map(|i| match fmt {
+            WeightFormat::Ternary => TERNARY_ZERO_U8,
+            _ if op.extreme => (i % 2) as u8 * 255,
+            _ => rng.below(256) as u8,
+        })
+        .collect();
+    let w = QuantWeights::from_codes(
+        fmt,
+        n,
+        k,
+        l,
+        ws,
+        &codes,
+        gscale.clone(),
+        zero.clone(),
+        vec![1.0; n],
+    )
+    .expect("weights");
+    let x: Vec<i8> = (0..m * k)
+        .map(|_| {
+            if op.extreme {
+                -128
+            } else {
+                rng.next() as u8 as i8
+            }
+        })
+        .collect();
+    let y = weight_op(&cfg.datapath(), &x, m, &w, &op.stage).expect("golden");
+    let packed = w.packed();
+    let row_bytes = packed.len() / n;
+    let beats = row_bytes;
+
+    // Bases: non-zero, activation base a multiple of 4.
+    let act_base = 4 * rng.below(((cfg.buffers.act_depth as usize - k) / 4 + 1) as u64) as u32;
+    let wgt_base = rng.below((cfg.buffers.wgt_depth as usize - beats + 1) as u64) as u32;
+    let meta_entries = cfg.buffers.wgt_depth * 4 / cfg.quant.w_group_len;
+    let meta_base = rng.below(u64::from(meta_entries) - groups as u64 + 1) as u32;
+    p.cmd(Cmd::SetBase {
+        act: act_base,
+        wgt: wgt_base,
+        meta: meta_base,
+    });
+    p.cmd(Cmd::SetOut(op.stage));
+    // Activations: entry p holds position p of every token row (GEMV: row 0).
+    p.cmd(Cmd::LoadAct {
+        addr: act_base,
+        count: k as u32,
+    });
+    for pos in 0..k {
+        let col: Vec<i8> = (0..rows)
+            .map(|t| if t < m { x[t * k + pos] } else { 0 })
+            .collect();
+        p.din.extend(lay.act_entry(&col));
+    }
+    let run = Cmd::Run {
+        mode: op.mode,
+        dataflow: op.dataflow,
+        keep: false,
+        k: k as u32,
+        out_addr,
+    };
+    match op.dataflow {
+        Dataflow::Gemm => {
+            assert!(m <= rows && n <= cols);
+            p.cmd(Cmd::LoadWgt {
+                addr: wgt_base,
+                count: beats as u32,
+            });
+            for i in 0..beats {
+                let e: Vec<u8> = (0..cols)
+                    .map(|c| if c < n { packed[c * row_bytes + i] } else { 0 })
+                    .collect();
+                p.din.extend(lay.byte_entry(&e));
+            }
+            p.cmd(Cmd::LoadMeta {
+                addr: meta_base,
+                count: groups as u32,
+            });
+            for g in 0..groups {
+                let e: Vec<(u16, u8)> = (0..cols)
+                    .map(|c| {
+                        if c < n {
+                            (gscale[c * groups + g], zero[c * groups + g])
+                        } else {
+                            (0, 0)
+                        }
+                    })
+                    .collect();
+                p.din.extend(lay.meta_entry(&e));
+            }
+            p.cmd(run);
+            for r in 0..rows {
+                p.expect.push(
+                    (0..cols)
+                        .map(|c| if r < m && c < n { y[r][c] } else { 0 })
+                        .collect(),
+                );
+                p.labels.push(format!("{} token {r}", op.label));
+            }
+        }
+        Dataflow::Gemv => {
+            assert!(m == 1 && n <= rows * cols);
+            p.cmd(run);
+            let bpg = beats / groups;
+            for g in 0..groups {
+                let e: Vec<(u16, u8)> = (0..rows * cols)
+                    .map(|i| {
+                        if i < n {
+                            (gscale[i * groups + g], zero[i * groups + g])
+                        } else {
+                            (0, 0)
+                        }
+                    })
+                    .collect();
+                p.din.extend(lay.meta_entry(&e));
+                for b in 0..bpg {
+                    let i = g * bpg + b;
+                    let e: Vec<u8> = (0..rows * cols)
+                        .map(|r| if r < n { packed[r * row_bytes + i] } else { 0 })
+                        .collect();
+                    p.din.extend(lay.byte_entry(&e));
+                }
+            }
+            for r in 0..rows {
+                p.expect.push(
+                    (0..cols)
+                        .map(|c| {
+                            let i = r * cols + c;
+                            if i < n {
+                                y[0][i]
+                            } else {
+                                0
+                            }
+                        })
+                        .collect(),
+                );
+                p.labels.push(format!("{} PE row {r}", op.label));
+            }
+        }
+    }
+    p.cmd(Cmd::Drain {
+        addr: out_addr,
+        count: rows as u32,
+    });
+}
+
+/// Runs `prog` on `sim` and checks every output value and the error flag.
+fn run(sim: &Sim, prog: &Program, stall: bool, seed: u32) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hex = |words: Vec<String>| {
+        if words.is_empty() {
+            "0\n".to_string()
+        } else {
+            words.join("\n") + "\n"
+        }
+    };
+    std::fs::write(
+        dir.path().join("cmd.hex"),
+        hex(prog.cmds.iter().map(|c| format!("{c:016x}")).collect()),
+    )
+    .expect("cmd.hex");
+    std::fs::write(
+        dir.path().join("din.hex"),
+        hex(prog.din.iter().map(Word::to_hex).collect()),
+    )
+    .expect("din.hex");
+    let out = Command::new(&sim.exe)
+        .args([
+            format!("+ncmd={}", prog.cmds.len()),
+            format!("+ndin={}", prog.din.len()),
+            format!("+stall={}", u32::from(stall)),
+            format!("+seed={seed}"),
+        ])
+        .current_dir(dir.path())
+        .output()
+        .expect("run simulation");
+    assert!(
+        out.status.success(),
+        "simulation failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = std::fs::read_to_string(dir.path().join("status.txt")).expect("status");
+    let f: Vec<u64> = status
+        .split_whitespace()
+        .map(|s| s.parse().expect("status field"))
+        .collect();
+    assert_eq!(f[0], 0, "engine raised err_o");
+    assert_eq!(f[1] as usize, prog.cmds.len(), "commands consumed");
+    assert_eq!(f[2] as usize, prog.din.len(), "din words consumed");
+    let text = std::fs::read_to_string(dir.path().join("out.hex")).expect("out.hex");
+    let bytes = (sim.layout.stream_bits / 8) as usize;
+    let words: Vec<Word> = text
+        .lines()
+        .map(|l| Word::from_hex(l, bytes).expect("hex word"))
+        .collect();
+    let ow = sim.layout.out_words as usize;
+    assert_eq!(
+        words.len(),
+        prog.expect.len() * ow,
+        "dout words (cycles {})",
+        f[3]
+    );
+    let mut bad = Vec::new();
+    for (i, (want, label)) in prog.expect.iter().zip(&prog.labels).enumerate() {
+        let got = sim.layout.out_entry(&words[i * ow..(i + 1) * ow]);
+        let got: Vec<i64> = got.into_iter().map(i64::from).collect();
+        if &got != want {
+            bad.push(format!("{label}: engine {got:?}, golden {want:?}"));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+}
+
+fn tiny() -> &'static Sim {
+    static SIM: OnceLock<Sim> = OnceLock::new();
+    SIM.get_or_init(|| build(&EngineConfig::preset("tiny").expect("tiny")))
+}
+
+fn lattice(sim: &Sim) -> OutputStage {
+    OutputStage::weight_lattice_i32(sim.cfg.quant.w_scale_bits - 1)
+}
+
+#[test]
+fn tiny_engine_matches_golden_weight_ops() {
+    let sim = tiny();
+    let mut rng = Rng(0x5eed_0000_0000_0003);
+    let lat = lattice(sim);
+    let sat8 = OutputStage {
+        out_mult: 3,
+        out_shift: 20,
+        out_bits: 8,
+    };
+    let sat16 = OutputStage {
+        out_mult: 1000,
+        out_shift: 21,
+        out_bits: 16,
+    };
+    let ops = [
+        (
+            "w2 gemv k=75",
+            WeightMode::W2,
+            Dataflow::Gemv,
+            1,
+            16,
+            75,
+            lat,
+            false,
+        ),
+        (
+            "w2 gemm k=77",
+            WeightMode::W2,
+            Dataflow::Gemm,
+            4,
+            4,
+            77,
+            lat,
+            false,
+        ),
+        (
+            "w4 gemm k=45",
+            WeightMode::W4,
+            Dataflow::Gemm,
+            3,
+            4,
+            45,
+            lat,
+            false,
+        ),
+        (
+            "w8 gemm k=33",
+            WeightMode::W8,
+            Dataflow::Gemm,
+            4,
+            3,
+            33,
+            lat,
+            false,
+        ),
+        (
+            "w8 gemm sat8",
+            WeightMode::W8,
+            Dataflow::Gemm,
+            4,
+            4,
+            63,
+            sat8,
+            false,
+        ),
+        (
+            "w4 gemv sat16",
+            WeightMode::W4,
+            Dataflow::Gemv,
+            1,
+            13,
+            97,
+            sat16,
+            false,
+        ),
+        (
+            "ternary gemv",
+            WeightMode::Ternary,
+            Dataflow::Gemv,
+            1,
+            16,
+            64,
+            lat,
+            false,
+        ),
+        (
+            "w2 gemm extreme",
+            WeightMode::W2,
+            Dataflow::Gemm,
+            4,
+            4,
+            255,
+            OutputStage::IDENTITY_I32,
+            true,
+        ),
+        (
+            "w8 gemv extreme",
+            WeightMode::W8,
+            Dataflow::Gemv,
+            1,
+            16,
+            129,
+            OutputStage {
+                out_mult: 65535,
+                out_shift: 0,
+                out_bits: 32,
+            },
+            true,
+        ),
+        (
+            "w4 gemm k=1",
+            WeightMode::W4,
+            Dataflow::Gemm,
+            2,
+            2,
+            1,
+            OutputStage {
+                out_mult: 7,
+                out_shift: 3,
+                out_bits: 32,
+            },
+            false,
+        ),
+    ];
+    let mut prog = Program::default();
+    for (i, (label, mode, df, m, n, k, stage, extreme)) in ops.into_iter().enumerate() {
+        let op = Op {
+            label: label.to_string(),
+            mode,
+            dataflow: df,
+            m_tokens: m,
+            n_rows: n,
+            k,
+            stage,
+            extreme,
+        };
+        add_op(&mut prog, sim, &mut rng, &op, (4 * i) as u32);
+    }
+    // Non-vacuity: most outputs are non-zero and the 8/16-bit stages saturate somewhere.
+    let all: Vec<i64> = prog.expect.iter().flatten().copied().collect();
+    assert!(all.iter().filter(|&&v| v != 0).count() > all.len() / 2);
+    assert!(
+        all.contains(&127) || all.contains(&-128),
+        "no 8-bit saturation"
+    );
+    assert!(
+        all.contains(&32767) || all.contains(&-32768),
+        "no 16-bit saturation"
+    );
+    run(sim, &prog, false, 1);
+    run(sim, &prog, true, 12345);
+}
