@@ -18,6 +18,8 @@ use crate::quant::{
 
 /// Bits of a KV4 code and its shift onto the 8-bit lattice (`8 - 4`).
 pub const KV4_BITS: u32 = 4;
+/// The KV8 variant (N16b): every token stays in the 8-bit window.
+pub const KV8_BITS: u32 = 8;
 pub const KV4_LATTICE_SHIFT: u32 = 8 - KV4_BITS;
 
 /// Why a KV cache operation failed.
@@ -291,6 +293,8 @@ pub struct KvCache {
     /// `SF` of the fold multipliers (N17).
     scale_frac_bits: u32,
     acc_bits: u32,
+    /// 4 (KV4, N16) or 8 (KV8, N16b: no token is ever quantized to 4 bits).
+    kv_bits: u32,
     key_groups: Vec<KeyGroup4>,
     /// N11b token-major packed value codes of the 4-bit tokens.
     values4_packed: Vec<u8>,
@@ -301,8 +305,19 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for one head of `head_dim` channels.
+    /// An empty KV4 cache for one head of `head_dim` channels (N16).
     pub fn new(dp: &Datapath, head_dim: usize) -> Result<Self, KvError> {
+        Self::with_bits(dp, head_dim, KV4_BITS)
+    }
+
+    /// An empty cache of `kv_bits` 4 (KV4, N16) or 8 (KV8, N16b: every token stays in the 8-bit
+    /// window, as if `kv_recent_window` were unbounded).
+    pub fn with_bits(dp: &Datapath, head_dim: usize, kv_bits: u32) -> Result<Self, KvError> {
+        if kv_bits != KV4_BITS && kv_bits != KV8_BITS {
+            return Err(KvError::BadDatapath {
+                what: "kv_bits is not 4 or 8",
+            });
+        }
         if head_dim == 0 {
             return Err(KvError::BadDatapath {
                 what: "head_dim is 0",
@@ -335,6 +350,7 @@ impl KvCache {
             kv_recent_window: dp.kv_recent_window,
             scale_frac_bits: dp.scale_frac_bits(),
             acc_bits: dp.acc_bits,
+            kv_bits,
             key_groups: Vec::new(),
             values4_packed: Vec::new(),
             vscale: Vec::new(),
@@ -347,6 +363,12 @@ impl KvCache {
     #[must_use]
     pub fn head_dim(&self) -> usize {
         self.head_dim
+    }
+
+    /// 4 (KV4) or 8 (KV8, N16b).
+    #[must_use]
+    pub fn kv_bits(&self) -> u32 {
+        self.kv_bits
     }
 
     /// Tokens held.
@@ -394,6 +416,9 @@ impl KvCache {
         let vq = quantize_token(v)?;
         self.window_k.push_back(kq);
         self.window_v.push_back(vq);
+        if self.kv_bits == KV8_BITS {
+            return Ok(());
+        }
         while self.window_k.len() >= self.kv_recent_window + self.kv_group_len {
             self.evict_group()?;
         }

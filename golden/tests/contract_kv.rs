@@ -516,3 +516,35 @@ fn n19_probabilities_use_a_per_query_scale() {
         Err(KvError::Probability { index: 0, .. })
     ));
 }
+
+#[test]
+fn n16b_kv8_keeps_every_token_at_8_bits() {
+    let hd = 6;
+    let g = 4;
+    let mut kv8 = KvCache::with_bits(&kv_dp(g, 8, 16), hd, 8).unwrap();
+    // The definition: a KV4 cache whose window holds every token.
+    let mut wide = KvCache::new(&kv_dp(g, 64, 16), hd).unwrap();
+    assert_eq!((kv8.kv_bits(), wide.kv_bits()), (8, 4));
+    let mut rng = Rng(16);
+    for n in 1..=40usize {
+        let (k, v) = (rng.floats(hd, 2.0), rng.floats(hd, 1.0));
+        kv8.push(&k, &v).unwrap();
+        wide.push(&k, &v).unwrap();
+        assert_eq!((kv8.len(), kv8.n4_tokens(), kv8.window_tokens()), (n, 0, n));
+        assert_eq!(kv8.memory(), wide.memory());
+        let q: Vec<i8> = (0..hd).map(|_| rng.i8()).collect();
+        let qk = kv8.qk(&q, &ID).unwrap();
+        assert!(qk.groups4.is_empty());
+        assert_eq!(qk, wide.qk(&q, &ID).unwrap());
+        let p: Vec<f32> = (0..n).map(|_| rng.floats(1, 1.0)[0].abs()).collect();
+        let pq = quantize_probs(&p).unwrap();
+        assert_eq!(
+            kv8.pv(&pq.p_i8, &ID).unwrap(),
+            wide.pv(&pq.p_i8, &ID).unwrap()
+        );
+    }
+    assert!(matches!(
+        KvCache::with_bits(&kv_dp(g, 8, 16), hd, 2),
+        Err(KvError::BadDatapath { .. })
+    ));
+}
