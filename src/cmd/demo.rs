@@ -15,6 +15,8 @@ use tessera_golden::ops::{
 use tessera_golden::pack::WeightFormat;
 use tessera_golden::quant::{quantize_tokens, quantize_weights};
 
+use tessera::runtime::sampler::SplitMix64;
+
 use super::Failure;
 
 /// Arguments of `tessera demo`.
@@ -26,26 +28,21 @@ pub struct DemoArgs {
     /// Seed of the demo's pseudo-random data.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Skip the CPU inference step (the only step that needs the fetched model).
+    #[arg(long)]
+    pub skip_llm: bool,
 }
 
-/// A small deterministic generator (splitmix64) so the demo needs no extra crate.
+/// Demo data from the runtime's seeded SplitMix64 (one PRNG in the project).
 #[derive(Debug)]
-struct SplitMix(u64);
+struct DemoRng(SplitMix64);
 
-impl SplitMix {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
+impl DemoRng {
     /// Uniform in [-1, 1).
     fn unit(&mut self) -> f32 {
-        #[allow(clippy::cast_precision_loss)] // 24 random bits are exact in f32
-        let v = (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32;
-        v - 1.0
+        #[allow(clippy::cast_possible_truncation)] // demo data only needs f32
+        let v = (self.0.next_f64() * 2.0 - 1.0) as f32;
+        v
     }
 
     fn vec(&mut self, len: usize, amp: f32) -> Vec<f32> {
@@ -55,7 +52,7 @@ impl SplitMix {
 
 pub fn run(args: DemoArgs) -> Result<(), Failure> {
     println!("tessera demo: embedded defaults, no files read");
-    println!("[1/3] built-in presets");
+    println!("[1/4] built-in presets");
     for name in EngineConfig::preset_names() {
         let cfg = EngineConfig::preset(name).map_err(Failure::one)?;
         let derived = cfg.checked_derive().map_err(|errs| Failure {
@@ -80,18 +77,19 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
         lines: errs.iter().map(ToString::to_string).collect(),
     })?;
     let dp = cfg.datapath();
-    let mut rng = SplitMix(args.seed);
+    let mut rng = DemoRng(SplitMix64::new(args.seed));
     gemm_demo(&dp, &cfg, &mut rng)?;
     attention_demo(&dp, &mut rng)?;
+    inference_demo(args.skip_llm)?;
     println!("demo: all checks passed");
     Ok(())
 }
 
-fn gemm_demo(dp: &Datapath, cfg: &EngineConfig, rng: &mut SplitMix) -> Result<(), Failure> {
+fn gemm_demo(dp: &Datapath, cfg: &EngineConfig, rng: &mut DemoRng) -> Result<(), Failure> {
     // Odd sizes on purpose: k is not a multiple of the group length.
     let (m_tokens, k, n_rows) = (4usize, 3 * dp.w_group_len + 5, 24usize);
     println!(
-        "[2/3] GEMM on the golden engine ({}: group {}, {}-bit scales, {}-bit acc): M={m_tokens} K={k} N={n_rows}",
+        "[2/4] GEMM on the golden engine ({}: group {}, {}-bit scales, {}-bit acc): M={m_tokens} K={k} N={n_rows}",
         cfg.name, dp.w_group_len, dp.w_scale_bits, dp.acc_bits
     );
     println!("  mode     max|y - float(dequantized)|  (bound)     rel. error vs original floats");
@@ -197,7 +195,7 @@ fn bound_n13(
         * (2f64.powi(-(sf + 1)) * g_abs + 0.5)
 }
 
-fn attention_demo(dp: &Datapath, rng: &mut SplitMix) -> Result<(), Failure> {
+fn attention_demo(dp: &Datapath, rng: &mut DemoRng) -> Result<(), Failure> {
     let head_dim = 64usize;
     let tokens = 2 * dp.kv_recent_window + dp.kv_group_len + 7;
     let mut cache = KvCache::new(dp, head_dim).map_err(Failure::one)?;
@@ -216,7 +214,7 @@ fn attention_demo(dp: &Datapath, rng: &mut SplitMix) -> Result<(), Failure> {
     }
     let mem = cache.memory_bytes();
     println!(
-        "[3/3] KV4 attention, one head: head_dim {head_dim}, {tokens} tokens ({} at 4 bits, {} in the 8-bit window), KV memory {mem} bytes (f16: {} bytes, {:.2}x smaller)",
+        "[3/4] KV4 attention, one head: head_dim {head_dim}, {tokens} tokens ({} at 4 bits, {} in the 8-bit window), KV memory {mem} bytes (f16: {} bytes, {:.2}x smaller)",
         cache.n4_tokens(),
         cache.window_tokens(),
         tokens * head_dim * 2 * 2,
@@ -257,5 +255,30 @@ fn attention_demo(dp: &Datapath, rng: &mut SplitMix) -> Result<(), Failure> {
             "demo attention: relative error {rel:.3} > 0.25 against float attention"
         )));
     }
+    Ok(())
+}
+
+/// Step 4: SmolLM2-135M answers a chat prompt on the CPU (f32 reference path of the runtime).
+fn inference_demo(skip: bool) -> Result<(), Failure> {
+    if skip {
+        println!("[4/4] CPU inference: skipped (--skip-llm)");
+        return Ok(());
+    }
+    let model = tessera::runtime::cli::resolve_model(None).map_err(Failure::one)?;
+    println!(
+        "[4/4] CPU inference: {} (f32 reference), greedy chat answer",
+        model.display()
+    );
+    let args = tessera::runtime::cli::RunArgs {
+        model: Some(model),
+        prompt: "What is the capital of France? Answer in one sentence.".to_string(),
+        chat: true,
+        n_predict: 24,
+        seed: 0,
+        temp: 0.0,
+        top_p: 0.95,
+    };
+    tessera::runtime::cli::run(&args).map_err(Failure::one)?;
+    println!();
     Ok(())
 }
