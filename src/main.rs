@@ -25,6 +25,8 @@ enum Command {
     Config(cmd::config::ConfigArgs),
     /// The main job on embedded defaults: presets, golden GEMM and KV4 attention demos.
     Demo(cmd::demo::DemoArgs),
+    /// Generate the engine's Verilog from a config (`--report`: yosys resource counts).
+    Gen(cmd::gen::GenArgs),
     /// Run a GGUF LLM on the CPU (f32 reference) and stream the generated text.
     Run(cmd_run::RunArgs),
 }
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Config(args) => cmd::config::run(args),
         Command::Demo(args) => cmd::demo::run(args),
+        Command::Gen(args) => cmd::gen::run(args),
         Command::Run(args) => cmd_run::run(args),
     };
     match result {

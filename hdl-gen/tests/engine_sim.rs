@@ -172,8 +172,9 @@ struct Op {
     n_rows: usize,
     k: usize,
     stage: OutputStage,
-    /// Use extreme operands (-128, max codes, max gscale) for this op.
-    extreme: bool,
+    /// 0: random operands; 1: extreme (-128, max codes, max gscale, zero 0/255 alternating);
+    /// 2: extreme with zero 0 everywhere (drives the accumulator into N13 saturation).
+    extreme: u8,
 }
 
 fn format_of(mode: WeightMode) -> WeightFormat {
@@ -202,7 +203,7 @@ fn add_op(p: &mut Program, sim: &Sim, rng: &mut Rng, op: &Op, out_addr: u32) {
     let max_code = u64::from(fmt.max_code());
     let codes: Vec<u8> = (0..n * k)
         .map(|_| {
-            if op.extreme {
+            if op.extreme > 0 {
                 fmt.max_code()
             } else {
                 rng.below(max_code + 1) as u8
@@ -211,7 +212,7 @@ fn add_op(p: &mut Program, sim: &Sim, rng: &mut Rng, op: &Op, out_addr: u32) {
         .collect();
     let gscale: Vec<u16> = (0..n * groups)
         .map(|_| {
-            if op.extreme {
+            if op.extreme > 0 {
                 1u16 << sf
             } else {
                 rng.below((1u64 << sf) + 1) as u16
@@ -221,7 +222,8 @@ fn add_op(p: &mut Program, sim: &Sim, rng: &mut Rng, op: &Op, out_addr: u32) {
     let zero: Vec<u8> = (0..n * groups)
         .map(|i| match fmt {
             WeightFormat::Ternary => TERNARY_ZERO_U8,
-            _ if op.extreme => (i % 2) as u8 * 255,
+            _ if op.extreme == 2 => 0,
+            _ if op.extreme == 1 => (i % 2) as u8 * 255,
             _ => rng.below(256) as u8,
         })
         .collect();
@@ -239,7 +241,7 @@ fn add_op(p: &mut Program, sim: &Sim, rng: &mut Rng, op: &Op, out_addr: u32) {
     .expect("weights");
     let x: Vec<i8> = (0..m * k)
         .map(|_| {
-            if op.extreme {
+            if op.extreme > 0 {
                 -128
             } else {
                 rng.next() as u8 as i8
@@ -442,151 +444,112 @@ fn tiny() -> &'static Sim {
     SIM.get_or_init(|| build(&EngineConfig::preset("tiny").expect("tiny")))
 }
 
+/// An odd-sized config: 3 x 5 PEs, groups of 8, 8-bit scales, a 32-bit accumulator (so N13
+/// saturation is reachable at k = 600), no W8, no ternary, 32-bit streams.
+fn odd_config() -> EngineConfig {
+    let mut cfg = EngineConfig::default();
+    cfg.name = "odd3x5".into();
+    cfg.array.rows = 3;
+    cfg.array.cols = 5;
+    cfg.precision.weight_bits = vec![2, 4];
+    cfg.precision.ternary = false;
+    cfg.quant.w_group_len = 8;
+    cfg.quant.w_scale_bits = 8;
+    cfg.datapath.acc_bits = 32;
+    cfg.buffers.act_depth = 1024;
+    cfg.buffers.wgt_depth = 512;
+    cfg.buffers.out_depth = 40;
+    cfg.interface.stream_bits = 32;
+    cfg.validate().expect("odd config is valid");
+    cfg
+}
+
+fn odd() -> &'static Sim {
+    static SIM: OnceLock<Sim> = OnceLock::new();
+    SIM.get_or_init(|| build(&odd_config()))
+}
+
 fn lattice(sim: &Sim) -> OutputStage {
     OutputStage::weight_lattice_i32(sim.cfg.quant.w_scale_bits - 1)
 }
 
+fn stage(out_mult: u16, out_shift: u32, out_bits: u32) -> OutputStage {
+    OutputStage {
+        out_mult,
+        out_shift,
+        out_bits,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn op(
+    label: &str,
+    mode: WeightMode,
+    dataflow: Dataflow,
+    m_tokens: usize,
+    n_rows: usize,
+    k: usize,
+    stage: OutputStage,
+    extreme: u8,
+) -> Op {
+    Op {
+        label: label.to_string(),
+        mode,
+        dataflow,
+        m_tokens,
+        n_rows,
+        k,
+        stage,
+        extreme,
+    }
+}
+
+/// Builds one program of `ops` (each drained to its own output rows) and runs it twice: at full
+/// rate, and with random stalls on cmd, din and dout.
+fn check(sim: &Sim, ops: &[Op], seed: u64) -> Vec<i64> {
+    let mut rng = Rng(seed);
+    let rows = sim.cfg.array.rows;
+    let mut prog = Program::default();
+    for (i, o) in ops.iter().enumerate() {
+        let out_addr = (rows * i as u32) % (sim.cfg.buffers.out_depth - rows + 1);
+        add_op(&mut prog, sim, &mut rng, o, out_addr);
+    }
+    run(sim, &prog, false, 1);
+    run(sim, &prog, true, 12345);
+    prog.expect.iter().flatten().copied().collect()
+}
+
 #[test]
 fn tiny_engine_matches_golden_weight_ops() {
+    use Dataflow::{Gemm, Gemv};
+    use WeightMode::{Ternary, W2, W4, W8};
     let sim = tiny();
-    let mut rng = Rng(0x5eed_0000_0000_0003);
     let lat = lattice(sim);
-    let sat8 = OutputStage {
-        out_mult: 3,
-        out_shift: 20,
-        out_bits: 8,
-    };
-    let sat16 = OutputStage {
-        out_mult: 1000,
-        out_shift: 21,
-        out_bits: 16,
-    };
+    let id = OutputStage::IDENTITY_I32;
     let ops = [
-        (
-            "w2 gemv k=75",
-            WeightMode::W2,
-            Dataflow::Gemv,
-            1,
-            16,
-            75,
-            lat,
-            false,
-        ),
-        (
-            "w2 gemm k=77",
-            WeightMode::W2,
-            Dataflow::Gemm,
-            4,
-            4,
-            77,
-            lat,
-            false,
-        ),
-        (
-            "w4 gemm k=45",
-            WeightMode::W4,
-            Dataflow::Gemm,
-            3,
-            4,
-            45,
-            lat,
-            false,
-        ),
-        (
-            "w8 gemm k=33",
-            WeightMode::W8,
-            Dataflow::Gemm,
-            4,
-            3,
-            33,
-            lat,
-            false,
-        ),
-        (
-            "w8 gemm sat8",
-            WeightMode::W8,
-            Dataflow::Gemm,
-            4,
-            4,
-            63,
-            sat8,
-            false,
-        ),
-        (
-            "w4 gemv sat16",
-            WeightMode::W4,
-            Dataflow::Gemv,
-            1,
-            13,
-            97,
-            sat16,
-            false,
-        ),
-        (
-            "ternary gemv",
-            WeightMode::Ternary,
-            Dataflow::Gemv,
-            1,
-            16,
-            64,
-            lat,
-            false,
-        ),
-        (
-            "w2 gemm extreme",
-            WeightMode::W2,
-            Dataflow::Gemm,
-            4,
-            4,
-            255,
-            OutputStage::IDENTITY_I32,
-            true,
-        ),
-        (
+        op("w2 gemv k=75", W2, Gemv, 1, 16, 75, lat, 0),
+        op("w2 gemm k=77", W2, Gemm, 4, 4, 77, lat, 0),
+        op("w4 gemm k=45", W4, Gemm, 3, 4, 45, lat, 0),
+        op("w8 gemm k=33", W8, Gemm, 4, 3, 33, lat, 0),
+        op("w8 gemm sat8", W8, Gemm, 4, 4, 63, stage(3, 20, 8), 0),
+        op("w4 gemv sat16", W4, Gemv, 1, 13, 97, stage(1000, 21, 16), 0),
+        op("ternary gemv", Ternary, Gemv, 1, 16, 64, lat, 0),
+        op("ternary gemm", Ternary, Gemm, 4, 4, 31, lat, 0),
+        op("w2 gemm extreme", W2, Gemm, 4, 4, 255, id, 1),
+        op(
             "w8 gemv extreme",
-            WeightMode::W8,
-            Dataflow::Gemv,
+            W8,
+            Gemv,
             1,
             16,
             129,
-            OutputStage {
-                out_mult: 65535,
-                out_shift: 0,
-                out_bits: 32,
-            },
-            true,
-        ),
-        (
-            "w4 gemm k=1",
-            WeightMode::W4,
-            Dataflow::Gemm,
-            2,
-            2,
+            stage(65535, 0, 32),
             1,
-            OutputStage {
-                out_mult: 7,
-                out_shift: 3,
-                out_bits: 32,
-            },
-            false,
         ),
+        op("w4 gemm k=1", W4, Gemm, 2, 2, 1, stage(7, 3, 32), 0),
     ];
-    let mut prog = Program::default();
-    for (i, (label, mode, df, m, n, k, stage, extreme)) in ops.into_iter().enumerate() {
-        let op = Op {
-            label: label.to_string(),
-            mode,
-            dataflow: df,
-            m_tokens: m,
-            n_rows: n,
-            k,
-            stage,
-            extreme,
-        };
-        add_op(&mut prog, sim, &mut rng, &op, (4 * i) as u32);
-    }
-    // Non-vacuity: most outputs are non-zero and the 8/16-bit stages saturate somewhere.
-    let all: Vec<i64> = prog.expect.iter().flatten().copied().collect();
+    let all = check(sim, &ops, 0x5eed_0000_0000_0003);
+    // Non-vacuity: most outputs are non-zero and the 8/16/32-bit stages saturate somewhere.
     assert!(all.iter().filter(|&&v| v != 0).count() > all.len() / 2);
     assert!(
         all.contains(&127) || all.contains(&-128),
@@ -596,6 +559,28 @@ fn tiny_engine_matches_golden_weight_ops() {
         all.contains(&32767) || all.contains(&-32768),
         "no 16-bit saturation"
     );
-    run(sim, &prog, false, 1);
-    run(sim, &prog, true, 12345);
+    assert!(all.contains(&i64::from(i32::MIN)) || all.contains(&i64::from(i32::MAX)));
+}
+
+#[test]
+fn odd_engine_matches_golden_including_accumulator_saturation() {
+    use Dataflow::{Gemm, Gemv};
+    use WeightMode::{W2, W4};
+    let sim = odd();
+    let lat = lattice(sim);
+    let id = OutputStage::IDENTITY_I32;
+    let ops = [
+        op("w2 gemm 3x5 k=61", W2, Gemm, 3, 5, 61, lat, 0),
+        op("w4 gemv 15 k=23", W4, Gemv, 1, 15, 23, lat, 0),
+        op("w2 gemv 11 k=9", W2, Gemv, 1, 11, 9, id, 0),
+        op("w4 gemm sat acc k=600", W4, Gemm, 3, 5, 600, id, 2),
+        op("w2 gemv sat acc k=1000", W2, Gemv, 1, 15, 1000, id, 2),
+        op("w4 gemm k=1000", W4, Gemm, 2, 4, 1000, stage(5, 30, 16), 0),
+    ];
+    let all = check(sim, &ops, 0x0dd5_0000_0000_0007);
+    // N13: the 32-bit accumulator saturated (and the stage passed it through).
+    assert!(
+        all.contains(&i64::from(i32::MIN)),
+        "no accumulator saturation"
+    );
 }

@@ -8,6 +8,7 @@ use tessera_golden::config::EngineConfig;
 
 pub mod config;
 pub mod demo;
+pub mod gen;
 
 /// Exit code of every error: bad input, impossible config, missing file.
 pub const EXIT_ERROR: u8 = 2;
