@@ -1,0 +1,345 @@
+//! AVX2 row kernels for the weight operation (the layout and arithmetic are described in
+//! `weights.rs`). Every entry point checks the CPU feature and the slice bounds its unsafe
+//! code relies on, then calls the `#[target_feature(enable = "avx2")]` implementation.
+//!
+//! Why `vpmaddubsw` is exact here: it multiplies unsigned bytes (the codes) by signed bytes (the
+//! activations, any `i8` including -128) and adds adjacent pairs with `i16` saturation. The
+//! codes fed to it are at most 15 (W2: 3, W4: 15, W8: split into two nibbles), so a pair is at
+//! most `2 * 15 * 128 = 3840 < 2^15`: it never saturates. `vpmaddwd` with 1 (or 16 for the W8
+//! high nibble) then widens to `i32` lanes, which hold a group's sum exactly for padded group
+//! lengths up to `SIMD_MAX_GROUP`.
+#![allow(unsafe_code)]
+
+use crate::weights::RowCtx;
+
+/// Rows `row0..row0 + out.len()` for one padded token `xp` with group sums `s`.
+pub(crate) fn rows_one_token(ctx: &RowCtx<'_>, row0: usize, xp: &[i8], s: &[i32], out: &mut [i64]) {
+    check_bounds(ctx, row0, out.len(), 1, xp.len(), s.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: AVX2 is present (checked just above) and check_bounds asserted every slice
+        // length the raw loads in `imp` rely on.
+        unsafe { imp::rows_one_token(ctx, row0, xp, s, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("Isa::Avx2 is never available off x86_64");
+}
+
+/// Rows for `m` tokens (padded rows of `plen` in `xp`); `out` is `[row][t]`.
+pub(crate) fn rows_many_tokens(
+    ctx: &RowCtx<'_>,
+    row0: usize,
+    m: usize,
+    plen: usize,
+    xp: &[i8],
+    s: &[i32],
+    out: &mut [i64],
+) {
+    assert_eq!(out.len() % m, 0, "rows_many_tokens: [row][t] output");
+    assert_eq!(
+        plen,
+        ctx.groups * ctx.chunks_per_group * 32,
+        "padded length"
+    );
+    check_bounds(ctx, row0, out.len() / m, m, xp.len(), s.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: as in rows_one_token: AVX2 checked, bounds asserted by check_bounds.
+        unsafe { imp::rows_many_tokens(ctx, row0, m, xp, s, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("Isa::Avx2 is never available off x86_64");
+}
+
+fn check_bounds(ctx: &RowCtx<'_>, row0: usize, rows: usize, m: usize, xp_len: usize, s_len: usize) {
+    let plen = ctx.groups * ctx.chunks_per_group * 32;
+    assert_eq!(
+        ctx.row_bytes,
+        ctx.groups * ctx.chunks_per_group * ctx.chunk_bytes
+    );
+    assert_eq!(ctx.chunk_bytes, 32 * ctx.bits as usize / 8);
+    assert!(
+        ctx.data.len() >= (row0 + rows) * ctx.row_bytes,
+        "weight rows out of range"
+    );
+    assert!(ctx.gscale_q.len() >= (row0 + rows) * ctx.groups);
+    assert!(ctx.zero_u8.len() >= (row0 + rows) * ctx.groups);
+    assert!(xp_len >= m * plen, "padded activations too short");
+    assert!(s_len >= m * ctx.groups, "group sums too short");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod imp {
+    use std::arch::x86_64::*;
+
+    use crate::weights::RowCtx;
+
+    /// Expands one chunk into (codes or low nibbles, high nibbles); for B < 8 the second is unused.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn decode<const B: u32>(w: *const u8) -> (__m256i, __m256i) {
+        match B {
+            2 => {
+                // SAFETY (caller): 8 readable bytes at w.
+                let q = unsafe { std::ptr::read_unaligned(w.cast::<u64>()) };
+                let v =
+                    _mm256_srlv_epi64(_mm256_set1_epi64x(q as i64), _mm256_set_epi64x(6, 4, 2, 0));
+                (
+                    _mm256_and_si256(v, _mm256_set1_epi8(3)),
+                    _mm256_setzero_si256(),
+                )
+            }
+            4 => {
+                // SAFETY (caller): 16 readable bytes at w.
+                let v = unsafe { _mm_loadu_si128(w.cast::<__m128i>()) };
+                let m = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(v, m);
+                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+                (_mm256_set_m128i(hi, lo), _mm256_setzero_si256())
+            }
+            _ => {
+                // SAFETY (caller): 32 readable bytes at w.
+                let v = unsafe { _mm256_loadu_si256(w.cast::<__m256i>()) };
+                let m = _mm256_set1_epi8(0x0F);
+                (
+                    _mm256_and_si256(v, m),
+                    _mm256_and_si256(_mm256_srli_epi16(v, 4), m),
+                )
+            }
+        }
+    }
+
+    /// `i32x8` partial sums of `code * x` over one chunk (exact; see the module docs).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn dot<const B: u32>(c: (__m256i, __m256i), x: __m256i) -> __m256i {
+        let lo = _mm256_madd_epi16(_mm256_maddubs_epi16(c.0, x), _mm256_set1_epi16(1));
+        if B == 8 {
+            let hi = _mm256_madd_epi16(_mm256_maddubs_epi16(c.1, x), _mm256_set1_epi16(16));
+            _mm256_add_epi32(lo, hi)
+        } else {
+            lo
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load_x(xp: *const i8) -> __m256i {
+        // SAFETY (caller): 32 readable bytes at xp.
+        unsafe { _mm256_loadu_si256(xp.cast::<__m256i>()) }
+    }
+
+    /// The four horizontal sums of `a, b, c, d`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum4(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> [i32; 4] {
+        let abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+        let r = _mm_add_epi32(
+            _mm256_castsi256_si128(abcd),
+            _mm256_extracti128_si256(abcd, 1),
+        );
+        let mut out = [0i32; 4];
+        // SAFETY: out is 16 writable bytes.
+        unsafe { _mm_storeu_si128(out.as_mut_ptr().cast::<__m128i>(), r) };
+        out
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum1(a: __m256i) -> i32 {
+        let r = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+        let r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0b01_00_11_10));
+        let r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0b10_11_00_01));
+        _mm_cvtsi128_si32(r)
+    }
+
+    /// One group's `i32x8` partial sums for one token.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn group_dot<const B: u32>(w: *const u8, x: *const i8, cg: usize, cb: usize) -> __m256i {
+        let mut acc = _mm256_setzero_si256();
+        for c in 0..cg {
+            // SAFETY (caller): the group's cg chunks are readable at w and x.
+            let (codes, xv) = unsafe { (decode::<B>(w.add(c * cb)), load_x(x.add(c * 32))) };
+            acc = _mm256_add_epi32(acc, dot::<B>(codes, xv));
+        }
+        acc
+    }
+
+    /// # Safety
+    /// AVX2 present; bounds as asserted by `super::check_bounds` (one token).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn rows_one_token(
+        ctx: &RowCtx<'_>,
+        row0: usize,
+        xp: &[i8],
+        s: &[i32],
+        out: &mut [i64],
+    ) {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe {
+            match ctx.bits {
+                2 => rows1::<2>(ctx, row0, xp, s, out),
+                4 => rows1::<4>(ctx, row0, xp, s, out),
+                _ => rows1::<8>(ctx, row0, xp, s, out),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows1<const B: u32>(
+        ctx: &RowCtx<'_>,
+        row0: usize,
+        xp: &[i8],
+        s: &[i32],
+        out: &mut [i64],
+    ) {
+        let (cg, cb, groups) = (ctx.chunks_per_group, ctx.chunk_bytes, ctx.groups);
+        let gstride_w = cg * cb;
+        let gstride_x = cg * 32;
+        for (i, o) in out.iter_mut().enumerate() {
+            let row = row0 + i;
+            let w = ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr();
+            let x = xp.as_ptr();
+            let mut acc = 0i64;
+            let mut g = 0;
+            while g + 4 <= groups {
+                // SAFETY: groups g..g+4 lie inside the row (row_bytes = groups * cg * cb) and
+                // inside the padded token (groups * cg * 32 bytes), asserted by check_bounds.
+                let p = unsafe {
+                    hsum4(
+                        group_dot::<B>(w.add(g * gstride_w), x.add(g * gstride_x), cg, cb),
+                        group_dot::<B>(
+                            w.add((g + 1) * gstride_w),
+                            x.add((g + 1) * gstride_x),
+                            cg,
+                            cb,
+                        ),
+                        group_dot::<B>(
+                            w.add((g + 2) * gstride_w),
+                            x.add((g + 2) * gstride_x),
+                            cg,
+                            cb,
+                        ),
+                        group_dot::<B>(
+                            w.add((g + 3) * gstride_w),
+                            x.add((g + 3) * gstride_x),
+                            cg,
+                            cb,
+                        ),
+                    )
+                };
+                for (q, &pq) in p.iter().enumerate() {
+                    acc = ctx.accumulate(row, g + q, i64::from(pq), s[g + q], acc);
+                }
+                g += 4;
+            }
+            while g < groups {
+                // SAFETY: group g lies inside the row and the padded token (see above).
+                let p = unsafe {
+                    hsum1(group_dot::<B>(
+                        w.add(g * gstride_w),
+                        x.add(g * gstride_x),
+                        cg,
+                        cb,
+                    ))
+                };
+                acc = ctx.accumulate(row, g, i64::from(p), s[g], acc);
+                g += 1;
+            }
+            *o = acc;
+        }
+    }
+
+    /// # Safety
+    /// AVX2 present; bounds as asserted by `super::check_bounds` (`m` tokens).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn rows_many_tokens(
+        ctx: &RowCtx<'_>,
+        row0: usize,
+        m: usize,
+        xp: &[i8],
+        s: &[i32],
+        out: &mut [i64],
+    ) {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe {
+            match ctx.bits {
+                2 => rows_m::<2>(ctx, row0, m, xp, s, out),
+                4 => rows_m::<4>(ctx, row0, m, xp, s, out),
+                _ => rows_m::<8>(ctx, row0, m, xp, s, out),
+            }
+        }
+    }
+
+    /// Four tokens at a time share each decoded chunk; the remaining tokens go one by one.
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows_m<const B: u32>(
+        ctx: &RowCtx<'_>,
+        row0: usize,
+        m: usize,
+        xp: &[i8],
+        s: &[i32],
+        out: &mut [i64],
+    ) {
+        let (cg, cb, groups) = (ctx.chunks_per_group, ctx.chunk_bytes, ctx.groups);
+        let plen = groups * cg * 32;
+        for (i, o_row) in out.chunks_exact_mut(m).enumerate() {
+            let row = row0 + i;
+            let w = ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr();
+            let mut t = 0;
+            while t + 4 <= m {
+                let x = xp[t * plen..(t + 4) * plen].as_ptr();
+                let mut acc = [0i64; 4];
+                for g in 0..groups {
+                    let mut a = [_mm256_setzero_si256(); 4];
+                    for c in 0..cg {
+                        let ci = g * cg + c;
+                        // SAFETY: chunk ci < groups * cg lies inside the row; the four tokens'
+                        // chunk ci lie inside xp[t * plen..(t + 4) * plen] (check_bounds).
+                        unsafe {
+                            let codes = decode::<B>(w.add(ci * cb));
+                            for (q, aq) in a.iter_mut().enumerate() {
+                                let xv = load_x(x.add(q * plen + ci * 32));
+                                *aq = _mm256_add_epi32(*aq, dot::<B>(codes, xv));
+                            }
+                        }
+                    }
+                    let p = hsum4(a[0], a[1], a[2], a[3]);
+                    for q in 0..4 {
+                        acc[q] = ctx.accumulate(
+                            row,
+                            g,
+                            i64::from(p[q]),
+                            s[(t + q) * groups + g],
+                            acc[q],
+                        );
+                    }
+                }
+                o_row[t..t + 4].copy_from_slice(&acc);
+                t += 4;
+            }
+            while t < m {
+                // SAFETY: token t's padded row and sums are in range (check_bounds).
+                unsafe {
+                    rows1::<B>(
+                        ctx,
+                        row,
+                        &xp[t * plen..(t + 1) * plen],
+                        &s[t * groups..(t + 1) * groups],
+                        std::slice::from_mut(&mut o_row[t]),
+                    );
+                }
+                t += 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! The weight operation (docs/numerics.md N12-N15) on a CPU-friendly re-packing of
+//! [`QuantWeights`].
+//!
+//! # Layout
+//! Each row is cut into its groups (N7), and each group is padded with code 0 to whole
+//! 32-element *chunks* (`chunks_per_group = ceil(L / 32)`). A chunk of codes `c[0..32]` is
+//! stored in `32 * B / 8` bytes so that one shift-and-mask expands it into 32 lanes:
+//! - W8: `c[0..32]` as bytes;
+//! - W4: byte `i` (0..16) holds `c[i] | c[16 + i] << 4`;
+//! - W2 and ternary: byte `i` (0..8) holds `c[i] | c[8+i] << 2 | c[16+i] << 4 | c[24+i] << 6`.
+//!
+//! Activations are copied once per call into the same padded layout (zeros in the padding, so
+//! padding adds nothing, as in N12) and the per-group sums `S` are computed once per token.
+//!
+//! # Arithmetic (exactly N12-N13)
+//! Per (token, row, group): `P_code = sum x * code` (the SIMD paths use `vpmaddubsw` with
+//! codes <= 15, which cannot saturate: `2 * 15 * 128 < 2^15`; W8 codes are split into nibbles),
+//! `P = P_code << (8 - B)` (the lattice, N10), `G = P - zero * S`, then in `i64`
+//! `acc = sat(acc + gscale * G, acc_bits)` per group in ascending order: the saturation is
+//! never skipped, so the result equals golden for every `k` and every `acc_bits`.
+
+use rayon::prelude::*;
+use tessera_golden::numerics::{max_signed, min_signed, round_shift, sat, Datapath};
+use tessera_golden::ops::{OpError, OutputStage, ACC_BITS_MAX, ACC_BITS_MIN};
+use tessera_golden::pack::WeightFormat;
+use tessera_golden::quant::QuantWeights;
+
+use crate::isa::Isa;
+
+/// Elements per chunk (one AVX2 register of `u8` codes).
+pub const CHUNK: usize = 32;
+
+/// Largest padded group length the SIMD paths take: their per-group `i32` lane sums stay exact
+/// for `L * 255 * 128 < 2^31`; longer groups run on the scalar path (`i64`).
+const SIMD_MAX_GROUP: usize = 16 * 1024;
+
+/// Rows per rayon task (at least).
+const MIN_ROWS_PER_TASK: usize = 16;
+
+/// A weight tensor re-packed for the CPU kernels (see the module docs for the layout).
+#[derive(Debug, Clone)]
+pub struct PreparedWeights {
+    format: WeightFormat,
+    n_rows: usize,
+    k: usize,
+    group_len: usize,
+    groups: usize,
+    chunks_per_group: usize,
+    chunk_bytes: usize,
+    row_bytes: usize,
+    w_scale_bits: u32,
+    data: Vec<u8>,
+    gscale_q: Vec<u16>,
+    zero_u8: Vec<u8>,
+    row_scale: Vec<f32>,
+}
+
+/// Caller-owned buffers of a weight operation. Sized once ([`Scratch::for_weights`]) they are
+/// reused: a call allocates nothing unless a larger shape than before is used.
+#[derive(Debug, Default, Clone)]
+pub struct Scratch {
+    x_pad: Vec<i8>,
+    s_sum: Vec<i32>,
+    acc_nt: Vec<i64>,
+}
+
+impl Scratch {
+    #[must_use]
+    pub fn new() -> Self {
+        Scratch::default()
+    }
+
+    /// Buffers large enough for `m_tokens` tokens against `w` (and anything smaller).
+    #[must_use]
+    pub fn for_weights(w: &PreparedWeights, m_tokens: usize) -> Self {
+        let mut s = Scratch::default();
+        s.reserve(w, m_tokens);
+        s
+    }
+
+    /// Grows the buffers for `m_tokens` tokens against `w` (never shrinks).
+    pub fn reserve(&mut self, w: &PreparedWeights, m_tokens: usize) {
+        let xp = m_tokens * w.padded_len();
+        if self.x_pad.len() < xp {
+            self.x_pad.resize(xp, 0);
+        }
+        let ss = m_tokens * w.groups;
+        if self.s_sum.len() < ss {
+            self.s_sum.resize(ss, 0);
+        }
+        if m_tokens > 1 && self.acc_nt.len() < m_tokens * w.n_rows {
+            self.acc_nt.resize(m_tokens * w.n_rows, 0);
+        }
+    }
+}
+
+/// Read-only view of everything a row kernel needs (shared by the scalar and SIMD paths).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowCtx<'a> {
+    pub bits: u32,
+    pub lattice_shift: u32,
+    pub groups: usize,
+    pub chunks_per_group: usize,
+    pub chunk_bytes: usize,
+    pub row_bytes: usize,
+    pub data: &'a [u8],
+    pub gscale_q: &'a [u16],
+    pub zero_u8: &'a [u8],
+    pub acc_lo: i64,
+    pub acc_hi: i64,
+}
+
+impl RowCtx<'_> {
+    /// N12-N13 for one row and one padded token, given the group's `P_code` sums.
+    #[inline]
+    pub fn accumulate(&self, row: usize, g: usize, p_code: i64, s: i32, acc: i64) -> i64 {
+        let idx = row * self.groups + g;
+        let g_i64 = (p_code << self.lattice_shift) - i64::from(self.zero_u8[idx]) * i64::from(s);
+        (acc + i64::from(self.gscale_q[idx]) * g_i64).clamp(self.acc_lo, self.acc_hi)
+    }
+}
+
+impl From<&QuantWeights> for PreparedWeights {
+    fn from(w: &QuantWeights) -> Self {
+        let format = w.format();
+        let bits = format.bits() as usize;
+        let (n_rows, k, group_len) = (w.n_rows(), w.k(), w.k_group_len());
+        let groups = w.groups_per_row();
+        let chunks_per_group = group_len.div_ceil(CHUNK);
+        let chunk_bytes = CHUNK * bits / 8;
+        let row_bytes = groups * chunks_per_group * chunk_bytes;
+        let codes = w.codes();
+        let mut data = vec![0u8; n_rows * row_bytes];
+        let mut chunk = [0u8; CHUNK];
+        for (row, out_row) in data.chunks_exact_mut(row_bytes.max(1)).enumerate() {
+            let codes_row = &codes[row * k..(row + 1) * k];
+            for g in 0..groups {
+                for c in 0..chunks_per_group {
+                    for (i, slot) in chunk.iter_mut().enumerate() {
+                        let in_group = c * CHUNK + i;
+                        let j = g * group_len + in_group;
+                        *slot = if in_group < group_len && j < k {
+                            codes_row[j]
+                        } else {
+                            0
+                        };
+                    }
+                    let at = (g * chunks_per_group + c) * chunk_bytes;
+                    encode_chunk(&chunk, bits, &mut out_row[at..at + chunk_bytes]);
+                }
+            }
+        }
+        PreparedWeights {
+            format,
+            n_rows,
+            k,
+            group_len,
+            groups,
+            chunks_per_group,
+            chunk_bytes,
+            row_bytes,
+            w_scale_bits: w.w_scale_bits(),
+            data,
+            gscale_q: w.gscale_q().to_vec(),
+            zero_u8: w.zero_u8().to_vec(),
+            row_scale: w.row_scale().to_vec(),
+        }
+    }
+}
+
+fn encode_chunk(c: &[u8; CHUNK], bits: usize, out: &mut [u8]) {
+    match bits {
+        8 => out.copy_from_slice(c),
+        4 => {
+            for i in 0..16 {
+                out[i] = c[i] | (c[16 + i] << 4);
+            }
+        }
+        2 => {
+            for i in 0..8 {
+                out[i] = c[i] | (c[8 + i] << 2) | (c[16 + i] << 4) | (c[24 + i] << 6);
+            }
+        }
+        _ => unreachable!("weight formats have 2, 4 or 8 bits"),
+    }
+}
+
+/// Code `i` (0..32) of an encoded chunk (the scalar path's decoder).
+#[inline]
+fn chunk_code(w: &[u8], bits: u32, i: usize) -> u8 {
+    match bits {
+        8 => w[i],
+        4 => (w[i % 16] >> (4 * (i / 16))) & 0x0F,
+        _ => (w[i % 8] >> (2 * (i / 8))) & 0x03,
+    }
+}
+
+impl PreparedWeights {
+    #[must_use]
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+    #[must_use]
+    pub fn n_rows(&self) -> usize {
+        self.n_rows
+    }
+    #[must_use]
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    #[must_use]
+    pub fn k_group_len(&self) -> usize {
+        self.group_len
+    }
+    /// `[n]` per-row `f32` scales (N9), for dequantization (N20).
+    #[must_use]
+    pub fn row_scale(&self) -> &[f32] {
+        &self.row_scale
+    }
+    /// Bytes the kernels stream per call: re-packed codes plus group metadata (3 bytes a group).
+    #[must_use]
+    pub fn weight_bytes(&self) -> usize {
+        self.data.len() + 3 * self.gscale_q.len()
+    }
+    /// Padded activation length: `groups * chunks_per_group * 32`.
+    #[must_use]
+    pub fn padded_len(&self) -> usize {
+        self.groups * self.chunks_per_group * CHUNK
+    }
+
+    fn row_ctx(&self, acc_bits: u32) -> RowCtx<'_> {
+        RowCtx {
+            bits: self.format.bits(),
+            lattice_shift: self.format.lattice_shift(),
+            groups: self.groups,
+            chunks_per_group: self.chunks_per_group,
+            chunk_bytes: self.chunk_bytes,
+            row_bytes: self.row_bytes,
+            data: &self.data,
+            gscale_q: &self.gscale_q,
+            zero_u8: &self.zero_u8,
+            acc_lo: min_signed(acc_bits),
+            acc_hi: max_signed(acc_bits),
+        }
+    }
+
+    fn check(
+        &self,
+        dp: &Datapath,
+        x_i8: &[i8],
+        m_tokens: usize,
+        out: usize,
+    ) -> Result<(), OpError> {
+        if !(ACC_BITS_MIN..=ACC_BITS_MAX).contains(&dp.acc_bits) {
+            return Err(OpError::AccBits {
+                acc_bits: dp.acc_bits,
+            });
+        }
+        if m_tokens == 0 {
+            return Err(OpError::ZeroSize { what: "tokens M" });
+        }
+        if dp.w_group_len != self.group_len {
+            return Err(OpError::DatapathMismatch {
+                what: "w_group_len",
+                datapath: dp.w_group_len,
+                tensor: self.group_len,
+            });
+        }
+        if dp.w_scale_bits != self.w_scale_bits {
+            return Err(OpError::DatapathMismatch {
+                what: "w_scale_bits",
+                datapath: dp.w_scale_bits as usize,
+                tensor: self.w_scale_bits as usize,
+            });
+        }
+        if x_i8.len() != m_tokens * self.k {
+            return Err(OpError::Shape {
+                what: "activation codes",
+                expected: m_tokens * self.k,
+                got: x_i8.len(),
+            });
+        }
+        if out != m_tokens * self.n_rows {
+            return Err(OpError::Shape {
+                what: "output",
+                expected: m_tokens * self.n_rows,
+                got: out,
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies token rows into the padded layout and computes `S[t][g]` (N12).
+    fn pad_activations(&self, x_i8: &[i8], m_tokens: usize, scratch: &mut Scratch) {
+        scratch.reserve(self, m_tokens);
+        let plen = self.padded_len();
+        let lp = self.chunks_per_group * CHUNK;
+        for t in 0..m_tokens {
+            let x = &x_i8[t * self.k..(t + 1) * self.k];
+            let xp = &mut scratch.x_pad[t * plen..(t + 1) * plen];
+            let s = &mut scratch.s_sum[t * self.groups..(t + 1) * self.groups];
+            for g in 0..self.groups {
+                let src = &x[g * self.group_len..((g + 1) * self.group_len).min(self.k)];
+                let dst = &mut xp[g * lp..(g + 1) * lp];
+                dst[..src.len()].copy_from_slice(src);
+                dst[src.len()..].fill(0);
+                s[g] = src.iter().map(|&v| i32::from(v)).sum();
+            }
+        }
+    }
+
+    /// N12-N13: the saturated accumulators `acc[t][n]` (row-major `[t][n]`) of `m_tokens`
+    /// activation rows `x_i8` (`[t][k]`), exactly `golden::ops::weight_acc`. GEMV is
+    /// `m_tokens = 1`. Runs on the current rayon pool (install a pool to pin the thread count).
+    ///
+    /// `isa` must be available ([`Isa::is_available`]); an unavailable path runs as
+    /// [`Isa::Scalar`].
+    pub fn gemm_acc(
+        &self,
+        isa: Isa,
+        dp: &Datapath,
+        x_i8: &[i8],
+        m_tokens: usize,
+        scratch: &mut Scratch,
+        acc_out: &mut [i64],
+    ) -> Result<(), OpError> {
+        self.check(dp, x_i8, m_tokens, acc_out.len())?;
+        self.pad_activations(x_i8, m_tokens, scratch);
+        let isa = self.effective_isa(isa);
+        let ctx = self.row_ctx(dp.acc_bits);
+        let plen = self.padded_len();
+        let groups = self.groups;
+        let rows_per_task = MIN_ROWS_PER_TASK.max(self.n_rows / (4 * rayon::current_num_threads()));
+        if m_tokens == 1 {
+            let xp = &scratch.x_pad[..plen];
+            let s = &scratch.s_sum[..groups];
+            acc_out
+                .par_chunks_mut(rows_per_task)
+                .enumerate()
+                .for_each(|(task, out)| {
+                    rows_one_token(isa, &ctx, task * rows_per_task, xp, s, out);
+                });
+            return Ok(());
+        }
+        let xp = &scratch.x_pad[..m_tokens * plen];
+        let s = &scratch.s_sum[..m_tokens * groups];
+        let acc_nt = &mut scratch.acc_nt[..m_tokens * self.n_rows];
+        acc_nt
+            .par_chunks_mut(rows_per_task * m_tokens)
+            .enumerate()
+            .for_each(|(task, out)| {
+                rows_many_tokens(isa, &ctx, task * rows_per_task, m_tokens, plen, xp, s, out);
+            });
+        for (n, accs) in acc_nt.chunks_exact(m_tokens).enumerate() {
+            for (t, &a) in accs.iter().enumerate() {
+                acc_out[t * self.n_rows + n] = a;
+            }
+        }
+        Ok(())
+    }
+
+    /// N12-N14: `y[t][n]` (row-major), exactly `golden::ops::weight_op`. `acc` is scratch of
+    /// `m_tokens * n_rows` accumulators (returned filled).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        isa: Isa,
+        dp: &Datapath,
+        x_i8: &[i8],
+        m_tokens: usize,
+        stage: &OutputStage,
+        scratch: &mut Scratch,
+        acc: &mut [i64],
+        y_out: &mut [i32],
+    ) -> Result<(), OpError> {
+        stage.check()?;
+        self.gemm_acc(isa, dp, x_i8, m_tokens, scratch, acc)?;
+        apply_stage(stage, acc, y_out)
+    }
+
+    fn effective_isa(&self, isa: Isa) -> Isa {
+        if isa == Isa::Avx2 && isa.is_available() && self.chunks_per_group * CHUNK <= SIMD_MAX_GROUP
+        {
+            Isa::Avx2
+        } else {
+            Isa::Scalar
+        }
+    }
+}
+
+/// N14 on every accumulator: `y = sat(round_shift(acc * out_mult, out_shift), out_bits)`, exactly
+/// `OutputStage::apply` (`out_bits <= 32`, so `y` fits `i32`).
+pub fn apply_stage(stage: &OutputStage, acc: &[i64], y_out: &mut [i32]) -> Result<(), OpError> {
+    stage.check()?;
+    if acc.len() != y_out.len() {
+        return Err(OpError::Shape {
+            what: "output stage output",
+            expected: acc.len(),
+            got: y_out.len(),
+        });
+    }
+    let mult = i64::from(stage.out_mult);
+    for (y, &a) in y_out.iter_mut().zip(acc) {
+        // |acc| <= 2^47 (acc_bits <= 48) and out_mult < 2^16: the product is exact.
+        let v = sat(round_shift(a * mult, stage.out_shift), stage.out_bits);
+        *y = i32::try_from(v).expect("out_bits <= 32");
+    }
+    Ok(())
+}
+
+/// Rows `row0..row0 + out.len()` for one token.
+fn rows_one_token(isa: Isa, ctx: &RowCtx<'_>, row0: usize, xp: &[i8], s: &[i32], out: &mut [i64]) {
+    match isa {
+        Isa::Avx2 => crate::avx2::rows_one_token(ctx, row0, xp, s, out),
+        _ => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = row_acc_scalar(ctx, row0 + i, xp, s);
+            }
+        }
+    }
+}
+
+/// Rows for `m` tokens; `out` is `[row][t]`.
+#[allow(clippy::too_many_arguments)]
+fn rows_many_tokens(
+    isa: Isa,
+    ctx: &RowCtx<'_>,
+    row0: usize,
+    m: usize,
+    plen: usize,
+    xp: &[i8],
+    s: &[i32],
+    out: &mut [i64],
+) {
+    match isa {
+        Isa::Avx2 => crate::avx2::rows_many_tokens(ctx, row0, m, plen, xp, s, out),
+        _ => {
+            for (i, o_row) in out.chunks_exact_mut(m).enumerate() {
+                for (t, o) in o_row.iter_mut().enumerate() {
+                    let x = &xp[t * plen..(t + 1) * plen];
+                    let st = &s[t * ctx.groups..(t + 1) * ctx.groups];
+                    *o = row_acc_scalar(ctx, row0 + i, x, st);
+                }
+            }
+        }
+    }
+}
+
+/// The portable path: one row, one padded token, `i64` throughout.
+fn row_acc_scalar(ctx: &RowCtx<'_>, row: usize, xp: &[i8], s: &[i32]) -> i64 {
+    let data = &ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes];
+    let mut acc = 0i64;
+    for (g, &s_g) in s.iter().enumerate().take(ctx.groups) {
+        let mut p_code = 0i64;
+        for c in 0..ctx.chunks_per_group {
+            let ci = g * ctx.chunks_per_group + c;
+            let w = &data[ci * ctx.chunk_bytes..(ci + 1) * ctx.chunk_bytes];
+            let x = &xp[ci * CHUNK..(ci + 1) * CHUNK];
+            let mut p = 0i32; // |.| <= 32 * 255 * 128 < 2^21
+            for (i, &xv) in x.iter().enumerate() {
+                p += i32::from(xv) * i32::from(chunk_code(w, ctx.bits, i));
+            }
+            p_code += i64::from(p);
+        }
+        acc = ctx.accumulate(row, g, p_code, s_g, acc);
+    }
+    acc
+}
