@@ -49,18 +49,20 @@ pub fn random_configs() -> Vec<EngineConfig> {
     let mut rng = Rng(0x7e55_e7a5_eed5_0001);
     let mut out = Vec::new();
     for (i, l) in [8u32, 16, 32, 64, 128].into_iter().enumerate() {
-        let mut cfg = EngineConfig::default();
-        cfg.name = format!("rand{i}");
+        let mut cfg = EngineConfig {
+            name: format!("rand{i}"),
+            ..EngineConfig::default()
+        };
         cfg.array.rows = rng.pick(&[1, 2, 3, 5]);
         cfg.array.cols = rng.pick(&[1, 3, 5, 7]);
         cfg.quant.w_group_len = l;
         cfg.quant.w_scale_bits = rng.pick(&[8, 12, 16]);
-        cfg.precision.weight_bits = if rng.next() % 2 == 0 {
+        cfg.precision.weight_bits = if rng.next().is_multiple_of(2) {
             vec![2, 4]
         } else {
             vec![2, 4, 8]
         };
-        cfg.precision.ternary = rng.next() % 2 == 0;
+        cfg.precision.ternary = rng.next().is_multiple_of(2);
         let need = tessera_golden::config::gpsum_bits_for(l) + cfg.quant.w_scale_bits;
         cfg.datapath.acc_bits = rng.pick(&[need.max(32), 40, 48]).max(need);
         cfg.buffers.act_depth = l * rng.pick(&[1, 3, 4]);

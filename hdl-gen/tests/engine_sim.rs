@@ -312,6 +312,7 @@ fn add_op(p: &mut Program, sim: &Sim, rng: &mut Rng, op: &Op, out_addr: u32) {
                 p.din.extend(lay.meta_entry(&e));
             }
             p.cmd(run);
+            #[allow(clippy::needless_range_loop)] // rows past m are zero rows
             for r in 0..rows {
                 p.expect.push(
                     (0..cols)
@@ -447,8 +448,10 @@ fn tiny() -> &'static Sim {
 /// An odd-sized config: 3 x 5 PEs, groups of 8, 8-bit scales, a 32-bit accumulator (so N13
 /// saturation is reachable at k = 600), no W8, no ternary, 32-bit streams.
 fn odd_config() -> EngineConfig {
-    let mut cfg = EngineConfig::default();
-    cfg.name = "odd3x5".into();
+    let mut cfg = EngineConfig {
+        name: "odd3x5".into(),
+        ..EngineConfig::default()
+    };
     cfg.array.rows = 3;
     cfg.array.cols = 5;
     cfg.precision.weight_bits = vec![2, 4];
