@@ -58,6 +58,8 @@ pub mod field {
     pub const K: Field = Field::new(8, 21);
     /// `RUN`: output buffer entry of PE row 0.
     pub const OUT_ADDR: Field = Field::new(29, 20);
+    /// `RUN`: 1 = fold the activations (N17) with the fold buffer and subtract `Z` (GEMV only).
+    pub const FOLD: Field = Field::new(49, 1);
     /// `SET_BASE`: activation buffer entry of k position 0 (a multiple of 4).
     pub const ACT_BASE: Field = Field::new(4, 20);
     /// `SET_BASE`: weight buffer entry of beat 0 (GEMM).
@@ -82,6 +84,7 @@ pub mod opcode {
     pub const DRAIN: u64 = 5;
     pub const SET_BASE: u64 = 6;
     pub const SET_OUT: u64 = 7;
+    pub const LOAD_FOLD: u64 = 8;
 }
 
 /// The run-time mode code of the PE's `mode` input (2 bits).
@@ -132,6 +135,12 @@ pub enum Cmd {
         addr: u32,
         count: u32,
     },
+    /// `count` fold entries (one word each: N17 `zero_u8` low, `fscale` high) into entries
+    /// `addr..` of the fold buffer (addressed like the activation buffer).
+    LoadFold {
+        addr: u32,
+        count: u32,
+    },
     /// Base entries of the next runs.
     SetBase {
         act: u32,
@@ -148,6 +157,8 @@ pub enum Cmd {
         keep: bool,
         k: u32,
         out_addr: u32,
+        /// N17 fold at the activation input and `Z` subtraction (GEMV).
+        fold: bool,
     },
     /// Stream `count` output entries from `addr..` to `dout`.
     Drain {
@@ -203,6 +214,7 @@ impl Cmd {
             Cmd::LoadAct { addr, count } => addr_count(opcode::LOAD_ACT, addr, count),
             Cmd::LoadWgt { addr, count } => addr_count(opcode::LOAD_WGT, addr, count),
             Cmd::LoadMeta { addr, count } => addr_count(opcode::LOAD_META, addr, count),
+            Cmd::LoadFold { addr, count } => addr_count(opcode::LOAD_FOLD, addr, count),
             Cmd::Drain { addr, count } => addr_count(opcode::DRAIN, addr, count),
             Cmd::SetBase { act, wgt, meta } => Ok(op(opcode::SET_BASE)
                 | fit("act base", u64::from(act), ACT_BASE)?
@@ -221,7 +233,9 @@ impl Cmd {
                 keep,
                 k,
                 out_addr,
+                fold,
             } => Ok(op(opcode::RUN)
+                | FOLD.put(u64::from(fold))
                 | MODE.put(mode_code(mode))
                 | DATAFLOW.put(u64::from(dataflow == Dataflow::Gemv))
                 | KEEP.put(u64::from(keep))
@@ -240,6 +254,7 @@ impl Cmd {
             opcode::LOAD_ACT => Cmd::LoadAct { addr, count },
             opcode::LOAD_WGT => Cmd::LoadWgt { addr, count },
             opcode::LOAD_META => Cmd::LoadMeta { addr, count },
+            opcode::LOAD_FOLD => Cmd::LoadFold { addr, count },
             opcode::DRAIN => Cmd::Drain { addr, count },
             opcode::SET_BASE => Cmd::SetBase {
                 act: g(ACT_BASE),
@@ -266,6 +281,7 @@ impl Cmd {
                 keep: KEEP.get(w) == 1,
                 k: g(K),
                 out_addr: g(OUT_ADDR),
+                fold: FOLD.get(w) == 1,
             },
             o => return Err(CmdError(format!("opcode {o} is reserved"))),
         })
@@ -373,6 +389,15 @@ impl StreamLayout {
             self.gemv_meta_words
         };
         b.words(self.stream_bits, words)
+    }
+
+    /// One fold entry (`LOAD_FOLD`): `zero_u8` in the low 8 bits, `fscale` above, one word.
+    #[must_use]
+    pub fn fold_entry(&self, fscale: u16, zero: u8) -> Vec<Word> {
+        let mut b = BitPacker::default();
+        b.push(u64::from(zero), 8);
+        b.push(u64::from(fscale), self.w_scale_bits);
+        b.words(self.stream_bits, 1)
     }
 
     /// Decodes one output entry (`out_words` words) into `cols` values (sign-extended 32-bit).
@@ -488,7 +513,9 @@ mod tests {
                 keep: true,
                 k: 1 << 20,
                 out_addr: 5,
+                fold: true,
             },
+            Cmd::LoadFold { addr: 8, count: 3 },
         ];
         for c in cmds {
             let w = c.encode().expect("encode");
@@ -501,6 +528,7 @@ mod tests {
         .encode()
         .is_err());
         assert!(Cmd::decode(15).is_err());
+        assert!(Cmd::decode(9).is_err());
     }
 
     #[test]
@@ -508,7 +536,7 @@ mod tests {
         use field::*;
         for group in [
             &[OPCODE, ADDR, COUNT][..],
-            &[OPCODE, MODE, DATAFLOW, KEEP, K, OUT_ADDR][..],
+            &[OPCODE, MODE, DATAFLOW, KEEP, K, OUT_ADDR, FOLD][..],
             &[OPCODE, ACT_BASE, WGT_BASE, META_BASE][..],
             &[OPCODE, OUT_MULT, OUT_SHIFT, OUT_BITS][..],
         ] {

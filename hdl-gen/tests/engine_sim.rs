@@ -281,6 +281,7 @@ fn add_op(p: &mut Program, sim: &Sim, rng: &mut Rng, op: &Op, out_addr: u32) {
         keep: false,
         k: k as u32,
         out_addr,
+        fold: false,
     };
     match op.dataflow {
         Dataflow::Gemm => {
@@ -361,6 +362,152 @@ fn add_op(p: &mut Program, sim: &Sim, rng: &mut Rng, op: &Op, out_addr: u32) {
                 p.labels.push(format!("{} PE row {r}", op.label));
             }
         }
+    }
+    p.cmd(Cmd::Drain {
+        addr: out_addr,
+        count: rows as u32,
+    });
+}
+
+/// Appends one folded attention product (N17-N19) run as a GEMV with `fold = 1`: `x` (the query
+/// for `Q x K^T`, or probabilities for `P x V`) is folded with per-element `fscale`, and
+/// - `window = false`: KV4 codes (W4, lattice `<< 4`) with per-element zero points (`Z` path);
+/// - `window = true`: signed 8-bit window codes (W8 with PE zero point 128, fold zeros 0, N18).
+///
+/// Golden: `kv::fold_i8` + `kv::folded_products`, then N19's `sat(acc, acc_bits)` and N14.
+#[allow(clippy::too_many_arguments)]
+fn add_fold_op(
+    p: &mut Program,
+    sim: &Sim,
+    rng: &mut Rng,
+    label: &str,
+    window: bool,
+    n: usize,
+    e: usize,
+    stage: OutputStage,
+    out_addr: u32,
+) {
+    use tessera_golden::kv::{fold_i8, folded_products};
+    use tessera_golden::numerics::sat;
+    use tessera_golden::pack::pack_weights;
+    let cfg = &sim.cfg;
+    let lay = &sim.layout;
+    let (rows, cols) = (cfg.array.rows as usize, cfg.array.cols as usize);
+    let l = cfg.quant.w_group_len as usize;
+    let sf = cfg.quant.w_scale_bits - 1;
+    let x: Vec<i8> = (0..e)
+        .map(|i| {
+            if i % 7 == 0 {
+                -128
+            } else {
+                rng.next() as u8 as i8
+            }
+        })
+        .collect();
+    let fscale: Vec<u16> = (0..e)
+        .map(|i| {
+            if i % 5 == 0 {
+                1 << sf
+            } else {
+                rng.below((1 << sf) + 1) as u16
+            }
+        })
+        .collect();
+    let zero_e: Vec<u8> = (0..e)
+        .map(|_| if window { 0 } else { rng.below(256) as u8 })
+        .collect();
+    // Engine codes [o][e] and the golden lattice weights.
+    let (fmt, codes, wl): (WeightFormat, Vec<u8>, Vec<i64>) = if window {
+        let v: Vec<i8> = (0..n * e).map(|_| rng.next() as u8 as i8).collect();
+        let codes = v.iter().map(|&x| (i16::from(x) + 128) as u8).collect();
+        (
+            WeightFormat::W8,
+            codes,
+            v.iter().map(|&x| i64::from(x)).collect(),
+        )
+    } else {
+        let c: Vec<u8> = (0..n * e).map(|_| rng.below(16) as u8).collect();
+        let wl = c.iter().map(|&x| i64::from(x) << 4).collect();
+        (WeightFormat::W4, c, wl)
+    };
+    let xf = fold_i8(&x, &fscale, sf);
+    let zeros: Vec<i64> = zero_e.iter().map(|&z| i64::from(z)).collect();
+    let (z, acc) = folded_products(&xf, &wl, &zeros);
+    let y: Vec<i64> = acc
+        .iter()
+        .map(|&a| stage.apply(sat(a, cfg.datapath.acc_bits)))
+        .collect();
+
+    let act_base = 4 * rng.below(((cfg.buffers.act_depth as usize - e) / 4 + 1) as u64) as u32;
+    p.cmd(Cmd::SetBase {
+        act: act_base,
+        wgt: 0,
+        meta: 0,
+    });
+    p.cmd(Cmd::SetOut(stage));
+    p.cmd(Cmd::LoadAct {
+        addr: act_base,
+        count: e as u32,
+    });
+    for &xi in &x {
+        let mut col = vec![0i8; rows];
+        col[0] = xi;
+        p.din.extend(lay.act_entry(&col));
+    }
+    p.cmd(Cmd::LoadFold {
+        addr: act_base,
+        count: e as u32,
+    });
+    for i in 0..e {
+        p.din.extend(lay.fold_entry(fscale[i], zero_e[i]));
+    }
+    let mode = if window {
+        WeightMode::W8
+    } else {
+        WeightMode::W4
+    };
+    p.cmd(Cmd::Run {
+        mode,
+        dataflow: Dataflow::Gemv,
+        keep: false,
+        k: e as u32,
+        out_addr,
+        fold: true,
+    });
+    let packed = pack_weights(&codes, n, e, l, fmt).expect("pack");
+    let row_bytes = packed.len() / n;
+    let groups = e.div_ceil(l);
+    let bpg = row_bytes / groups;
+    let pe_zero = if window { 128 } else { 0 };
+    for g in 0..groups {
+        let hdr: Vec<(u16, u8)> = (0..rows * cols)
+            .map(|i| if i < n { (1, pe_zero) } else { (0, 0) })
+            .collect();
+        p.din.extend(lay.meta_entry(&hdr));
+        for b in 0..bpg {
+            let i = g * bpg + b;
+            let bytes: Vec<u8> = (0..rows * cols)
+                .map(|r| if r < n { packed[r * row_bytes + i] } else { 0 })
+                .collect();
+            p.din.extend(lay.byte_entry(&bytes));
+        }
+    }
+    // PEs past n accumulate 0, and 0 - Z for the KV4 product.
+    let z_only = stage.apply(sat(-z, cfg.datapath.acc_bits));
+    for r in 0..rows {
+        p.expect.push(
+            (0..cols)
+                .map(|c| {
+                    let i = r * cols + c;
+                    if i < n {
+                        y[i]
+                    } else {
+                        z_only
+                    }
+                })
+                .collect(),
+        );
+        p.labels.push(format!("{label} PE row {r}"));
     }
     p.cmd(Cmd::Drain {
         addr: out_addr,
@@ -586,4 +733,72 @@ fn odd_engine_matches_golden_including_accumulator_saturation() {
         all.contains(&i64::from(i32::MIN)),
         "no accumulator saturation"
     );
+}
+
+#[test]
+fn tiny_engine_matches_golden_attention_products() {
+    let sim = tiny();
+    let mut rng = Rng(0xa77e_0000_0000_0011);
+    let id = OutputStage::IDENTITY_I32;
+    let mut prog = Program::default();
+    add_fold_op(
+        &mut prog,
+        sim,
+        &mut rng,
+        "q.k kv4 e=45",
+        false,
+        16,
+        45,
+        id,
+        0,
+    );
+    add_fold_op(
+        &mut prog,
+        sim,
+        &mut rng,
+        "q.k kv4 e=64 n=13",
+        false,
+        13,
+        64,
+        id,
+        4,
+    );
+    add_fold_op(
+        &mut prog,
+        sim,
+        &mut rng,
+        "p.v window e=37",
+        true,
+        16,
+        37,
+        id,
+        8,
+    );
+    add_fold_op(
+        &mut prog,
+        sim,
+        &mut rng,
+        "q.k kv4 sat8",
+        false,
+        16,
+        33,
+        stage(1, 6, 8),
+        12,
+    );
+    // And a plain weight op afterwards: the fold state (Z) must not leak into it.
+    let after = op(
+        "w2 gemv after fold",
+        WeightMode::W2,
+        Dataflow::Gemv,
+        1,
+        16,
+        40,
+        lattice(sim),
+        0,
+    );
+    add_op(&mut prog, sim, &mut rng, &after, 16);
+    let all: Vec<i64> = prog.expect.iter().flatten().copied().collect();
+    assert!(all.iter().filter(|&&v| v != 0).count() > all.len() / 2);
+    run(sim, &prog, false, 1);
+    run(sim, &prog, true, 777);
 }

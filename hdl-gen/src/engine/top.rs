@@ -127,7 +127,8 @@ pub fn top(p: &EngineParams, array_mod: &Module, os_mod: &Module) -> Res<Module>
     let count_nz = f_count.ne(&Expr::zero(Ty::u(21))?)?;
     let is_load = is_op(opcode::LOAD_ACT)?
         .or(&is_op(opcode::LOAD_WGT)?)?
-        .or(&is_op(opcode::LOAD_META)?)?;
+        .or(&is_op(opcode::LOAD_META)?)?
+        .or(&is_op(opcode::LOAD_FOLD)?)?;
     let acc_load = m
         .wire_of("acc_load", and(&accept, &and(&is_load, &count_nz)?)?)?
         .e();
@@ -146,12 +147,18 @@ pub fn top(p: &EngineParams, array_mod: &Module, os_mod: &Module) -> Res<Module>
         }
     }
     let k_nz = f_k.ne(&Expr::zero(Ty::u(21))?)?;
-    let run_ok = m.wire_of("run_ok", and(&mode_ok, &k_nz)?)?.e();
+    // The fold (N17) is a GEMV feature: one folded token, one Z for every output.
+    let fold_gemm = and(&fld(&cmd, field::FOLD)?, &fld(&cmd, field::DATAFLOW)?.not())?;
+    let run_ok = m
+        .wire_of("run_ok", and(&and(&mode_ok, &k_nz)?, &fold_gemm.not())?)?
+        .e();
     let is_run = is_op(opcode::RUN)?;
     let acc_run = m
         .wire_of("acc_run", and(&accept, &and(&is_run, &run_ok)?)?)?
         .e();
-    let bad = is_run.and(&run_ok.not())?.or(&opc.ge(&c(4, 8)?)?)?;
+    let bad = is_run
+        .and(&run_ok.not())?
+        .or(&opc.gt(&c(4, u128::from(opcode::LOAD_FOLD))?)?)?;
     m.assign(&err.d, err.q.e().or(&and(&accept, &bad)?)?)?;
     m.assign(&err_o, err.q.e())?;
     m.assign(&busy_o, in_idle.not())?;
@@ -178,6 +185,11 @@ pub fn top(p: &EngineParams, array_mod: &Module, os_mod: &Module) -> Res<Module>
         acc_run.mux(&fld(&cmd, field::DATAFLOW)?, &gemv.q.e())?,
     )?;
     m.assign(&keep.d, acc_run.mux(&fld(&cmd, field::KEEP)?, &keep.q.e())?)?;
+    let foldq = m.reg_in("ctl", "fold", Ty::bit(), Reset::Value(0))?;
+    m.assign(
+        &foldq.d,
+        acc_run.mux(&fld(&cmd, field::FOLD)?, &foldq.q.e())?,
+    )?;
     m.assign(&kq.d, acc_run.mux(&f_k, &kq.q.e())?)?;
     m.assign(
         &oaddr.d,
@@ -336,6 +348,9 @@ pub fn top(p: &EngineParams, array_mod: &Module, os_mod: &Module) -> Res<Module>
     let act_banks: Vec<_> = (0..4)
         .map(|j| m.ram(&format!("act_b{j}"), abank_depth, 8 * rows, RamStyle::Auto))
         .collect::<Res<_>>()?;
+    let fold_banks: Vec<_> = (0..4)
+        .map(|j| m.ram(&format!("fold_b{j}"), abank_depth, mf, RamStyle::Auto))
+        .collect::<Res<_>>()?;
     let wgt = m.ram("wgt", p.wgt_depth.max(2), 8 * cols, RamStyle::Auto)?;
     let meta = m.ram("meta", p.meta_depth.max(2), mf * cols, RamStyle::Auto)?;
     let outb = m.ram("outb", p.out_depth.max(2), 32 * cols, RamStyle::Auto)?;
@@ -351,6 +366,13 @@ pub fn top(p: &EngineParams, array_mod: &Module, os_mod: &Module) -> Res<Module>
         m.assign(&b.we, and(&ent_act, &eqc(&ptr_lo, j as u128)?)?)?;
         m.assign(&b.waddr, fit(&ptr_hi, aaw)?)?;
         m.assign(&b.wdata, din.e().slice(8 * rows - 1, 0)?)?;
+        m.assign(&b.raddr, araddr.e())?;
+    }
+    let ent_fold = m.wire_of("ent_fold", and(&ent, &eqc(&op.q.e(), 0)?)?)?.e();
+    for (j, b) in fold_banks.iter().enumerate() {
+        m.assign(&b.we, and(&ent_fold, &eqc(&ptr_lo, j as u128)?)?)?;
+        m.assign(&b.waddr, fit(&ptr_hi, aaw)?)?;
+        m.assign(&b.wdata, din.e().slice(mf - 1, 0)?)?;
         m.assign(&b.raddr, araddr.e())?;
     }
     let wgt_aw = addr_width(p.wgt_depth.max(2));
@@ -418,19 +440,76 @@ pub fn top(p: &EngineParams, array_mod: &Module, os_mod: &Module) -> Res<Module>
         bank[2].clone(),
         bank[3].clone(),
     ];
+    let fbank: Vec<Expr> = fold_banks.iter().map(|b| b.rdata.e()).collect();
+    let fw8 = pmux(
+        fbank[3].clone(),
+        &[
+            (eqc(&isel.q.e(), 0)?, fbank[0].clone()),
+            (eqc(&isel.q.e(), 1)?, fbank[1].clone()),
+            (eqc(&isel.q.e(), 2)?, fbank[2].clone()),
+        ],
+    )?;
+    let fold_src = [
+        r_w8.mux(&fw8, &odd.mux(&fbank[2], &fbank[0])?)?,
+        odd.mux(&fbank[3], &fbank[1])?,
+        fbank[2].clone(),
+        fbank[3].clone(),
+    ];
     let mut lanes = Vec::new();
     for (j, src) in lane_src.iter().enumerate() {
         let mk = lmask.q.e().bit(j as u32)?.repeat(8 * rows)?;
         lanes.push(m.wire_of(&format!("lane{j}"), src.and(&mk)?)?.e());
     }
+    // N17 fold of row 0 (the GEMV token): xf = sat(round_shift(x * fscale, SF), 8), and
+    // Z += xf * zero_u8 per lane. SF = w_scale_bits - 1 >= 7.
+    let sf = p.w_scale_bits - 1;
+    let pw = 9 + p.w_scale_bits;
+    let mut folded = Vec::new();
+    let mut zterms = Vec::new();
+    for (j, ln) in lanes.iter().enumerate() {
+        let x0 = ln.slice(7, 0)?.as_signed();
+        let fs = fold_src[j]
+            .slice(mf - 1, 8)?
+            .zext(p.w_scale_bits + 1)?
+            .as_signed();
+        let zp = fold_src[j].slice(7, 0)?;
+        let prod = m.wire_of(&format!("fold_p{j}"), x0.mul(&fs)?)?;
+        let bias = Expr::sconst(pw, (1i128 << (sf - 1)) - 1)?
+            .add(&prod.e().msb().not().zext(pw)?.as_signed())?;
+        let sh = prod.e().add(&bias)?.sra(sf)?;
+        let xf = m.wire_of(&format!("fold_x{j}"), super::pe::sat_to(&sh, 8)?)?;
+        zterms.push(xf.e().mul(&zp.zext(9)?.as_signed())?.sext(p.acc_bits)?);
+        folded.push(foldq.q.e().mux(&xf.e().as_unsigned(), &x0.as_unsigned())?);
+    }
+    let zq = m.reg_in("zacc", "z", Ty::s(p.acc_bits), Reset::Value(0))?;
+    let mut zsum = zq.q.e();
+    for t in &zterms {
+        zsum = zsum.add(t)?;
+    }
+    let zero_acc = Expr::zero(Ty::s(p.acc_bits))?;
+    let z_clear = m.wire("z_clear", Ty::bit())?;
+    m.assign(
+        &zq.d,
+        pmux(
+            zq.q.e(),
+            &[
+                (z_clear.e(), zero_acc.clone()),
+                (and(&v1.q.e(), &foldq.q.e())?, zsum),
+            ],
+        )?,
+    )?;
     let sbw = p.s_bits;
     let mut act_rows = Vec::new();
     let mut gsum_rows = Vec::new();
     for r in 0..rows {
-        let x: Vec<Expr> = lanes
-            .iter()
-            .map(|ln| ln.slice(8 * r + 7, 8 * r))
-            .collect::<Res<_>>()?;
+        let x: Vec<Expr> = if r == 0 {
+            folded.clone()
+        } else {
+            lanes
+                .iter()
+                .map(|ln| ln.slice(8 * r + 7, 8 * r))
+                .collect::<Res<_>>()?
+        };
         act_rows.push(Expr::concat(&[
             x[3].clone(),
             x[2].clone(),
@@ -506,6 +585,17 @@ pub fn top(p: &EngineParams, array_mod: &Module, os_mod: &Module) -> Res<Module>
     let mut os_valid0 = None;
     for col in 0..cols {
         let y = m.wire(&format!("y_c{col}"), Ty::s(32))?;
+        // N17/N19: acc - Z, saturated to acc_bits, for a folded run.
+        let a = acc_s
+            .e()
+            .slice(p.acc_bits * (col + 1) - 1, p.acc_bits * col)?
+            .as_signed();
+        let w1 = p.acc_bits + 1;
+        let amz = a.sext(w1)?.sub(&zq.q.e().sext(w1)?)?;
+        let os_in = m.wire_of(
+            &format!("os_in_c{col}"),
+            foldq.q.e().mux(&super::pe::sat_to(&amz, p.acc_bits)?, &a)?,
+        )?;
         let v = m.wire(&format!("y_valid_c{col}"), Ty::bit())?;
         m.instance(
             &format!("u_os_c{col}"),
@@ -513,13 +603,7 @@ pub fn top(p: &EngineParams, array_mod: &Module, os_mod: &Module) -> Res<Module>
             &[
                 ("clk_i", clk.e()),
                 ("rst_ni", rst.e()),
-                (
-                    "acc_i",
-                    acc_s
-                        .e()
-                        .slice(p.acc_bits * (col + 1) - 1, p.acc_bits * col)?
-                        .as_signed(),
-                ),
+                ("acc_i", os_in.e()),
                 ("valid_i", in_store_shift.clone()),
                 ("mult_i", omult.q.e()),
                 ("shift_i", oshift.q.e()),
@@ -557,6 +641,7 @@ pub fn top(p: &EngineParams, array_mod: &Module, os_mod: &Module) -> Res<Module>
         )?,
     )?;
     m.assign(&outb.we, os_valid0)?;
+    m.assign(&z_clear, store_end.clone())?;
     m.assign(&outb.waddr, wa.q.e())?;
     m.assign(&outb.wdata, Expr::concat(&ys)?)?;
 
