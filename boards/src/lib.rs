@@ -1,2 +1,8 @@
-//! `tessera-boards`: Xilinx board targets (board data, AXI wrapper, XDC, Vivado Tcl, fit and
-//! projection). Not built yet: see the boards issue and ARCHITECTURE.md.
+//! `tessera-boards`: Xilinx board targets. Board descriptions as data ([`board`]), the AXI
+//! wrapper around the engine and its register map ([`regs`], [`wrapper`]), the XDC, Vivado Tcl
+//! and README emitters ([`vivado`]), the yosys resource fit ([`fit`]) and the performance
+//! projection ([`project`]). Depends on `golden` and `hdl-gen` only (ARCHITECTURE.md).
+
+pub mod board;
+
+pub use board::{Board, BoardError};
