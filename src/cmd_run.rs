@@ -3,9 +3,18 @@
 
 use crate::cmd::Failure;
 
-pub use tessera::runtime::cli::RunArgs;
+use tessera::runtime::engine::EngineArgs;
+
+/// Arguments of `tessera run`: the runtime's, plus the execution mode and engine datapath.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub run: tessera::runtime::cli::RunArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
 
 /// Runs `tessera run`.
 pub fn run(args: RunArgs) -> Result<(), Failure> {
-    tessera::runtime::cli::run(&args).map_err(Failure::one)
+    tessera::runtime::cli::run_with(&args.run, &args.engine).map_err(Failure::one)
 }

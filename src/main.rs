@@ -10,6 +10,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod cmd_ppl;
+mod cmd_quantize;
 mod cmd_run;
 
 #[derive(Debug, Parser)]
@@ -29,6 +31,12 @@ enum Command {
     Gen(cmd::gen::GenArgs),
     /// Run a GGUF LLM on the CPU (f32 reference) and stream the generated text.
     Run(cmd_run::RunArgs),
+    /// Perplexity of a model over a text, as llama.cpp's llama-perplexity computes it.
+    Ppl(cmd_ppl::PplArgs),
+    /// Greedy-token agreement and mean KL divergence of a mode against f32 over a text.
+    Compare(cmd_ppl::CompareArgs),
+    /// Quantize a GGUF model for the engine into a .tsr file (rtn or gptq).
+    Quantize(cmd_quantize::QuantizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +49,9 @@ fn main() -> ExitCode {
         Command::Demo(args) => cmd::demo::run(args),
         Command::Gen(args) => cmd::gen::run(args),
         Command::Run(args) => cmd_run::run(args),
+        Command::Ppl(args) => cmd_ppl::run(args),
+        Command::Compare(args) => cmd_ppl::run_compare(args),
+        Command::Quantize(args) => cmd_quantize::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use super::engine::{apply_mode, EngineArgs, Mode};
 use super::gguf::Gguf;
 use super::model::Model;
 use super::sampler::Sampler;
@@ -108,6 +109,60 @@ pub fn load(path: &std::path::Path) -> Result<(Model, Tokenizer)> {
     Ok((model, tok))
 }
 
+/// A progress bar on stderr with `template` (`{msg}`, `{bar}`, `{pos}`, `{len}`...).
+pub fn progress_bar(template: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        None,
+        indicatif::ProgressDrawTarget::stderr_with_hz(10),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// Loads a model (GGUF or .tsr) and puts it in the mode `engine` asks for (default: f32 for a
+/// GGUF, the file's scheme for a .tsr). Returns the mode used.
+pub fn load_with_mode(
+    path: &std::path::Path,
+    engine: &EngineArgs,
+) -> Result<(Model, Tokenizer, Mode)> {
+    let (mut model, tok, file_mode) = if super::tsr::is_tsr(path) {
+        let (m, t, mode) = super::tsr::load(path)?;
+        (m, t, mode)
+    } else {
+        let (m, t) = load(path)?;
+        (m, t, Mode::F32)
+    };
+    let mode = engine.mode.unwrap_or(file_mode);
+    let dp = match &model.layers.first().map(|l| &l.wq) {
+        // A .tsr fixes the datapath it was quantized for.
+        Some(super::ops::Linear::Engine(e)) => e.dp,
+        _ => engine.datapath()?,
+    };
+    if mode != Mode::F32 || file_mode != Mode::F32 {
+        let bar = progress_bar("quantizing [{bar:30}] {pos}/{len} tensors");
+        apply_mode(&mut model, mode, &dp, engine.head_bits, &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })
+        .map_err(|e| Error::new(format!("{}: {e}", path.display())))?;
+        bar.finish_and_clear();
+    }
+    if mode != Mode::F32 {
+        eprintln!(
+            "mode {}: engine datapath w_group_len {}, w_scale_bits {}, acc_bits {}, kv_group_len {}, kv_recent_window {}",
+            mode.name(),
+            dp.w_group_len,
+            dp.w_scale_bits,
+            dp.acc_bits,
+            dp.kv_group_len,
+            dp.kv_recent_window
+        );
+    }
+    Ok((model, tok, mode))
+}
+
 /// The prompt's token ids: chat-templated when `chat`, BOS first when the model asks for it.
 pub fn prompt_tokens(tok: &Tokenizer, prompt: &str, chat: bool) -> Result<Vec<u32>> {
     let text = if chat {
@@ -126,8 +181,19 @@ pub fn prompt_tokens(tok: &Tokenizer, prompt: &str, chat: bool) -> Result<Vec<u3
     Ok(ids)
 }
 
-/// Runs `tessera run`.
+/// Runs `tessera run` in f32 (the reference).
 pub fn run(args: &RunArgs) -> Result<()> {
+    let engine = EngineArgs {
+        mode: None,
+        preset: "tiny".to_string(),
+        config: None,
+        head_bits: 8,
+    };
+    run_with(args, &engine)
+}
+
+/// Runs `tessera run` in the mode and on the datapath `engine` asks for.
+pub fn run_with(args: &RunArgs, engine: &EngineArgs) -> Result<()> {
     if !(args.temp.is_finite() && args.temp >= 0.0) {
         return Err(Error::new(format!("--temp {} must be >= 0", args.temp)));
     }
@@ -138,7 +204,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         )));
     }
     let path = resolve_model(args.model.as_ref())?;
-    let (model, tok) = load(&path)?;
+    let (model, tok, _mode) = load_with_mode(&path, engine)?;
     let ids = prompt_tokens(&tok, &args.prompt, args.chat)?;
     if ids.len() + args.n_predict > model.cfg.ctx_len {
         return Err(Error::new(format!(
@@ -185,13 +251,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
     writeln!(out, "{rest}").map_err(write_err)?;
     let decode_s = t1.elapsed().as_secs_f64();
     eprintln!(
-        "prefill: {} tokens in {:.2} s ({:.1} tok/s); decode: {} tokens in {:.2} s ({:.1} tok/s)",
+        "prefill: {} tokens in {:.2} s ({:.1} tok/s); decode: {} tokens in {:.2} s ({:.1} tok/s); KV cache {} bytes",
         ids.len(),
         prefill_s,
         ids.len() as f64 / prefill_s.max(1e-9),
         n_decoded,
         decode_s,
         n_decoded as f64 / decode_s.max(1e-9),
+        session.caches.iter().map(super::ops::KvCache::memory_bytes).sum::<usize>(),
     );
     Ok(())
 }

@@ -4,11 +4,16 @@
 //! `tessera run` command ([`cli`]).
 
 pub mod cli;
+pub mod engine;
 pub mod gguf;
+pub mod gptq;
 pub mod model;
 pub mod ops;
+pub mod ppl;
+pub mod quantize;
 pub mod sampler;
 pub mod tokenizer;
+pub mod tsr;
 
 use std::fmt;
 

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use super::gguf::Gguf;
-use super::ops::{KvCache, Linear};
+use super::ops::{KvCache, KvKind, Linear};
 use super::{Error, Result};
 
 /// Sizes and constants of a Llama-architecture model, all read from GGUF metadata.
@@ -170,6 +170,8 @@ pub struct Model {
     pub out_norm: Vec<f32>,
     /// Output head (`d_model` -> `vocab`); shares `embed` when tied.
     pub output: Linear,
+    /// The KV cache a [`Session`] gets (set with [`Model::set_kv`]).
+    pub kv: KvKind,
 }
 
 /// The state of one sequence: the KV caches and the next position.
@@ -182,7 +184,18 @@ pub struct Session {
 impl Model {
     /// Loads a Llama GGUF, dequantizing every weight to f32. `progress` is called after each
     /// tensor with (done, total).
-    pub fn from_gguf(g: &Gguf, mut progress: impl FnMut(usize, usize)) -> Result<Model> {
+    pub fn from_gguf(g: &Gguf, progress: impl FnMut(usize, usize)) -> Result<Model> {
+        Self::from_gguf_with(g, progress, |_, _, _| Ok(None))
+    }
+
+    /// As [`Self::from_gguf`], but a linear layer (`blk.{i}.attn_q`, ..., `output`) that
+    /// `provide(name, n_in, n_out)` returns is used instead of the GGUF's (a .tsr file's
+    /// quantized tensors); the GGUF need not hold those.
+    pub fn from_gguf_with(
+        g: &Gguf,
+        mut progress: impl FnMut(usize, usize),
+        mut provide: impl FnMut(&str, usize, usize) -> Result<Option<Linear>>,
+    ) -> Result<Model> {
         let cfg = LlamaConfig::from_gguf(g)?;
         let (d, ff, qd, kvd) = (
             cfg.d_model as u64,
@@ -201,7 +214,9 @@ impl Model {
         };
         let embed = Arc::new(load("token_embd.weight", &[d, cfg.vocab as u64])?);
         let out_norm = load("output_norm.weight", &[d])?;
-        let output = if !tied {
+        let output = if let Some(l) = provide("output", cfg.d_model, cfg.vocab)? {
+            l
+        } else if !tied {
             Linear::f32(
                 Arc::new(load("output.weight", &[d, cfg.vocab as u64])?),
                 cfg.d_model,
@@ -213,6 +228,9 @@ impl Model {
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let mut lin = |n: &str, n_in: u64, n_out: u64| -> Result<Linear> {
+                if let Some(l) = provide(&format!("blk.{i}.{n}"), n_in as usize, n_out as usize)? {
+                    return Ok(l);
+                }
                 let w = load(&format!("blk.{i}.{n}.weight"), &[n_in, n_out])?;
                 Ok(Linear::f32(Arc::new(w), n_in as usize, n_out as usize))
             };
@@ -241,15 +259,26 @@ impl Model {
             layers,
             out_norm,
             output,
+            kv: KvKind::F32,
         })
+    }
+
+    /// Sets the KV cache kind of new sessions, checking it can be built.
+    pub fn set_kv(&mut self, kv: KvKind) -> Result<()> {
+        KvCache::new(kv, self.cfg.n_head_kv, self.cfg.head_dim)?;
+        self.kv = kv;
+        Ok(())
     }
 
     /// A fresh session (empty KV caches).
     pub fn session(&self) -> Session {
+        let new = || {
+            // `set_kv` checked that this kind builds; f32 cannot fail.
+            KvCache::new(self.kv, self.cfg.n_head_kv, self.cfg.head_dim)
+                .unwrap_or_else(|_| KvCache::f32(self.cfg.n_head_kv, self.cfg.head_dim))
+        };
         Session {
-            caches: (0..self.cfg.n_layer)
-                .map(|_| KvCache::f32(self.cfg.n_head_kv, self.cfg.head_dim))
-                .collect(),
+            caches: (0..self.cfg.n_layer).map(|_| new()).collect(),
             pos: 0,
         }
     }
@@ -258,10 +287,22 @@ impl Model {
     /// returns the logits of the last token (`vocab` values), or of every token when `all_logits`
     /// (`tokens.len() * vocab` values).
     pub fn forward(&self, s: &mut Session, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let rows = if all_logits { tokens.len() } else { 1 };
+        self.forward_rows(s, tokens, rows)
+    }
+
+    /// As [`Self::forward`], returning the logits of the last `rows` tokens
+    /// (`rows * vocab` values, `1 <= rows <= tokens.len()`).
+    pub fn forward_rows(&self, s: &mut Session, tokens: &[u32], rows: usize) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let n = tokens.len();
         if n == 0 {
             return Err(Error::new("forward pass on no tokens"));
+        }
+        if rows == 0 || rows > n {
+            return Err(Error::new(format!(
+                "cannot return {rows} logit rows of {n} tokens"
+            )));
         }
         if s.pos + n > c.ctx_len {
             return Err(Error::new(format!(
@@ -302,12 +343,13 @@ impl Model {
             layer.wq.forward(&h, n, &mut q);
             layer.wk.forward(&h, n, &mut k);
             layer.wv.forward(&h, n, &mut v);
+            // Token by token: store position t, then attend from it, so that a prefill sees the
+            // cache exactly as a token-by-token decode would (the KV4 cache quantizes groups as
+            // they leave the recent window; the f32 results are the same either way).
             for t in 0..n {
                 rope.apply(t, &mut q[t * qd..(t + 1) * qd]);
                 rope.apply(t, &mut k[t * kvd..(t + 1) * kvd]);
                 cache.push(&k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
-            }
-            for t in 0..n {
                 let n_ctx = s.pos + t + 1;
                 for head in 0..c.n_head {
                     let kvh = head / group;
@@ -340,7 +382,6 @@ impl Model {
         }
         s.pos += n;
 
-        let rows = if all_logits { n } else { 1 };
         let last = &x[(n - rows) * d..];
         let mut hn = vec![0f32; rows * d];
         rms_norm(last, &self.out_norm, c.rms_eps, &mut hn);
