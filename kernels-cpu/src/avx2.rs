@@ -280,6 +280,41 @@ mod imp {
         }
     }
 
+    /// # Safety
+    /// AVX2 present; bounds as asserted by `super::dot4_rows`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dot4_rows(
+        x_pad: &[i8],
+        rows: &[u8],
+        stride: usize,
+        n_rows: usize,
+        chunks: usize,
+        p: &mut [i32],
+    ) {
+        let x = x_pad.as_ptr();
+        let mut r = 0;
+        while r + 4 <= n_rows {
+            let mut a = [_mm256_setzero_si256(); 4];
+            for c in 0..chunks {
+                // SAFETY: chunk c of rows r..r+4 and of x are in bounds (caller's contract).
+                unsafe {
+                    let xv = load_x(x.add(c * 32));
+                    for (q, aq) in a.iter_mut().enumerate() {
+                        let codes = decode::<4>(rows.as_ptr().add((r + q) * stride + c * 16));
+                        *aq = _mm256_add_epi32(*aq, dot::<4>(codes, xv));
+                    }
+                }
+            }
+            p[r..r + 4].copy_from_slice(&hsum4(a[0], a[1], a[2], a[3]));
+            r += 4;
+        }
+        while r < n_rows {
+            // SAFETY: row r's chunks and x are in bounds (caller's contract).
+            p[r] = hsum1(unsafe { group_dot::<4>(rows.as_ptr().add(r * stride), x, chunks, 16) });
+            r += 1;
+        }
+    }
+
     /// Four tokens at a time share each decoded chunk; the remaining tokens go one by one.
     #[target_feature(enable = "avx2")]
     unsafe fn rows_m<const B: u32>(
@@ -342,4 +377,33 @@ mod imp {
             }
         }
     }
+}
+
+/// `p[r] = sum_e x[e] * code[r][e]` over W4-chunk rows (KV products; codes <= 15).
+pub(crate) fn dot4_rows(
+    x_pad: &[i8],
+    rows: &[u8],
+    stride: usize,
+    n_rows: usize,
+    chunks: usize,
+    p: &mut [i32],
+) {
+    assert!(x_pad.len() >= chunks * 32 && p.len() >= n_rows);
+    assert!(n_rows == 0 || rows.len() >= (n_rows - 1) * stride + chunks * 16);
+    assert!(
+        chunks * 32 <= 1 << 20,
+        "i32 lanes exact for up to 2^20 elements"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: AVX2 present; every row r < n_rows has chunks * 16 readable bytes at
+        // r * stride and x_pad has chunks * 32 (asserted above).
+        unsafe { imp::dot4_rows(x_pad, rows, stride, n_rows, chunks, p) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("Isa::Avx2 is never available off x86_64");
 }

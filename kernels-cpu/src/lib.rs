@@ -18,4 +18,5 @@ pub mod kv;
 pub mod weights;
 
 pub use isa::{Isa, IsaError};
+pub use kv::{KvHeadCpu, KvKernelError, KvScratch};
 pub use weights::{apply_stage, PreparedWeights, Scratch};
