@@ -1,0 +1,304 @@
+//! Criterion benches of the CPU kernels on SmolLM2-135M shapes, plus one side-by-side summary
+//! table (GOP/s, GB/s of weights streamed, ratio to a STREAM-like read bandwidth measured in
+//! the same run). Run: `cargo bench -p tessera-kernels-cpu` (the table is printed at the end;
+//! `-- --quick-table` prints only the table).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use rayon::prelude::*;
+use tessera_golden::numerics::Datapath;
+use tessera_golden::pack::WeightFormat;
+use tessera_golden::quant::{QuantWeights, TERNARY_ZERO_U8};
+use tessera_kernels_cpu::{Isa, PreparedWeights, Scratch};
+
+const GROUP: usize = 32;
+const SCALE_BITS: u32 = 16;
+
+fn dp() -> Datapath {
+    Datapath {
+        w_group_len: GROUP,
+        w_scale_bits: SCALE_BITS,
+        acc_bits: 48,
+        kv_group_len: 32,
+        kv_recent_window: 32,
+    }
+}
+
+fn rng_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (s >> 33) as u8
+        })
+        .collect()
+}
+
+fn weights(format: WeightFormat, n: usize, k: usize) -> PreparedWeights {
+    let max = u16::from(format.max_code()) + 1;
+    let codes: Vec<u8> = rng_bytes(n * k, 1)
+        .into_iter()
+        .map(|b| (u16::from(b) % max) as u8)
+        .collect();
+    let groups = k.div_ceil(GROUP);
+    let gscale: Vec<u16> = rng_bytes(n * groups, 2)
+        .into_iter()
+        .map(|b| u16::from(b) << 7)
+        .collect();
+    let zero = if format == WeightFormat::Ternary {
+        vec![TERNARY_ZERO_U8; n * groups]
+    } else {
+        rng_bytes(n * groups, 3)
+    };
+    let w = QuantWeights::from_codes(
+        format,
+        n,
+        k,
+        GROUP,
+        SCALE_BITS,
+        &codes,
+        gscale,
+        zero,
+        vec![1.0; n],
+    )
+    .expect("bench tensor");
+    PreparedWeights::from(&w)
+}
+
+struct Case {
+    name: &'static str,
+    format: WeightFormat,
+    n: usize,
+    k: usize,
+}
+
+const CASES: [Case; 8] = [
+    Case {
+        name: "attn_576x576",
+        format: WeightFormat::W2,
+        n: 576,
+        k: 576,
+    },
+    Case {
+        name: "up_1536x576",
+        format: WeightFormat::W2,
+        n: 1536,
+        k: 576,
+    },
+    Case {
+        name: "down_576x1536",
+        format: WeightFormat::W2,
+        n: 576,
+        k: 1536,
+    },
+    Case {
+        name: "up_1536x576",
+        format: WeightFormat::W4,
+        n: 1536,
+        k: 576,
+    },
+    Case {
+        name: "up_1536x576",
+        format: WeightFormat::W8,
+        n: 1536,
+        k: 576,
+    },
+    Case {
+        name: "up_1536x576",
+        format: WeightFormat::Ternary,
+        n: 1536,
+        k: 576,
+    },
+    Case {
+        name: "head_49152x576",
+        format: WeightFormat::W8,
+        n: 49152,
+        k: 576,
+    },
+    Case {
+        name: "head_49152x576",
+        format: WeightFormat::W2,
+        n: 49152,
+        k: 576,
+    },
+];
+
+/// Median seconds per call of `f` over batches of about 20 ms (after a warm-up).
+fn time_it(mut f: impl FnMut()) -> f64 {
+    f();
+    let t0 = Instant::now();
+    let mut reps = 0u32;
+    while t0.elapsed() < Duration::from_millis(20) {
+        f();
+        reps += 1;
+    }
+    let reps = reps.max(1);
+    let mut samples: Vec<f64> = (0..9)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            t.elapsed().as_secs_f64() / f64::from(reps)
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// STREAM-like read bandwidth (bytes/s) over `bytes` bytes, summed by every rayon thread.
+fn read_bandwidth(bytes: usize) -> f64 {
+    let buf: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
+    let chunk = (buf.len() / rayon::current_num_threads()).max(1024);
+    let secs = time_it(|| {
+        let s: u64 = buf
+            .par_chunks(chunk)
+            .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+            .sum();
+        black_box(s);
+    });
+    bytes as f64 / secs
+}
+
+fn criterion_benches(c: &mut Criterion) {
+    let d = dp();
+    for case in &CASES {
+        let w = weights(case.format, case.n, case.k);
+        let mut group = c.benchmark_group(format!("gemv_{}_{}", case.name, case.format));
+        group.throughput(Throughput::Bytes(w.weight_bytes() as u64));
+        let x: Vec<i8> = rng_bytes(case.k, 9).into_iter().map(|b| b as i8).collect();
+        let mut scratch = Scratch::for_weights(&w, 1);
+        let mut acc = vec![0i64; case.n];
+        for isa in Isa::available() {
+            if isa == Isa::Scalar && case.n > 4096 {
+                continue;
+            }
+            group.bench_function(BenchmarkId::from_parameter(isa), |b| {
+                b.iter(|| {
+                    w.gemm_acc(isa, &d, black_box(&x), 1, &mut scratch, &mut acc)
+                        .expect("gemv");
+                });
+            });
+        }
+        group.finish();
+    }
+    // Prefill: M = 128 tokens.
+    let m = 128;
+    for case in CASES.iter().take(3) {
+        let w = weights(case.format, case.n, case.k);
+        let mut group = c.benchmark_group(format!("gemm128_{}_{}", case.name, case.format));
+        group.throughput(Throughput::Elements((2 * case.n * case.k * m) as u64));
+        let x: Vec<i8> = rng_bytes(m * case.k, 9)
+            .into_iter()
+            .map(|b| b as i8)
+            .collect();
+        let mut scratch = Scratch::for_weights(&w, m);
+        let mut acc = vec![0i64; m * case.n];
+        for isa in Isa::available() {
+            group.bench_function(BenchmarkId::from_parameter(isa), |b| {
+                b.iter(|| {
+                    w.gemm_acc(isa, &d, black_box(&x), m, &mut scratch, &mut acc)
+                        .expect("gemm");
+                });
+            });
+        }
+        group.finish();
+    }
+}
+
+/// One run, every kernel and path side by side: hot (weights in cache) and cold (cycling
+/// through copies totalling > 256 MiB, i.e. streamed from DRAM), with the read roofline.
+fn summary_table() {
+    let d = dp();
+    let threads = rayon::current_num_threads();
+    let bw_dram = read_bandwidth(512 << 20);
+    let bw_cache = read_bandwidth(256 << 10);
+    println!("\n== tessera-kernels-cpu summary ({threads} threads) ==");
+    println!("cpu: {}", Isa::cpu_features());
+    println!(
+        "read roofline: DRAM {:.1} GB/s (512 MiB), cache {:.1} GB/s (256 KiB)",
+        bw_dram / 1e9,
+        bw_cache / 1e9
+    );
+    println!(
+        "{:<26} {:>5} {:>11} {:>8} {:>8} {:>7} | {:>8} {:>8} {:>7}",
+        "kernel", "m", "path", "GOP/s", "GB/s", "/cache", "GOP/s", "GB/s", "/DRAM"
+    );
+    println!(
+        "{:<26} {:>5} {:>11} {:>25} | {:>25}",
+        "", "", "", "hot (in cache)", "cold (streamed)"
+    );
+    for case in &CASES {
+        let w = weights(case.format, case.n, case.k);
+        let copies = ((256usize << 20) / w.weight_bytes()).max(2);
+        let cold: Vec<PreparedWeights> = (0..copies).map(|_| w.clone()).collect();
+        for &m in &[1usize, 128] {
+            if m > 1 && case.n > 4096 {
+                continue;
+            }
+            let x: Vec<i8> = rng_bytes(m * case.k, 9)
+                .into_iter()
+                .map(|b| b as i8)
+                .collect();
+            let mut scratch = Scratch::for_weights(&w, m);
+            let mut acc = vec![0i64; m * case.n];
+            for isa in Isa::available() {
+                if isa == Isa::Scalar && (case.n > 4096 || m > 1) {
+                    continue;
+                }
+                let hot = time_it(|| {
+                    w.gemm_acc(isa, &d, &x, m, &mut scratch, &mut acc)
+                        .expect("k");
+                });
+                let mut i = 0;
+                let cold_t = if m == 1 {
+                    time_it(|| {
+                        cold[i % copies]
+                            .gemm_acc(isa, &d, &x, m, &mut scratch, &mut acc)
+                            .expect("k");
+                        i += 1;
+                    })
+                } else {
+                    f64::NAN
+                };
+                let ops = (2 * case.n * case.k * m) as f64;
+                let bytes = w.weight_bytes() as f64;
+                println!(
+                    "{:<26} {:>5} {:>11} {:>8.1} {:>8.1} {:>7.2} | {:>8.1} {:>8.1} {:>7.2}",
+                    format!("{} {}", case.name, case.format),
+                    m,
+                    isa.name(),
+                    ops / hot / 1e9,
+                    bytes / hot / 1e9,
+                    bytes / hot / bw_cache,
+                    ops / cold_t / 1e9,
+                    bytes / cold_t / 1e9,
+                    bytes / cold_t / bw_dram,
+                );
+            }
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let bench_mode = args.iter().any(|a| a == "--bench");
+    let quick_table = args.iter().any(|a| a == "--quick-table");
+    println!("cpu: {}", Isa::cpu_features());
+    if !quick_table {
+        let mut c = Criterion::default()
+            .configure_from_args()
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1))
+            .sample_size(10);
+        criterion_benches(&mut c);
+        c.final_summary();
+    }
+    if bench_mode || quick_table {
+        summary_table();
+    }
+}

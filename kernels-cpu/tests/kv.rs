@@ -1,0 +1,206 @@
+//! Bit-exactness of the A8 x KV4 products: `KvHeadCpu::{qk, pv}` on every available dispatch
+//! path against `golden::kv::KvCache::{qk, pv}` (docs/numerics.md N16-N19).
+
+use proptest::prelude::*;
+use tessera_golden::kv::KvCache;
+use tessera_golden::numerics::Datapath;
+use tessera_golden::ops::OutputStage;
+use tessera_kernels_cpu::{Isa, KvHeadCpu, KvScratch};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn f32(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn i8(&mut self) -> i8 {
+        match self.next() % 6 {
+            0 => -128,
+            1 => 127,
+            _ => self.next() as i8,
+        }
+    }
+}
+
+fn compare(cache: &KvCache, mirror: &KvHeadCpu, q: &[i8], p: &[i8], stage: &OutputStage) {
+    let hd = cache.head_dim();
+    let n = cache.len();
+    let want_qk = cache.qk(q, stage).expect("golden qk");
+    let want_acc: Vec<i64> = want_qk
+        .groups4
+        .iter()
+        .flat_map(|g| g.acc_i64.iter().copied())
+        .chain(want_qk.window_acc_i64.iter().copied())
+        .collect();
+    let want_y: Vec<i32> = want_qk
+        .groups4
+        .iter()
+        .flat_map(|g| g.y_i64.iter().copied())
+        .chain(want_qk.window_y_i64.iter().copied())
+        .map(|v| v as i32)
+        .collect();
+    let want_pv = cache.pv(p, stage).expect("golden pv");
+    let mut scratch = KvScratch::default();
+    for isa in Isa::available() {
+        let mut acc = vec![0i64; n];
+        let mut y = vec![0i32; n];
+        mirror
+            .qk(isa, q, stage, &mut scratch, &mut acc, &mut y)
+            .expect("qk");
+        assert_eq!(acc, want_acc, "qk acc, isa {isa}, n {n}, hd {hd}");
+        assert_eq!(y, want_y, "qk y, isa {isa}");
+        let (mut a4, mut aw) = (vec![0i64; hd], vec![0i64; hd]);
+        let (mut y4, mut yw) = (vec![0i32; hd], vec![0i32; hd]);
+        mirror
+            .pv(
+                isa,
+                p,
+                stage,
+                &mut scratch,
+                &mut a4,
+                &mut aw,
+                &mut y4,
+                &mut yw,
+            )
+            .expect("pv");
+        assert_eq!(
+            a4, want_pv.kv4.acc_i64,
+            "pv kv4 acc, isa {isa}, n {n}, hd {hd}"
+        );
+        assert_eq!(aw, want_pv.window.acc_i64, "pv window acc, isa {isa}");
+        let w4: Vec<i32> = want_pv.kv4.y_i64.iter().map(|&v| v as i32).collect();
+        let ww: Vec<i32> = want_pv.window.y_i64.iter().map(|&v| v as i32).collect();
+        assert_eq!(y4, w4, "pv kv4 y, isa {isa}");
+        assert_eq!(yw, ww, "pv window y, isa {isa}");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_case(
+    hd: usize,
+    group: usize,
+    window: usize,
+    tokens: usize,
+    w_scale_bits: u32,
+    acc_bits: u32,
+    stage: OutputStage,
+    seed: u64,
+    check_every: usize,
+) {
+    let dp = Datapath {
+        w_group_len: 32,
+        w_scale_bits,
+        acc_bits,
+        kv_group_len: group,
+        kv_recent_window: window,
+    };
+    let mut rng = Rng(seed);
+    let mut cache = KvCache::new(&dp, hd).expect("cache");
+    let mut mirror = KvHeadCpu::new(&dp, hd);
+    for step in 0..tokens {
+        // Channel-dependent magnitudes (outlier channels), some all-zero tokens.
+        let zero_tok = rng.next().is_multiple_of(17);
+        let k: Vec<f32> = (0..hd)
+            .map(|c| {
+                if zero_tok {
+                    0.0
+                } else {
+                    rng.f32() * (1.0 + (c % 5) as f32 * 3.0)
+                }
+            })
+            .collect();
+        let v: Vec<f32> = (0..hd)
+            .map(|_| if zero_tok { 0.0 } else { rng.f32() * 2.0 })
+            .collect();
+        cache.push(&k, &v).expect("push");
+        if step % check_every == check_every - 1 || step + 1 == tokens {
+            mirror.sync(&cache).expect("sync");
+            assert_eq!(mirror.len(), cache.len());
+            let q: Vec<i8> = (0..hd).map(|_| rng.i8()).collect();
+            let p: Vec<i8> = (0..cache.len()).map(|_| rng.i8()).collect();
+            compare(&cache, &mirror, &q, &p, &stage);
+            let q_min = vec![-128i8; hd];
+            let p_max = vec![127i8; cache.len()];
+            compare(&cache, &mirror, &q_min, &p_max, &stage);
+        }
+    }
+}
+
+#[test]
+fn kv_products_match_golden_shapes() {
+    let id = OutputStage::IDENTITY_I32;
+    for &hd in &[1usize, 3, 17, 32, 64, 65] {
+        for &(group, window) in &[
+            (1usize, 0usize),
+            (4, 4),
+            (16, 0),
+            (16, 32),
+            (32, 32),
+            (5, 10),
+        ] {
+            run_case(
+                hd,
+                group,
+                window,
+                90,
+                16,
+                48,
+                id,
+                hd as u64 * 31 + group as u64,
+                7,
+            );
+        }
+    }
+}
+
+#[test]
+fn kv_products_saturate_and_requantize() {
+    // acc_bits 32 cannot saturate here (|acc| < 2^31 by N19), so use narrow output stages.
+    for stage in [
+        OutputStage {
+            out_mult: 3,
+            out_shift: 2,
+            out_bits: 8,
+        },
+        OutputStage {
+            out_mult: 65535,
+            out_shift: 0,
+            out_bits: 16,
+        },
+        OutputStage {
+            out_mult: 1,
+            out_shift: 62,
+            out_bits: 32,
+        },
+    ] {
+        run_case(64, 16, 16, 80, 8, 32, stage, 99, 13);
+    }
+}
+
+#[test]
+fn kv_long_context_value_capacity_growth() {
+    run_case(64, 32, 32, 700, 16, 40, OutputStage::IDENTITY_I32, 5, 233);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn prop_kv_products_match_golden(
+        hd in 1usize..80,
+        group in 1usize..20,
+        windows in 0usize..3,
+        tokens in 0usize..120,
+        w_scale_bits in 8u32..=16,
+        acc_bits in 32u32..=48,
+        seed in any::<u64>(),
+    ) {
+        run_case(hd, group, group * windows, tokens.max(1), w_scale_bits, acc_bits,
+                 OutputStage::IDENTITY_I32, seed, 11);
+    }
+}
