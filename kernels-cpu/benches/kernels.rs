@@ -216,11 +216,11 @@ fn summary_table() {
     let d = dp();
     let threads = rayon::current_num_threads();
     let bw_dram = read_bandwidth(512 << 20);
-    let bw_cache = read_bandwidth(256 << 10);
+    let bw_cache = read_bandwidth(4 << 20);
     println!("\n== tessera-kernels-cpu summary ({threads} threads) ==");
     println!("cpu: {}", Isa::cpu_features());
     println!(
-        "read roofline: DRAM {:.1} GB/s (512 MiB), cache {:.1} GB/s (256 KiB)",
+        "read roofline: DRAM {:.1} GB/s (512 MiB), cache {:.1} GB/s (4 MiB)",
         bw_dram / 1e9,
         bw_cache / 1e9
     );

@@ -194,6 +194,126 @@ mod imp {
         }
     }
 
+    /// The eight horizontal sums of `v[0..8]`, in order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum8(v: &[__m256i; 8]) -> __m256i {
+        let ab = _mm256_hadd_epi32(v[0], v[1]);
+        let cd = _mm256_hadd_epi32(v[2], v[3]);
+        let ef = _mm256_hadd_epi32(v[4], v[5]);
+        let gh = _mm256_hadd_epi32(v[6], v[7]);
+        let abcd = _mm256_hadd_epi32(ab, cd);
+        let efgh = _mm256_hadd_epi32(ef, gh);
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256(abcd, efgh, 0x20),
+            _mm256_permute2x128_si256(abcd, efgh, 0x31),
+        )
+    }
+
+    /// `gscale * G` for eight consecutive groups as two `i64x4`: groups `g, g+2, g+4, g+6`
+    /// and `g+1, g+3, g+5, g+7`. `G = (P << ls) - zero * S` is exact in `i32`
+    /// (`|.| <= 2 * L * 255 * 128 < 2^31`), the products exact in `i64`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn scale8(
+        p8: __m256i,
+        ls: i32,
+        zero: *const u8,
+        gscale: *const u16,
+        s: *const i32,
+    ) -> (__m256i, __m256i) {
+        // SAFETY (caller): 8 readable elements at zero, gscale and s.
+        let (z, gs, sv) = unsafe {
+            (
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(zero.cast::<__m128i>())),
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(gscale.cast::<__m128i>())),
+                _mm256_loadu_si256(s.cast::<__m256i>()),
+            )
+        };
+        let gv = _mm256_sub_epi32(
+            _mm256_sll_epi32(p8, _mm_cvtsi32_si128(ls)),
+            _mm256_mullo_epi32(z, sv),
+        );
+        let even = _mm256_mul_epi32(gv, gs);
+        let odd = _mm256_mul_epi32(_mm256_srli_epi64(gv, 32), _mm256_srli_epi64(gs, 32));
+        (even, odd)
+    }
+
+    /// One row for one padded token: blocks of eight groups reduced and scaled in vectors;
+    /// groups are added with per-group saturation in ascending order unless the row's bound
+    /// proves no saturation can happen (then a plain exact `i64` sum gives the same result).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn row1<const B: u32>(ctx: &RowCtx<'_>, row: usize, xp: &[i8], s: &[i32]) -> i64 {
+        let (cg, cb, groups) = (ctx.chunks_per_group, ctx.chunk_bytes, ctx.groups);
+        let gstride_w = cg * cb;
+        let gstride_x = cg * 32;
+        let w = ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr();
+        let x = xp.as_ptr();
+        let meta = row * groups;
+        let zero = ctx.zero_u8[meta..meta + groups].as_ptr();
+        let gscale = ctx.gscale_q[meta..meta + groups].as_ptr();
+        let sp = s[..groups].as_ptr();
+        let ls = ctx.lattice_shift as i32;
+        let fast = ctx.no_saturation(row);
+        let mut acc = 0i64;
+        let mut acc_v = _mm256_setzero_si256();
+        let mut g = 0;
+        while g + 8 <= groups {
+            let mut v = [_mm256_setzero_si256(); 8];
+            for (q, vq) in v.iter_mut().enumerate() {
+                // SAFETY: group g + q < groups lies inside the row (row_bytes = groups * cg *
+                // cb) and the padded token (groups * cg * 32), asserted by check_bounds.
+                *vq = unsafe {
+                    group_dot::<B>(
+                        w.add((g + q) * gstride_w),
+                        x.add((g + q) * gstride_x),
+                        cg,
+                        cb,
+                    )
+                };
+            }
+            // SAFETY: groups g..g+8 of the row's metadata and of s are in range.
+            let (even, odd) =
+                unsafe { scale8(hsum8(&v), ls, zero.add(g), gscale.add(g), sp.add(g)) };
+            if fast {
+                acc_v = _mm256_add_epi64(acc_v, _mm256_add_epi64(even, odd));
+            } else {
+                let (mut e, mut o) = ([0i64; 4], [0i64; 4]);
+                // SAFETY: e and o are 32 writable bytes each.
+                unsafe {
+                    _mm256_storeu_si256(e.as_mut_ptr().cast::<__m256i>(), even);
+                    _mm256_storeu_si256(o.as_mut_ptr().cast::<__m256i>(), odd);
+                }
+                for q in 0..4 {
+                    acc = (acc + e[q]).clamp(ctx.acc_lo, ctx.acc_hi);
+                    acc = (acc + o[q]).clamp(ctx.acc_lo, ctx.acc_hi);
+                }
+            }
+            g += 8;
+        }
+        if fast {
+            let mut lanes = [0i64; 4];
+            // SAFETY: lanes is 32 writable bytes.
+            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast::<__m256i>(), acc_v) };
+            acc = lanes.iter().sum();
+        }
+        while g < groups {
+            // SAFETY: group g lies inside the row and the padded token (see above).
+            let p = unsafe {
+                hsum1(group_dot::<B>(
+                    w.add(g * gstride_w),
+                    x.add(g * gstride_x),
+                    cg,
+                    cb,
+                ))
+            };
+            acc = ctx.accumulate(row, g, i64::from(p), s[g], acc);
+            g += 1;
+        }
+        acc
+    }
+
     #[target_feature(enable = "avx2")]
     unsafe fn rows1<const B: u32>(
         ctx: &RowCtx<'_>,
@@ -202,60 +322,9 @@ mod imp {
         s: &[i32],
         out: &mut [i64],
     ) {
-        let (cg, cb, groups) = (ctx.chunks_per_group, ctx.chunk_bytes, ctx.groups);
-        let gstride_w = cg * cb;
-        let gstride_x = cg * 32;
         for (i, o) in out.iter_mut().enumerate() {
-            let row = row0 + i;
-            let w = ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr();
-            let x = xp.as_ptr();
-            let mut acc = 0i64;
-            let mut g = 0;
-            while g + 4 <= groups {
-                // SAFETY: groups g..g+4 lie inside the row (row_bytes = groups * cg * cb) and
-                // inside the padded token (groups * cg * 32 bytes), asserted by check_bounds.
-                let p = unsafe {
-                    hsum4(
-                        group_dot::<B>(w.add(g * gstride_w), x.add(g * gstride_x), cg, cb),
-                        group_dot::<B>(
-                            w.add((g + 1) * gstride_w),
-                            x.add((g + 1) * gstride_x),
-                            cg,
-                            cb,
-                        ),
-                        group_dot::<B>(
-                            w.add((g + 2) * gstride_w),
-                            x.add((g + 2) * gstride_x),
-                            cg,
-                            cb,
-                        ),
-                        group_dot::<B>(
-                            w.add((g + 3) * gstride_w),
-                            x.add((g + 3) * gstride_x),
-                            cg,
-                            cb,
-                        ),
-                    )
-                };
-                for (q, &pq) in p.iter().enumerate() {
-                    acc = ctx.accumulate(row, g + q, i64::from(pq), s[g + q], acc);
-                }
-                g += 4;
-            }
-            while g < groups {
-                // SAFETY: group g lies inside the row and the padded token (see above).
-                let p = unsafe {
-                    hsum1(group_dot::<B>(
-                        w.add(g * gstride_w),
-                        x.add(g * gstride_x),
-                        cg,
-                        cb,
-                    ))
-                };
-                acc = ctx.accumulate(row, g, i64::from(p), s[g], acc);
-                g += 1;
-            }
-            *o = acc;
+            // SAFETY: forwarded from the caller's contract (row0 + i is a checked row).
+            *o = unsafe { row1::<B>(ctx, row0 + i, xp, s) };
         }
     }
 

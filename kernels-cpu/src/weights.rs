@@ -53,6 +53,7 @@ pub struct PreparedWeights {
     gscale_q: Vec<u16>,
     zero_u8: Vec<u8>,
     row_scale: Vec<f32>,
+    row_bound: Vec<u64>,
 }
 
 /// Caller-owned buffers of a weight operation. Sized once ([`Scratch::for_weights`]) they are
@@ -108,6 +109,18 @@ pub(crate) struct RowCtx<'a> {
     pub zero_u8: &'a [u8],
     pub acc_lo: i64,
     pub acc_hi: i64,
+    /// `[n]`: `sum_g gscale * L_g * 128 * 255`, a bound on every partial accumulator of the
+    /// row; when it is `<= acc_hi` no group addition can saturate and the SIMD path may add
+    /// the groups in any order (the result is the same exact sum).
+    pub row_bound: &'a [u64],
+}
+
+impl RowCtx<'_> {
+    /// Whether no partial accumulator of `row` can reach the saturation range (N13).
+    #[inline]
+    pub fn no_saturation(&self, row: usize) -> bool {
+        self.row_bound[row] <= self.acc_hi.unsigned_abs()
+    }
 }
 
 impl RowCtx<'_> {
@@ -150,7 +163,18 @@ impl From<&QuantWeights> for PreparedWeights {
                 }
             }
         }
+        let row_bound = (0..n_rows)
+            .map(|row| {
+                (0..groups)
+                    .map(|g| {
+                        let len = (group_len.min(k - g * group_len)) as u64;
+                        u64::from(w.gscale_q()[row * groups + g]) * len * 128 * 255
+                    })
+                    .sum()
+            })
+            .collect();
         PreparedWeights {
+            row_bound,
             format,
             n_rows,
             k,
@@ -241,6 +265,7 @@ impl PreparedWeights {
             zero_u8: &self.zero_u8,
             acc_lo: min_signed(acc_bits),
             acc_hi: max_signed(acc_bits),
+            row_bound: &self.row_bound,
         }
     }
 

@@ -194,6 +194,14 @@ fn saturation_per_group_in_order_acc_bits_32() {
             check_all_paths(&w, &dp(l, 16, acc_bits), &x, 1);
             let x2: Vec<i8> = x.iter().chain(x.iter().rev()).copied().collect();
             check_all_paths(&w, &dp(l, 16, acc_bits), &x2, 2);
+            // Signs alternating per group (and per pair of groups): every group addition
+            // saturates on its own, so skipping one intermediate saturation changes the result.
+            for period in [1usize, 2, 3] {
+                let x3: Vec<i8> = (0..k)
+                    .map(|j| if (j / l / period) % 2 == 0 { 127 } else { -128 })
+                    .collect();
+                check_all_paths(&w, &dp(l, 16, acc_bits), &x3, 1);
+            }
         }
     }
 }
