@@ -6,3 +6,5 @@
 pub mod board;
 
 pub use board::{Board, BoardError};
+pub mod regs;
+pub mod wrapper;
