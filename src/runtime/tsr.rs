@@ -367,15 +367,18 @@ pub fn write(
     Ok(header)
 }
 
+/// A parsed .tsr: header, host GGUF and the named quantized tensors in file order.
+pub type TsrContents = (Header, Gguf, Vec<(String, QuantWeights)>);
+
 /// Reads and checks a .tsr: the header, the host GGUF and every tensor (sha256 verified).
-pub fn read(path: &Path) -> Result<(Header, Gguf, Vec<(String, QuantWeights)>)> {
+pub fn read(path: &Path) -> Result<TsrContents> {
     let shown = path.display();
     let bytes = std::fs::read(path).map_err(|e| Error::new(format!("cannot read {shown}: {e}")))?;
     parse(&bytes).map_err(|e| Error::new(format!("{shown}: {e}")))
 }
 
 /// Parses a .tsr image (see [`read`]).
-pub fn parse(bytes: &[u8]) -> Result<(Header, Gguf, Vec<(String, QuantWeights)>)> {
+pub fn parse(bytes: &[u8]) -> Result<TsrContents> {
     if bytes.len() < 16 || &bytes[..8] != TSR_MAGIC {
         return Err(Error::new(
             "not a .tsr file (bad magic or shorter than 16 bytes)",
