@@ -7,4 +7,5 @@ pub mod board;
 
 pub use board::{Board, BoardError};
 pub mod regs;
+pub mod vivado;
 pub mod wrapper;

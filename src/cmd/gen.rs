@@ -19,10 +19,17 @@ pub struct GenArgs {
     /// Also run yosys `synth_xilinx -family xcup` and print LUT/FF/DSP/BRAM/URAM counts.
     #[arg(long)]
     pub report: bool,
+    /// Board target (u280, u55c, zcu102, kv260, pynq-z2): also write the AXI top, XDC,
+    /// Vivado Tcl, register map and README (see `tessera-boards`).
+    #[arg(long, value_name = "NAME")]
+    pub board: Option<String>,
 }
 
 pub fn run(args: GenArgs) -> Result<(), Failure> {
     let cfg = args.source.load_valid()?;
+    if let Some(board) = &args.board {
+        return super::board::gen(&cfg, board, &args.out, args.report);
+    }
     let d = cfg.derive();
     let t0 = Instant::now();
     let design = generate(&cfg).map_err(|e| match e {
