@@ -150,6 +150,43 @@ fn time_it(mut f: impl FnMut()) -> f64 {
     samples[samples.len() / 2]
 }
 
+/// Nanoseconds this thread has run on a CPU (Linux `/proc/thread-self/schedstat`), so a
+/// measurement is not inflated by other processes sharing the cores; `None` elsewhere.
+fn thread_cpu_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+/// Median CPU seconds per call of `f` on this thread (falls back to wall time).
+fn cpu_time_it(mut f: impl FnMut()) -> f64 {
+    if thread_cpu_ns().is_none() {
+        return time_it(f);
+    }
+    f();
+    let mut reps = 1u32;
+    loop {
+        let t0 = thread_cpu_ns().unwrap_or(0);
+        for _ in 0..reps {
+            f();
+        }
+        if thread_cpu_ns().unwrap_or(0) - t0 > 20_000_000 {
+            break;
+        }
+        reps *= 2;
+    }
+    let mut samples: Vec<f64> = (0..7)
+        .map(|_| {
+            let t0 = thread_cpu_ns().unwrap_or(0);
+            for _ in 0..reps {
+                f();
+            }
+            (thread_cpu_ns().unwrap_or(0) - t0) as f64 * 1e-9 / f64::from(reps)
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
 /// STREAM-like read bandwidth (bytes/s) over `bytes` bytes, summed by every rayon thread.
 fn read_bandwidth(bytes: usize) -> f64 {
     let buf: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
@@ -210,27 +247,40 @@ fn criterion_benches(c: &mut Criterion) {
     }
 }
 
-/// One run, every kernel and path side by side: hot (weights in cache) and cold (cycling
-/// through copies totalling > 256 MiB, i.e. streamed from DRAM), with the read roofline.
+/// One run, every kernel and path side by side: CPU time on one thread (robust to other
+/// processes sharing the machine), wall time on every rayon thread with the weights in cache
+/// (hot), and wall time cycling through copies totalling > 256 MiB (cold: streamed from DRAM),
+/// next to a STREAM-like read roofline measured in the same run.
 fn summary_table() {
     let d = dp();
     let threads = rayon::current_num_threads();
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("1-thread pool");
     let bw_dram = read_bandwidth(512 << 20);
     let bw_cache = read_bandwidth(4 << 20);
-    println!("\n== tessera-kernels-cpu summary ({threads} threads) ==");
+    let bw_dram_1t = one.install(|| read_bandwidth(512 << 20));
+    println!("\n== tessera-kernels-cpu summary ==");
     println!("cpu: {}", Isa::cpu_features());
     println!(
-        "read roofline: DRAM {:.1} GB/s (512 MiB), cache {:.1} GB/s (4 MiB)",
+        "read roofline ({threads} threads, wall): DRAM {:.1} GB/s (512 MiB), cache {:.1} GB/s (4 MiB); 1 thread DRAM {:.1} GB/s",
         bw_dram / 1e9,
-        bw_cache / 1e9
+        bw_cache / 1e9,
+        bw_dram_1t / 1e9
     );
     println!(
-        "{:<26} {:>5} {:>11} {:>8} {:>8} {:>7} | {:>8} {:>8} {:>7}",
-        "kernel", "m", "path", "GOP/s", "GB/s", "/cache", "GOP/s", "GB/s", "/DRAM"
+        "{:<22} {:>4} {:>7} | {:>7} {:>7} | {:>7} {:>7} | {:>7} {:>7} {:>6}",
+        "kernel", "m", "path", "GOP/s", "GB/s", "GOP/s", "GB/s", "GOP/s", "GB/s", "/DRAM"
     );
     println!(
-        "{:<26} {:>5} {:>11} {:>25} | {:>25}",
-        "", "", "", "hot (in cache)", "cold (streamed)"
+        "{:<22} {:>4} {:>7} | {:>15} | {:>15} | {:>22}",
+        "",
+        "",
+        "",
+        "1T cpu-time hot",
+        format!("{threads}T wall hot"),
+        format!("{threads}T wall cold")
     );
     for case in &CASES {
         let w = weights(case.format, case.n, case.k);
@@ -250,6 +300,12 @@ fn summary_table() {
                 if isa == Isa::Scalar && (case.n > 4096 || m > 1) {
                     continue;
                 }
+                let cpu1 = one.install(|| {
+                    cpu_time_it(|| {
+                        w.gemm_acc(isa, &d, &x, m, &mut scratch, &mut acc)
+                            .expect("k");
+                    })
+                });
                 let hot = time_it(|| {
                     w.gemm_acc(isa, &d, &x, m, &mut scratch, &mut acc)
                         .expect("k");
@@ -268,13 +324,14 @@ fn summary_table() {
                 let ops = (2 * case.n * case.k * m) as f64;
                 let bytes = w.weight_bytes() as f64;
                 println!(
-                    "{:<26} {:>5} {:>11} {:>8.1} {:>8.1} {:>7.2} | {:>8.1} {:>8.1} {:>7.2}",
+                    "{:<22} {:>4} {:>7} | {:>7.1} {:>7.2} | {:>7.1} {:>7.2} | {:>7.1} {:>7.2} {:>6.2}",
                     format!("{} {}", case.name, case.format),
                     m,
                     isa.name(),
+                    ops / cpu1 / 1e9,
+                    bytes / cpu1 / 1e9,
                     ops / hot / 1e9,
                     bytes / hot / 1e9,
-                    bytes / hot / bw_cache,
                     ops / cold_t / 1e9,
                     bytes / cold_t / 1e9,
                     bytes / cold_t / bw_dram,

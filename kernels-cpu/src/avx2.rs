@@ -244,7 +244,12 @@ mod imp {
     /// proves no saturation can happen (then a plain exact `i64` sum gives the same result).
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn row1<const B: u32>(ctx: &RowCtx<'_>, row: usize, xp: &[i8], s: &[i32]) -> i64 {
+    unsafe fn row1<const B: u32, const ONE: bool>(
+        ctx: &RowCtx<'_>,
+        row: usize,
+        xp: &[i8],
+        s: &[i32],
+    ) -> i64 {
         let (cg, cb, groups) = (ctx.chunks_per_group, ctx.chunk_bytes, ctx.groups);
         let gstride_w = cg * cb;
         let gstride_x = cg * 32;
@@ -265,12 +270,20 @@ mod imp {
                 // SAFETY: group g + q < groups lies inside the row (row_bytes = groups * cg *
                 // cb) and the padded token (groups * cg * 32), asserted by check_bounds.
                 *vq = unsafe {
-                    group_dot::<B>(
-                        w.add((g + q) * gstride_w),
-                        x.add((g + q) * gstride_x),
-                        cg,
-                        cb,
-                    )
+                    if ONE {
+                        // One chunk per group (L <= 32): no inner loop.
+                        dot::<B>(
+                            decode::<B>(w.add((g + q) * cb)),
+                            load_x(x.add((g + q) * 32)),
+                        )
+                    } else {
+                        group_dot::<B>(
+                            w.add((g + q) * gstride_w),
+                            x.add((g + q) * gstride_x),
+                            cg,
+                            cb,
+                        )
+                    }
                 };
             }
             // SAFETY: groups g..g+8 of the row's metadata and of s are in range.
@@ -322,9 +335,16 @@ mod imp {
         s: &[i32],
         out: &mut [i64],
     ) {
-        for (i, o) in out.iter_mut().enumerate() {
-            // SAFETY: forwarded from the caller's contract (row0 + i is a checked row).
-            *o = unsafe { row1::<B>(ctx, row0 + i, xp, s) };
+        if ctx.chunks_per_group == 1 {
+            for (i, o) in out.iter_mut().enumerate() {
+                // SAFETY: forwarded from the caller's contract (row0 + i is a checked row).
+                *o = unsafe { row1::<B, true>(ctx, row0 + i, xp, s) };
+            }
+        } else {
+            for (i, o) in out.iter_mut().enumerate() {
+                // SAFETY: as above.
+                *o = unsafe { row1::<B, false>(ctx, row0 + i, xp, s) };
+            }
         }
     }
 
