@@ -361,9 +361,12 @@ mod imp {
     ) {
         // SAFETY: forwarded from the caller's contract.
         unsafe {
-            match ctx.bits {
-                2 => rows_m::<2>(ctx, row0, m, xp, s, out),
-                4 => rows_m::<4>(ctx, row0, m, xp, s, out),
+            match (ctx.bits, ctx.chunks_per_group == 1) {
+                (2, true) => rows_m_one::<2>(ctx, row0, m, xp, s, out),
+                (4, true) => rows_m_one::<4>(ctx, row0, m, xp, s, out),
+                (_, true) => rows_m_one::<8>(ctx, row0, m, xp, s, out),
+                (2, false) => rows_m::<2>(ctx, row0, m, xp, s, out),
+                (4, false) => rows_m::<4>(ctx, row0, m, xp, s, out),
                 _ => rows_m::<8>(ctx, row0, m, xp, s, out),
             }
         }
@@ -401,6 +404,110 @@ mod imp {
             // SAFETY: row r's chunks and x are in bounds (caller's contract).
             p[r] = hsum1(unsafe { group_dot::<4>(rows.as_ptr().add(r * stride), x, chunks, 16) });
             r += 1;
+        }
+    }
+
+    /// Tokens per block of [`rows_m_one`] (its per-token vector accumulators live on the stack).
+    const TOKEN_BLOCK: usize = 16;
+
+    /// GEMM rows for one chunk per group (L <= 32): each block of eight groups is decoded once
+    /// and reused by every token of a block of [`TOKEN_BLOCK`] tokens; per token the groups are
+    /// reduced and scaled in vectors as in `row1` (plain `i64` sum only when the row bound
+    /// proves no saturation, else per-group saturation in ascending order).
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows_m_one<const B: u32>(
+        ctx: &RowCtx<'_>,
+        row0: usize,
+        m: usize,
+        xp: &[i8],
+        s: &[i32],
+        out: &mut [i64],
+    ) {
+        let (cb, groups) = (ctx.chunk_bytes, ctx.groups);
+        let plen = groups * 32;
+        let ls = ctx.lattice_shift as i32;
+        let g8 = groups / 8 * 8;
+        for (i, o_row) in out.chunks_exact_mut(m).enumerate() {
+            let row = row0 + i;
+            let w = ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr();
+            let meta = row * groups;
+            let zero = ctx.zero_u8[meta..meta + groups].as_ptr();
+            let gscale = ctx.gscale_q[meta..meta + groups].as_ptr();
+            let fast = ctx.no_saturation(row);
+            let mut t0 = 0;
+            while t0 < m {
+                let tb = TOKEN_BLOCK.min(m - t0);
+                let mut acc_v = [_mm256_setzero_si256(); TOKEN_BLOCK];
+                let mut acc = [0i64; TOKEN_BLOCK];
+                let mut g = 0;
+                while g < g8 {
+                    let mut codes = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 8];
+                    for (q, c) in codes.iter_mut().enumerate() {
+                        // SAFETY: chunk g + q < groups lies inside the row (check_bounds).
+                        *c = unsafe { decode::<B>(w.add((g + q) * cb)) };
+                    }
+                    for u in 0..tb {
+                        let t = t0 + u;
+                        let mut v = [_mm256_setzero_si256(); 8];
+                        for (q, vq) in v.iter_mut().enumerate() {
+                            // SAFETY: token t < m and chunk g + q < groups lie inside xp
+                            // (m * plen bytes, check_bounds).
+                            *vq = dot::<B>(codes[q], unsafe {
+                                load_x(xp.as_ptr().add(t * plen + (g + q) * 32))
+                            });
+                        }
+                        // SAFETY: groups g..g+8 of the metadata and of token t's sums exist.
+                        let (even, odd) = unsafe {
+                            scale8(
+                                hsum8(&v),
+                                ls,
+                                zero.add(g),
+                                gscale.add(g),
+                                s.as_ptr().add(t * groups + g),
+                            )
+                        };
+                        if fast {
+                            acc_v[u] = _mm256_add_epi64(acc_v[u], _mm256_add_epi64(even, odd));
+                        } else {
+                            let (mut e, mut o) = ([0i64; 4], [0i64; 4]);
+                            // SAFETY: e and o are 32 writable bytes each.
+                            unsafe {
+                                _mm256_storeu_si256(e.as_mut_ptr().cast::<__m256i>(), even);
+                                _mm256_storeu_si256(o.as_mut_ptr().cast::<__m256i>(), odd);
+                            }
+                            for q in 0..4 {
+                                acc[u] = (acc[u] + e[q]).clamp(ctx.acc_lo, ctx.acc_hi);
+                                acc[u] = (acc[u] + o[q]).clamp(ctx.acc_lo, ctx.acc_hi);
+                            }
+                        }
+                    }
+                    g += 8;
+                }
+                for u in 0..tb {
+                    let t = t0 + u;
+                    let mut a = acc[u];
+                    if fast {
+                        let mut lanes = [0i64; 4];
+                        // SAFETY: lanes is 32 writable bytes.
+                        unsafe {
+                            _mm256_storeu_si256(lanes.as_mut_ptr().cast::<__m256i>(), acc_v[u]);
+                        }
+                        a = lanes.iter().sum();
+                    }
+                    for gr in g8..groups {
+                        // SAFETY: chunk gr of the row and of token t are in range.
+                        let p = unsafe {
+                            hsum1(dot::<B>(
+                                decode::<B>(w.add(gr * cb)),
+                                load_x(xp.as_ptr().add(t * plen + gr * 32)),
+                            ))
+                        };
+                        a = ctx.accumulate(row, gr, i64::from(p), s[t * groups + gr], a);
+                    }
+                    o_row[t] = a;
+                }
+                t0 += tb;
+            }
         }
     }
 

@@ -182,8 +182,11 @@ fn saturation_per_group_in_order_acc_bits_32() {
     // Large positive groups first (saturating at 2^31 - 1), then negative ones: the result
     // depends on saturating after every group, which the kernels must preserve.
     let mut rng = Rng(3);
-    for format in FORMATS {
-        let (k, l) = (4096usize, 64usize);
+    for (format, l) in FORMATS
+        .into_iter()
+        .flat_map(|f| [(f, 64usize), (f, 32), (f, 16)])
+    {
+        let k = 4096usize;
         let w = make_weights(format, 6, k, l, 16, Fill::Max, &mut rng);
         let mut x = vec![-128i8; k];
         for v in &mut x[..3 * k / 4] {
@@ -201,6 +204,13 @@ fn saturation_per_group_in_order_acc_bits_32() {
                     .map(|j| if (j / l / period) % 2 == 0 { 127 } else { -128 })
                     .collect();
                 check_all_paths(&w, &dp(l, 16, acc_bits), &x3, 1);
+                let x4: Vec<i8> = x3
+                    .iter()
+                    .chain(&x3)
+                    .chain(x3.iter().rev())
+                    .copied()
+                    .collect();
+                check_all_paths(&w, &dp(l, 16, acc_bits), &x4, 3);
             }
         }
     }
