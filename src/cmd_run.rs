@@ -7,6 +7,7 @@ use tessera::runtime::engine::EngineArgs;
 
 /// Arguments of `tessera run`: the runtime's, plus the execution mode and engine datapath.
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "run_command")]
 pub struct RunArgs {
     #[command(flatten)]
     pub run: tessera::runtime::cli::RunArgs,
