@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use rayon::prelude::*;
+use tessera_golden::kv::KvCache;
 use tessera_golden::numerics::Datapath;
+use tessera_golden::ops::OutputStage;
 use tessera_golden::pack::WeightFormat;
 use tessera_golden::quant::{QuantWeights, TERNARY_ZERO_U8};
-use tessera_kernels_cpu::{Isa, PreparedWeights, Scratch};
+use tessera_kernels_cpu::{Isa, KvHeadCpu, KvScratch, PreparedWeights, Scratch};
 
 const GROUP: usize = 32;
 const SCALE_BITS: u32 = 16;
@@ -201,7 +203,110 @@ fn read_bandwidth(bytes: usize) -> f64 {
     bytes as f64 / secs
 }
 
+/// One KV head (`head_dim` 64, groups of 32, window 32) holding `tokens` tokens, mirrored.
+fn kv_head(tokens: usize) -> KvHeadCpu {
+    let d = dp();
+    let hd = 64;
+    let mut cache = KvCache::new(&d, hd).expect("cache");
+    let bytes = rng_bytes(2 * tokens * hd, 4);
+    for t in 0..tokens {
+        let f = |b: u8| f32::from(b) / 64.0 - 2.0;
+        let k: Vec<f32> = bytes[2 * t * hd..(2 * t + 1) * hd]
+            .iter()
+            .map(|&b| f(b))
+            .collect();
+        let v: Vec<f32> = bytes[(2 * t + 1) * hd..(2 * t + 2) * hd]
+            .iter()
+            .map(|&b| f(b))
+            .collect();
+        cache.push(&k, &v).expect("push");
+    }
+    let mut mirror = KvHeadCpu::new(&d, hd);
+    mirror.sync(&cache).expect("sync");
+    mirror
+}
+
+/// Seconds per `Q x K^T` and per `P x V` call on `isa` (wall or 1-thread CPU time).
+fn kv_times(kv: &KvHeadCpu, isa: Isa, cpu: bool) -> (f64, f64) {
+    let n = kv.len();
+    let hd = 64;
+    let q: Vec<i8> = rng_bytes(hd, 5).into_iter().map(|b| b as i8).collect();
+    let p: Vec<i8> = rng_bytes(n, 6).into_iter().map(|b| (b / 2) as i8).collect();
+    let st = OutputStage::IDENTITY_I32;
+    let mut sc = KvScratch::default();
+    let (mut acc, mut y) = (vec![0i64; n], vec![0i32; n]);
+    let (mut a4, mut aw, mut y4, mut yw) = (
+        vec![0i64; hd],
+        vec![0i64; hd],
+        vec![0i32; hd],
+        vec![0i32; hd],
+    );
+    let mut qk = || kv.qk(isa, &q, &st, &mut sc, &mut acc, &mut y).expect("qk");
+    let t_qk = if cpu {
+        cpu_time_it(&mut qk)
+    } else {
+        time_it(&mut qk)
+    };
+    let mut sc = KvScratch::default();
+    let mut pv = || {
+        kv.pv(isa, &p, &st, &mut sc, &mut a4, &mut aw, &mut y4, &mut yw)
+            .expect("pv");
+    };
+    let t_pv = if cpu {
+        cpu_time_it(&mut pv)
+    } else {
+        time_it(&mut pv)
+    };
+    (t_qk, t_pv)
+}
+
 fn criterion_benches(c: &mut Criterion) {
+    let kv = kv_head(1024);
+    let n = kv.len();
+    let hd = 64;
+    let q: Vec<i8> = rng_bytes(hd, 5).into_iter().map(|b| b as i8).collect();
+    let p: Vec<i8> = rng_bytes(n, 6).into_iter().map(|b| (b / 2) as i8).collect();
+    let st = OutputStage::IDENTITY_I32;
+    let mut group = c.benchmark_group("kv_qk_1024x64");
+    group.throughput(Throughput::Elements((2 * n * hd) as u64));
+    for isa in Isa::available() {
+        let mut sc = KvScratch::default();
+        let (mut acc, mut y) = (vec![0i64; n], vec![0i32; n]);
+        group.bench_function(BenchmarkId::from_parameter(isa), |b| {
+            b.iter(|| {
+                kv.qk(isa, black_box(&q), &st, &mut sc, &mut acc, &mut y)
+                    .expect("qk")
+            });
+        });
+    }
+    group.finish();
+    let mut group = c.benchmark_group("kv_pv_1024x64");
+    group.throughput(Throughput::Elements((2 * n * hd) as u64));
+    for isa in Isa::available() {
+        let mut sc = KvScratch::default();
+        let (mut a4, mut aw) = (vec![0i64; hd], vec![0i64; hd]);
+        let (mut y4, mut yw) = (vec![0i32; hd], vec![0i32; hd]);
+        group.bench_function(BenchmarkId::from_parameter(isa), |b| {
+            b.iter(|| {
+                kv.pv(
+                    isa,
+                    black_box(&p),
+                    &st,
+                    &mut sc,
+                    &mut a4,
+                    &mut aw,
+                    &mut y4,
+                    &mut yw,
+                )
+                .expect("pv")
+            });
+        });
+    }
+    group.finish();
+    weight_benches(c);
+}
+
+fn weight_benches(c: &mut Criterion) {
     let d = dp();
     for case in &CASES {
         let w = weights(case.format, case.n, case.k);
@@ -337,6 +442,28 @@ fn summary_table() {
                     bytes / cold_t / bw_dram,
                 );
             }
+        }
+    }
+    let kv = kv_head(1024);
+    let ops = (2 * kv.len() * 64) as f64;
+    for isa in Isa::available() {
+        let (c_qk, c_pv) = one.install(|| kv_times(&kv, isa, true));
+        let (w_qk, w_pv) = kv_times(&kv, isa, false);
+        for (name, c1, w1) in [
+            ("kv qk 1024 tok hd64", c_qk, w_qk),
+            ("kv pv 1024 tok hd64", c_pv, w_pv),
+        ] {
+            println!(
+                "{:<22} {:>4} {:>7} | {:>7.1} {:>7} | {:>7.1} {:>7} | (1 head, {:.1} us/call 1T)",
+                name,
+                1,
+                isa.name(),
+                ops / c1 / 1e9,
+                "",
+                ops / w1 / 1e9,
+                "",
+                c1 * 1e6
+            );
         }
     }
 }

@@ -384,6 +384,17 @@ impl PreparedWeights {
         Ok(())
     }
 
+    /// GEMV (`m_tokens = 1`) on the process-wide path [`Isa::selected`]: `acc_out[n]`.
+    pub fn gemv_acc(
+        &self,
+        dp: &Datapath,
+        x_i8: &[i8],
+        scratch: &mut Scratch,
+        acc_out: &mut [i64],
+    ) -> Result<(), OpError> {
+        self.gemm_acc(Isa::selected(), dp, x_i8, 1, scratch, acc_out)
+    }
+
     /// N12-N14: `y[t][n]` (row-major), exactly `golden::ops::weight_op`. `acc` is scratch of
     /// `m_tokens * n_rows` accumulators (returned filled).
     #[allow(clippy::too_many_arguments)]
