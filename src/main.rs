@@ -29,6 +29,10 @@ enum Command {
     Demo(cmd::demo::DemoArgs),
     /// Generate the engine's Verilog from a config (`--report`: yosys resource counts).
     Gen(cmd::gen::GenArgs),
+    /// Resource fit on a board: yosys-calibrated estimate, largest array under a limit.
+    Fit(cmd::fit::FitArgs),
+    /// SIMULATED tokens/s of a model on a board: roofline table and SVG plot.
+    Project(cmd::project::ProjectArgs),
     /// Run a GGUF LLM on the CPU (f32 reference) and stream the generated text.
     Run(cmd_run::RunArgs),
     /// Perplexity of a model over a text, as llama.cpp's llama-perplexity computes it.
@@ -48,6 +52,8 @@ fn main() -> ExitCode {
         Command::Config(args) => cmd::config::run(args),
         Command::Demo(args) => cmd::demo::run(args),
         Command::Gen(args) => cmd::gen::run(args),
+        Command::Fit(args) => cmd::fit::run(args),
+        Command::Project(args) => cmd::project::run(args),
         Command::Run(args) => cmd_run::run(args),
         Command::Ppl(args) => cmd_ppl::run(args),
         Command::Compare(args) => cmd_ppl::run_compare(args),

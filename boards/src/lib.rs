@@ -6,6 +6,8 @@
 pub mod board;
 
 pub use board::{Board, BoardError};
+pub mod fit;
+pub mod project;
 pub mod regs;
 pub mod vivado;
 pub mod wrapper;

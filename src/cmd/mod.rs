@@ -9,7 +9,9 @@ use tessera_golden::config::EngineConfig;
 pub mod board;
 pub mod config;
 pub mod demo;
+pub mod fit;
 pub mod gen;
+pub mod project;
 
 /// Exit code of every error: bad input, impossible config, missing file.
 pub const EXIT_ERROR: u8 = 2;
