@@ -9,7 +9,7 @@
 //! shows outside the PEs; block RAM comes from `derive()`'s buffer estimate (URAM counted as
 //! 8 BRAM36 each, since Vivado maps deep buffers there). `tessera fit --synth` runs yosys on
 //! the chosen config to check it. Every yosys result is cached by config hash in
-//! `<cache>/<build_dir_name>/<family>/stats.txt`, so repeated fits are fast.
+//! `<cache>/<build_dir_name>/<top|pe>-<family>-<verilog hash>/stats.txt`, so repeated fits are fast.
 //!
 //! yosys's limits, stated in every report: it maps carry chains to CARRY4 even on
 //! UltraScale+ (Vivado uses CARRY8: more, shorter cells), it does not retime or share
@@ -98,6 +98,13 @@ fn stats_from_text(t: &str) -> Option<SynthStats> {
     Some(s)
 }
 
+/// 64-bit FNV-1a (a cache key, not a security hash).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 impl Cache {
     /// A cache under `root` (created when needed).
     #[must_use]
@@ -113,17 +120,32 @@ impl Cache {
         design: impl FnOnce() -> Result<Design, String>,
     ) -> Result<(SynthStats, bool), String> {
         let d = cfg.derive();
-        let dir = self
-            .root
-            .join(&d.build_dir_name)
-            .join(format!("{what}-{}", family_dir(family)));
+        let design = design()?;
+        // The key is the config hash plus a hash of the Verilog text, so a generator change
+        // never reuses a stale result.
+        let text: String = design
+            .render()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(n, t)| n + &t)
+            .collect();
+        // The PE's Verilog does not depend on the array shape: share it across configs.
+        let base = if what == "pe" {
+            self.root.join("pe")
+        } else {
+            self.root.join(&d.build_dir_name)
+        };
+        let dir = base.join(format!(
+            "{what}-{}-{:016x}",
+            family_dir(family),
+            fnv1a(text.as_bytes())
+        ));
         let stats_file = dir.join("stats.txt");
         if let Ok(t) = std::fs::read_to_string(&stats_file) {
             if let Some(s) = stats_from_text(&t) {
                 return Ok((s, true));
             }
         }
-        let design = design()?;
         let w = design.write(&dir).map_err(|e| e.to_string())?;
         let opts = SynthOptions {
             family,
