@@ -43,7 +43,23 @@ enum Command {
     Quantize(cmd_quantize::QuantizeArgs),
 }
 
+/// Rust ignores SIGPIPE, so printing into a closed pipe (`tessera gen ... | head`) would make
+/// `println!` panic. Restore the default action: the process ends quietly, as Unix tools do.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: called once at the start of main, before any thread is spawned; setting the
+    // SIGPIPE disposition to SIG_DFL has no memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn restore_sigpipe() {}
+
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return cmd::clap_error(&e),
