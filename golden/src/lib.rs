@@ -5,6 +5,7 @@
 //! every engine operation (docs/numerics.md). It depends on no other Tessera crate.
 
 pub mod config;
+pub mod cycle;
 pub mod engine;
 pub mod kv;
 pub mod numerics;
