@@ -17,7 +17,7 @@
 //! window (N18): `Q x K^T` is `sat(sum q * k_i8, acc_bits)`; `P x V` folds with zero 0.
 
 use tessera_golden::kv::KvCache;
-use tessera_golden::numerics::{max_signed, min_signed, round_shift, sat, Datapath};
+use tessera_golden::numerics::{max_signed, min_signed, Datapath};
 use tessera_golden::ops::{OpError, OutputStage};
 use tessera_golden::quant::scale_multipliers;
 
@@ -397,7 +397,9 @@ fn set_nibble(row: &mut [u8], i: usize, code: u8) {
     row[byte] |= (code & 0x0F) << (4 * (pos / 16));
 }
 
-/// N17 the fold into `out`: `sat(round_shift(x * m, sf), 8)` (golden's `fold_i8`, no allocation).
+/// N17 the fold into `out`: `sat(round_shift(x * m, sf), 8)`, equal to golden's `fold_i8`
+/// (tested exhaustively over `x` against it) without allocating. The N2 rounding shift is
+/// evaluated in `i32`, which is exact here: `|x * m| <= 128 * 2^15 = 2^22` (`m <= 2^SF`, N17).
 pub fn fold_into(x_i8: &[i8], fscale_q: &[u16], sf: u32, out: &mut [i8]) {
     assert_eq!(
         x_i8.len(),
@@ -405,9 +407,13 @@ pub fn fold_into(x_i8: &[i8], fscale_q: &[u16], sf: u32, out: &mut [i8]) {
         "fold_into: one multiplier per element"
     );
     assert_eq!(x_i8.len(), out.len(), "fold_into: output length");
+    assert!((1..=15).contains(&sf), "fold_into: SF {sf} not in 1..=15");
+    let half = 1i32 << (sf - 1);
     for ((o, &x), &m) in out.iter_mut().zip(x_i8).zip(fscale_q) {
-        let v = sat(round_shift(i64::from(x) * i64::from(m), sf), 8);
-        *o = i8::try_from(v).expect("sat(.., 8) fits i8");
+        let prod = i32::from(x) * i32::from(m);
+        // N2: (x + 2^(s-1) - [x < 0]) >> s, ties away from zero.
+        let v = (prod + half - i32::from(prod < 0)) >> sf;
+        *o = v.clamp(-128, 127) as i8;
     }
 }
 

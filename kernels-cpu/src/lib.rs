@@ -9,6 +9,23 @@
 //!   codes, equal to `golden::kv::KvCache::{qk, pv}`.
 //! - [`Isa`]: run-time dispatch (AVX2, portable scalar; `TESSERA_FORCE_ISA` pins a path).
 //!
+//! # Using it from the runtime
+//! - Start-up: `let isa = Isa::from_env()?;` (reports a bad `TESSERA_FORCE_ISA` as an error;
+//!   print [`Isa::cpu_features`] in logs). Thread count: run the forward pass inside
+//!   `rayon::ThreadPoolBuilder::new().num_threads(n).build()?.install(..)`.
+//! - Load: `PreparedWeights::from(&quant_weights)` per linear layer (the file format stays
+//!   golden's N11 layout; this is an in-memory re-packing) and one [`Scratch`] reserved for the
+//!   largest layer and the largest `M` ([`Scratch::reserve`]): then no call allocates.
+//! - Each weight op: `w.gemm_acc(isa, &dp, &x_i8, m, &mut scratch, &mut acc)` (GEMV is `m = 1`)
+//!   then [`apply_stage`] with `OutputStage::weight_lattice_i32(SF)` (or [`PreparedWeights::gemm`]
+//!   for both), and the host's N20 dequantization with [`PreparedWeights::row_scale`] as
+//!   golden's `dequant_factor` does.
+//! - KV: one [`KvHeadCpu`] per (layer, KV head) beside golden's `KvCache`; after each
+//!   `KvCache::push` call [`KvHeadCpu::sync`] (appends only new 4-bit groups and tokens), then
+//!   [`KvHeadCpu::qk`] / [`KvHeadCpu::pv`] per query head. Dequantize with
+//!   [`KvHeadCpu::key_group_s_ref`] (`frac_bits` 4), [`KvHeadCpu::window_key_scales`]
+//!   (`frac_bits` 0) and [`KvHeadCpu::value_s_ref`] (4-bit part 4, window 0).
+//!
 //! The contract is bit-exactness: every kernel, on every path available on the machine, is
 //! tested integer for integer against golden (`tests/`).
 

@@ -435,6 +435,13 @@ pub fn apply_stage(stage: &OutputStage, acc: &[i64], y_out: &mut [i32]) -> Resul
             got: y_out.len(),
         });
     }
+    if stage.out_mult == 1 && stage.out_shift == 0 {
+        // The identity stage (the runtime's KV stage): only the N3 saturation remains.
+        for (y, &a) in y_out.iter_mut().zip(acc) {
+            *y = i32::try_from(sat(a, stage.out_bits)).expect("out_bits <= 32");
+        }
+        return Ok(());
+    }
     let mult = i64::from(stage.out_mult);
     for (y, &a) in y_out.iter_mut().zip(acc) {
         // |acc| <= 2^47 (acc_bits <= 48) and out_mult < 2^16: the product is exact.

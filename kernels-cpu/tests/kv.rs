@@ -2,9 +2,11 @@
 //! path against `golden::kv::KvCache::{qk, pv}` (docs/numerics.md N16-N19).
 
 use proptest::prelude::*;
+use tessera_golden::kv::fold_i8;
 use tessera_golden::kv::KvCache;
 use tessera_golden::numerics::Datapath;
 use tessera_golden::ops::OutputStage;
+use tessera_kernels_cpu::kv::fold_into;
 use tessera_kernels_cpu::{Isa, KvHeadCpu, KvScratch};
 
 struct Rng(u64);
@@ -202,5 +204,21 @@ proptest! {
     ) {
         run_case(hd, group, group * windows, tokens.max(1), w_scale_bits, acc_bits,
                  OutputStage::IDENTITY_I32, seed, 11);
+    }
+}
+
+#[test]
+fn fold_matches_golden_exhaustive_in_x() {
+    let xs: Vec<i8> = (-128i16..=127).map(|v| v as i8).collect();
+    for sf in 7u32..=15 {
+        let one = 1u32 << sf;
+        let mut ms: Vec<u32> = vec![0, 1, 2, one / 2, one / 2 + 1, one - 1, one];
+        ms.extend((0..64u32).map(|i| i.wrapping_mul(2_654_435_761u32) % (one + 1)));
+        for m in ms {
+            let f = vec![m as u16; xs.len()];
+            let mut out = vec![0i8; xs.len()];
+            fold_into(&xs, &f, sf, &mut out);
+            assert_eq!(out, fold_i8(&xs, &f, sf), "sf {sf} m {m}");
+        }
     }
 }
