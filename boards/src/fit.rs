@@ -42,7 +42,9 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// From yosys's cell counts (RAMB18 counted as half a RAMB36; LUTRAM cells as LUTs).
+    /// From yosys's cell counts: RAMB18 counted as half a RAMB36; shift registers (SRL) and
+    /// distributed RAM cells counted by the LUTs they occupy (RAM64M8/RAM32M16: 8, RAM64M/
+    /// RAM32M: 4, other RAM cells: 2).
     #[must_use]
     #[allow(clippy::cast_precision_loss)]
     pub fn from_stats(s: &SynthStats) -> Usage {
@@ -53,8 +55,21 @@ impl Usage {
                 .map(|(_, v)| v)
                 .sum()
         };
+        let lutram: u64 = s
+            .cells
+            .iter()
+            .filter(|(k, _)| k.starts_with("RAM") && !k.starts_with("RAMB"))
+            .map(|(k, v)| {
+                let w = match k.as_str() {
+                    "RAM64M8" | "RAM32M16" => 8,
+                    "RAM64M" | "RAM32M" => 4,
+                    _ => 2,
+                };
+                w * v
+            })
+            .sum();
         Usage {
-            lut: (s.luts() + s.lutrams()) as f64,
+            lut: (s.luts() + count("SRL") + lutram) as f64,
             ff: s.ffs() as f64,
             dsp: s.dsps() as f64,
             bram36: count("RAMB36") as f64 + count("RAMB18") as f64 / 2.0,
