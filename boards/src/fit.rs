@@ -362,8 +362,9 @@ pub fn shapes() -> Vec<(u32, u32)> {
     v
 }
 
-/// Finds the largest array (then the largest buffers, doubling `act_depth` and `wgt_depth`
-/// up to 64 Ki entries) of `base` under `limit` on `board`.
+/// Finds the largest array (then the largest weight buffer, doubling `wgt_depth` up to 64 Ki
+/// entries; `act_depth` stays as given, it is sized by the model's longest `k`) of `base`
+/// under `limit` on `board`.
 pub fn fit(
     board: &Board,
     base: &EngineConfig,
@@ -389,7 +390,6 @@ pub fn fit(
     if let Some(b) = best.as_mut() {
         loop {
             let mut g = b.cfg.clone();
-            g.buffers.act_depth *= 2;
             g.buffers.wgt_depth *= 2;
             if g.buffers.wgt_depth > 65536 || g.validate().is_err() {
                 break;
