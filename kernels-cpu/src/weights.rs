@@ -209,16 +209,6 @@ fn encode_chunk(c: &[u8; CHUNK], bits: usize, out: &mut [u8]) {
     }
 }
 
-/// Code `i` (0..32) of an encoded chunk (the scalar path's decoder).
-#[inline]
-fn chunk_code(w: &[u8], bits: u32, i: usize) -> u8 {
-    match bits {
-        8 => w[i],
-        4 => (w[i % 16] >> (4 * (i / 16))) & 0x0F,
-        _ => (w[i % 8] >> (2 * (i / 8))) & 0x03,
-    }
-}
-
 impl PreparedWeights {
     #[must_use]
     pub fn format(&self) -> WeightFormat {
@@ -490,20 +480,55 @@ fn rows_many_tokens(
     }
 }
 
-/// The portable path: one row, one padded token, `i64` throughout.
+/// The portable path: one row, one padded token. Each chunk is decoded into 32 codes and
+/// dotted in `i32` (exact: `|.| <= 32 * 255 * 128 < 2^21`; plain loops the compiler
+/// vectorizes for the baseline ISA), groups summed in `i64`.
 fn row_acc_scalar(ctx: &RowCtx<'_>, row: usize, xp: &[i8], s: &[i32]) -> i64 {
+    match ctx.bits {
+        2 => row_acc_scalar_b::<2>(ctx, row, xp, s),
+        4 => row_acc_scalar_b::<4>(ctx, row, xp, s),
+        _ => row_acc_scalar_b::<8>(ctx, row, xp, s),
+    }
+}
+
+#[inline]
+fn decode_chunk<const B: u32>(w: &[u8], c: &mut [u8; CHUNK]) {
+    match B {
+        8 => c.copy_from_slice(&w[..CHUNK]),
+        4 => {
+            for i in 0..16 {
+                c[i] = w[i] & 0x0F;
+                c[16 + i] = w[i] >> 4;
+            }
+        }
+        _ => {
+            for l in 0..4 {
+                for i in 0..8 {
+                    c[8 * l + i] = (w[i] >> (2 * l)) & 0x03;
+                }
+            }
+        }
+    }
+}
+
+fn row_acc_scalar_b<const B: u32>(ctx: &RowCtx<'_>, row: usize, xp: &[i8], s: &[i32]) -> i64 {
     let data = &ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes];
     let mut acc = 0i64;
+    let mut codes = [0u8; CHUNK];
     for (g, &s_g) in s.iter().enumerate().take(ctx.groups) {
         let mut p_code = 0i64;
         for c in 0..ctx.chunks_per_group {
             let ci = g * ctx.chunks_per_group + c;
-            let w = &data[ci * ctx.chunk_bytes..(ci + 1) * ctx.chunk_bytes];
+            decode_chunk::<B>(
+                &data[ci * ctx.chunk_bytes..(ci + 1) * ctx.chunk_bytes],
+                &mut codes,
+            );
             let x = &xp[ci * CHUNK..(ci + 1) * CHUNK];
-            let mut p = 0i32; // |.| <= 32 * 255 * 128 < 2^21
-            for (i, &xv) in x.iter().enumerate() {
-                p += i32::from(xv) * i32::from(chunk_code(w, ctx.bits, i));
-            }
+            let p: i32 = x
+                .iter()
+                .zip(&codes)
+                .map(|(&xv, &cv)| i32::from(xv) * i32::from(cv))
+                .sum();
             p_code += i64::from(p);
         }
         acc = ctx.accumulate(row, g, p_code, s_g, acc);
