@@ -15,6 +15,7 @@ file mkdir [file join $here reports]
 create_project -force tessera_zcu102_ff345e8800fa [file join $here vivado] -part $part
 set_property target_language Verilog [current_project]
 add_files -norecurse [list \
+  [file join $here tessera_axi_regs.v] \
   [file join $here tessera_pe.v] \
   [file join $here tessera_array.v] \
   [file join $here tessera_outstage.v] \
