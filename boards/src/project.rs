@@ -224,6 +224,10 @@ pub struct Projection {
     pub decode_bytes_per_token: f64,
     /// `bandwidth / bytes per token`: the memory roofline of decode.
     pub decode_bandwidth_bound_tokens_s: f64,
+    /// Off-chip bytes the model needs resident (weights + metadata + the KV cache at `context`).
+    pub resident_bytes: f64,
+    /// Bytes of the board's largest memory.
+    pub board_memory_bytes: f64,
 }
 
 /// Off-chip bytes of `k x n` weights in `mode`: codes plus a scale and zero point per group.
@@ -377,6 +381,9 @@ pub fn project(
         prefill_tokens_s: a.prompt as f64 / pt,
         decode_bytes_per_token: db,
         decode_bandwidth_bound_tokens_s: bw / db,
+        resident_bytes: db,
+        board_memory_bytes: board.memory.iter().map(|m| m.size_gib).fold(0.0, f64::max)
+            * f64::from(1u32 << 30),
         decode,
         prefill,
     }
