@@ -34,6 +34,9 @@ pub const CHUNK: usize = 32;
 /// for `L * 255 * 128 < 2^31`; longer groups run on the scalar path (`i64`).
 const SIMD_MAX_GROUP: usize = 16 * 1024;
 
+/// Operations below this many multiply-accumulates (padded) run on the calling thread.
+const PAR_MIN_MACS: usize = 128 * 1024;
+
 /// Rows per rayon task (at least).
 const MIN_ROWS_PER_TASK: usize = 16;
 
@@ -346,9 +349,15 @@ impl PreparedWeights {
         let plen = self.padded_len();
         let groups = self.groups;
         let rows_per_task = MIN_ROWS_PER_TASK.max(self.n_rows / (4 * rayon::current_num_threads()));
+        // Small operations run on the calling thread: splitting them costs more than it saves.
+        let sequential = self.n_rows * plen * m_tokens < PAR_MIN_MACS;
         if m_tokens == 1 {
             let xp = &scratch.x_pad[..plen];
             let s = &scratch.s_sum[..groups];
+            if sequential {
+                rows_one_token(isa, &ctx, 0, xp, s, acc_out);
+                return Ok(());
+            }
             acc_out
                 .par_chunks_mut(rows_per_task)
                 .enumerate()
@@ -360,12 +369,16 @@ impl PreparedWeights {
         let xp = &scratch.x_pad[..m_tokens * plen];
         let s = &scratch.s_sum[..m_tokens * groups];
         let acc_nt = &mut scratch.acc_nt[..m_tokens * self.n_rows];
-        acc_nt
-            .par_chunks_mut(rows_per_task * m_tokens)
-            .enumerate()
-            .for_each(|(task, out)| {
-                rows_many_tokens(isa, &ctx, task * rows_per_task, m_tokens, plen, xp, s, out);
-            });
+        if sequential {
+            rows_many_tokens(isa, &ctx, 0, m_tokens, plen, xp, s, acc_nt);
+        } else {
+            acc_nt
+                .par_chunks_mut(rows_per_task * m_tokens)
+                .enumerate()
+                .for_each(|(task, out)| {
+                    rows_many_tokens(isa, &ctx, task * rows_per_task, m_tokens, plen, xp, s, out);
+                });
+        }
         for (n, accs) in acc_nt.chunks_exact(m_tokens).enumerate() {
             for (t, &a) in accs.iter().enumerate() {
                 acc_out[t * self.n_rows + n] = a;

@@ -161,6 +161,22 @@ fn odd_shapes_all_formats_random() {
 }
 
 #[test]
+fn large_shapes_run_in_parallel() {
+    // Above the sequential threshold (128 Ki MACs): the rayon split over rows is exercised.
+    let mut rng = Rng(13);
+    for format in FORMATS {
+        for &(n, k, l) in &[(257usize, 640usize, 32usize), (130, 1100, 64)] {
+            let w = make_weights(format, n, k, l, 16, Fill::Random, &mut rng);
+            for &m in &[1usize, 3] {
+                let x: Vec<i8> = (0..m * k).map(|_| rng.next() as i8).collect();
+                check_all_paths(&w, &dp(l, 16, 48), &x, m);
+                check_all_paths(&w, &dp(l, 16, 32), &x, m);
+            }
+        }
+    }
+}
+
+#[test]
 fn extremes_minus_128_and_max_codes() {
     let mut rng = Rng(11);
     for format in FORMATS {
