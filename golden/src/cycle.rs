@@ -553,7 +553,11 @@ impl CycleModel {
     }
 
     /// One rising clock edge with `inp` on the input ports (reset released).
-    #[allow(clippy::too_many_lines, clippy::cognitive_complexity)]
+    #[allow(
+        clippy::too_many_lines,
+        clippy::cognitive_complexity,
+        clippy::needless_range_loop
+    )]
     pub fn step(&mut self, inp: &CycleInputs) {
         let p = self.p.clone();
         let lay = &p.layout;

@@ -39,6 +39,7 @@ pub mod interp;
 pub mod ir;
 pub mod lint;
 pub mod print;
+pub mod testprog;
 
 pub use error::HdlError;
 pub use expr::{Expr, Ty};

@@ -8,24 +8,10 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use tessera_golden::config::{EngineConfig, WeightMode};
-use tessera_golden::engine::{Cmd, Dataflow, StreamLayout, Word};
-use tessera_golden::ops::{weight_op, OutputStage};
-use tessera_golden::pack::WeightFormat;
-use tessera_golden::quant::{QuantWeights, TERNARY_ZERO_U8};
+use tessera_golden::engine::{Dataflow, StreamLayout, Word};
+use tessera_golden::ops::OutputStage;
 use tessera_hdl_gen::engine::generate;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use tessera_hdl_gen::testprog::{add_fold_op, add_op, lattice, odd_config, op, stage, Op, Program, Rng};
 
 const TB: &str = r#"`timescale 1ns/1ps
 module tb;
@@ -146,375 +132,6 @@ fn build(cfg: &EngineConfig) -> Sim {
     }
 }
 
-/// One program: commands, din words, and the expected dout values per drained entry.
-#[derive(Default)]
-struct Program {
-    cmds: Vec<u64>,
-    din: Vec<Word>,
-    /// Expected output entries in drain order (`cols` values each).
-    expect: Vec<Vec<i64>>,
-    /// A label per expected entry, for failure messages.
-    labels: Vec<String>,
-}
-
-impl Program {
-    fn cmd(&mut self, c: Cmd) {
-        self.cmds.push(c.encode().expect("encode"));
-    }
-}
-
-/// One weight operation to run.
-struct Op {
-    label: String,
-    mode: WeightMode,
-    dataflow: Dataflow,
-    m_tokens: usize,
-    n_rows: usize,
-    k: usize,
-    stage: OutputStage,
-    /// 0: random operands; 1: extreme (-128, max codes, max gscale, zero 0/255 alternating);
-    /// 2: extreme with zero 0 everywhere (drives the accumulator into N13 saturation).
-    extreme: u8,
-}
-
-fn format_of(mode: WeightMode) -> WeightFormat {
-    match mode {
-        WeightMode::W2 => WeightFormat::W2,
-        WeightMode::W4 => WeightFormat::W4,
-        WeightMode::W8 => WeightFormat::W8,
-        WeightMode::Ternary => WeightFormat::Ternary,
-    }
-}
-
-/// Appends `op` to the program (loads, run, drain) and its golden outputs.
-fn add_op(p: &mut Program, sim: &Sim, rng: &mut Rng, op: &Op, out_addr: u32) {
-    let cfg = &sim.cfg;
-    let lay = &sim.layout;
-    let (rows, cols) = (cfg.array.rows as usize, cfg.array.cols as usize);
-    let l = cfg.quant.w_group_len as usize;
-    let ws = cfg.quant.w_scale_bits;
-    let sf = ws - 1;
-    let fmt = format_of(op.mode);
-    let k = op.k;
-    let groups = k.div_ceil(l);
-    let n = op.n_rows;
-    let m = op.m_tokens;
-    // Operands.
-    let max_code = u64::from(fmt.max_code());
-    let codes: Vec<u8> = (0..n * k)
-        .map(|_| {
-            if op.extreme > 0 {
-                fmt.max_code()
-            } else {
-                rng.below(max_code + 1) as u8
-            }
-        })
-        .collect();
-    let gscale: Vec<u16> = (0..n * groups)
-        .map(|_| {
-            if op.extreme > 0 {
-                1u16 << sf
-            } else {
-                rng.below((1u64 << sf) + 1) as u16
-            }
-        })
-        .collect();
-    let zero: Vec<u8> = (0..n * groups)
-        .map(|i| match fmt {
-            WeightFormat::Ternary => TERNARY_ZERO_U8,
-            _ if op.extreme == 2 => 0,
-            _ if op.extreme == 1 => (i % 2) as u8 * 255,
-            _ => rng.below(256) as u8,
-        })
-        .collect();
-    let w = QuantWeights::from_codes(
-        fmt,
-        n,
-        k,
-        l,
-        ws,
-        &codes,
-        gscale.clone(),
-        zero.clone(),
-        vec![1.0; n],
-    )
-    .expect("weights");
-    let x: Vec<i8> = (0..m * k)
-        .map(|_| {
-            if op.extreme > 0 {
-                -128
-            } else {
-                rng.next() as u8 as i8
-            }
-        })
-        .collect();
-    let y = weight_op(&cfg.datapath(), &x, m, &w, &op.stage).expect("golden");
-    let packed = w.packed();
-    let row_bytes = packed.len() / n;
-    let beats = row_bytes;
-
-    // Bases: non-zero, activation base a multiple of 4.
-    let act_base = 4 * rng.below(((cfg.buffers.act_depth as usize - k) / 4 + 1) as u64) as u32;
-    let wgt_base = rng.below((cfg.buffers.wgt_depth as usize - beats + 1) as u64) as u32;
-    let meta_entries = cfg.buffers.wgt_depth * 4 / cfg.quant.w_group_len;
-    let meta_base = rng.below(u64::from(meta_entries) - groups as u64 + 1) as u32;
-    p.cmd(Cmd::SetBase {
-        act: act_base,
-        wgt: wgt_base,
-        meta: meta_base,
-    });
-    p.cmd(Cmd::SetOut(op.stage));
-    // Activations: entry p holds position p of every token row (GEMV: row 0).
-    p.cmd(Cmd::LoadAct {
-        addr: act_base,
-        count: k as u32,
-    });
-    for pos in 0..k {
-        let col: Vec<i8> = (0..rows)
-            .map(|t| if t < m { x[t * k + pos] } else { 0 })
-            .collect();
-        p.din.extend(lay.act_entry(&col));
-    }
-    let run = Cmd::Run {
-        mode: op.mode,
-        dataflow: op.dataflow,
-        keep: false,
-        k: k as u32,
-        out_addr,
-        fold: false,
-    };
-    match op.dataflow {
-        Dataflow::Gemm => {
-            assert!(m <= rows && n <= cols);
-            p.cmd(Cmd::LoadWgt {
-                addr: wgt_base,
-                count: beats as u32,
-            });
-            for i in 0..beats {
-                let e: Vec<u8> = (0..cols)
-                    .map(|c| if c < n { packed[c * row_bytes + i] } else { 0 })
-                    .collect();
-                p.din.extend(lay.byte_entry(&e));
-            }
-            p.cmd(Cmd::LoadMeta {
-                addr: meta_base,
-                count: groups as u32,
-            });
-            for g in 0..groups {
-                let e: Vec<(u16, u8)> = (0..cols)
-                    .map(|c| {
-                        if c < n {
-                            (gscale[c * groups + g], zero[c * groups + g])
-                        } else {
-                            (0, 0)
-                        }
-                    })
-                    .collect();
-                p.din.extend(lay.meta_entry(&e));
-            }
-            p.cmd(run);
-            #[allow(clippy::needless_range_loop)] // rows past m are zero rows
-            for r in 0..rows {
-                p.expect.push(
-                    (0..cols)
-                        .map(|c| if r < m && c < n { y[r][c] } else { 0 })
-                        .collect(),
-                );
-                p.labels.push(format!("{} token {r}", op.label));
-            }
-        }
-        Dataflow::Gemv => {
-            assert!(m == 1 && n <= rows * cols);
-            p.cmd(run);
-            let bpg = beats / groups;
-            for g in 0..groups {
-                let e: Vec<(u16, u8)> = (0..rows * cols)
-                    .map(|i| {
-                        if i < n {
-                            (gscale[i * groups + g], zero[i * groups + g])
-                        } else {
-                            (0, 0)
-                        }
-                    })
-                    .collect();
-                p.din.extend(lay.meta_entry(&e));
-                for b in 0..bpg {
-                    let i = g * bpg + b;
-                    let e: Vec<u8> = (0..rows * cols)
-                        .map(|r| if r < n { packed[r * row_bytes + i] } else { 0 })
-                        .collect();
-                    p.din.extend(lay.byte_entry(&e));
-                }
-            }
-            for r in 0..rows {
-                p.expect.push(
-                    (0..cols)
-                        .map(|c| {
-                            let i = r * cols + c;
-                            if i < n {
-                                y[0][i]
-                            } else {
-                                0
-                            }
-                        })
-                        .collect(),
-                );
-                p.labels.push(format!("{} PE row {r}", op.label));
-            }
-        }
-    }
-    p.cmd(Cmd::Drain {
-        addr: out_addr,
-        count: rows as u32,
-    });
-}
-
-/// Appends one folded attention product (N17-N19) run as a GEMV with `fold = 1`: `x` (the query
-/// for `Q x K^T`, or probabilities for `P x V`) is folded with per-element `fscale`, and
-/// - `window = false`: KV4 codes (W4, lattice `<< 4`) with per-element zero points (`Z` path);
-/// - `window = true`: signed 8-bit window codes (W8 with PE zero point 128, fold zeros 0, N18).
-///
-/// Golden: `kv::fold_i8` + `kv::folded_products`, then N19's `sat(acc, acc_bits)` and N14.
-#[allow(clippy::too_many_arguments)]
-fn add_fold_op(
-    p: &mut Program,
-    sim: &Sim,
-    rng: &mut Rng,
-    label: &str,
-    window: bool,
-    n: usize,
-    e: usize,
-    stage: OutputStage,
-    out_addr: u32,
-) {
-    use tessera_golden::kv::{fold_i8, folded_products};
-    use tessera_golden::numerics::sat;
-    use tessera_golden::pack::pack_weights;
-    let cfg = &sim.cfg;
-    let lay = &sim.layout;
-    let (rows, cols) = (cfg.array.rows as usize, cfg.array.cols as usize);
-    let l = cfg.quant.w_group_len as usize;
-    let sf = cfg.quant.w_scale_bits - 1;
-    let x: Vec<i8> = (0..e)
-        .map(|i| {
-            if i % 7 == 0 {
-                -128
-            } else {
-                rng.next() as u8 as i8
-            }
-        })
-        .collect();
-    let fscale: Vec<u16> = (0..e)
-        .map(|i| {
-            if i % 5 == 0 {
-                1 << sf
-            } else {
-                rng.below((1 << sf) + 1) as u16
-            }
-        })
-        .collect();
-    let zero_e: Vec<u8> = (0..e)
-        .map(|_| if window { 0 } else { rng.below(256) as u8 })
-        .collect();
-    // Engine codes [o][e] and the golden lattice weights.
-    let (fmt, codes, wl): (WeightFormat, Vec<u8>, Vec<i64>) = if window {
-        let v: Vec<i8> = (0..n * e).map(|_| rng.next() as u8 as i8).collect();
-        let codes = v.iter().map(|&x| (i16::from(x) + 128) as u8).collect();
-        (
-            WeightFormat::W8,
-            codes,
-            v.iter().map(|&x| i64::from(x)).collect(),
-        )
-    } else {
-        let c: Vec<u8> = (0..n * e).map(|_| rng.below(16) as u8).collect();
-        let wl = c.iter().map(|&x| i64::from(x) << 4).collect();
-        (WeightFormat::W4, c, wl)
-    };
-    let xf = fold_i8(&x, &fscale, sf);
-    let zeros: Vec<i64> = zero_e.iter().map(|&z| i64::from(z)).collect();
-    let (z, acc) = folded_products(&xf, &wl, &zeros);
-    let y: Vec<i64> = acc
-        .iter()
-        .map(|&a| stage.apply(sat(a, cfg.datapath.acc_bits)))
-        .collect();
-
-    let act_base = 4 * rng.below(((cfg.buffers.act_depth as usize - e) / 4 + 1) as u64) as u32;
-    p.cmd(Cmd::SetBase {
-        act: act_base,
-        wgt: 0,
-        meta: 0,
-    });
-    p.cmd(Cmd::SetOut(stage));
-    p.cmd(Cmd::LoadAct {
-        addr: act_base,
-        count: e as u32,
-    });
-    for &xi in &x {
-        let mut col = vec![0i8; rows];
-        col[0] = xi;
-        p.din.extend(lay.act_entry(&col));
-    }
-    p.cmd(Cmd::LoadFold {
-        addr: act_base,
-        count: e as u32,
-    });
-    for i in 0..e {
-        p.din.extend(lay.fold_entry(fscale[i], zero_e[i]));
-    }
-    let mode = if window {
-        WeightMode::W8
-    } else {
-        WeightMode::W4
-    };
-    p.cmd(Cmd::Run {
-        mode,
-        dataflow: Dataflow::Gemv,
-        keep: false,
-        k: e as u32,
-        out_addr,
-        fold: true,
-    });
-    let packed = pack_weights(&codes, n, e, l, fmt).expect("pack");
-    let row_bytes = packed.len() / n;
-    let groups = e.div_ceil(l);
-    let bpg = row_bytes / groups;
-    let pe_zero = if window { 128 } else { 0 };
-    for g in 0..groups {
-        let hdr: Vec<(u16, u8)> = (0..rows * cols)
-            .map(|i| if i < n { (1, pe_zero) } else { (0, 0) })
-            .collect();
-        p.din.extend(lay.meta_entry(&hdr));
-        for b in 0..bpg {
-            let i = g * bpg + b;
-            let bytes: Vec<u8> = (0..rows * cols)
-                .map(|r| if r < n { packed[r * row_bytes + i] } else { 0 })
-                .collect();
-            p.din.extend(lay.byte_entry(&bytes));
-        }
-    }
-    // PEs past n accumulate 0, and 0 - Z for the KV4 product.
-    let z_only = stage.apply(sat(-z, cfg.datapath.acc_bits));
-    for r in 0..rows {
-        p.expect.push(
-            (0..cols)
-                .map(|c| {
-                    let i = r * cols + c;
-                    if i < n {
-                        y[i]
-                    } else {
-                        z_only
-                    }
-                })
-                .collect(),
-        );
-        p.labels.push(format!("{label} PE row {r}"));
-    }
-    p.cmd(Cmd::Drain {
-        addr: out_addr,
-        count: rows as u32,
-    });
-}
-
 /// Runs `prog` on `sim` and checks every output value and the error flag.
 fn run(sim: &Sim, prog: &Program, stall: bool, seed: u32) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -592,67 +209,11 @@ fn tiny() -> &'static Sim {
     SIM.get_or_init(|| build(&EngineConfig::preset("tiny").expect("tiny")))
 }
 
-/// An odd-sized config: 3 x 5 PEs, groups of 8, 8-bit scales, a 32-bit accumulator (so N13
-/// saturation is reachable at k = 600), no W8, no ternary, 32-bit streams.
-fn odd_config() -> EngineConfig {
-    let mut cfg = EngineConfig {
-        name: "odd3x5".into(),
-        ..EngineConfig::default()
-    };
-    cfg.array.rows = 3;
-    cfg.array.cols = 5;
-    cfg.precision.weight_bits = vec![2, 4];
-    cfg.precision.ternary = false;
-    cfg.quant.w_group_len = 8;
-    cfg.quant.w_scale_bits = 8;
-    cfg.datapath.acc_bits = 32;
-    cfg.buffers.act_depth = 1024;
-    cfg.buffers.wgt_depth = 512;
-    cfg.buffers.out_depth = 40;
-    cfg.interface.stream_bits = 32;
-    cfg.validate().expect("odd config is valid");
-    cfg
-}
-
 fn odd() -> &'static Sim {
     static SIM: OnceLock<Sim> = OnceLock::new();
     SIM.get_or_init(|| build(&odd_config()))
 }
 
-fn lattice(sim: &Sim) -> OutputStage {
-    OutputStage::weight_lattice_i32(sim.cfg.quant.w_scale_bits - 1)
-}
-
-fn stage(out_mult: u16, out_shift: u32, out_bits: u32) -> OutputStage {
-    OutputStage {
-        out_mult,
-        out_shift,
-        out_bits,
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn op(
-    label: &str,
-    mode: WeightMode,
-    dataflow: Dataflow,
-    m_tokens: usize,
-    n_rows: usize,
-    k: usize,
-    stage: OutputStage,
-    extreme: u8,
-) -> Op {
-    Op {
-        label: label.to_string(),
-        mode,
-        dataflow,
-        m_tokens,
-        n_rows,
-        k,
-        stage,
-        extreme,
-    }
-}
 
 /// Builds one program of `ops` (each drained to its own output rows) and runs it twice: at full
 /// rate, and with random stalls on cmd, din and dout.
@@ -662,7 +223,7 @@ fn check(sim: &Sim, ops: &[Op], seed: u64) -> Vec<i64> {
     let mut prog = Program::default();
     for (i, o) in ops.iter().enumerate() {
         let out_addr = (rows * i as u32) % (sim.cfg.buffers.out_depth - rows + 1);
-        add_op(&mut prog, sim, &mut rng, o, out_addr);
+        add_op(&mut prog, &sim.cfg, &mut rng, o, out_addr);
     }
     run(sim, &prog, false, 1);
     run(sim, &prog, true, 12345);
@@ -674,7 +235,7 @@ fn tiny_engine_matches_golden_weight_ops() {
     use Dataflow::{Gemm, Gemv};
     use WeightMode::{Ternary, W2, W4, W8};
     let sim = tiny();
-    let lat = lattice(sim);
+    let lat = lattice(&sim.cfg);
     let id = OutputStage::IDENTITY_I32;
     let ops = [
         op("w2 gemv k=75", W2, Gemv, 1, 16, 75, lat, 0),
@@ -717,7 +278,7 @@ fn odd_engine_matches_golden_including_accumulator_saturation() {
     use Dataflow::{Gemm, Gemv};
     use WeightMode::{W2, W4};
     let sim = odd();
-    let lat = lattice(sim);
+    let lat = lattice(&sim.cfg);
     let id = OutputStage::IDENTITY_I32;
     let ops = [
         op("w2 gemm 3x5 k=61", W2, Gemm, 3, 5, 61, lat, 0),
@@ -743,7 +304,7 @@ fn tiny_engine_matches_golden_attention_products() {
     let mut prog = Program::default();
     add_fold_op(
         &mut prog,
-        sim,
+        &sim.cfg,
         &mut rng,
         "q.k kv4 e=45",
         false,
@@ -754,7 +315,7 @@ fn tiny_engine_matches_golden_attention_products() {
     );
     add_fold_op(
         &mut prog,
-        sim,
+        &sim.cfg,
         &mut rng,
         "q.k kv4 e=64 n=13",
         false,
@@ -765,7 +326,7 @@ fn tiny_engine_matches_golden_attention_products() {
     );
     add_fold_op(
         &mut prog,
-        sim,
+        &sim.cfg,
         &mut rng,
         "p.v window e=37",
         true,
@@ -776,7 +337,7 @@ fn tiny_engine_matches_golden_attention_products() {
     );
     add_fold_op(
         &mut prog,
-        sim,
+        &sim.cfg,
         &mut rng,
         "q.k kv4 sat8",
         false,
@@ -793,10 +354,10 @@ fn tiny_engine_matches_golden_attention_products() {
         1,
         16,
         40,
-        lattice(sim),
+        lattice(&sim.cfg),
         0,
     );
-    add_op(&mut prog, sim, &mut rng, &after, 16);
+    add_op(&mut prog, &sim.cfg, &mut rng, &after, 16);
     let all: Vec<i64> = prog.expect.iter().flatten().copied().collect();
     assert!(all.iter().filter(|&&v| v != 0).count() > all.len() / 2);
     run(sim, &prog, false, 1);
