@@ -1,7 +1,7 @@
 //! Criterion benches of the CPU kernels on SmolLM2-135M shapes, plus one side-by-side summary
 //! table (GOP/s, GB/s of weights streamed, ratio to a STREAM-like read bandwidth measured in
 //! the same run). Run: `cargo bench -p tessera-kernels-cpu` (the table is printed at the end;
-//! `-- --quick-table` prints only the table).
+//! `-- --quick-table` prints only the table, `-- --decode-only` only the decode-step estimate).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -444,6 +444,7 @@ fn summary_table() {
             }
         }
     }
+    decode_estimate(&one);
     let kv = kv_head(1024);
     let ops = (2 * kv.len() * 64) as f64;
     for isa in Isa::available() {
@@ -468,11 +469,82 @@ fn summary_table() {
     }
 }
 
+/// The weight GEMVs of one SmolLM2-135M decode step: 30 distinct W2 layers (q, k, v, o, gate,
+/// up, down) and the W8 head, each weight read once per token as in the real model. Matrix
+/// kernels only (no norms, RoPE, attention, sampling): an upper bound on decode tokens/s.
+fn decode_estimate(one: &rayon::ThreadPool) {
+    let d = dp();
+    let shapes = [
+        (576usize, 576usize),
+        (192, 576),
+        (192, 576),
+        (576, 576),
+        (1536, 576),
+        (1536, 576),
+        (576, 1536),
+    ];
+    let layers: Vec<Vec<PreparedWeights>> = (0..30)
+        .map(|_| {
+            shapes
+                .iter()
+                .map(|&(n, k)| weights(WeightFormat::W2, n, k))
+                .collect()
+        })
+        .collect();
+    let head = weights(WeightFormat::W8, 49152, 576);
+    let mut scratch = Scratch::new();
+    for w in layers.iter().flatten().chain(std::iter::once(&head)) {
+        scratch.reserve(w, 1);
+    }
+    let x: Vec<i8> = rng_bytes(1536, 9).into_iter().map(|b| b as i8).collect();
+    let mut acc = vec![0i64; 49152];
+    let bytes: usize = layers
+        .iter()
+        .flatten()
+        .map(PreparedWeights::weight_bytes)
+        .sum::<usize>()
+        + head.weight_bytes();
+    for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {
+        let mut step = || {
+            for w in layers.iter().flatten().chain(std::iter::once(&head)) {
+                w.gemm_acc(
+                    isa,
+                    &d,
+                    &x[..w.k()],
+                    1,
+                    &mut scratch,
+                    &mut acc[..w.n_rows()],
+                )
+                .expect("gemv");
+            }
+        };
+        let wall = time_it(&mut step);
+        let cpu1 = one.install(|| cpu_time_it(&mut step));
+        println!(
+            "decode step, weight GEMVs only ({isa}, {:.1} MB of weights): {:.2} ms wall ({} threads) = {:.0} tok/s; {:.2} ms CPU on 1 thread = {:.0} tok/s",
+            bytes as f64 / 1e6,
+            wall * 1e3,
+            rayon::current_num_threads(),
+            1.0 / wall,
+            cpu1 * 1e3,
+            1.0 / cpu1
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let bench_mode = args.iter().any(|a| a == "--bench");
     let quick_table = args.iter().any(|a| a == "--quick-table");
     println!("cpu: {}", Isa::cpu_features());
+    if args.iter().any(|a| a == "--decode-only") {
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("1-thread pool");
+        decode_estimate(&one);
+        return;
+    }
     if !quick_table {
         let mut c = Criterion::default()
             .configure_from_args()
