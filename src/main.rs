@@ -33,6 +33,10 @@ enum Command {
     Fit(cmd::fit::FitArgs),
     /// SIMULATED tokens/s of a model on a board: roofline table and SVG plot.
     Project(cmd::project::ProjectArgs),
+    /// Co-simulate the engine's Verilog in Verilator, checked every cycle against golden.
+    Cosim(cmd::cosim::CosimArgs),
+    /// Benchmarks (`tessera bench cosim`: Verilator, cycle model and lock-step cycles/s).
+    Bench(cmd::cosim::BenchArgs),
     /// Run a GGUF LLM on the CPU (f32 reference) and stream the generated text.
     Run(cmd_run::RunArgs),
     /// Perplexity of a model over a text, as llama.cpp's llama-perplexity computes it.
@@ -70,6 +74,8 @@ fn main() -> ExitCode {
         Command::Gen(args) => cmd::gen::run(args),
         Command::Fit(args) => cmd::fit::run(args),
         Command::Project(args) => cmd::project::run(args),
+        Command::Cosim(args) => cmd::cosim::run(args),
+        Command::Bench(args) => cmd::cosim::run_bench(args),
         Command::Run(args) => cmd_run::run(args),
         Command::Ppl(args) => cmd_ppl::run(args),
         Command::Compare(args) => cmd_ppl::run_compare(args),

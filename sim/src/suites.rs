@@ -393,17 +393,19 @@ pub fn cases(cfg: &EngineConfig, suite: &str, seed: u64, ops: usize) -> Result<V
                 id,
                 out_addr(cfg, 0),
             );
-            add_fold_op(
-                &mut p,
-                cfg,
-                &mut rng,
-                "p.v window",
-                true,
-                pes,
-                e,
-                id,
-                out_addr(cfg, 1),
-            );
+            if modes.contains(&WeightMode::W8) {
+                add_fold_op(
+                    &mut p,
+                    cfg,
+                    &mut rng,
+                    "p.v window",
+                    true,
+                    pes,
+                    e,
+                    id,
+                    out_addr(cfg, 1),
+                );
+            }
             add_fold_op(
                 &mut p,
                 cfg,

@@ -8,6 +8,7 @@ use tessera_golden::config::EngineConfig;
 
 pub mod board;
 pub mod config;
+pub mod cosim;
 pub mod demo;
 pub mod fit;
 pub mod gen;

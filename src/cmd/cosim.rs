@@ -1,0 +1,263 @@
+//! `tessera cosim`: the engine's Verilog through Verilator, checked every cycle against the
+//! golden cycle model (tessera-sim); and `tessera bench cosim`: raw Verilator, golden cycle
+//! model and lock-step cycles/s side by side.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use tessera_golden::config::EngineConfig;
+use tessera_golden::cycle::{CycleInputs, CycleModel, CycleState, Driver};
+use tessera_sim::check::{lockstep, raw_run, Stimulus};
+use tessera_sim::ffi::Lib;
+use tessera_sim::suites::{cases, json, junit, run_suite, SUITES};
+use tessera_sim::verilate::{build, Rtl};
+
+use super::{ConfigSource, Failure};
+
+/// Arguments of `tessera cosim`.
+#[derive(Debug, Args)]
+pub struct CosimArgs {
+    #[command(flatten)]
+    pub source: ConfigSource,
+    /// Suite: modes, dataflows, edges, odd, saturation, stalls, switch, attention, random, all.
+    #[arg(long, default_value = "all")]
+    pub suite: String,
+    /// Seed of the programs, operands, stalls and Verilator's initial values.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Operations of the random suite.
+    #[arg(long, default_value_t = 200)]
+    pub ops: usize,
+    /// Write a JUnit XML report here.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Print a JSON report on stdout instead of the summary lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Check this RTL directory (e.g. hand-edited `tessera gen` output) instead of generating.
+    #[arg(long, value_name = "DIR")]
+    pub rtl: Option<PathBuf>,
+    /// Where mismatch waveforms go (default: the cosim cache's `waves/`).
+    #[arg(long, value_name = "DIR")]
+    pub waves: Option<PathBuf>,
+}
+
+fn source_flag(src: &ConfigSource) -> String {
+    match (&src.config, &src.preset) {
+        (Some(p), _) => format!("--config {}", p.display()),
+        (None, Some(n)) => format!("--preset {n}"),
+        (None, None) => "--preset tiny".into(),
+    }
+}
+
+fn load(cfg: &EngineConfig, rtl: Option<&PathBuf>, quiet: bool) -> Result<Lib, Failure> {
+    let r = match rtl {
+        Some(d) if !d.is_dir() => {
+            return Err(Failure::one(format!(
+                "--rtl {}: not a directory",
+                d.display()
+            )))
+        }
+        Some(d) => Rtl::Dir(d.clone()),
+        None => Rtl::Generated,
+    };
+    let t = Instant::now();
+    let b = build(cfg, &r).map_err(Failure::one)?;
+    if b.compiled && !quiet {
+        eprintln!(
+            "verilated {} in {:.1} s",
+            b.dir.display(),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Lib::load(&b.lib).map_err(Failure::one)
+}
+
+/// Runs `tessera cosim`.
+pub fn run(args: CosimArgs) -> Result<(), Failure> {
+    let cfg = args.source.load_valid()?;
+    let suites: Vec<&str> = if args.suite == "all" {
+        SUITES.to_vec()
+    } else if SUITES.contains(&args.suite.as_str()) {
+        vec![args.suite.as_str()]
+    } else {
+        return Err(Failure::one(format!(
+            "unknown suite {:?}: one of {}, all",
+            args.suite,
+            SUITES.join(", ")
+        )));
+    };
+    let lib = load(&cfg, args.rtl.as_ref(), args.json)?;
+    let waves = args
+        .waves
+        .clone()
+        .unwrap_or_else(|| tessera_sim::verilate::cache_root().join("waves"));
+    let name = cfg
+        .checked_derive()
+        .map(|d| d.config_string)
+        .unwrap_or_else(|_| cfg.name.clone());
+    let mut reps = Vec::new();
+    let mut failed = None;
+    for s in &suites {
+        let r =
+            run_suite(&lib, &cfg, s, args.seed, args.ops, Some(&waves)).map_err(Failure::one)?;
+        if !args.json {
+            println!("{}", r.line());
+        }
+        if r.failure.is_some() && failed.is_none() {
+            failed = Some(r.suite.clone());
+        }
+        reps.push(r);
+    }
+    if args.json {
+        println!("{}", json(&name, args.seed, &reps));
+    }
+    if let Some(f) = &args.junit {
+        std::fs::write(f, junit(&name, &reps))
+            .map_err(|e| Failure::one(format!("{}: {e}", f.display())))?;
+    }
+    if let Some(s) = failed {
+        let rtl = args
+            .rtl
+            .as_ref()
+            .map(|d| format!(" --rtl {}", d.display()))
+            .unwrap_or_default();
+        return Err(Failure::one(format!(
+            "co-simulation mismatch in suite {s}; reproduce: tessera cosim {} --suite {s} --seed {} --ops {}{rtl}",
+            source_flag(&args.source),
+            args.seed,
+            args.ops
+        )));
+    }
+    Ok(())
+}
+
+/// Arguments of `tessera bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+/// What to benchmark.
+#[derive(Debug, Subcommand)]
+pub enum BenchWhat {
+    /// Raw Verilator, golden cycle model and lock-step checked cycles/s on one program.
+    Cosim(BenchCosimArgs),
+}
+
+/// Arguments of `tessera bench cosim`.
+#[derive(Debug, Args)]
+pub struct BenchCosimArgs {
+    /// A TOML config file.
+    #[arg(long, value_name = "FILE", conflicts_with = "preset")]
+    pub config: Option<PathBuf>,
+    /// A preset; default: an 8 x 8 engine (tiny with rows = cols = 8).
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+    /// Random operations in the program.
+    #[arg(long, default_value_t = 60)]
+    pub ops: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// The 8 x 8 bench config: tiny with an 8 x 8 array.
+pub fn bench_config() -> Result<EngineConfig, Failure> {
+    let mut cfg = EngineConfig::preset("tiny").map_err(Failure::one)?;
+    cfg.name = "bench8x8".into();
+    cfg.array.rows = 8;
+    cfg.array.cols = 8;
+    cfg.validate().map_err(|e| {
+        Failure::one(
+            e.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?;
+    Ok(cfg)
+}
+
+/// Runs `tessera bench`.
+pub fn run_bench(args: BenchArgs) -> Result<(), Failure> {
+    let BenchWhat::Cosim(a) = args.what;
+    let cfg = if a.config.is_some() || a.preset.is_some() {
+        ConfigSource {
+            config: a.config.clone(),
+            preset: a.preset.clone(),
+        }
+        .load_valid()?
+    } else {
+        bench_config()?
+    };
+    let lib = load(&cfg, None, false)?;
+    let mut all = cases(&cfg, "random", a.seed, a.ops).map_err(Failure::one)?;
+    let mut prog = all.remove(0).prog;
+    for c in all {
+        prog.cmds.extend(c.prog.cmds);
+        prog.din.extend(c.prog.din);
+    }
+    let stim = Stimulus {
+        cmds: prog.cmds,
+        din: prog.din.iter().map(|w| w.0.clone()).collect(),
+        stall: false,
+        stall_seed: a.seed,
+    };
+    let sbytes = (cfg.interface.stream_bits / 8) as usize;
+    let max = 1u64 << 40;
+    // Raw Verilator (the driver reads only the handshake ports).
+    let t = Instant::now();
+    let raw_cycles = raw_run(&lib, &stim, sbytes, max);
+    let raw_s = t.elapsed().as_secs_f64();
+    // Golden cycle model alone.
+    let t = Instant::now();
+    let mut m = CycleModel::new(&cfg).map_err(Failure::one)?;
+    let mut d = Driver::new(stim.cmds.clone(), stim.din.clone(), sbytes, false, a.seed);
+    let (mut inp, mut st) = (CycleInputs::default(), CycleState::default());
+    while !d.done() {
+        m.state_into(&mut st);
+        d.inputs(&mut inp);
+        m.step(&inp);
+        d.advance(&st, &inp);
+    }
+    let model_cycles = m.cycle();
+    let model_s = t.elapsed().as_secs_f64();
+    // Lock step.
+    let t = Instant::now();
+    let res = lockstep(&lib, &cfg, &stim, a.seed, max, None).map_err(Failure::one)?;
+    let ls_s = t.elapsed().as_secs_f64();
+    let ls_cycles = match res {
+        Ok(c) => c.cycles,
+        Err(mm) => return Err(Failure::one(format!("lock-step mismatch: {mm}"))),
+    };
+    let name = cfg
+        .checked_derive()
+        .map(|d| d.config_string)
+        .unwrap_or_default();
+    println!(
+        "co-simulation speed, {name}, {} random ops, one thread",
+        a.ops
+    );
+    println!(
+        "{:<28} {:>12} {:>10} {:>14}",
+        "run", "cycles", "seconds", "cycles/s"
+    );
+    for (what, c, s) in [
+        ("raw Verilator", raw_cycles, raw_s),
+        ("golden cycle model", model_cycles, model_s),
+        ("lock-step checked", ls_cycles, ls_s),
+    ] {
+        println!(
+            "{what:<28} {c:>12} {s:>10.3} {:>14.0}",
+            c as f64 / s.max(1e-9)
+        );
+    }
+    println!(
+        "lock-step / raw time: {:.2}x",
+        ls_s / raw_s.max(1e-9) * raw_cycles as f64 / ls_cycles.max(1) as f64
+    );
+    Ok(())
+}
