@@ -61,23 +61,27 @@ fn cholesky(a: &mut [f64], n: usize) -> Result<()> {
 /// The upper factor `U` with `U^T U = h^-1` (GPTQ's `Hinv`), row-major.
 fn hinv_upper(mut h: Vec<f64>, n: usize) -> Result<Vec<f64>> {
     cholesky(&mut h, n)?; // h = L, H = L L^T
-                          // Linv (lower): solve L X = I column by column.
-    let mut linv = vec![0f64; n * n];
-    for col in 0..n {
+                          // Linv (lower) solves L X = I; stored transposed (row `col` of `lt` is column `col` of
+                          // Linv) so every inner loop reads contiguous memory.
+    let mut lt = vec![0f64; n * n];
+    lt.par_chunks_mut(n).enumerate().for_each(|(col, x)| {
         for i in col..n {
-            let mut s = if i == col { 1.0 } else { 0.0 };
-            for k in col..i {
-                s -= h[i * n + k] * linv[k * n + col];
-            }
-            linv[i * n + col] = s / h[i * n + i];
+            let li = &h[i * n..i * n + i];
+            let s: f64 = li[col..i].iter().zip(&x[col..i]).map(|(a, b)| a * b).sum();
+            let rhs = if i == col { 1.0 } else { 0.0 };
+            x[i] = (rhs - s) / h[i * n + i];
         }
-    }
-    // Hinv = Linv^T Linv.
+    });
+    // Hinv = Linv^T Linv: Hinv[i][j] = sum_k Linv[k][i] Linv[k][j] = lt[i] . lt[j] (k >= i, j).
     let mut hinv = vec![0f64; n * n];
     hinv.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
         for (j, out) in row.iter_mut().enumerate() {
             let k0 = i.max(j);
-            *out = (k0..n).map(|k| linv[k * n + i] * linv[k * n + j]).sum();
+            *out = lt[i * n + k0..(i + 1) * n]
+                .iter()
+                .zip(&lt[j * n + k0..(j + 1) * n])
+                .map(|(a, b)| a * b)
+                .sum();
         }
     });
     cholesky(&mut hinv, n)?; // Hinv = L2 L2^T, U = L2^T
@@ -119,19 +123,16 @@ fn hessian(x: &[f32], k: usize) -> Vec<f64> {
     h
 }
 
-/// GPTQ of one `[n][k]` matrix `w` with Hessian `h` at `bits` on datapath `dp`.
-pub fn gptq_matrix(
-    w: &[f32],
-    n: usize,
-    k: usize,
-    h: &[f64],
-    bits: u32,
-    dp: &Datapath,
-    opts: &GptqOptions,
-) -> Result<QuantWeights> {
-    let format = format_of_bits(bits)?;
-    let l = dp.w_group_len;
-    let groups = k.div_ceil(l);
+/// What GPTQ needs of one Hessian: the column order, the dead columns and `U`.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    order: Vec<usize>,
+    dead: Vec<bool>,
+    u: Vec<f64>,
+}
+
+/// Dead columns, act-order, dampening and `U` (upper Cholesky factor of `Hinv`) of `h` (`k x k`).
+pub fn prepare(h: &[f64], k: usize, opts: &GptqOptions) -> Result<Prepared> {
     let mut h = h.to_vec();
     let mut dead = vec![false; k];
     for i in 0..k {
@@ -154,6 +155,23 @@ pub fn gptq_matrix(
         hp[pi * k + pi] += opts.damp * mean_diag;
     }
     let u = hinv_upper(hp, k)?;
+    Ok(Prepared { order, dead, u })
+}
+
+/// GPTQ of one `[n][k]` matrix `w` (Hessian prepared by [`prepare`]) at `bits` on `dp`.
+pub fn gptq_matrix(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    prep: &Prepared,
+    bits: u32,
+    dp: &Datapath,
+    opts: &GptqOptions,
+) -> Result<QuantWeights> {
+    let format = format_of_bits(bits)?;
+    let l = dp.w_group_len;
+    let groups = k.div_ceil(l);
+    let (order, dead, u) = (&prep.order, &prep.dead, &prep.u);
     let max_code = (1i64 << bits) - 1;
     let lattice = (1u32 << (8 - bits)) as f32;
     let sf = dp.scale_frac_bits();
@@ -324,7 +342,8 @@ pub fn quantize_model(
                     if x.len() < *n_in {
                         return Err(Error::new(format!("GPTQ: no calibration inputs for {src}")));
                     }
-                    hessians.insert(src.clone(), hessian(&x, *n_in));
+                    let h = hessian(&x, *n_in);
+                    hessians.insert(src.clone(), prepare(&h, *n_in, opts)?);
                 }
                 gptq_matrix(w, *n_out, *n_in, &hessians[&src], bits, dp, opts)
                     .map_err(|e| Error::new(format!("{name}: {e}")))?
@@ -337,4 +356,80 @@ pub fn quantize_model(
     }
     bar.finish_and_clear();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tessera_golden::quant::{quantize_weights, WeightFormat};
+
+    #[test]
+    fn hinv_upper_factors_the_inverse() {
+        let n = 7;
+        let mut a = vec![0f64; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                a[i * n + j] = ((i * 3 + j * 5) % 7) as f64 * 0.1 + if i == j { 3.0 } else { 0.0 };
+            }
+        }
+        let h: Vec<f64> = (0..n * n)
+            .map(|e| {
+                let (i, j) = (e / n, e % n);
+                (0..n).map(|k| a[i * n + k] * a[j * n + k]).sum()
+            })
+            .collect();
+        let u = hinv_upper(h.clone(), n).unwrap();
+        for i in 0..n {
+            for j in 0..i {
+                assert_eq!(u[i * n + j], 0.0, "upper triangular");
+            }
+        }
+        // (U^T U) H = I.
+        for i in 0..n {
+            for j in 0..n {
+                let v: f64 = (0..n)
+                    .map(|m| {
+                        (0..n).map(|k| u[k * n + i] * u[k * n + m]).sum::<f64>() * h[m * n + j]
+                    })
+                    .sum();
+                assert!(
+                    (v - f64::from(u8::from(i == j))).abs() < 1e-9,
+                    "{i} {j} {v}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gptq_with_a_diagonal_hessian_is_round_to_nearest() {
+        let dp = Datapath {
+            w_group_len: 16,
+            w_scale_bits: 16,
+            acc_bits: 48,
+            kv_group_len: 32,
+            kv_recent_window: 64,
+        };
+        let (n, k) = (5, 40);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+            .collect();
+        let h: Vec<f64> = (0..k * k)
+            .map(|e| f64::from(u8::from(e / k == e % k)))
+            .collect();
+        let opts = GptqOptions {
+            damp: 0.01,
+            act_order: false,
+            calib_tokens: 0,
+        };
+        let prep = prepare(&h, k, &opts).unwrap();
+        for (bits, f) in [(2, WeightFormat::W2), (4, WeightFormat::W4)] {
+            let g = gptq_matrix(&w, n, k, &prep, bits, &dp, &opts).unwrap();
+            let r = quantize_weights(&w, n, k, f, &dp).unwrap();
+            assert_eq!(g.packed(), r.packed());
+            assert_eq!(g.gscale_q(), r.gscale_q());
+            assert_eq!(g.zero_u8(), r.zero_u8());
+            assert_eq!(g.row_scale(), r.row_scale());
+        }
+    }
 }
