@@ -7,6 +7,7 @@
 //! - [`check`]: the lock-step checker and the mismatch report (with a VCD waveform);
 //! - [`suites`]: directed and constrained-random suites, JSON / JUnit reports.
 
+pub mod bench;
 pub mod check;
 pub mod ffi;
 pub mod suites;

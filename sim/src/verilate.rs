@@ -29,6 +29,18 @@ pub const VERILATOR_FLAGS: &[&str] = &[
 /// `OPT_FAST` of the verilated C++ (the model's hot code).
 pub const OPT_FAST: &str = "-O2";
 
+/// The flags in force: [`VERILATOR_FLAGS`] and [`OPT_FAST`], or for measurements the
+/// whitespace-separated `TESSERA_SIM_VFLAGS` and `TESSERA_SIM_OPT_FAST` (part of the cache key).
+#[must_use]
+pub fn flags_in_force() -> (Vec<String>, String) {
+    let v = std::env::var("TESSERA_SIM_VFLAGS").map_or_else(
+        |_| VERILATOR_FLAGS.iter().map(|s| (*s).to_string()).collect(),
+        |s| s.split_whitespace().map(str::to_string).collect(),
+    );
+    let o = std::env::var("TESSERA_SIM_OPT_FAST").unwrap_or_else(|_| OPT_FAST.to_string());
+    (v, o)
+}
+
 /// Where an engine's RTL comes from.
 #[derive(Debug, Clone)]
 pub enum Rtl {
@@ -323,8 +335,9 @@ pub fn build(cfg: &EngineConfig, rtl: &Rtl) -> Result<Built, String> {
     }
     h.update(wrap.as_bytes());
     h.update(vlt.as_bytes());
-    h.update(VERILATOR_FLAGS.join(" ").as_bytes());
-    h.update(OPT_FAST.as_bytes());
+    let (vflags, opt_fast) = flags_in_force();
+    h.update(vflags.join(" ").as_bytes());
+    h.update(opt_fast.as_bytes());
     let hash: String = h
         .finalize()
         .iter()
@@ -360,12 +373,12 @@ pub fn build(cfg: &EngineConfig, rtl: &Rtl) -> Result<Built, String> {
         "-CFLAGS".into(),
         "-fPIC".into(),
         "-MAKEFLAGS".into(),
-        format!("OPT_FAST={OPT_FAST}"),
+        format!("OPT_FAST={opt_fast}"),
         "-Mdir".into(),
         "obj".into(),
         "public.vlt".into(),
     ];
-    args.extend(VERILATOR_FLAGS.iter().map(|s| (*s).to_string()));
+    args.extend(vflags);
     args.extend(files.iter().map(|(n, _)| n.clone()));
     run(
         Command::new("verilator").args(&args).current_dir(&tmp),

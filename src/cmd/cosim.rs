@@ -7,10 +7,8 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand};
 use tessera_golden::config::EngineConfig;
-use tessera_golden::cycle::{CycleInputs, CycleModel, CycleState, Driver};
-use tessera_sim::check::{lockstep, raw_run, Stimulus};
 use tessera_sim::ffi::Lib;
-use tessera_sim::suites::{cases, json, junit, run_suite, SUITES};
+use tessera_sim::suites::{json, junit, run_suite, SUITES};
 use tessera_sim::verilate::{build, Rtl};
 
 use super::{ConfigSource, Failure};
@@ -164,23 +162,6 @@ pub struct BenchCosimArgs {
     pub seed: u64,
 }
 
-/// The 8 x 8 bench config: tiny with an 8 x 8 array.
-pub fn bench_config() -> Result<EngineConfig, Failure> {
-    let mut cfg = EngineConfig::preset("tiny").map_err(Failure::one)?;
-    cfg.name = "bench8x8".into();
-    cfg.array.rows = 8;
-    cfg.array.cols = 8;
-    cfg.validate().map_err(|e| {
-        Failure::one(
-            e.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
-    })?;
-    Ok(cfg)
-}
-
 /// Runs `tessera bench`.
 pub fn run_bench(args: BenchArgs) -> Result<(), Failure> {
     let BenchWhat::Cosim(a) = args.what;
@@ -191,73 +172,14 @@ pub fn run_bench(args: BenchArgs) -> Result<(), Failure> {
         }
         .load_valid()?
     } else {
-        bench_config()?
+        tessera_sim::bench::bench_config().map_err(Failure::one)?
     };
     let lib = load(&cfg, None, false)?;
-    let mut all = cases(&cfg, "random", a.seed, a.ops).map_err(Failure::one)?;
-    let mut prog = all.remove(0).prog;
-    for c in all {
-        prog.cmds.extend(c.prog.cmds);
-        prog.din.extend(c.prog.din);
-    }
-    let stim = Stimulus {
-        cmds: prog.cmds,
-        din: prog.din.iter().map(|w| w.0.clone()).collect(),
-        stall: false,
-        stall_seed: a.seed,
-    };
-    let sbytes = (cfg.interface.stream_bits / 8) as usize;
-    let max = 1u64 << 40;
-    // Raw Verilator (the driver reads only the handshake ports).
-    let t = Instant::now();
-    let raw_cycles = raw_run(&lib, &stim, sbytes, max);
-    let raw_s = t.elapsed().as_secs_f64();
-    // Golden cycle model alone.
-    let t = Instant::now();
-    let mut m = CycleModel::new(&cfg).map_err(Failure::one)?;
-    let mut d = Driver::new(stim.cmds.clone(), stim.din.clone(), sbytes, false, a.seed);
-    let (mut inp, mut st) = (CycleInputs::default(), CycleState::default());
-    while !d.done() {
-        m.state_into(&mut st);
-        d.inputs(&mut inp);
-        m.step(&inp);
-        d.advance(&st, &inp);
-    }
-    let model_cycles = m.cycle();
-    let model_s = t.elapsed().as_secs_f64();
-    // Lock step.
-    let t = Instant::now();
-    let res = lockstep(&lib, &cfg, &stim, a.seed, max, None).map_err(Failure::one)?;
-    let ls_s = t.elapsed().as_secs_f64();
-    let ls_cycles = match res {
-        Ok(c) => c.cycles,
-        Err(mm) => return Err(Failure::one(format!("lock-step mismatch: {mm}"))),
-    };
+    let r = tessera_sim::bench::bench(&lib, &cfg, a.ops, a.seed).map_err(Failure::one)?;
     let name = cfg
         .checked_derive()
         .map(|d| d.config_string)
-        .unwrap_or_default();
-    println!(
-        "co-simulation speed, {name}, {} random ops, one thread",
-        a.ops
-    );
-    println!(
-        "{:<28} {:>12} {:>10} {:>14}",
-        "run", "cycles", "seconds", "cycles/s"
-    );
-    for (what, c, s) in [
-        ("raw Verilator", raw_cycles, raw_s),
-        ("golden cycle model", model_cycles, model_s),
-        ("lock-step checked", ls_cycles, ls_s),
-    ] {
-        println!(
-            "{what:<28} {c:>12} {s:>10.3} {:>14.0}",
-            c as f64 / s.max(1e-9)
-        );
-    }
-    println!(
-        "lock-step / raw time: {:.2}x",
-        ls_s / raw_s.max(1e-9) * raw_cycles as f64 / ls_cycles.max(1) as f64
-    );
+        .unwrap_or_else(|_| cfg.name.clone());
+    print!("{}", r.table(&name));
     Ok(())
 }
