@@ -115,3 +115,26 @@ fn broken_rtl_is_caught_at_the_first_wrong_cycle() {
         "VCD has too few steps"
     );
 }
+
+/// Every suite on two odd configs (3 x 5 without W8 / ternary, 32-bit streams; and 5 x 3 with
+/// groups of 16): `cargo test -p tessera-sim -- --ignored` (two more verilations).
+#[test]
+#[ignore = "long: two more verilations"]
+fn odd_configs_every_suite_passes() {
+    let odd = tessera_hdl_gen::testprog::odd_config();
+    let mut odd2 = EngineConfig::preset("tiny").expect("tiny");
+    odd2.name = "odd5x3".into();
+    odd2.array.rows = 5;
+    odd2.array.cols = 3;
+    odd2.quant.w_group_len = 16;
+    odd2.validate().expect("valid");
+    for cfg in [odd, odd2] {
+        let b = build(&cfg, &Rtl::Generated).expect("verilate");
+        let lib = Lib::load(&b.lib).expect("load");
+        for s in SUITES {
+            let r = run_suite(&lib, &cfg, s, 3, 200, None).expect("suite runs");
+            println!("{} {}", cfg.name, r.line());
+            assert!(r.failure.is_none(), "{}: {}", cfg.name, r.line());
+        }
+    }
+}
