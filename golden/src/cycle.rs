@@ -410,6 +410,13 @@ pub struct CycleModel {
     owc: u32,
     ob: Vec<u8>,
     cycle: u64,
+    // per-step scratch (no allocation per cycle)
+    sc_x: Vec<[i64; 4]>,
+    sc_west: Vec<WestIn>,
+    sc_north: Vec<NorthIn>,
+    sc_pe_in: Vec<(WestIn, NorthIn)>,
+    sc_acc: Vec<i64>,
+    sc_ys: Vec<u8>,
 }
 
 impl CycleModel {
@@ -470,6 +477,12 @@ impl CycleModel {
             owc: 0,
             ob: vec![0; (lay.out_words * lay.stream_bits / 8) as usize],
             cycle: 0,
+            sc_x: vec![[0; 4]; r],
+            sc_west: Vec::with_capacity(r),
+            sc_north: Vec::with_capacity(c),
+            sc_pe_in: Vec::with_capacity(r * c),
+            sc_acc: Vec::with_capacity(r * c),
+            sc_ys: vec![0; 4 * c],
             p,
         })
     }
@@ -659,12 +672,7 @@ impl CycleModel {
         let araddr = (self.abase >> 2) + beat_sh;
 
         // ---- feeder stage 1 outputs (from registers) ----
-        let bank: Vec<&[u8]> = self.act.iter().map(|r| r.rdata.as_slice()).collect();
-        let fbank: Vec<u64> = self
-            .foldb
-            .iter()
-            .map(|r| get_bits(&r.rdata, 0, mf))
-            .collect();
+        let fbank: [u64; 4] = std::array::from_fn(|i| get_bits(&self.foldb[i].rdata, 0, mf));
         let odd = r_w4 && (self.isel & 1) == 1;
         let sel4 = |v: &[usize; 4]| -> [usize; 4] { *v };
         let src_idx: [usize; 4] = sel4(&[
@@ -682,12 +690,12 @@ impl CycleModel {
         let sf = p.ws - 1;
         let mut zsum = self.z;
         // lanes[row][j]
-        let mut x_rows = vec![[0i64; 4]; rows];
+        let mut x_rows = std::mem::take(&mut self.sc_x);
         for j in 0..4 {
             let m = (self.lmask >> j) & 1 == 1;
             for (r, xr) in x_rows.iter_mut().enumerate() {
                 let v = if m {
-                    i64::from(bank[src_idx[j]][r] as i8)
+                    i64::from(self.act[src_idx[j]].rdata[r] as i8)
                 } else {
                     0
                 };
@@ -704,13 +712,13 @@ impl CycleModel {
                 x_rows[0][j] = xf;
             }
         }
-        let mut west_in = Vec::with_capacity(rows);
-        let mut n_sacc = self.sacc.clone();
+        let mut west_in = std::mem::take(&mut self.sc_west);
+        west_in.clear();
         for r in 0..rows {
             let bsum: i64 = x_rows[r].iter().sum();
             let snext = wrap(self.sacc[r] + bsum, p.s_bits);
             if self.v1 {
-                n_sacc[r] = if self.l1 { 0 } else { snext };
+                self.sacc[r] = if self.l1 { 0 } else { snext };
             }
             let act = x_rows[r]
                 .iter()
@@ -733,18 +741,19 @@ impl CycleModel {
 
         // ---- array ----
         let store_shift = in_store && self.tmr < rows as u32;
-        let north_in: Vec<NorthIn> = (0..cols)
-            .map(|c| {
-                let f = get_bits(&self.meta.rdata, mf * c as u32, mf);
-                NorthIn {
-                    wgt: self.wgt.rdata[c],
-                    zero: (f & 0xff) as u8,
-                    gscale: f >> 8,
-                }
-            })
-            .collect();
+        let mut north_in = std::mem::take(&mut self.sc_north);
+        north_in.clear();
+        north_in.extend((0..cols).map(|c| {
+            let f = get_bits(&self.meta.rdata, mf * c as u32, mf);
+            NorthIn {
+                wgt: self.wgt.rdata[c],
+                zero: (f & 0xff) as u8,
+                gscale: f >> 8,
+            }
+        }));
         // Inputs of every PE (from the current registers).
-        let mut pe_in: Vec<(WestIn, NorthIn)> = Vec::with_capacity(rows * cols);
+        let mut pe_in = std::mem::take(&mut self.sc_pe_in);
+        pe_in.clear();
         for r in 0..rows {
             for c in 0..cols {
                 let idx = r * cols + c;
@@ -794,7 +803,9 @@ impl CycleModel {
         let bits = pe_mode.bits();
         let gw = p.gw;
         let pw = gw + p.ws;
-        let old_acc: Vec<i64> = self.pes.iter().map(|pe| pe.acc).collect();
+        let mut old_acc = std::mem::take(&mut self.sc_acc);
+        old_acc.clear();
+        old_acc.extend(self.pes.iter().map(|pe| pe.acc));
         for (idx, pe) in self.pes.iter_mut().enumerate() {
             let (w, n) = pe_in[idx];
             // bit planes: lane b / B, weight 2^(b mod B + 8 - B) (N10)
@@ -870,7 +881,7 @@ impl CycleModel {
 
         // ---- output stages (from the bottom row's accumulators before this edge) ----
         let os_valid0 = self.os[0].v2;
-        let mut ys = vec![0u8; 4 * cols];
+        let mut ys = std::mem::take(&mut self.sc_ys);
         for c in 0..cols {
             let o = &self.os[c];
             let ybits = self.os[c].y;
@@ -997,7 +1008,6 @@ impl CycleModel {
         self.isel = (self.bi & 3) as u32;
         self.l1 = issue && lig;
         self.v1 = issue;
-        self.sacc = n_sacc;
         self.z = n_z;
 
         // ---- slots, GEMV stager ----
@@ -1125,6 +1135,12 @@ impl CycleModel {
             self.st
         };
         self.cycle += 1;
+        self.sc_x = x_rows;
+        self.sc_west = west_in;
+        self.sc_north = north_in;
+        self.sc_pe_in = pe_in;
+        self.sc_acc = old_acc;
+        self.sc_ys = ys;
     }
 }
 
