@@ -228,6 +228,8 @@ pub struct Projection {
     pub resident_bytes: f64,
     /// Bytes of the board's largest memory.
     pub board_memory_bytes: f64,
+    /// The engine's `din` width.
+    pub stream_bits: u32,
 }
 
 /// Off-chip bytes of `k x n` weights in `mode`: codes plus a scale and zero point per group.
@@ -382,6 +384,7 @@ pub fn project(
         decode_bytes_per_token: db,
         decode_bandwidth_bound_tokens_s: bw / db,
         resident_bytes: db,
+        stream_bits: cfg.interface.stream_bits,
         board_memory_bytes: board.memory.iter().map(|m| m.size_gib).fold(0.0, f64::max)
             * f64::from(1u32 << 30),
         decode,
@@ -470,6 +473,25 @@ impl Projection {
             "  prefill {:.1} tokens/s ({} tokens)",
             self.prefill_tokens_s, a.prompt
         );
+        let din_gbs = f64::from(self.stream_bits) / 8.0 * f64::from(a.clock_mhz) * 1e6 / 1e9;
+        let _ = writeln!(
+            s,
+            "  the engine's din stream carries {din_gbs:.1} GB/s ({} bits x {} MHz); matching \
+             the memory's {:.1} GB/s needs {:.0} such streams (engine instances or a wider din)",
+            self.stream_bits,
+            a.clock_mhz,
+            self.bandwidth_gbs,
+            (self.bandwidth_gbs / din_gbs).ceil()
+        );
+        if self.resident_bytes > self.board_memory_bytes {
+            let _ = writeln!(
+                s,
+                "  WARNING: the model needs {:.2} GB resident but the board's largest memory \
+                 holds {:.2} GB: it does not fit",
+                self.resident_bytes / 1e9,
+                self.board_memory_bytes / 1e9
+            );
+        }
         s
     }
 
