@@ -64,13 +64,15 @@ fn addr_width(depth: u32) -> u32 {
 /// Bits `[lo, lo + width)` (width <= 64) of a little-endian byte string (missing bytes are 0).
 #[must_use]
 pub fn get_bits(bytes: &[u8], lo: u32, width: u32) -> u64 {
-    let mut v = 0u64;
-    for i in 0..width {
-        let b = lo + i;
-        let byte = bytes.get((b / 8) as usize).copied().unwrap_or(0);
-        v |= u64::from((byte >> (b % 8)) & 1) << i;
+    debug_assert!(width <= 64);
+    let first = (lo / 8) as usize;
+    let mut v = 0u128;
+    for i in 0..9 {
+        if let Some(&b) = bytes.get(first + i) {
+            v |= u128::from(b) << (8 * i);
+        }
     }
-    v
+    mask((v >> (lo % 8)) as u64, width)
 }
 
 fn fld(w: u64, f: Field) -> u64 {

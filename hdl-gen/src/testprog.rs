@@ -451,7 +451,6 @@ pub fn op(
     }
 }
 
-
 /// The lattice output stage of `cfg` (N14 with `out_shift = SF`).
 pub fn lattice(cfg: &EngineConfig) -> OutputStage {
     OutputStage::weight_lattice_i32(cfg.quant.w_scale_bits - 1)

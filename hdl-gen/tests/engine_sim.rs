@@ -11,7 +11,9 @@ use tessera_golden::config::{EngineConfig, WeightMode};
 use tessera_golden::engine::{Dataflow, StreamLayout, Word};
 use tessera_golden::ops::OutputStage;
 use tessera_hdl_gen::engine::generate;
-use tessera_hdl_gen::testprog::{add_fold_op, add_op, lattice, odd_config, op, stage, Op, Program, Rng};
+use tessera_hdl_gen::testprog::{
+    add_fold_op, add_op, lattice, odd_config, op, stage, Op, Program, Rng,
+};
 
 const TB: &str = r#"`timescale 1ns/1ps
 module tb;
@@ -213,7 +215,6 @@ fn odd() -> &'static Sim {
     static SIM: OnceLock<Sim> = OnceLock::new();
     SIM.get_or_init(|| build(&odd_config()))
 }
-
 
 /// Builds one program of `ops` (each drained to its own output rows) and runs it twice: at full
 /// rate, and with random stalls on cmd, din and dout.
