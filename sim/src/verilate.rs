@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 use tessera_golden::config::EngineConfig;
 use tessera_golden::cycle::{ModelParams, SCALAR_PATHS};
 
-/// Verilator flags of the co-simulation build, chosen by measurement (decisions.md 6).
+/// Verilator flags of the co-simulation build (decisions.md 6; what has been measured and what
+/// not is listed in docs/engine.md, "Co-simulation").
 pub const VERILATOR_FLAGS: &[&str] = &[
     "-O3",
     "--x-assign",
