@@ -99,7 +99,12 @@ fn every_model_projects_on_every_board() {
             assert!(p.prefill_tokens_s > 0.0 && p.prefill_tokens_s.is_finite());
             // Llama-2-7B (2.5 GB at W2) does not fit in the PYNQ-Z2's 512 MB: the report says so.
             let warns = p.report().contains("WARNING: the model needs");
-            assert_eq!(warns, b.name == "pynq-z2" && m.name == "llama2-7b", "{}", b.name);
+            assert_eq!(
+                warns,
+                b.name == "pynq-z2" && m.name == "llama2-7b",
+                "{}",
+                b.name
+            );
         }
     }
     assert!(model_by_name("gpt5").is_err());
