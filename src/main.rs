@@ -10,9 +10,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
-mod cmd_ppl;
-mod cmd_quantize;
-mod cmd_run;
 
 #[derive(Debug, Parser)]
 #[command(name = "tessera", version, about, propagate_version = true)]
@@ -38,13 +35,13 @@ enum Command {
     /// Benchmarks (`tessera bench cosim`: Verilator, cycle model and lock-step cycles/s).
     Bench(cmd::cosim::BenchArgs),
     /// Run a GGUF LLM on the CPU (f32 reference) and stream the generated text.
-    Run(cmd_run::RunArgs),
+    Run(cmd::run::RunArgs),
     /// Perplexity of a model over a text, as llama.cpp's llama-perplexity computes it.
-    Ppl(cmd_ppl::PplArgs),
+    Ppl(cmd::ppl::PplArgs),
     /// Greedy-token agreement and mean KL divergence of a mode against f32 over a text.
-    Compare(cmd_ppl::CompareArgs),
+    Compare(cmd::ppl::CompareArgs),
     /// Quantize a GGUF model for the engine into a .tsr file (rtn or gptq).
-    Quantize(cmd_quantize::QuantizeArgs),
+    Quantize(cmd::quantize::QuantizeArgs),
 }
 
 /// Rust ignores SIGPIPE, so printing into a closed pipe (`tessera gen ... | head`) would make
@@ -76,10 +73,10 @@ fn main() -> ExitCode {
         Command::Project(args) => cmd::project::run(args),
         Command::Cosim(args) => cmd::cosim::run(args),
         Command::Bench(args) => cmd::cosim::run_bench(args),
-        Command::Run(args) => cmd_run::run(args),
-        Command::Ppl(args) => cmd_ppl::run(args),
-        Command::Compare(args) => cmd_ppl::run_compare(args),
-        Command::Quantize(args) => cmd_quantize::run(args),
+        Command::Run(args) => cmd::run::run(args),
+        Command::Ppl(args) => cmd::ppl::run(args),
+        Command::Compare(args) => cmd::ppl::run_compare(args),
+        Command::Quantize(args) => cmd::quantize::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

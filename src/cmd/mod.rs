@@ -12,7 +12,10 @@ pub mod cosim;
 pub mod demo;
 pub mod fit;
 pub mod gen;
+pub mod ppl;
 pub mod project;
+pub mod quantize;
+pub mod run;
 
 /// Exit code of every error: bad input, impossible config, missing file.
 pub const EXIT_ERROR: u8 = 2;

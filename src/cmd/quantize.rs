@@ -1,7 +1,7 @@
 //! Wiring of `tessera quantize` (in `tessera::runtime::quantize`) into the CLI: every runtime
 //! error becomes one `error:` line with exit code 2.
 
-use crate::cmd::Failure;
+use super::Failure;
 
 pub use tessera::runtime::quantize::QuantizeArgs;
 

@@ -1,7 +1,7 @@
 //! Wiring of `tessera ppl` and `tessera compare` (in `tessera::runtime::ppl`) into the CLI:
 //! every runtime error becomes one `error:` line with exit code 2.
 
-use crate::cmd::Failure;
+use super::Failure;
 
 pub use tessera::runtime::ppl::{CompareArgs, PplArgs};
 

@@ -1,7 +1,7 @@
 //! Wiring of `tessera run` (the CPU runtime in `tessera::runtime`) into the CLI's conventions:
 //! every runtime error becomes one `error:` line with exit code 2.
 
-use crate::cmd::Failure;
+use super::Failure;
 
 use tessera::runtime::engine::EngineArgs;
 
