@@ -22,7 +22,7 @@ struct Cli {
 enum Command {
     /// Check, show and emit engine configs (EngineConfig, the single source of truth).
     Config(cmd::config::ConfigArgs),
-    /// The main job on embedded defaults: presets, golden GEMM and KV4 attention demos.
+    /// The main job on embedded defaults: presets, golden GEMM and KV4 attention, a CPU chat answer.
     Demo(cmd::demo::DemoArgs),
     /// Generate the engine's Verilog from a config (`--report`: yosys resource counts).
     Gen(cmd::gen::GenArgs),
@@ -34,7 +34,7 @@ enum Command {
     Cosim(cmd::cosim::CosimArgs),
     /// Benchmarks (`tessera bench cosim`: Verilator, cycle model and lock-step cycles/s).
     Bench(cmd::cosim::BenchArgs),
-    /// Run a GGUF LLM on the CPU (f32 reference) and stream the generated text.
+    /// Run a GGUF LLM on the CPU (f32, w8a8kv8 or w2a8kv4) and stream the generated text.
     Run(cmd::run::RunArgs),
     /// Perplexity of a model over a text, as llama.cpp's llama-perplexity computes it.
     Ppl(cmd::ppl::PplArgs),
