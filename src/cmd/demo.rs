@@ -31,6 +31,12 @@ pub struct DemoArgs {
     /// Skip the CPU inference step (the only step that needs the fetched model).
     #[arg(long)]
     pub skip_llm: bool,
+    /// Skip generating and co-simulating the Verilog (the steps that need Verilator).
+    #[arg(long)]
+    pub skip_hw: bool,
+    /// Where the generated Verilog goes (a folder named after the config string and hash).
+    #[arg(long, value_name = "DIR", default_value = "build")]
+    pub build_dir: std::path::PathBuf,
 }
 
 /// Demo data from the runtime's seeded SplitMix64 (one PRNG in the project).
@@ -52,7 +58,7 @@ impl DemoRng {
 
 pub fn run(args: DemoArgs) -> Result<(), Failure> {
     println!("tessera demo: embedded defaults, no files read");
-    println!("[1/4] built-in presets");
+    println!("[1/6] built-in presets");
     for name in EngineConfig::preset_names() {
         let cfg = EngineConfig::preset(name).map_err(Failure::one)?;
         let derived = cfg.checked_derive().map_err(|errs| Failure {
@@ -77,6 +83,7 @@ pub fn run(args: DemoArgs) -> Result<(), Failure> {
         lines: errs.iter().map(ToString::to_string).collect(),
     })?;
     let dp = cfg.datapath();
+    hardware_demo(&args)?;
     let mut rng = DemoRng(SplitMix64::new(args.seed));
     gemm_demo(&dp, &cfg, &mut rng)?;
     attention_demo(&dp, &mut rng)?;
@@ -89,7 +96,7 @@ fn gemm_demo(dp: &Datapath, cfg: &EngineConfig, rng: &mut DemoRng) -> Result<(),
     // Odd sizes on purpose: k is not a multiple of the group length.
     let (m_tokens, k, n_rows) = (4usize, 3 * dp.w_group_len + 5, 24usize);
     println!(
-        "[2/4] GEMM on the golden engine ({}: group {}, {}-bit scales, {}-bit acc): M={m_tokens} K={k} N={n_rows}",
+        "[4/6] GEMM on the golden engine ({}: group {}, {}-bit scales, {}-bit acc): M={m_tokens} K={k} N={n_rows}",
         cfg.name, dp.w_group_len, dp.w_scale_bits, dp.acc_bits
     );
     println!("  mode     max|y - float(dequantized)|  (bound)     rel. error vs original floats");
@@ -214,7 +221,7 @@ fn attention_demo(dp: &Datapath, rng: &mut DemoRng) -> Result<(), Failure> {
     }
     let mem = cache.memory_bytes();
     println!(
-        "[3/4] KV4 attention, one head: head_dim {head_dim}, {tokens} tokens ({} at 4 bits, {} in the 8-bit window), KV memory {mem} bytes (f16: {} bytes, {:.2}x smaller)",
+        "[5/6] KV4 attention, one head: head_dim {head_dim}, {tokens} tokens ({} at 4 bits, {} in the 8-bit window), KV memory {mem} bytes (f16: {} bytes, {:.2}x smaller)",
         cache.n4_tokens(),
         cache.window_tokens(),
         tokens * head_dim * 2 * 2,
@@ -261,12 +268,12 @@ fn attention_demo(dp: &Datapath, rng: &mut DemoRng) -> Result<(), Failure> {
 /// Step 4: SmolLM2-135M answers a chat prompt on the CPU (f32 reference path of the runtime).
 fn inference_demo(skip: bool) -> Result<(), Failure> {
     if skip {
-        println!("[4/4] CPU inference: skipped (--skip-llm)");
+        println!("[6/6] CPU inference: skipped (--skip-llm)");
         return Ok(());
     }
     let model = tessera::runtime::cli::resolve_model(None).map_err(Failure::one)?;
     println!(
-        "[4/4] CPU inference: {} (f32 reference), greedy chat answer",
+        "[6/6] CPU inference: {} (f32 reference), greedy chat answer",
         model.display()
     );
     let args = tessera::runtime::cli::RunArgs {
@@ -281,4 +288,51 @@ fn inference_demo(skip: bool) -> Result<(), Failure> {
     tessera::runtime::cli::run(&args).map_err(Failure::one)?;
     println!();
     Ok(())
+}
+
+/// Steps 2 and 3: generate the preset's Verilog, then co-simulate it in Verilator against the
+/// golden cycle model, every cycle, on every suite.
+fn hardware_demo(args: &DemoArgs) -> Result<(), Failure> {
+    if args.skip_hw {
+        println!("[2/6] generate Verilog: skipped (--skip-hw)");
+        println!("[3/6] co-simulate: skipped (--skip-hw)");
+        return Ok(());
+    }
+    let source = super::ConfigSource {
+        config: None,
+        preset: Some(args.preset.clone()),
+    };
+    let cfg = source.load_valid()?;
+    let out = args
+        .build_dir
+        .join(
+            cfg.checked_derive()
+                .map_err(|errs| Failure {
+                    lines: errs.iter().map(ToString::to_string).collect(),
+                })?
+                .build_dir_name,
+        )
+        .join("rtl");
+    println!(
+        "[2/6] generate Verilog ({}) into {}",
+        args.preset,
+        out.display()
+    );
+    super::gen::run(super::gen::GenArgs {
+        source: source.clone(),
+        out,
+        report: false,
+        board: None,
+    })?;
+    println!("[3/6] co-simulate in Verilator against the golden cycle model, every cycle");
+    super::cosim::run(super::cosim::CosimArgs {
+        source,
+        suite: "all".to_string(),
+        seed: args.seed,
+        ops: 200,
+        junit: None,
+        json: false,
+        rtl: None,
+        waves: None,
+    })
 }
