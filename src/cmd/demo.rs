@@ -57,7 +57,7 @@ impl DemoRng {
 }
 
 pub fn run(args: DemoArgs) -> Result<(), Failure> {
-    println!("tessera demo: embedded defaults, no files read");
+    println!("tessera demo: embedded defaults (built-in presets, no config file read)");
     println!("[1/6] built-in presets");
     for name in EngineConfig::preset_names() {
         let cfg = EngineConfig::preset(name).map_err(Failure::one)?;
