@@ -12,25 +12,13 @@ import json
 import sys
 
 from gguf import GGUFReader
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from ref_llama import build_tokenizer
 
 
 def main():
     path, texts = sys.argv[1], sys.argv[2:]
-    r = GGUFReader(path)
-    tokens = r.fields["tokenizer.ggml.tokens"].contents()
-    merges = [tuple(m.split(" ", 1)) for m in r.fields["tokenizer.ggml.merges"].contents()]
-    types = r.fields["tokenizer.ggml.token_type"].contents()
-    assert r.fields["tokenizer.ggml.pre"].contents() == "smollm"
-    vocab = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True) for t, ty in zip(tokens, types) if ty in (3, 4)])
+    tok = build_tokenizer(GGUFReader(path))
     for text in texts:
         ids = tok.encode(text, add_special_tokens=False).ids
         assert tok.decode(ids, skip_special_tokens=False) == text, text
