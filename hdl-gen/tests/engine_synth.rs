@@ -1,20 +1,23 @@
 //! yosys `synth_xilinx -family xcup` completes on the generated engine: tiny and an odd 3 x 5
-//! config (each about 1-1.5 minutes on 2 cores; they run in parallel). The big presets are
-//! `#[ignore]`d: run them with `cargo test -p tessera-hdl-gen --test engine_synth -- --ignored`.
+//! config flat (each about 1-1.5 minutes on 2 cores; they run in parallel). The big presets are
+//! synthesised hierarchically (each module once, totals by instance count; the flat run of
+//! small did not finish in 50 minutes) and `#[ignore]`d: run them with
+//! `cargo test --release -p tessera-hdl-gen --test engine_synth -- --ignored`.
 
 mod common;
 
 use tessera_golden::config::EngineConfig;
 use tessera_hdl_gen::engine::generate;
-use tessera_hdl_gen::{yosys_synth, SynthOptions, SynthStats};
+use tessera_hdl_gen::{yosys_synth, Family, SynthOptions, SynthStats};
 
-fn synth(cfg: &EngineConfig) -> SynthStats {
+fn synth_with(cfg: &EngineConfig, opts: &SynthOptions) -> SynthStats {
     let d = generate(cfg).expect("generate");
     let (_dir, w) = common::write(&d);
-    let s = yosys_synth(&w, &SynthOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    let s = yosys_synth(&w, opts).unwrap_or_else(|e| panic!("{e}"));
     eprintln!(
-        "{}: LUT {} FF {} DSP {} BRAM {} URAM {} LUTRAM {}",
+        "{} ({}): LUT {} FF {} DSP {} BRAM {} URAM {} LUTRAM {}",
         cfg.name,
+        opts.describe(),
         s.luts(),
         s.ffs(),
         s.dsps(),
@@ -23,6 +26,14 @@ fn synth(cfg: &EngineConfig) -> SynthStats {
         s.lutrams()
     );
     s
+}
+
+fn synth(cfg: &EngineConfig) -> SynthStats {
+    synth_with(cfg, &SynthOptions::default())
+}
+
+fn synth_hier(cfg: &EngineConfig) -> SynthStats {
+    synth_with(cfg, &SynthOptions::hierarchical(Family::UltraScalePlus))
 }
 
 fn odd_config() -> EngineConfig {
@@ -61,13 +72,23 @@ fn odd_config_synthesizes() {
 }
 
 #[test]
-#[ignore = "several minutes of yosys; run with --ignored"]
+#[ignore = "minutes of yosys; run with --ignored"]
 fn small_synthesizes() {
-    synth(&EngineConfig::preset("small").expect("small"));
+    let cfg = EngineConfig::preset("small").expect("small");
+    let s = synth_hier(&cfg);
+    assert!(
+        s.dsps() >= u64::from(cfg.array.rows * cfg.array.cols),
+        "{s:?}"
+    );
 }
 
 #[test]
-#[ignore = "tens of minutes of yosys; run with --ignored"]
+#[ignore = "many minutes of yosys; run with --ignored"]
 fn u280_synthesizes() {
-    synth(&EngineConfig::preset("u280").expect("u280"));
+    let cfg = EngineConfig::preset("u280").expect("u280");
+    let s = synth_hier(&cfg);
+    assert!(
+        s.dsps() >= u64::from(cfg.array.rows * cfg.array.cols),
+        "{s:?}"
+    );
 }

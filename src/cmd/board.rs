@@ -34,16 +34,13 @@ pub fn gen(cfg: &EngineConfig, board: &str, out: &Path, report: bool) -> Result<
         out.display()
     );
     if report {
-        let opts = SynthOptions {
-            family: b.yosys_family(),
-            ..SynthOptions::default()
-        };
+        let opts = SynthOptions::hierarchical(b.yosys_family());
         let t1 = Instant::now();
         let s = yosys_synth(&o.design, &opts)
             .map_err(|e| Failure::one(format!("synthesis report: {e}")))?;
         println!(
-            "  yosys synth_xilinx -family {} ({} s): LUT {} FF {} DSP {} BRAM {} URAM {} LUTRAM {} CARRY {}",
-            b.family,
+            "  {} in {} s: LUT {} FF {} DSP {} BRAM {} URAM {} LUTRAM {} CARRY {}",
+            opts.describe(),
             t1.elapsed().as_secs(),
             s.luts(),
             s.ffs(),

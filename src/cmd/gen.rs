@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use tessera_hdl_gen::engine::{generate, GenError};
-use tessera_hdl_gen::{yosys_synth, SynthOptions};
+use tessera_hdl_gen::{yosys_synth, Family, SynthOptions};
 
 use super::{ConfigSource, Failure};
 
@@ -16,7 +16,8 @@ pub struct GenArgs {
     /// Output directory for `<module>.v` files and `tessera_engine.f` (created if missing).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Also run yosys `synth_xilinx -family xcup` and print LUT/FF/DSP/BRAM/URAM counts.
+    /// Also run yosys `synth_xilinx -family xcup` (hierarchical: each module once, totals by
+    /// instance count) and print LUT/FF/DSP/BRAM/URAM counts.
     #[arg(long)]
     pub report: bool,
     /// Board target (u280, u55c, zcu102, kv260, pynq-z2): also write the AXI top, XDC,
@@ -62,11 +63,13 @@ pub fn run(args: GenArgs) -> Result<(), Failure> {
         );
     }
     if args.report {
+        let opts = SynthOptions::hierarchical(Family::UltraScalePlus);
         let t1 = Instant::now();
-        let s = yosys_synth(&written, &SynthOptions::default())
+        let s = yosys_synth(&written, &opts)
             .map_err(|e| Failure::one(format!("synthesis report: {e}")))?;
         println!(
-            "  yosys synth_xilinx -family xcup ({} s): LUT {} FF {} DSP {} BRAM {} URAM {} LUTRAM {} CARRY {}",
+            "  {} in {} s: LUT {} FF {} DSP {} BRAM {} URAM {} LUTRAM {} CARRY {}",
+            opts.describe(),
             t1.elapsed().as_secs(),
             s.luts(),
             s.ffs(),
