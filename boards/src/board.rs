@@ -1,7 +1,8 @@
 //! Board descriptions as data: `boards/data/*.toml`, embedded with `include_str!`.
 //!
-//! Each file names the vendor documents its figures come from; figures the author was unsure
-//! of carry an `UNSURE` comment in the file. Unknown fields are errors.
+//! Each file names the documents its figures come from (vendor documents and AMD's public board
+//! files, with the section, table or file), one per figure; a figure no retrieved source
+//! confirms carries an `UNSURE` comment saying what is missing. Unknown fields are errors.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -24,7 +25,7 @@ pub struct Board {
     pub name: String,
     /// Human-readable title.
     pub title: String,
-    /// Vendor documents the figures come from (e.g. `DS963`).
+    /// Documents the figures come from (e.g. `UG1393 HBM Configuration and Use`).
     pub sources: Vec<String>,
     /// Vivado part string.
     pub part: String,

@@ -130,10 +130,11 @@ impl Cache {
     fn synth(
         &self,
         cfg: &EngineConfig,
-        family: Family,
+        opts: &SynthOptions,
         what: &str,
         design: impl FnOnce() -> Result<Design, String>,
     ) -> Result<(SynthStats, bool), String> {
+        let family = opts.family;
         let d = cfg.derive();
         let design = design()?;
         // The key is the config hash plus a hash of the Verilog text, so a generator change
@@ -150,8 +151,10 @@ impl Cache {
         } else {
             self.root.join(&d.build_dir_name)
         };
+        // Flat results keep their historical folder name; hierarchical ones say so.
         let dir = base.join(format!(
-            "{what}-{}-{:016x}",
+            "{what}{}-{}-{:016x}",
+            if opts.flatten { "" } else { "-hier" },
             family_dir(family),
             fnv1a(text.as_bytes())
         ));
@@ -162,23 +165,37 @@ impl Cache {
             }
         }
         let w = design.write(&dir).map_err(|e| e.to_string())?;
-        let opts = SynthOptions {
-            family,
-            ..SynthOptions::default()
-        };
-        let s = yosys_synth(&w, &opts).map_err(|e| e.to_string())?;
+        let s = yosys_synth(&w, opts).map_err(|e| e.to_string())?;
         std::fs::write(&stats_file, stats_to_text(&s))
             .map_err(|e| format!("writing {}: {e}", stats_file.display()))?;
         Ok((s, false))
     }
 
-    /// yosys on the whole board top (engine + AXI wrapper) of `cfg`; `true` when cached.
+    /// yosys on the whole board top (engine + AXI wrapper) of `cfg`, flattened (the tiny
+    /// calibration: closest to Vivado, which optimises across the hierarchy); `true` when
+    /// cached.
     pub fn synth_top(
         &self,
         cfg: &EngineConfig,
         family: Family,
     ) -> Result<(SynthStats, bool), String> {
-        self.synth(cfg, family, "top", || {
+        let opts = SynthOptions {
+            family,
+            ..SynthOptions::default()
+        };
+        self.synth(cfg, &opts, "top", || {
+            board_design(cfg).map_err(|e| e.to_string())
+        })
+    }
+
+    /// yosys on the whole board top of `cfg`, hierarchical (each module once, totals by
+    /// instance count): the run that finishes for 2,048 PEs; `true` when cached.
+    pub fn synth_top_hier(
+        &self,
+        cfg: &EngineConfig,
+        family: Family,
+    ) -> Result<(SynthStats, bool), String> {
+        self.synth(cfg, &SynthOptions::hierarchical(family), "top", || {
             board_design(cfg).map_err(|e| e.to_string())
         })
     }
@@ -189,7 +206,11 @@ impl Cache {
         cfg: &EngineConfig,
         family: Family,
     ) -> Result<(SynthStats, bool), String> {
-        self.synth(cfg, family, "pe", || {
+        let opts = SynthOptions {
+            family,
+            ..SynthOptions::default()
+        };
+        self.synth(cfg, &opts, "pe", || {
             let full = generate(cfg).map_err(|e| e.to_string())?;
             let pe = full
                 .module("tessera_pe")
@@ -325,21 +346,23 @@ pub struct Candidate {
 /// Result of a fit search.
 #[derive(Debug, Clone)]
 pub struct FitResult {
-    /// Every candidate evaluated, largest first.
+    /// The power-of-two candidates evaluated, largest first.
     pub tried: Vec<Candidate>,
-    /// The largest fitting candidate, after growing its buffers.
+    /// The largest fitting candidate of any shape the config allows, after growing its
+    /// buffers.
     pub best: Option<Candidate>,
+    /// The largest fitting power-of-two candidate, after growing its buffers.
+    pub best_pow2: Option<Candidate>,
 }
 
 fn evaluate(
     cfg: &EngineConfig,
     board: &Board,
-    cache: &Cache,
+    pe: &Usage,
     cal: &Calibration,
     limit: f64,
 ) -> Result<Candidate, String> {
-    let pe = Usage::from_stats(&cache.synth_pe(cfg, board.yosys_family())?.0);
-    let usage = model(cfg, &pe, cal);
+    let usage = model(cfg, pe, cal);
     let sh = shares(&usage, &board.resources);
     let fits = sh.iter().all(|s| s.fraction <= limit);
     Ok(Candidate {
@@ -350,7 +373,8 @@ fn evaluate(
     })
 }
 
-/// Array shapes tried: powers of two, `rows <= cols`, up to 64 x 64, largest PE count first.
+/// Array shapes tried first: powers of two, `rows <= cols`, up to 64 x 64, largest PE count
+/// first.
 #[must_use]
 pub fn shapes() -> Vec<(u32, u32)> {
     let p = [4u32, 8, 16, 32, 64];
@@ -362,9 +386,24 @@ pub fn shapes() -> Vec<(u32, u32)> {
     v
 }
 
+/// Every shape the config allows (`array.rows`, `array.cols` in 1..=64, any value), with
+/// `4 <= rows <= cols`, largest PE count first, then the squarer shape (more rows).
+#[must_use]
+pub fn all_shapes() -> Vec<(u32, u32)> {
+    let mut v: Vec<(u32, u32)> = (4u32..=64)
+        .flat_map(|r| (r..=64).map(move |c| (r, c)))
+        .collect();
+    v.sort_by_key(|&(r, c)| (std::cmp::Reverse(r * c), std::cmp::Reverse(r)));
+    v
+}
+
 /// Finds the largest array (then the largest weight buffer, doubling `wgt_depth` up to 64 Ki
 /// entries; `act_depth` stays as given, it is sized by the model's longest `k`) of `base`
-/// under `limit` on `board`.
+/// under `limit` on `board`. The power-of-two shapes are tried and reported first; then every
+/// shape the config allows (rows and cols need not be powers of two) is evaluated with the
+/// same model, and the one with the most PEs under the limit wins (`best`; `best_pow2` is
+/// the largest power-of-two fit). The PE is synthesised once: its Verilog does not depend on
+/// the array shape.
 pub fn fit(
     board: &Board,
     base: &EngineConfig,
@@ -372,36 +411,53 @@ pub fn fit(
     cache: &Cache,
 ) -> Result<FitResult, String> {
     let cal = Calibration::load(cache, board.yosys_family())?;
+    let pe = Usage::from_stats(&cache.synth_pe(base, board.yosys_family())?.0);
     let mut tried = Vec::new();
-    let mut best = None;
+    let mut best_pow2 = None;
     for (r, c) in shapes() {
         let cfg = with_array(base, r, c);
         if cfg.validate().is_err() {
             continue;
         }
-        let cand = evaluate(&cfg, board, cache, &cal, limit)?;
+        let cand = evaluate(&cfg, board, &pe, &cal, limit)?;
         let fits = cand.fits;
         tried.push(cand.clone());
         if fits {
+            best_pow2 = Some(cand);
+            break;
+        }
+    }
+    let mut best = None;
+    for (r, c) in all_shapes() {
+        let cfg = with_array(base, r, c);
+        if cfg.validate().is_err() {
+            continue;
+        }
+        let cand = evaluate(&cfg, board, &pe, &cal, limit)?;
+        if cand.fits {
             best = Some(cand);
             break;
         }
     }
-    if let Some(b) = best.as_mut() {
+    for b in [best.as_mut(), best_pow2.as_mut()].into_iter().flatten() {
         loop {
             let mut g = b.cfg.clone();
             g.buffers.wgt_depth *= 2;
             if g.buffers.wgt_depth > 65536 || g.validate().is_err() {
                 break;
             }
-            let cand = evaluate(&g, board, cache, &cal, limit)?;
+            let cand = evaluate(&g, board, &pe, &cal, limit)?;
             if !cand.fits {
                 break;
             }
             *b = cand;
         }
     }
-    Ok(FitResult { tried, best })
+    Ok(FitResult {
+        tried,
+        best,
+        best_pow2,
+    })
 }
 
 /// A text table of one candidate's shares.

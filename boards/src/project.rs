@@ -2,10 +2,10 @@
 //! a roofline (engine-bound vs memory-bound per operation), decode and prefill tokens/s.
 //! Always **simulated**: nothing here ran on a board.
 //!
-//! The cycle counts come from one place, the [`CycleModel`] trait. Today [`Analytical`] counts
+//! The cycle counts come from one place, the [`CycleEstimate`] trait. Today [`Analytical`] counts
 //! the engine as built (docs/engine.md: GEMV fed by one `din` word per cycle including the
 //! per-group metadata header; GEMM tiles with their loads, flush, store and drain, no overlap).
-//! When the cycle-accurate model of the co-simulation issue exists, implement `CycleModel` for
+//! When the cycle-accurate model of the co-simulation issue exists, implement `CycleEstimate` for
 //! it and pass it to [`project`]: that swap is the only change.
 
 use std::fmt::Write as _;
@@ -96,7 +96,7 @@ impl Op {
 }
 
 /// The single source of cycle counts (swap for the cycle-accurate model).
-pub trait CycleModel {
+pub trait CycleEstimate {
     /// Engine cycles for `op`.
     fn cycles(&self, op: &Op) -> u64;
     /// A one-line description printed with the projection.
@@ -121,7 +121,7 @@ impl Analytical {
     }
 }
 
-impl CycleModel for Analytical {
+impl CycleEstimate for Analytical {
     fn cycles(&self, op: &Op) -> u64 {
         let (r, c) = (
             u64::from(self.cfg.array.rows),
@@ -307,7 +307,7 @@ fn layer_ops(
     ]
 }
 
-fn rows(ops: Vec<Op>, cm: &dyn CycleModel, hz: f64, bw: f64) -> Vec<Row> {
+fn rows(ops: Vec<Op>, cm: &dyn CycleEstimate, hz: f64, bw: f64) -> Vec<Row> {
     ops.into_iter()
         .map(|op| {
             let cycles = cm.cycles(&op);
@@ -331,7 +331,7 @@ pub fn project(
     board: &Board,
     cfg: &EngineConfig,
     a: &Assumptions,
-    cm: &dyn CycleModel,
+    cm: &dyn CycleEstimate,
 ) -> Projection {
     let hz = f64::from(a.clock_mhz) * 1e6;
     let bw = board.main_memory().bandwidth_gbs * 1e9 * a.bw_efficiency;

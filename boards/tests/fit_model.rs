@@ -1,7 +1,9 @@
 //! The fit model and search without yosys (a synthetic calibration), so it runs in
 //! milliseconds: presets against boards, binding resource, monotone search.
 
-use tessera_boards::fit::{binding, model, shapes, shares, with_array, Calibration, Usage};
+use tessera_boards::fit::{
+    all_shapes, binding, model, shapes, shares, with_array, Calibration, Usage,
+};
 use tessera_boards::Board;
 use tessera_golden::config::EngineConfig;
 
@@ -60,5 +62,22 @@ fn shapes_are_largest_first_and_valid() {
         with_array(&base, r, c)
             .validate()
             .expect("candidate validates");
+    }
+}
+
+#[test]
+fn all_shapes_include_non_powers_of_two_and_validate() {
+    let s = all_shapes();
+    assert_eq!(s[0], (64, 64));
+    assert!(s.contains(&(12, 24)) && s.contains(&(5, 7)));
+    assert!(s
+        .iter()
+        .all(|&(r, c)| (4..=64).contains(&r) && r <= c && c <= 64));
+    assert!(s.windows(2).all(|w| w[0].0 * w[0].1 >= w[1].0 * w[1].1));
+    let base = EngineConfig::preset("tiny").expect("tiny");
+    for (r, c) in s {
+        with_array(&base, r, c)
+            .validate()
+            .unwrap_or_else(|e| panic!("{r} x {c}: {e:?}"));
     }
 }

@@ -1,7 +1,8 @@
 //! Projection consistency: bytes, bandwidth roofline, cycle bounds, both model shapes.
 
 use tessera_boards::project::{
-    kv_bytes, model_by_name, models, project, weight_bytes, Analytical, Assumptions, CycleModel, Op,
+    kv_bytes, model_by_name, models, project, weight_bytes, Analytical, Assumptions, CycleEstimate,
+    Op,
 };
 use tessera_boards::Board;
 use tessera_golden::config::{EngineConfig, WeightMode};
@@ -108,4 +109,66 @@ fn every_model_projects_on_every_board() {
         }
     }
     assert!(model_by_name("gpt5").is_err());
+}
+
+/// The analytical cycle counts that `tessera project` uses, checked against the cycle-accurate
+/// model (`golden::cycle`, the model the co-simulation checks the RTL against cycle by cycle)
+/// on small shapes: one GEMV pass and one GEMM tile per mode on tiny, the program built by
+/// hdl-gen's `testprog` (SET_BASE, SET_OUT, LOAD_ACT of `k` entries, the loads, RUN, DRAIN).
+/// For GEMV the analytical count leaves out the activation load (`k` din words: in decode the
+/// activation vector is loaded once per layer, not per weight pass); GEMM counts it. Neither
+/// counts the command hand-offs (SET_BASE, SET_OUT, the LOAD commands) and the driver's idle
+/// tail, so `measured = analytical (+ k for GEMV) + overhead` with a small constant overhead.
+#[test]
+fn analytical_cycles_match_the_cycle_accurate_model_on_small_shapes() {
+    use tessera_golden::cycle::run_program;
+    use tessera_golden::engine::Dataflow;
+    use tessera_hdl_gen::testprog::{add_op, lattice, op, Program, Rng};
+
+    let cfg = EngineConfig::preset("tiny").expect("tiny");
+    let est = Analytical::new(&cfg);
+    let (rows, cols) = (cfg.array.rows as usize, cfg.array.cols as usize);
+    let l = cfg.quant.w_group_len as usize;
+    let mut report = Vec::new();
+    let mut overheads = Vec::new();
+    for mode in [WeightMode::W2, WeightMode::W4, WeightMode::W8] {
+        for (df, m, n, k) in [
+            (Dataflow::Gemv, 1, rows * cols, l),
+            (Dataflow::Gemv, 1, rows * cols, 4 * l),
+            (Dataflow::Gemv, 1, rows * cols - 3, 3 * l),
+            (Dataflow::Gemm, rows, cols, l),
+            (Dataflow::Gemm, rows, cols, 4 * l),
+            (Dataflow::Gemm, rows - 1, cols, 2 * l),
+        ] {
+            let mut p = Program::default();
+            let o = op("x", mode, df, m, n, k, lattice(&cfg), 0);
+            add_op(&mut p, &cfg, &mut Rng(7), &o, 0);
+            let din: Vec<Vec<u8>> = p.din.iter().map(|w| w.0.clone()).collect();
+            let r = run_program(&cfg, &p.cmds, &din, false, 1, 1_000_000).expect("runs");
+            assert!(!r.err);
+            let a = est.cycles(&Op {
+                name: "x".into(),
+                mode,
+                tokens: m as u64,
+                k: k as u64,
+                n: n as u64,
+                count: 1,
+                bytes: 0.0,
+            });
+            let act = if df == Dataflow::Gemv { k as u64 } else { 0 };
+            let overhead = r.cycles as i64 - (a + act) as i64;
+            report.push(format!(
+                "{mode:?} {df:?} m{m} n{n} k{k}: measured {} analytical {a} overhead {overhead}",
+                r.cycles
+            ));
+            overheads.push(overhead);
+        }
+    }
+    let text = report.join("\n");
+    eprintln!("{text}");
+    // Command hand-offs and the driver's 4 idle cycles at the end: a small constant.
+    assert!(overheads.iter().all(|o| (0..=24).contains(o)), "{text}");
+    let lo = overheads.iter().min().copied().unwrap_or(0);
+    let hi = overheads.iter().max().copied().unwrap_or(0);
+    assert!(hi - lo <= 4, "{text}");
 }

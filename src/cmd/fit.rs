@@ -18,8 +18,9 @@ pub struct FitArgs {
     /// Largest utilisation of any resource, 0 < limit <= 1.
     #[arg(long, default_value_t = 0.7)]
     pub limit: f64,
-    /// Also run yosys on the whole board top of the config and of the best fit (slow for
-    /// big arrays) instead of trusting the calibrated model.
+    /// Also run yosys on the whole board top of the config and of the best fit
+    /// (hierarchical: each module once, totals by instance count; minutes for big arrays)
+    /// instead of trusting the calibrated model.
     #[arg(long)]
     pub synth: bool,
     /// Cache folder for synthesis results (one sub-folder per config build name).
@@ -51,13 +52,13 @@ pub fn run(args: FitArgs) -> Result<(), Failure> {
     let mut usage = fit::model(&cfg, &fit::Usage::from_stats(&pe), &cal);
     let mut how = "model calibrated by yosys (PE synthesised; rest scaled from tiny)";
     if args.synth {
-        let (s, cached) = cache.synth_top(&cfg, fam).map_err(Failure::one)?;
+        let (s, cached) = cache.synth_top_hier(&cfg, fam).map_err(Failure::one)?;
         usage = fit::Usage::from_stats(&s);
         usage.bram36 = usage.bram36.max(f64::from(d.total_bram36));
         how = if cached {
-            "yosys on the whole top (cached)"
+            "yosys on the whole top, hierarchical (cached)"
         } else {
-            "yosys on the whole top"
+            "yosys on the whole top, hierarchical"
         };
     }
     let sh = fit::shares(&usage, &board.resources);
@@ -88,13 +89,26 @@ pub fn run(args: FitArgs) -> Result<(), Failure> {
             b.fraction * 100.0
         );
     }
+    if let Some(p2) = &res.best_pow2 {
+        let b = fit::binding(&p2.shares);
+        println!(
+            "\nlargest power-of-two fit: {} x {} ({} PEs), wgt_depth {}; binds on {} at {:.1}%",
+            p2.cfg.array.rows,
+            p2.cfg.array.cols,
+            p2.cfg.array.rows * p2.cfg.array.cols,
+            p2.cfg.buffers.wgt_depth,
+            b.resource,
+            b.fraction * 100.0
+        );
+    }
     match res.best {
         Some(best) => {
             let bd = best.cfg.derive();
             let b = fit::binding(&best.shares);
             println!(
-                "\nlargest fit: {} x {} ({} PEs), act_depth {}, wgt_depth {}, out_depth {}, \
-                 stream_bits {} -> {}; binds on {} at {:.1}%",
+                "\nlargest fit (any rows x cols from 4 to 64, rows <= cols): {} x {} ({} PEs), \
+                 act_depth {}, wgt_depth {}, out_depth {}, stream_bits {} -> {}; binds on {} at \
+                 {:.1}%",
                 best.cfg.array.rows,
                 best.cfg.array.cols,
                 bd.pe_count,
@@ -108,10 +122,10 @@ pub fn run(args: FitArgs) -> Result<(), Failure> {
             );
             print!("{}", fit::share_table(&best.shares, args.limit));
             if args.synth {
-                let (s, _) = cache.synth_top(&best.cfg, fam).map_err(Failure::one)?;
+                let (s, _) = cache.synth_top_hier(&best.cfg, fam).map_err(Failure::one)?;
                 let u = fit::Usage::from_stats(&s);
                 println!(
-                    "  yosys on the whole top: LUT {:.0} FF {:.0} DSP {:.0} BRAM36 {:.1} URAM {:.0}",
+                    "  yosys on the whole top (hierarchical): LUT {:.0} FF {:.0} DSP {:.0} BRAM36 {:.1} URAM {:.0}",
                     u.lut, u.ff, u.dsp, u.bram36, u.uram
                 );
             }
