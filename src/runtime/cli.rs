@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::engine::{apply_mode, EngineArgs, Mode};
 use super::gguf::Gguf;
 use super::model::Model;
+use super::ops::{Backend, Isa};
 use super::sampler::Sampler;
 use super::tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
 use super::{Error, Result};
@@ -149,10 +150,21 @@ pub fn load_with_mode(
         .map_err(|e| Error::new(format!("{}: {e}", path.display())))?;
         bar.finish_and_clear();
     }
+    set_threads(engine.threads)?;
+    let isa = Isa::from_env().map_err(|e| Error::new(e.to_string()))?;
+    if mode != Mode::F32 {
+        model.set_backend(engine.backend, isa);
+    }
     if mode != Mode::F32 {
         eprintln!(
-            "mode {}: engine datapath w_group_len {}, w_scale_bits {}, acc_bits {}, kv_group_len {}, kv_recent_window {}",
+            "mode {} on the {} backend{}: engine datapath w_group_len {}, w_scale_bits {}, acc_bits {}, kv_group_len {}, kv_recent_window {}",
             mode.name(),
+            engine.backend.name(),
+            if engine.backend == Backend::Cpu {
+                format!(" ({} kernels)", isa.name())
+            } else {
+                String::new()
+            },
             dp.w_group_len,
             dp.w_scale_bits,
             dp.acc_bits,
@@ -161,6 +173,33 @@ pub fn load_with_mode(
         );
     }
     Ok((model, tok, mode))
+}
+
+/// Sizes rayon's global pool to `threads` (every core when `None`). The pool can be built
+/// once per process: a later call with another count is an error, with the same count a no-op.
+pub fn set_threads(threads: Option<usize>) -> Result<()> {
+    static SET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let Some(n) = threads else {
+        return Ok(());
+    };
+    if n == 0 {
+        return Err(Error::new("--threads must be at least 1"));
+    }
+    if let Some(&have) = SET.get() {
+        return if have == n {
+            Ok(())
+        } else {
+            Err(Error::new(format!(
+                "the thread pool already has {have} threads (asked for {n})"
+            )))
+        };
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| Error::new(format!("--threads {n}: {e}")))?;
+    let _ = SET.set(n);
+    Ok(())
 }
 
 /// The prompt's token ids: chat-templated when `chat`, BOS first when the model asks for it.
@@ -188,6 +227,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         preset: "tiny".to_string(),
         config: None,
         head_bits: 8,
+        backend: Backend::Cpu,
+        threads: None,
     };
     run_with(args, &engine)
 }
@@ -221,7 +262,7 @@ pub fn run_with(args: &RunArgs, engine: &EngineArgs) -> Result<()> {
     let write_err = |e: std::io::Error| Error::new(format!("cannot write to stdout: {e}"));
 
     let t0 = Instant::now();
-    let mut logits = model.forward(&mut session, &ids, false)?;
+    let mut next = sampler.sample(model.forward_into(&mut session, &ids, 1)?);
     let prefill_s = t0.elapsed().as_secs_f64();
 
     let mut dec = StreamDecoder::default();
@@ -229,7 +270,6 @@ pub fn run_with(args: &RunArgs, engine: &EngineArgs) -> Result<()> {
     let mut n_gen = 0usize;
     let mut n_decoded = 0usize;
     while n_gen < args.n_predict {
-        let next = sampler.sample(&logits);
         n_gen += 1;
         if tok.is_end(next) {
             break;
@@ -244,7 +284,7 @@ pub fn run_with(args: &RunArgs, engine: &EngineArgs) -> Result<()> {
         if n_gen == args.n_predict {
             break;
         }
-        logits = model.forward(&mut session, &[next], false)?;
+        next = sampler.sample(model.forward_into(&mut session, &[next], 1)?);
         n_decoded += 1;
     }
     let rest = dec.finish();

@@ -19,7 +19,7 @@ use tessera_golden::numerics::Datapath;
 use tessera_golden::quant::{quantize_weights, QuantWeights, WeightFormat};
 
 use super::model::Model;
-use super::ops::{EngineLinear, KvKind, Linear};
+use super::ops::{Backend, EngineLinear, KvKind, Linear};
 use super::{Error, Result};
 
 /// An execution mode of the forward pass.
@@ -92,6 +92,13 @@ pub struct EngineArgs {
     /// Bits of the output head in the quantized modes (2, 4 or 8)
     #[arg(long, default_value_t = 8)]
     pub head_bits: u32,
+    /// Implementation of the engine's integer ops: `cpu` (tessera-kernels-cpu, fast) or `golden`
+    /// (the readable reference); both give the same integers
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub backend: Backend,
+    /// Worker threads of the forward pass [default: every core]
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
 }
 
 impl EngineArgs {

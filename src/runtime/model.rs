@@ -8,8 +8,10 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use super::gguf::Gguf;
-use super::ops::{KvCache, KvKind, Linear};
+use super::ops::{Backend, Isa, KvCache, KvKind, Linear, LinearScratch};
 use super::{Error, Result};
 
 /// Sizes and constants of a Llama-architecture model, all read from GGUF metadata.
@@ -174,11 +176,41 @@ pub struct Model {
     pub kv: KvKind,
 }
 
-/// The state of one sequence: the KV caches and the next position.
+/// The state of one sequence: the KV caches, the next position, and the forward pass's
+/// buffers (grown to the largest step seen, so a decode step allocates nothing).
 #[derive(Debug, Clone)]
 pub struct Session {
     pub caches: Vec<KvCache>,
     pub pos: usize,
+    pub ws: Workspace,
+}
+
+/// Buffers of one forward step (activations, scores, logits, the linears' scratch).
+#[derive(Debug, Clone, Default)]
+pub struct Workspace {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    scores: Vec<f32>,
+    hn: Vec<f32>,
+    logits: Vec<f32>,
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+    lin: LinearScratch,
+}
+
+/// `v[..len]`, grown (zero-filled) when shorter.
+fn buf(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
 }
 
 impl Model {
@@ -270,16 +302,58 @@ impl Model {
         Ok(())
     }
 
+    /// Runs every engine layer (and the KV products of new sessions) on `backend`, with kernel
+    /// path `isa` for [`Backend::Cpu`]; the load-time re-packing happens here (in parallel).
+    pub fn set_backend(&mut self, backend: Backend, isa: Isa) {
+        let mut all: Vec<&mut Linear> = Vec::new();
+        for l in &mut self.layers {
+            all.extend([
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.w_gate,
+                &mut l.w_up,
+                &mut l.w_down,
+            ]);
+        }
+        all.push(&mut self.output);
+        all.par_iter_mut().for_each(|l| l.set_backend(backend, isa));
+    }
+
+    /// The backend and kernel path of the engine layers (the KV products follow them); golden
+    /// when no layer is an engine layer.
+    pub fn backend(&self) -> (Backend, Isa) {
+        self.layers
+            .first()
+            .and_then(|l| l.wq.engine())
+            .or_else(|| self.output.engine())
+            .map_or((Backend::Golden, Isa::Scalar), |e| (e.backend(), e.isa()))
+    }
+
+    /// Bytes of weights one decode step reads through the linear layers (the roofline's
+    /// numerator; the embedding row and norms are negligible).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
+            .chain(std::iter::once(&self.output))
+            .map(Linear::weight_bytes)
+            .sum()
+    }
+
     /// A fresh session (empty KV caches).
     pub fn session(&self) -> Session {
+        let (backend, isa) = self.backend();
         let new = || {
             // `set_kv` checked that this kind builds; f32 cannot fail.
-            KvCache::new(self.kv, self.cfg.n_head_kv, self.cfg.head_dim)
+            KvCache::with_backend(self.kv, self.cfg.n_head_kv, self.cfg.head_dim, backend, isa)
                 .unwrap_or_else(|_| KvCache::f32(self.cfg.n_head_kv, self.cfg.head_dim))
         };
         Session {
             caches: (0..self.cfg.n_layer).map(|_| new()).collect(),
             pos: 0,
+            ws: Workspace::default(),
         }
     }
 
@@ -294,6 +368,17 @@ impl Model {
     /// As [`Self::forward`], returning the logits of the last `rows` tokens
     /// (`rows * vocab` values, `1 <= rows <= tokens.len()`).
     pub fn forward_rows(&self, s: &mut Session, tokens: &[u32], rows: usize) -> Result<Vec<f32>> {
+        Ok(self.forward_into(s, tokens, rows)?.to_vec())
+    }
+
+    /// As [`Self::forward_rows`], the logits borrowed from the session's workspace: a decode
+    /// step allocates nothing once the workspace has grown (engine layers on the CPU backend).
+    pub fn forward_into<'s>(
+        &self,
+        s: &'s mut Session,
+        tokens: &[u32],
+        rows: usize,
+    ) -> Result<&'s [f32]> {
         let c = &self.cfg;
         let n = tokens.len();
         if n == 0 {
@@ -311,8 +396,9 @@ impl Model {
             )));
         }
         let (d, hd, qd, kvd) = (c.d_model, c.head_dim, c.q_dim(), c.kv_dim());
-        let mut x = Vec::with_capacity(n * d);
-        for &t in tokens {
+        let ws = &mut s.ws;
+        let x = buf(&mut ws.x, n * d);
+        for (xr, &t) in x.chunks_exact_mut(d).zip(tokens) {
             let t = t as usize;
             if t >= c.vocab {
                 return Err(Error::new(format!(
@@ -320,29 +406,37 @@ impl Model {
                     c.vocab
                 )));
             }
-            x.extend_from_slice(&self.embed[t * d..(t + 1) * d]);
+            xr.copy_from_slice(&self.embed[t * d..(t + 1) * d]);
         }
-        let rope = RopeTable::new(s.pos, n, hd, c.rope_base);
+        let rope = RopeTable::new(
+            s.pos,
+            n,
+            hd,
+            c.rope_base,
+            &mut ws.rope_cos,
+            &mut ws.rope_sin,
+        );
         let group = c.n_head / c.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut h = vec![0f32; n * d];
-        let mut q = vec![0f32; n * qd];
-        let mut k = vec![0f32; n * kvd];
-        let mut v = vec![0f32; n * kvd];
-        let mut att = vec![0f32; n * qd];
-        let mut o = vec![0f32; n * d];
-        let mut g = vec![0f32; n * c.n_ff];
-        let mut u = vec![0f32; n * c.n_ff];
-        let mut scores = vec![0f32; s.pos + n];
+        let h = buf(&mut ws.h, n * d);
+        let q = buf(&mut ws.q, n * qd);
+        let k = buf(&mut ws.k, n * kvd);
+        let v = buf(&mut ws.v, n * kvd);
+        let att = buf(&mut ws.att, n * qd);
+        let o = buf(&mut ws.o, n * d);
+        let g = buf(&mut ws.g, n * c.n_ff);
+        let u = buf(&mut ws.u, n * c.n_ff);
+        let scores = buf(&mut ws.scores, s.pos + n);
+        let lin = &mut ws.lin;
 
         for (layer, cache) in self.layers.iter().zip(s.caches.iter_mut()) {
             if cache.len() != s.pos {
                 return Err(Error::new("KV cache out of step with the session position"));
             }
-            rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
-            layer.wq.forward(&h, n, &mut q);
-            layer.wk.forward(&h, n, &mut k);
-            layer.wv.forward(&h, n, &mut v);
+            rms_norm(x, &layer.attn_norm, c.rms_eps, h);
+            layer.wq.forward_ws(h, n, q, lin);
+            layer.wk.forward_ws(h, n, k, lin);
+            layer.wv.forward_ws(h, n, v, lin);
             // Token by token: store position t, then attend from it, so that a prefill sees the
             // cache exactly as a token-by-token decode would (the KV4 cache quantizes groups as
             // they leave the recent window; the f32 results are the same either way).
@@ -368,42 +462,50 @@ impl Model {
                     );
                 }
             }
-            layer.wo.forward(&att, n, &mut o);
-            add(&mut x, &o);
+            layer.wo.forward_ws(att, n, o, lin);
+            add(x, o);
 
-            rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
-            layer.w_gate.forward(&h, n, &mut g);
-            layer.w_up.forward(&h, n, &mut u);
-            for (gi, ui) in g.iter_mut().zip(&u) {
+            rms_norm(x, &layer.ffn_norm, c.rms_eps, h);
+            layer.w_gate.forward_ws(h, n, g, lin);
+            layer.w_up.forward_ws(h, n, u, lin);
+            for (gi, ui) in g.iter_mut().zip(u.iter()) {
                 *gi = silu(*gi) * ui;
             }
-            layer.w_down.forward(&g, n, &mut o);
-            add(&mut x, &o);
+            layer.w_down.forward_ws(g, n, o, lin);
+            add(x, o);
         }
         s.pos += n;
 
         let last = &x[(n - rows) * d..];
-        let mut hn = vec![0f32; rows * d];
-        rms_norm(last, &self.out_norm, c.rms_eps, &mut hn);
-        let mut logits = vec![0f32; rows * c.vocab];
-        self.output.forward(&hn, rows, &mut logits);
-        Ok(logits)
+        let hn = buf(&mut ws.hn, rows * d);
+        rms_norm(last, &self.out_norm, c.rms_eps, hn);
+        let logits = buf(&mut ws.logits, rows * c.vocab);
+        self.output.forward_ws(hn, rows, logits, lin);
+        Ok(&s.ws.logits[..rows * c.vocab])
     }
 }
 
 /// cos/sin of RoPE angles for `n` positions from `pos0`, llama.cpp's "normal" mode: element pairs
 /// `(2i, 2i+1)` of each head rotate by `pos * base^(-2i/head_dim)`.
-struct RopeTable {
+struct RopeTable<'a> {
     head_dim: usize,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    cos: &'a [f32],
+    sin: &'a [f32],
 }
 
-impl RopeTable {
-    fn new(pos0: usize, n: usize, head_dim: usize, base: f32) -> RopeTable {
+impl<'a> RopeTable<'a> {
+    /// Fills `cos`/`sin` (cleared first, reused across steps).
+    fn new(
+        pos0: usize,
+        n: usize,
+        head_dim: usize,
+        base: f32,
+        cos: &'a mut Vec<f32>,
+        sin: &'a mut Vec<f32>,
+    ) -> RopeTable<'a> {
         let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
+        cos.clear();
+        sin.clear();
         for t in 0..n {
             let p = (pos0 + t) as f64;
             for i in 0..half {
@@ -412,7 +514,11 @@ impl RopeTable {
                 sin.push(theta.sin() as f32);
             }
         }
-        RopeTable { head_dim, cos, sin }
+        RopeTable {
+            head_dim,
+            cos: &cos[..],
+            sin: &sin[..],
+        }
     }
 
     /// Rotates every head of token `t`'s vector `x` (length a multiple of head_dim).

@@ -6,21 +6,33 @@
 //! - [`KvCache`]: the key/value store of one layer and the two attention products, `q . K^T`
 //!   ([`KvCache::scores`]) and `p . V` ([`KvCache::weighted_sum`]).
 //!
-//! Variants: `F32` (the reference: dequantized weights, float everything) and `Engine` /
-//! `Golden` (the engine's integer arithmetic, computed by `tessera-golden`: a weight operation is
-//! N5 + N12-N14 + N20 of docs/numerics.md, an attention product N16-N20). The engine variants
-//! call golden's functions row by row (in parallel over output rows, with the codes unpacked once
-//! at load), so their results are those of `golden::ops::weight_op` exactly (tested).
+//! Variants: `F32` (the reference: dequantized weights, float everything) and `Engine` (the
+//! engine's integer arithmetic: a weight operation is N5 + N12-N14 + N20 of docs/numerics.md, an
+//! attention product N16-N20). The engine variants run on one of two [`Backend`]s that give the
+//! same integers (and so the same `f32` bits):
+//!
+//! - [`Backend::Golden`]: `tessera-golden`'s functions row by row (in parallel over output rows,
+//!   codes unpacked once at load), exactly `golden::ops::weight_op` and `golden::kv::KvCache::{qk,
+//!   pv}`: the readable specification;
+//! - [`Backend::Cpu`] (the default): `tessera-kernels-cpu`, with every linear re-packed at load
+//!   into [`PreparedWeights`], SIMD dispatch by [`Isa`] (`TESSERA_FORCE_ISA`), caller-owned
+//!   scratch ([`Workspace`], held by the session: no allocation per decode step) and one
+//!   [`KvHeadCpu`] mirror per (layer, KV head) beside golden's cache for the attention products.
+//!
+//! Both backends quantize activations with N5 and dequantize with N20 the same way, in the same
+//! order of `f32`/`f64` operations (tests/runtime_backends.rs compares logits bit for bit).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
 use tessera_golden::kv::{quantize_probs, KvCache as GoldenKvCache};
-use tessera_golden::numerics::Datapath;
+use tessera_golden::numerics::{round_clamp_f32, Datapath};
 use tessera_golden::ops::{
     accumulate_groups, dequant_factor, group_partial_sums, weight_frac_bits, OutputStage,
 };
 use tessera_golden::quant::{quantize_token, quantize_tokens, QuantWeights};
+pub use tessera_kernels_cpu::Isa;
+use tessera_kernels_cpu::{apply_stage, KvHeadCpu, KvScratch, PreparedWeights, Scratch};
 
 use super::{Error, Result};
 
@@ -35,13 +47,36 @@ pub struct DenseF32 {
     pub n_out: usize,
 }
 
-/// A quantized weight matrix run on the engine's integer datapath (golden model).
+/// Which implementation runs the engine's integer operations (same integers either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Backend {
+    /// `tessera-golden`'s reference functions (the readable specification; slow).
+    Golden,
+    /// `tessera-kernels-cpu` (re-packed weights, SIMD, multi-threaded over output rows).
+    #[default]
+    Cpu,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Golden => "golden",
+            Backend::Cpu => "cpu",
+        }
+    }
+}
+
+/// A quantized weight matrix run on the engine's integer datapath.
 #[derive(Debug, Clone)]
 pub struct EngineLinear {
     pub w: Arc<QuantWeights>,
-    /// `w.codes()`, unpacked once (`[n][k]`).
-    codes: Arc<Vec<u8>>,
+    /// `w.codes()`, unpacked on first use by the golden backend (`[n][k]`).
+    codes: OnceLock<Arc<Vec<u8>>>,
+    /// The kernels-cpu re-packing, made by [`EngineLinear::set_backend`] (or on first use).
+    prepared: OnceLock<Arc<PreparedWeights>>,
     pub dp: Datapath,
+    backend: Backend,
+    isa: Isa,
 }
 
 impl EngineLinear {
@@ -70,8 +105,54 @@ impl EngineLinear {
                 w.k()
             )));
         }
-        let codes = Arc::new(w.codes());
-        Ok(EngineLinear { w, codes, dp })
+        Ok(EngineLinear {
+            w,
+            codes: OnceLock::new(),
+            prepared: OnceLock::new(),
+            dp,
+            backend: Backend::Golden,
+            isa: Isa::selected(),
+        })
+    }
+
+    /// The backend [`Linear::forward`] uses.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The kernel path of [`Backend::Cpu`].
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Selects the backend (and the kernel path for [`Backend::Cpu`]) and does its load-time
+    /// work now (the CPU re-packing, or golden's unpacked codes), not in the decode loop.
+    pub fn set_backend(&mut self, backend: Backend, isa: Isa) {
+        self.backend = backend;
+        self.isa = isa;
+        match backend {
+            Backend::Golden => {
+                self.golden_codes();
+            }
+            Backend::Cpu => {
+                self.prepared();
+            }
+        }
+    }
+
+    fn golden_codes(&self) -> &Arc<Vec<u8>> {
+        self.codes.get_or_init(|| Arc::new(self.w.codes()))
+    }
+
+    /// The kernels-cpu re-packing of the weights (made once).
+    pub fn prepared(&self) -> &Arc<PreparedWeights> {
+        self.prepared
+            .get_or_init(|| Arc::new(PreparedWeights::from(&*self.w)))
+    }
+
+    /// Bytes of weights (codes and group metadata) one product streams on the CPU backend.
+    pub fn weight_bytes(&self) -> usize {
+        self.prepared().weight_bytes()
     }
 
     /// The engine outputs `y[t][n]` (N12-N14 with `OutputStage::weight_lattice_i32`) of
@@ -84,9 +165,10 @@ impl EngineLinear {
         let sf = w.scale_frac_bits();
         let stage = OutputStage::weight_lattice_i32(sf);
         // Transposed: [n][t], one task per block of output rows.
+        let codes = self.golden_codes();
         let mut yt = vec![0i64; n_out * n_tok];
         yt.par_chunks_mut(n_tok).enumerate().for_each(|(row, ys)| {
-            let codes_row = &self.codes[row * k..(row + 1) * k];
+            let codes_row = &codes[row * k..(row + 1) * k];
             let gscale = &w.gscale_q()[row * groups..(row + 1) * groups];
             for (t, yv) in ys.iter_mut().enumerate() {
                 let sums = group_partial_sums(w, row, codes_row, &x_i8[t * k..(t + 1) * k]);
@@ -103,8 +185,74 @@ impl EngineLinear {
     }
 
     /// N5 on each token, the engine operation, N20 dequantization (as
-    /// `golden::ops::dequantize_weight_op`). A non-finite activation gives NaN outputs.
+    /// `golden::ops::dequantize_weight_op`) on the selected backend. A non-finite activation
+    /// gives NaN outputs. `ws` is only used (and grown) by the CPU backend.
+    pub fn forward_ws(&self, x: &[f32], n_tok: usize, y: &mut [f32], ws: &mut LinearScratch) {
+        match self.backend {
+            Backend::Golden => self.forward_golden(x, n_tok, y),
+            Backend::Cpu => self.forward_cpu(x, n_tok, y, ws),
+        }
+    }
+
+    /// As [`Self::forward_ws`] with a scratch of its own (allocates).
     pub fn forward(&self, x: &[f32], n_tok: usize, y: &mut [f32]) {
+        self.forward_ws(x, n_tok, y, &mut LinearScratch::default());
+    }
+
+    /// The kernels-cpu path: N5 into `ws`, `gemm_acc` on [`PreparedWeights`], the N14 stage with
+    /// `apply_stage`, N20 with the same `f64` expression as golden's `dequant_factor`.
+    fn forward_cpu(&self, x: &[f32], n_tok: usize, y: &mut [f32], ws: &mut LinearScratch) {
+        let w = &*self.w;
+        let (k, n_out) = (w.k(), w.n_rows());
+        assert_eq!(x.len(), n_tok * k, "matmul input size");
+        assert_eq!(y.len(), n_tok * n_out, "matmul output size");
+        let pw = self.prepared();
+        grow(&mut ws.codes, n_tok * k);
+        grow(&mut ws.scale_x, n_tok);
+        grow(&mut ws.acc, n_tok * n_out);
+        grow(&mut ws.y, n_tok * n_out);
+        for t in 0..n_tok {
+            match quantize_token_into(&x[t * k..(t + 1) * k], &mut ws.codes[t * k..(t + 1) * k]) {
+                Some(s) => ws.scale_x[t] = s,
+                None => {
+                    y.fill(f32::NAN);
+                    return;
+                }
+            }
+        }
+        let stage = OutputStage::weight_lattice_i32(w.scale_frac_bits());
+        let (acc, yi) = (&mut ws.acc[..n_tok * n_out], &mut ws.y[..n_tok * n_out]);
+        let ok = pw
+            .gemm_acc(
+                self.isa,
+                &self.dp,
+                &ws.codes[..n_tok * k],
+                n_tok,
+                &mut ws.kernels,
+                acc,
+            )
+            .and_then(|()| apply_stage(&stage, acc, yi));
+        if ok.is_err() {
+            // Shapes and the datapath were checked at construction: not reached.
+            y.fill(f32::NAN);
+            return;
+        }
+        let frac = weight_frac_bits(w);
+        let c = DequantConst::new(&stage, frac);
+        let rs = w.row_scale();
+        for t in 0..n_tok {
+            let cx = c.with_x(ws.scale_x[t]);
+            let (yr, ir) = (
+                &mut y[t * n_out..(t + 1) * n_out],
+                &yi[t * n_out..(t + 1) * n_out],
+            );
+            for ((yo, &v), &sw) in yr.iter_mut().zip(ir).zip(rs) {
+                *yo = v as f32 * cx.factor(sw);
+            }
+        }
+    }
+
+    fn forward_golden(&self, x: &[f32], n_tok: usize, y: &mut [f32]) {
         let w = &*self.w;
         let (k, n_out) = (w.k(), w.n_rows());
         assert_eq!(y.len(), n_tok * n_out, "matmul output size");
@@ -166,16 +314,107 @@ impl Linear {
 
     /// `y[t] = W x[t]` for `n_tok` tokens: `x` is `n_tok * n_in`, `y` is `n_tok * n_out`.
     pub fn forward(&self, x: &[f32], n_tok: usize, y: &mut [f32]) {
+        self.forward_ws(x, n_tok, y, &mut LinearScratch::default());
+    }
+
+    /// As [`Self::forward`], with caller-owned scratch (no allocation once it is grown).
+    pub fn forward_ws(&self, x: &[f32], n_tok: usize, y: &mut [f32], ws: &mut LinearScratch) {
         match self {
             Linear::F32(d) => matmul_f32(&d.w, d.n_in, d.n_out, x, n_tok, y),
-            Linear::Engine(e) => e.forward(x, n_tok, y),
+            Linear::Engine(e) => e.forward_ws(x, n_tok, y, ws),
             Linear::Capture(c) => {
                 if let Ok(mut v) = c.inputs.lock() {
                     v.extend_from_slice(x);
                 }
-                c.inner.forward(x, n_tok, y);
+                c.inner.forward_ws(x, n_tok, y, ws);
             }
         }
+    }
+
+    /// The engine layer inside (through a calibration wrapper), if any.
+    pub fn engine(&self) -> Option<&EngineLinear> {
+        match self {
+            Linear::F32(_) => None,
+            Linear::Engine(e) => Some(e),
+            Linear::Capture(c) => c.inner.engine(),
+        }
+    }
+
+    /// Sets the backend of an engine layer (see [`EngineLinear::set_backend`]); f32: no-op.
+    pub fn set_backend(&mut self, backend: Backend, isa: Isa) {
+        match self {
+            Linear::F32(_) => {}
+            Linear::Engine(e) => e.set_backend(backend, isa),
+            Linear::Capture(c) => c.inner.set_backend(backend, isa),
+        }
+    }
+
+    /// Bytes of weights one product reads (f32: 4 per weight; engine: the CPU re-packing).
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Linear::F32(d) => 4 * d.n_in * d.n_out,
+            Linear::Engine(e) => e.weight_bytes(),
+            Linear::Capture(c) => c.inner.weight_bytes(),
+        }
+    }
+}
+
+/// Caller-owned buffers of a CPU-backend weight operation (grown to the largest shape seen,
+/// never shrunk): N5 codes and scales, accumulators, N14 outputs and kernels-cpu's [`Scratch`].
+#[derive(Debug, Default, Clone)]
+pub struct LinearScratch {
+    kernels: Scratch,
+    codes: Vec<i8>,
+    scale_x: Vec<f32>,
+    acc: Vec<i64>,
+    y: Vec<i32>,
+}
+
+fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) {
+    if v.len() < len {
+        v.resize(len, T::default());
+    }
+}
+
+/// N5 (`golden::quant::quantize_token`) into `out` without allocating: `Some(scale_x)`, or
+/// `None` for a non-finite input. Same operations as golden's, so the same codes and scale.
+pub fn quantize_token_into(x: &[f32], out: &mut [i8]) -> Option<f32> {
+    debug_assert_eq!(x.len(), out.len());
+    if !x.iter().all(|v| v.is_finite()) {
+        return None;
+    }
+    let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let scale_x = absmax / 127.0;
+    if scale_x == 0.0 {
+        out.fill(0);
+        return Some(0.0);
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = round_clamp_f32(v / scale_x, -127, 127) as i8;
+    }
+    Some(scale_x)
+}
+
+/// golden's `dequant_factor` (N20) split so the per-call constant is computed once: the same
+/// `f64` operations in the same order, `((2^e / out_mult) * scale_x) * scale_w`, so the same
+/// `f32` (tests/runtime_backends.rs).
+#[derive(Debug, Clone, Copy)]
+struct DequantConst(f64);
+
+impl DequantConst {
+    fn new(stage: &OutputStage, frac_bits: u32) -> Self {
+        let shift_exp = stage.out_shift as i32 - frac_bits as i32;
+        DequantConst(2f64.powi(shift_exp) / f64::from(stage.out_mult))
+    }
+
+    #[inline]
+    fn with_x(self, scale_x: f32) -> DequantConst {
+        DequantConst(self.0 * f64::from(scale_x))
+    }
+
+    #[inline]
+    fn factor(self, scale_w: f32) -> f32 {
+        (self.0 * f64::from(scale_w)) as f32
     }
 }
 
@@ -251,6 +490,24 @@ pub struct KvEngine {
     pub head_dim: usize,
     /// NaN went in (a non-finite key, value, query or probability): outputs are NaN.
     poisoned: bool,
+    /// [`Backend::Cpu`]: the kernels-cpu mirrors of `heads` and their scratch.
+    cpu: Option<Box<KvCpu>>,
+}
+
+/// The kernels-cpu side of one layer's engine cache: one [`KvHeadCpu`] per KV head (synced after
+/// every push) and caller-owned buffers, so a product allocates nothing once they are grown.
+#[derive(Debug, Clone)]
+struct KvCpu {
+    isa: Isa,
+    mirrors: Vec<KvHeadCpu>,
+    scratch: KvScratch,
+    codes: Vec<i8>,
+    acc: Vec<i64>,
+    y: Vec<i32>,
+    acc4: Vec<i64>,
+    accw: Vec<i64>,
+    y4: Vec<i32>,
+    yw: Vec<i32>,
 }
 
 /// Which cache a session uses.
@@ -281,8 +538,19 @@ impl KvCache {
         })
     }
 
-    /// An empty cache of `kind`.
+    /// An empty cache of `kind` on the golden backend.
     pub fn new(kind: KvKind, n_kv_head: usize, head_dim: usize) -> Result<KvCache> {
+        Self::with_backend(kind, n_kv_head, head_dim, Backend::Golden, Isa::Scalar)
+    }
+
+    /// An empty cache of `kind` whose engine products run on `backend` (kernel path `isa`).
+    pub fn with_backend(
+        kind: KvKind,
+        n_kv_head: usize,
+        head_dim: usize,
+        backend: Backend,
+        isa: Isa,
+    ) -> Result<KvCache> {
         match kind {
             KvKind::F32 => Ok(KvCache::f32(n_kv_head, head_dim)),
             KvKind::Engine { dp, bits } => {
@@ -290,10 +558,27 @@ impl KvCache {
                     .map(|_| GoldenKvCache::with_bits(&dp, head_dim, bits))
                     .collect::<std::result::Result<Vec<_>, _>>()
                     .map_err(|e| Error::new(format!("KV cache: {e}")))?;
+                let cpu = (backend == Backend::Cpu).then(|| {
+                    Box::new(KvCpu {
+                        isa,
+                        mirrors: (0..n_kv_head)
+                            .map(|_| KvHeadCpu::new(&dp, head_dim))
+                            .collect(),
+                        scratch: KvScratch::default(),
+                        codes: vec![0; head_dim],
+                        acc: Vec::new(),
+                        y: Vec::new(),
+                        acc4: vec![0; head_dim],
+                        accw: vec![0; head_dim],
+                        y4: vec![0; head_dim],
+                        yw: vec![0; head_dim],
+                    })
+                });
                 Ok(KvCache::Engine(KvEngine {
                     heads,
                     head_dim,
                     poisoned: false,
+                    cpu,
                 }))
             }
         }
@@ -336,14 +621,18 @@ impl KvCache {
                 e.poisoned |= !finite;
                 for (h, cache) in e.heads.iter_mut().enumerate() {
                     let (kh, vh) = (&k[h * hd..(h + 1) * hd], &v[h * hd..(h + 1) * hd]);
-                    let zeros = vec![0f32; hd];
                     let r = if finite {
                         cache.push(kh, vh)
                     } else {
+                        let zeros = vec![0f32; hd];
                         cache.push(&zeros, &zeros)
                     };
                     // Shapes are checked above and inputs are finite: push cannot fail.
                     e.poisoned |= r.is_err();
+                    if let Some(cpu) = e.cpu.as_mut() {
+                        // The mirror follows the cache it was built for: sync cannot fail.
+                        e.poisoned |= cpu.mirrors[h].sync(cache).is_err();
+                    }
                 }
             }
         }
@@ -370,7 +659,16 @@ impl KvCache {
     }
 
     /// `scores[j] = scale * (q . K[j, kv_head])` for positions `j < scores.len()`.
-    pub fn scores(&self, kv_head: usize, q: &[f32], scale: f32, scores: &mut [f32]) {
+    pub fn scores(&mut self, kv_head: usize, q: &[f32], scale: f32, scores: &mut [f32]) {
+        if let KvCache::Engine(KvEngine {
+            cpu: Some(cpu),
+            poisoned,
+            ..
+        }) = self
+        {
+            cpu.scores(*poisoned, kv_head, q, scale, scores);
+            return;
+        }
         match self {
             KvCache::F32(c) => {
                 let (hd, w) = (c.head_dim, c.n_kv_head * c.head_dim);
@@ -407,7 +705,16 @@ impl KvCache {
     }
 
     /// `out = sum_j p[j] * V[j, kv_head]` for positions `j < p.len()`.
-    pub fn weighted_sum(&self, kv_head: usize, p: &[f32], out: &mut [f32]) {
+    pub fn weighted_sum(&mut self, kv_head: usize, p: &[f32], out: &mut [f32]) {
+        if let KvCache::Engine(KvEngine {
+            cpu: Some(cpu),
+            poisoned,
+            ..
+        }) = self
+        {
+            cpu.weighted_sum(*poisoned, kv_head, p, out);
+            return;
+        }
         match self {
             KvCache::F32(c) => {
                 let (hd, w) = (c.head_dim, c.n_kv_head * c.head_dim);
@@ -435,6 +742,96 @@ impl KvCache {
                     None => out.fill(f32::NAN),
                 }
             }
+        }
+    }
+}
+
+impl KvCpu {
+    /// As golden's `QkOut::scores_f32` then `* scale`: group `j`'s scores with
+    /// `dequant_factor(stage, scale_q, s_ref_j, 4)`, window tokens with their key scale and 0.
+    fn scores(&mut self, poisoned: bool, kv_head: usize, q: &[f32], scale: f32, out: &mut [f32]) {
+        let m = &self.mirrors[kv_head];
+        let n = m.len();
+        assert_eq!(out.len(), n, "engine scores cover the whole cache");
+        let stage = OutputStage::IDENTITY_I32;
+        let hd = q.len();
+        grow(&mut self.codes, hd);
+        let scale_q = match quantize_token_into(q, &mut self.codes[..hd]) {
+            Some(s) if !poisoned => s,
+            _ => {
+                out.fill(f32::NAN);
+                return;
+            }
+        };
+        grow(&mut self.acc, n);
+        grow(&mut self.y, n);
+        let (acc, y) = (&mut self.acc[..n], &mut self.y[..n]);
+        if m.qk(
+            self.isa,
+            &self.codes[..hd],
+            &stage,
+            &mut self.scratch,
+            acc,
+            y,
+        )
+        .is_err()
+        {
+            out.fill(f32::NAN);
+            return;
+        }
+        let c = DequantConst::new(&stage, 4).with_x(scale_q);
+        // Tokens in 4-bit key groups (then the window), and the group length.
+        let n4 = n - m.window_key_scales().len();
+        let gl = (n4 / m.key_groups().max(1)).max(1);
+        for (j, (o, &yv)) in out[..n4].iter_mut().zip(&y[..n4]).enumerate() {
+            *o = (yv as f32 * c.factor(m.key_group_s_ref(j / gl))) * scale;
+        }
+        let c0 = DequantConst::new(&stage, 0).with_x(scale_q);
+        for ((o, &yv), &sk) in out[n4..]
+            .iter_mut()
+            .zip(&y[n4..])
+            .zip(m.window_key_scales())
+        {
+            *o = (yv as f32 * c0.factor(sk)) * scale;
+        }
+    }
+
+    /// As golden's `PvOut::output_f32`: the 4-bit part (`frac_bits` 4) plus the window part
+    /// (`frac_bits` 0), each dequantized with its `s_ref`.
+    fn weighted_sum(&mut self, poisoned: bool, kv_head: usize, p: &[f32], out: &mut [f32]) {
+        let m = &self.mirrors[kv_head];
+        let n = m.len();
+        assert_eq!(p.len(), n, "engine P x V covers the whole cache");
+        let stage = OutputStage::IDENTITY_I32;
+        if poisoned || p.iter().any(|v| !v.is_finite() || *v < 0.0) {
+            out.fill(f32::NAN);
+            return;
+        }
+        grow(&mut self.codes, n);
+        let Some(scale_p) = quantize_token_into(p, &mut self.codes[..n]) else {
+            out.fill(f32::NAN);
+            return;
+        };
+        if m.pv(
+            self.isa,
+            &self.codes[..n],
+            &stage,
+            &mut self.scratch,
+            &mut self.acc4,
+            &mut self.accw,
+            &mut self.y4,
+            &mut self.yw,
+        )
+        .is_err()
+        {
+            out.fill(f32::NAN);
+            return;
+        }
+        let (s4, sw) = m.value_s_ref();
+        let f4 = DequantConst::new(&stage, 4).with_x(scale_p).factor(s4);
+        let fw = DequantConst::new(&stage, 0).with_x(scale_p).factor(sw);
+        for ((o, &a), &b) in out.iter_mut().zip(&self.y4).zip(&self.yw) {
+            *o = a as f32 * f4 + b as f32 * fw;
         }
     }
 }
