@@ -91,3 +91,40 @@ fn gen_unknown_preset_exits_2() {
         .unwrap()
         .starts_with("error: unknown preset"));
 }
+
+/// `--report` synthesises hierarchically (the method that finishes for every preset) and says
+/// so; tiny takes about 30 s of yosys CPU.
+#[test]
+fn gen_report_names_the_hierarchical_method_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tessera(&[
+        "gen",
+        "--preset",
+        "tiny",
+        "--report",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(
+            "yosys synth_xilinx -family xcup (hierarchical: each module synthesised once"
+        ),
+        "{text}"
+    );
+    let line = text.lines().find(|l| l.contains(": LUT ")).unwrap();
+    // One DSP48E2 per PE plus the output stages' and the feeder's multipliers.
+    let dsp: u64 = line
+        .split_whitespace()
+        .skip_while(|w| *w != "DSP")
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(dsp >= 16, "{line}");
+}
