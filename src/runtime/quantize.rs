@@ -2,7 +2,10 @@
 //!
 //! Methods: `rtn` (golden's N7 min-max round to nearest per group) and `gptq` (module
 //! [`super::gptq`]: second-order, column by column with error feedback, on a Hessian from
-//! calibration activations). Chosen tensors can be kept at 4 or 8 bits (`--keep PATTERN=BITS`).
+//! calibration activations). Options: a per-group clipping search (`--clip`), mixed 2/4-bit
+//! tensors under a bits-per-weight budget chosen by Hessian-weighted error (`--max-bpw`), and
+//! chosen tensors kept at 4 or 8 bits (`--keep PATTERN=BITS`). The bits per weight are reported
+//! broken down into codes, group scales, zero points and row scales.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,11 +13,11 @@ use std::sync::Arc;
 use tessera_golden::numerics::Datapath;
 use tessera_golden::quant::QuantWeights;
 
-use super::cli::{load, progress_bar};
-use super::engine::{format_of_bits, linear_f32, linears_mut, quantize_linear, EngineArgs, Mode};
+use super::cli::load;
+use super::engine::{format_of_bits, EngineArgs, Mode};
 use super::gguf::Gguf;
 use super::tsr;
-use super::{Error, Result};
+use super::{gptq, Error, Result};
 
 /// Quantization method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -50,8 +53,8 @@ pub struct QuantizeArgs {
     /// Calibration text for gptq [default: data/calibration.txt]
     #[arg(long, value_name = "FILE")]
     pub calib: Option<PathBuf>,
-    /// Calibration tokens for gptq
-    #[arg(long, default_value_t = 2048)]
+    /// Calibration tokens (gptq, --max-bpw; chunks of 512; capped by the text's length)
+    #[arg(long, default_value_t = 8192)]
     pub calib_tokens: usize,
     /// GPTQ: quantize columns in order of decreasing Hessian diagonal (act-order)
     #[arg(long)]
@@ -59,6 +62,19 @@ pub struct QuantizeArgs {
     /// GPTQ: dampening, as a fraction of the mean Hessian diagonal
     #[arg(long, default_value_t = 0.01)]
     pub damp: f64,
+    /// Per-group clipping search: the N7 grid of each group spans the shrunk range of least
+    /// (Hessian-weighted, with a calibration) squared error instead of min..max
+    #[arg(long)]
+    pub clip: bool,
+    /// Hessian cache: read the calibration Hessians from FILE if it holds them for the same
+    /// model, calibration text and token count, else compute them and write FILE
+    #[arg(long, value_name = "FILE")]
+    pub hessian_cache: Option<PathBuf>,
+    /// Mixed precision: upgrade whole tensors from 2 to 4 bits, best Hessian-weighted error
+    /// reduction per stored bit first, while the linear layers stay within this many bits per
+    /// weight (scales, zero points and row scales counted; the head excluded)
+    #[arg(long, value_name = "BPW")]
+    pub max_bpw: Option<f64>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -109,59 +125,91 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<()> {
     let g = Gguf::open(&args.model)?;
     let (mut model, tok) = load(&args.model)?;
     let t0 = std::time::Instant::now();
-    let quantized: Vec<(String, Arc<QuantWeights>)> = match args.method {
-        Method::Rtn => {
-            let mut todo: Vec<(String, Arc<Vec<f32>>, usize, usize)> = linears_mut(&mut model)
-                .into_iter()
-                .map(|(name, l)| (name, linear_f32(l), l.n_in(), l.n_out()))
-                .collect();
-            let bar = progress_bar("quantizing (rtn) [{bar:30}] {pos}/{len} tensors");
-            bar.set_length(todo.len() as u64);
-            use rayon::prelude::*;
-            let out = todo
-                .par_iter_mut()
-                .map(|(name, w, n_in, n_out)| {
-                    let bits = bits_for(name, base_format.bits(), args.engine.head_bits, &rules);
-                    let q = quantize_linear(w, *n_in, *n_out, format_of_bits(bits)?, &dp)
-                        .map_err(|e| Error::new(format!("{name}: {e}")))?;
-                    bar.inc(1);
-                    Ok((name.clone(), Arc::new(q)))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            bar.finish_and_clear();
-            out
+    if let Some(b) = args.max_bpw {
+        if !(b.is_finite() && b > 0.0) {
+            return Err(Error::new(format!(
+                "--max-bpw {b}: a positive number of bits"
+            )));
         }
-        Method::Gptq => {
-            let calib_path = args
-                .calib
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("data/calibration.txt"));
-            let text = std::fs::read_to_string(&calib_path).map_err(|e| {
-                Error::new(format!(
-                    "cannot read calibration text {}: {e}",
-                    calib_path.display()
-                ))
-            })?;
-            let opts = super::gptq::GptqOptions {
-                damp: args.damp,
-                act_order: args.act_order,
-                calib_tokens: args.calib_tokens,
-            };
-            super::gptq::quantize_model(&mut model, &tok, &text, &dp, &opts, &|name| {
-                bits_for(name, base_format.bits(), args.engine.head_bits, &rules)
-            })?
+    }
+    if !(args.damp.is_finite() && args.damp > 0.0) {
+        return Err(Error::new(format!(
+            "--damp {}: a positive fraction",
+            args.damp
+        )));
+    }
+    let needs_calib = args.method == Method::Gptq || args.max_bpw.is_some();
+    let calib = if needs_calib {
+        let calib_path = args
+            .calib
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("data/calibration.txt"));
+        let text = std::fs::read_to_string(&calib_path).map_err(|e| {
+            Error::new(format!(
+                "cannot read calibration text {}: {e}",
+                calib_path.display()
+            ))
+        })?;
+        let key = format!(
+            "model {} ({} bytes), calibration {} ({} bytes, {:016x}), {} tokens",
+            args.model.display(),
+            std::fs::metadata(&args.model).map_or(0, |m| m.len()),
+            calib_path.display(),
+            text.len(),
+            text.bytes()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b))
+                    .wrapping_mul(0x100_0000_01b3)),
+            args.calib_tokens
+        );
+        let cached = match &args.hessian_cache {
+            Some(p) if p.exists() => gptq::Calibration::load(p, &key)?,
+            _ => None,
+        };
+        match cached {
+            Some(c) => Some(c),
+            None => {
+                let c = gptq::calibrate(&mut model, &tok, &text, args.calib_tokens)?;
+                if let Some(p) = &args.hessian_cache {
+                    c.save(p, &key)?;
+                }
+                Some(c)
+            }
         }
+    } else {
+        None
     };
+    let base_bits = base_format.bits();
+    let head_bits = args.engine.head_bits;
+    let bits_of = |name: &str| bits_for(name, base_bits, head_bits, &rules);
+    let plan = gptq::Plan {
+        gptq: args.method == Method::Gptq,
+        opts: gptq::GptqOptions {
+            damp: args.damp,
+            act_order: args.act_order,
+            calib_tokens: args.calib_tokens,
+            clip: args.clip,
+        },
+        max_bpw: args.max_bpw,
+        base_bits,
+        bits_of: &bits_of,
+    };
+    let (quantized, report) = gptq::quantize_model(&mut model, calib.as_ref(), &dp, &plan)?;
     let host = tsr::host_gguf(&g, |name| {
         name == "token_embd.weight" || name.ends_with("_norm.weight")
     });
-    let method = match args.method {
+    let mut method = match args.method {
         Method::Rtn => "rtn".to_string(),
-        Method::Gptq => format!(
-            "gptq (calibration {} tokens, damp {}, act-order {})",
-            args.calib_tokens, args.damp, args.act_order
-        ),
+        Method::Gptq => format!("gptq (damp {}, act-order {})", args.damp, args.act_order),
     };
+    if args.clip {
+        method.push_str(", clip");
+    }
+    if let Some(b) = args.max_bpw {
+        method.push_str(&format!(", mixed 2/4 bits <= {b} bpw"));
+    }
+    if let Some(c) = &calib {
+        method.push_str(&format!(", calibration {} tokens", c.tokens));
+    }
     let header = tsr::write(&args.out, args.scheme, &method, &dp, &host, &quantized)?;
     let n4 = header
         .tensors
@@ -189,9 +237,71 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<()> {
             .map_or(0, |t| t.bits),
         t0.elapsed().as_secs_f64()
     );
+    let bd = Breakdown::of(&quantized);
     println!(
-        "bits per weight: {:.4} (linear layers, scales and zero points counted), {:.4} with the output head",
-        header.bits_per_weight, header.bits_per_weight_with_head
+        "bits per linear-layer weight: {:.4} = codes {:.4} + group scales {:.4} + zero points {:.4} + row scales {:.4}; {:.1}% of the weights at 4 bits, {:.1}% at 8 (head excluded: {:.4} bpw with it)",
+        bd.total(),
+        bd.codes,
+        bd.scales,
+        bd.zeros,
+        bd.rows,
+        100.0 * bd.share4,
+        100.0 * bd.share8,
+        header.bits_per_weight_with_head
     );
+    if !report.upgraded.is_empty() {
+        println!("upgraded to 4 bits: {}", report.upgraded.join(" "));
+    }
     Ok(())
+}
+
+/// Bits per linear-layer weight (output head excluded), by part of the storage.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Breakdown {
+    /// Packed codes (row padding included).
+    pub codes: f64,
+    /// `gscale`, 16 bits per group.
+    pub scales: f64,
+    /// `zero_u8`, 8 bits per group.
+    pub zeros: f64,
+    /// `row_scale`, 32 bits per row.
+    pub rows: f64,
+    /// Shares of the weights at 4 and at 8 bits.
+    pub share4: f64,
+    pub share8: f64,
+}
+
+impl Breakdown {
+    pub fn of(tensors: &[(String, Arc<QuantWeights>)]) -> Breakdown {
+        let (mut codes, mut groups, mut rows, mut n, mut n4, mut n8) =
+            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        for (name, q) in tensors {
+            if name == "output" {
+                continue;
+            }
+            let w = (q.n_rows() * q.k()) as u64;
+            codes += 8 * q.packed().len() as u64;
+            groups += (q.n_rows() * q.groups_per_row()) as u64;
+            rows += q.n_rows() as u64;
+            n += w;
+            match q.format().bits() {
+                4 => n4 += w,
+                8 => n8 += w,
+                _ => {}
+            }
+        }
+        let n = n.max(1) as f64;
+        Breakdown {
+            codes: codes as f64 / n,
+            scales: 16.0 * groups as f64 / n,
+            zeros: 8.0 * groups as f64 / n,
+            rows: 32.0 * rows as f64 / n,
+            share4: n4 as f64 / n,
+            share8: n8 as f64 / n,
+        }
+    }
+
+    pub fn total(&self) -> f64 {
+        self.codes + self.scales + self.zeros + self.rows
+    }
 }
