@@ -567,6 +567,53 @@ impl CycleModel {
         s.acc.extend(self.pes.iter().map(|pe| pe.acc));
     }
 
+    /// Length of the packed state vector ([`Self::state_words`]): the [`SCALAR_PATHS`] values,
+    /// `ceil(stream_bits / 64)` `dout` words, `rows * cols` accumulators.
+    #[must_use]
+    pub fn state_len(&self) -> usize {
+        state_len(&self.p)
+    }
+
+    /// [`Self::state`] packed into integers, the layout the co-simulation wrapper fills each
+    /// cycle: [`CycleState::scalars`] order, then `dout_data` as little-endian 64-bit words (all
+    /// zero unless `dout_valid`), then `acc`. Two states are equal iff their words are.
+    pub fn state_words(&self, o: &mut [i64]) {
+        let n = SCALAR_PATHS.len();
+        o[0] = i64::from(self.cmd_ready());
+        o[1] = i64::from(self.din_ready());
+        o[2] = i64::from(self.obv);
+        o[3] = i64::from(self.busy());
+        o[4] = i64::from(self.err);
+        o[5] = i64::from(self.st);
+        o[6] = i64::from(self.mode);
+        o[7] = i64::from(self.gemv);
+        o[8] = i64::from(self.keep);
+        o[9] = i64::from(self.fold);
+        o[10] = i64::from(self.bi as u32);
+        o[11] = i64::from(self.grp as u32);
+        o[12] = i64::from(self.tmr);
+        o[13] = i64::from(self.ptr as u32);
+        o[14] = i64::from(self.cnt as u32);
+        o[15] = i64::from(self.wcnt);
+        o[16] = self.z;
+        let sbytes = (self.p.layout.stream_bits / 8) as usize;
+        let dw = sbytes.div_ceil(8);
+        for (w, x) in o[n..n + dw].iter_mut().enumerate() {
+            *x = if self.obv {
+                let mut b = [0u8; 8];
+                let lo = 8 * w;
+                let hi = (lo + 8).min(sbytes);
+                b[..hi - lo].copy_from_slice(&self.ob[lo..hi]);
+                i64::from_le_bytes(b)
+            } else {
+                0
+            };
+        }
+        for (x, pe) in o[n + dw..n + dw + self.pes.len()].iter_mut().zip(&self.pes) {
+            *x = pe.acc;
+        }
+    }
+
     /// One rising clock edge with `inp` on the input ports (reset released).
     #[allow(
         clippy::too_many_lines,
@@ -1146,6 +1193,12 @@ impl CycleModel {
     }
 }
 
+/// Length of the packed state vector of an engine with sizes `p` ([`CycleModel::state_words`]).
+#[must_use]
+pub fn state_len(p: &ModelParams) -> usize {
+    SCALAR_PATHS.len() + p.layout.stream_bits.div_ceil(64) as usize + p.rows * p.cols
+}
+
 /// Stimulus shared by the model and the hardware: commands and `din` words in order, offered
 /// with a seeded stall pattern (`stall = false`: every cycle), and the `dout` back-pressure.
 #[derive(Debug, Clone)]
@@ -1214,16 +1267,33 @@ impl Driver {
 
     /// Advances after the edge, given the ports shown in the cycle (`st`) and the inputs.
     pub fn advance(&mut self, st: &CycleState, inp: &CycleInputs) {
-        if inp.cmd_valid && st.cmd_ready {
+        let dout = st.dout_valid.then_some(&st.dout_data[..]);
+        self.advance_ports(st.cmd_ready, st.din_ready, st.busy, dout, inp);
+    }
+
+    /// [`Self::advance`] from the port values alone (`dout` is `dout_data` while `dout_valid`,
+    /// else `None`); may be called before the model's edge, as only the inputs and the ports
+    /// shown in the cycle matter.
+    pub fn advance_ports(
+        &mut self,
+        cmd_ready: bool,
+        din_ready: bool,
+        busy: bool,
+        dout: Option<&[u8]>,
+        inp: &CycleInputs,
+    ) {
+        if inp.cmd_valid && cmd_ready {
             self.ci += 1;
         }
-        if inp.din_valid && st.din_ready {
+        if inp.din_valid && din_ready {
             self.di += 1;
         }
-        if st.dout_valid && inp.dout_ready {
-            self.out.push(st.dout_data.clone());
+        if let Some(d) = dout {
+            if inp.dout_ready {
+                self.out.push(d.to_vec());
+            }
         }
-        if self.ci == self.cmds.len() && !st.busy && !inp.cmd_valid {
+        if self.ci == self.cmds.len() && !busy && !inp.cmd_valid {
             self.idle += 1;
         } else {
             self.idle = 0;

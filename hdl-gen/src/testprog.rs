@@ -57,6 +57,10 @@ pub struct Op {
     /// 0: random operands; 1: extreme (-128, max codes, max gscale, zero 0/255 alternating);
     /// 2: extreme with zero 0 everywhere (drives the accumulator into N13 saturation).
     pub extreme: u8,
+    /// k-split: when non-zero (a multiple of `L` below `k`), the op runs as two `RUN`s, the first
+    /// `split` positions with `keep = 1` and the rest after a `SET_BASE` that moves the bases on,
+    /// so the accumulators carry over (same result as one `RUN`).
+    pub split: usize,
 }
 
 /// The packing format of a weight mode.
@@ -157,13 +161,25 @@ pub fn add_op(p: &mut Program, cfg: &EngineConfig, rng: &mut Rng, op: &Op, out_a
             .collect();
         p.din.extend(lay.act_entry(&col));
     }
-    let run = Cmd::Run {
+    let split = op.split;
+    assert!(
+        split == 0 || (split.is_multiple_of(l) && split < k),
+        "k-split {split} of k = {k}"
+    );
+    let run = |keep: bool, kk: usize| Cmd::Run {
         mode: op.mode,
         dataflow: op.dataflow,
-        keep: false,
-        k: k as u32,
+        keep,
+        k: kk as u32,
         out_addr,
         fold: false,
+    };
+    let bpg = beats / groups;
+    let g1 = split / l;
+    let second_base = Cmd::SetBase {
+        act: act_base + split as u32,
+        wgt: wgt_base + (g1 * bpg) as u32,
+        meta: meta_base + g1 as u32,
     };
     match op.dataflow {
         Dataflow::Gemm => {
@@ -194,7 +210,13 @@ pub fn add_op(p: &mut Program, cfg: &EngineConfig, rng: &mut Rng, op: &Op, out_a
                     .collect();
                 p.din.extend(lay.meta_entry(&e));
             }
-            p.cmd(run);
+            if split > 0 {
+                p.cmd(run(true, split));
+                p.cmd(second_base);
+                p.cmd(run(false, k - split));
+            } else {
+                p.cmd(run(false, k));
+            }
             #[allow(clippy::needless_range_loop)] // rows past m are zero rows
             for r in 0..rows {
                 p.expect.push(
@@ -207,9 +229,12 @@ pub fn add_op(p: &mut Program, cfg: &EngineConfig, rng: &mut Rng, op: &Op, out_a
         }
         Dataflow::Gemv => {
             assert!(m == 1 && n <= rows * cols);
-            p.cmd(run);
-            let bpg = beats / groups;
+            p.cmd(run(split > 0, if split > 0 { split } else { k }));
             for g in 0..groups {
+                if split > 0 && g == g1 {
+                    p.cmd(second_base);
+                    p.cmd(run(false, k - split));
+                }
                 let e: Vec<(u16, u8)> = (0..rows * cols)
                     .map(|i| {
                         if i < n {
@@ -448,6 +473,7 @@ pub fn op(
         k,
         stage,
         extreme,
+        split: 0,
     }
 }
 

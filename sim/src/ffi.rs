@@ -6,7 +6,7 @@ use std::ffi::{c_void, CString};
 use std::path::Path;
 
 /// ABI version of the generated wrapper (`tsim_abi`); bumped when a signature changes.
-pub const ABI: u32 = 1;
+pub const ABI: u32 = 2;
 
 type NewFn = unsafe extern "C" fn(u64) -> *mut c_void;
 type FreeFn = unsafe extern "C" fn(*mut c_void);
@@ -14,6 +14,7 @@ type CycleFn = unsafe extern "C" fn(*mut c_void, u32, u64, *const u8);
 type StateFn = unsafe extern "C" fn(*mut c_void, *mut i64);
 type TraceOnFn = unsafe extern "C" fn(*mut c_void, *const std::ffi::c_char) -> i32;
 type TraceOffFn = unsafe extern "C" fn(*mut c_void);
+type RunFn = unsafe extern "C" fn(*mut c_void, u32, *const u32, *const u64, *const u8, *mut i64);
 type AbiFn = unsafe extern "C" fn() -> u32;
 type LenFn = unsafe extern "C" fn() -> u32;
 
@@ -24,12 +25,15 @@ pub struct Lib {
     free: FreeFn,
     cycle: CycleFn,
     state: StateFn,
+    run: RunFn,
     trace_on: TraceOnFn,
     trace_off: TraceOffFn,
     /// Length of the state vector `tsim_state` fills.
     pub state_len: usize,
     /// Bytes of one `din` word the wrapper reads.
     pub din_bytes: usize,
+    /// Whether waveform support is compiled in (verilated with `--trace`).
+    pub traced: bool,
     _lib: libloading::Library,
 }
 
@@ -62,17 +66,20 @@ impl Lib {
             };
             let state_len: LenFn = std::mem::transmute(sym(b"tsim_state_len\0")?);
             let din_bytes: LenFn = std::mem::transmute(sym(b"tsim_din_bytes\0")?);
+            let traced: LenFn = std::mem::transmute(sym(b"tsim_traced\0")?);
             Ok(Lib {
                 new: std::mem::transmute::<*const c_void, NewFn>(sym(b"tsim_new\0")?),
                 free: std::mem::transmute::<*const c_void, FreeFn>(sym(b"tsim_free\0")?),
                 cycle: std::mem::transmute::<*const c_void, CycleFn>(sym(b"tsim_cycle\0")?),
                 state: std::mem::transmute::<*const c_void, StateFn>(sym(b"tsim_state\0")?),
+                run: std::mem::transmute::<*const c_void, RunFn>(sym(b"tsim_run\0")?),
                 trace_on: std::mem::transmute::<*const c_void, TraceOnFn>(sym(b"tsim_trace_on\0")?),
                 trace_off: std::mem::transmute::<*const c_void, TraceOffFn>(sym(
                     b"tsim_trace_off\0",
                 )?),
                 state_len: state_len() as usize,
                 din_bytes: din_bytes() as usize,
+                traced: traced() != 0,
                 _lib: lib,
             })
         }
@@ -117,6 +124,28 @@ impl<'a> Dut<'a> {
         unsafe { (self.lib.state)(self.h, out.as_mut_ptr()) }
     }
 
+    /// `flags.len()` cycles in one call: cycle `i` first reads the state vector into
+    /// `states[i * state_len..]` (when `states` is given), then clocks `flags[i]`, `cmds[i]` and
+    /// `din[i * din_bytes..]`.
+    pub fn run(&mut self, flags: &[u32], cmds: &[u64], din: &[u8], states: Option<&mut [i64]>) {
+        let n = flags.len();
+        assert!(cmds.len() >= n, "cmd buffer too short");
+        assert!(din.len() >= n * self.lib.din_bytes, "din buffer too short");
+        let st = match states {
+            Some(s) => {
+                assert!(s.len() >= n * self.lib.state_len, "state buffer too short");
+                s.as_mut_ptr()
+            }
+            None => std::ptr::null_mut(),
+        };
+        let n32 = u32::try_from(n).expect("batch fits in u32");
+        // SAFETY: `h` is live; every buffer was checked above to hold `n` cycles' worth of
+        // values; `st` is null or points at `n * state_len` writable values.
+        unsafe {
+            (self.lib.run)(self.h, n32, flags.as_ptr(), cmds.as_ptr(), din.as_ptr(), st);
+        }
+    }
+
     /// Starts writing a VCD waveform to `path` from this cycle on.
     pub fn trace_on(&mut self, path: &Path) -> Result<(), String> {
         let c = CString::new(path.to_string_lossy().as_bytes())
@@ -125,6 +154,11 @@ impl<'a> Dut<'a> {
         let r = unsafe { (self.lib.trace_on)(self.h, c.as_ptr()) };
         if r == 0 {
             Ok(())
+        } else if r == 2 {
+            Err(format!(
+                "{}: this library was built without --trace",
+                path.display()
+            ))
         } else {
             Err(format!("cannot open waveform {}", path.display()))
         }

@@ -14,10 +14,10 @@ use tessera_golden::ops::OutputStage;
 use tessera_hdl_gen::testprog::{add_fold_op, add_op, lattice, op, stage, Op, Program, Rng};
 
 use crate::check::{lockstep, Mismatch, Stimulus};
-use crate::ffi::Lib;
+use crate::verilate::Engine;
 
 /// Suite names, in run order (`all` runs every one).
-pub const SUITES: [&str; 9] = [
+pub const SUITES: [&str; 11] = [
     "modes",
     "dataflows",
     "edges",
@@ -26,11 +26,16 @@ pub const SUITES: [&str; 9] = [
     "stalls",
     "switch",
     "attention",
+    "ksplit",
     "random",
+    "short",
 ];
 
 /// Ops per program of the random suite (keeps a reproduction short).
 const OPS_PER_PROGRAM: usize = 12;
+
+/// Ops per program of the short suite (its ops are short, so a program of 48 stays short).
+const SHORT_OPS_PER_PROGRAM: usize = 48;
 
 /// One program of a suite, with its stall setting.
 #[derive(Debug, Clone)]
@@ -66,15 +71,17 @@ impl SuiteReport {
     /// The one-line summary.
     #[must_use]
     pub fn line(&self) -> String {
-        let rate = if self.secs > 0.0 {
-            self.cycles as f64 / self.secs
-        } else {
-            0.0
-        };
+        let per_s = |x: f64| if self.secs > 0.0 { x / self.secs } else { 0.0 };
         match &self.failure {
             None => format!(
-                "suite {}: PASS {} programs, {} ops, {} cycles checked, {:.2} s ({:.0} checked cycles/s)",
-                self.suite, self.cases, self.ops, self.cycles, self.secs, rate
+                "suite {}: PASS {} programs, {} ops, {} cycles checked, {:.2} s ({:.0} checked cycles/s, {:.0} ops/s)",
+                self.suite,
+                self.cases,
+                self.ops,
+                self.cycles,
+                self.secs,
+                per_s(self.cycles as f64),
+                per_s(self.ops as f64)
             ),
             Some(f) => format!("suite {}: FAIL in {}: {}", self.suite, f.case, f.message),
         }
@@ -112,8 +119,9 @@ fn case(name: &str, prog: Program, ops: usize, stall: bool, seed: u64) -> Case {
     }
 }
 
-/// A random op that fits `cfg`'s buffers.
-fn random_op(cfg: &EngineConfig, rng: &mut Rng, i: usize) -> Op {
+/// A random op that fits `cfg`'s buffers; `short`: `k <= 2 L` (the short suite: many ops per
+/// cycle, still every mode, dataflow, shape and output stage).
+fn random_op(cfg: &EngineConfig, rng: &mut Rng, i: usize, short: bool) -> Op {
     let modes = cfg.modes();
     let mode = modes[rng.below(modes.len() as u64) as usize];
     let (rows, cols) = (cfg.array.rows as usize, cfg.array.cols as usize);
@@ -123,10 +131,19 @@ fn random_op(cfg: &EngineConfig, rng: &mut Rng, i: usize) -> Op {
     } else {
         max_gemm_k(cfg, mode)
     };
-    let k = match rng.below(4) {
-        0 => 1 + rng.below(8) as usize,
-        1 => cfg.quant.w_group_len as usize * (1 + rng.below(3) as usize),
-        _ => 1 + rng.below(kmax as u64) as usize,
+    let l = cfg.quant.w_group_len as usize;
+    let k = if short {
+        match rng.below(3) {
+            0 => 1 + rng.below(8) as usize,
+            1 => l * (1 + rng.below(2) as usize),
+            _ => 1 + rng.below(2 * l as u64) as usize,
+        }
+    } else {
+        match rng.below(4) {
+            0 => 1 + rng.below(8) as usize,
+            1 => l * (1 + rng.below(3) as usize),
+            _ => 1 + rng.below(kmax as u64) as usize,
+        }
     }
     .min(kmax);
     let st = match rng.below(5) {
@@ -341,7 +358,7 @@ pub fn cases(cfg: &EngineConfig, suite: &str, seed: u64, ops: usize) -> Result<V
             ));
         }
         "stalls" => {
-            let ops: Vec<Op> = (0..6).map(|i| random_op(cfg, &mut rng, i)).collect();
+            let ops: Vec<Op> = (0..6).map(|i| random_op(cfg, &mut rng, i, false)).collect();
             let p = program(cfg, &mut rng, &ops);
             for s in 0..3 {
                 out.push(case(
@@ -430,15 +447,68 @@ pub fn cases(cfg: &EngineConfig, suite: &str, seed: u64, ops: usize) -> Result<V
             add_op(&mut p, cfg, &mut rng, &after, out_addr(cfg, 3));
             out.extend(both("attention fold", p, 4, seed));
         }
-        "random" => {
+        "ksplit" => {
+            // Two RUNs per op, the first with keep = 1: every mode, both dataflows, random
+            // shapes, the split after a random number of groups.
+            let mut ops = Vec::new();
+            for i in 0..8 {
+                let md = modes[i % modes.len()];
+                let gemv = i % 2 == 1;
+                let kmax = if gemv {
+                    cfg.buffers.act_depth as usize
+                } else {
+                    max_gemm_k(cfg, md)
+                };
+                let gmax = (kmax / l).min(4);
+                if gmax < 2 {
+                    continue;
+                }
+                let groups = 2 + rng.below(gmax as u64 - 1) as usize;
+                let k = (groups - 1) * l + 1 + rng.below(l as u64) as usize;
+                let split = l * (1 + rng.below(groups as u64 - 1) as usize);
+                let (df, m, n) = if gemv {
+                    (Gemv, 1, 1 + rng.below(pes as u64) as usize)
+                } else {
+                    (
+                        Gemm,
+                        1 + rng.below(rows as u64) as usize,
+                        1 + rng.below(cols as u64) as usize,
+                    )
+                };
+                ops.push(Op {
+                    split,
+                    ..op(
+                        &format!("{} {df:?} k={k} split at {split}", md.name()),
+                        md,
+                        df,
+                        m,
+                        n,
+                        k,
+                        lat,
+                        0,
+                    )
+                });
+            }
+            let n = ops.len();
+            out.extend(both("k-split", program(cfg, &mut rng, &ops), n, seed));
+        }
+        "random" | "short" => {
+            let short = suite == "short";
+            let per = if short {
+                SHORT_OPS_PER_PROGRAM
+            } else {
+                OPS_PER_PROGRAM
+            };
             let mut done = 0;
             let mut j = 0u64;
             while done < ops {
-                let n = OPS_PER_PROGRAM.min(ops - done);
-                let list: Vec<Op> = (0..n).map(|i| random_op(cfg, &mut rng, done + i)).collect();
+                let n = per.min(ops - done);
+                let list: Vec<Op> = (0..n)
+                    .map(|i| random_op(cfg, &mut rng, done + i, short))
+                    .collect();
                 let stall = j % 2 == 1;
                 out.push(case(
-                    &format!("random program {j}"),
+                    &format!("{suite} program {j}"),
                     program(cfg, &mut rng, &list),
                     n,
                     stall,
@@ -460,13 +530,13 @@ pub fn cases(cfg: &EngineConfig, suite: &str, seed: u64, ops: usize) -> Result<V
 
 /// Runs the cases of `suite` in lock step; stops at the first failure.
 pub fn run_suite(
-    lib: &Lib,
-    cfg: &EngineConfig,
+    eng: &Engine,
     suite: &str,
     seed: u64,
     ops: usize,
     wave_dir: Option<&Path>,
 ) -> Result<SuiteReport, String> {
+    let cfg = &eng.cfg;
     let cs = cases(cfg, suite, seed, ops)?;
     let lay = StreamLayout::new(cfg);
     let t = Instant::now();
@@ -486,7 +556,7 @@ pub fn run_suite(
             stall_seed: c.stall_seed,
         };
         let max = 200 * (stim.din.len() as u64 + 64 * stim.cmds.len() as u64) + 100_000;
-        let res = lockstep(lib, cfg, &stim, seed, max, wave_dir)?;
+        let res = lockstep(eng, &stim, seed, max, wave_dir)?;
         rep.cases += 1;
         match res {
             Err(mm) => {

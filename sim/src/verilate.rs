@@ -30,16 +30,22 @@ pub const VERILATOR_FLAGS: &[&str] = &[
 /// `OPT_FAST` of the verilated C++ (the model's hot code).
 pub const OPT_FAST: &str = "-O2";
 
-/// The flags in force: [`VERILATOR_FLAGS`] and [`OPT_FAST`], or for measurements the
-/// whitespace-separated `TESSERA_SIM_VFLAGS` and `TESSERA_SIM_OPT_FAST` (part of the cache key).
+/// `OPT_SLOW` of the verilated C++ (construction and initialisation code, run once).
+pub const OPT_SLOW: &str = "-O1";
+
+/// The flags in force: [`VERILATOR_FLAGS`], [`OPT_FAST`] and [`OPT_SLOW`], or for measurements
+/// the whitespace-separated `TESSERA_SIM_VFLAGS`, `TESSERA_SIM_OPT_FAST` and
+/// `TESSERA_SIM_OPT_SLOW` (all part of the cache key). `--trace` among the Verilator flags
+/// compiles waveform support in.
 #[must_use]
-pub fn flags_in_force() -> (Vec<String>, String) {
+pub fn flags_in_force() -> (Vec<String>, String, String) {
     let v = std::env::var("TESSERA_SIM_VFLAGS").map_or_else(
         |_| VERILATOR_FLAGS.iter().map(|s| (*s).to_string()).collect(),
         |s| s.split_whitespace().map(str::to_string).collect(),
     );
     let o = std::env::var("TESSERA_SIM_OPT_FAST").unwrap_or_else(|_| OPT_FAST.to_string());
-    (v, o)
+    let sl = std::env::var("TESSERA_SIM_OPT_SLOW").unwrap_or_else(|_| OPT_SLOW.to_string());
+    (v, o, sl)
 }
 
 /// Where an engine's RTL comes from.
@@ -91,7 +97,8 @@ fn verilator_present() -> Result<(), String> {
     }
 }
 
-/// The C++ wrapper for `p`'s sizes.
+/// The C++ wrapper for `p`'s sizes. Compiled with `-DTSIM_TRACE=1` when the library is verilated
+/// with `--trace` (the waveform build), `0` otherwise.
 #[must_use]
 pub fn wrapper(p: &ModelParams) -> String {
     let sb = p.layout.stream_bits;
@@ -105,57 +112,84 @@ pub fn wrapper(p: &ModelParams) -> String {
 #include \"Vtessera_engine.h\"
 #include \"Vtessera_engine___024root.h\"
 #include \"verilated.h\"
+#if TSIM_TRACE
 #include \"verilated_vcd_c.h\"
+#endif
 #include <cstdint>
 #include <cstring>
-struct H {{ VerilatedContext* ctx; Vtessera_engine* top; VerilatedVcdC* tr; uint64_t t; }};
+struct H {{
+  VerilatedContext* ctx; Vtessera_engine* top; uint64_t t;
+#if TSIM_TRACE
+  VerilatedVcdC* tr;
+#endif
+}};
 static inline int64_t sx(uint64_t v, int w) {{ return (int64_t)(v << (64 - w)) >> (64 - w); }}
+static const int SL = {state_len};
+static const int DB = {db};
 extern \"C\" {{
 uint32_t tsim_abi() {{ return {abi}; }}
-uint32_t tsim_state_len() {{ return {state_len}; }}
-uint32_t tsim_din_bytes() {{ return {db}; }}
+uint32_t tsim_state_len() {{ return SL; }}
+uint32_t tsim_din_bytes() {{ return DB; }}
+uint32_t tsim_traced() {{ return TSIM_TRACE; }}
 void* tsim_new(uint64_t seed) {{
   H* h = new H();
   h->ctx = new VerilatedContext();
   h->ctx->randReset(2);
   h->ctx->randSeed((int)(seed & 0x7fffffff));
+#if TSIM_TRACE
   h->ctx->traceEverOn(true);
-  h->top = new Vtessera_engine(h->ctx, \"top\");
   h->tr = nullptr;
+#endif
+  h->top = new Vtessera_engine(h->ctx, \"top\");
   h->t = 0;
   return h;
 }}
 void tsim_free(void* p) {{
   H* h = (H*)p;
+#if TSIM_TRACE
   if (h->tr) {{ h->tr->close(); delete h->tr; }}
+#endif
   h->top->final();
   delete h->top;
   delete h->ctx;
   delete h;
 }}
 int tsim_trace_on(void* p, const char* path) {{
+#if TSIM_TRACE
   H* h = (H*)p;
   if (h->tr) return 0;
   h->tr = new VerilatedVcdC();
   h->top->trace(h->tr, 99);
   h->tr->open(path);
   return h->tr->isOpen() ? 0 : 1;
+#else
+  (void)p; (void)path;
+  return 2;
+#endif
 }}
 void tsim_trace_off(void* p) {{
+#if TSIM_TRACE
   H* h = (H*)p;
   if (h->tr) {{ h->tr->close(); delete h->tr; h->tr = nullptr; }}
+#else
+  (void)p;
+#endif
+}}
 }}",
         abi = crate::ffi::ABI,
         db = sb / 8,
     );
-    // inputs
+    // one cycle
     s.push_str(
-        "void tsim_cycle(void* p, uint32_t f, uint64_t cmd, const uint8_t* din) {
-  H* h = (H*)p;
+        "static inline void cycle1(H* h, uint32_t f, uint64_t cmd, const uint8_t* din) {
   Vtessera_engine* t = h->top;
   // Falling edge with unchanged inputs (nothing to settle), then the new inputs and the rising
   // edge in one eval: Verilator settles input-driven logic before the triggered edge.
-  t->clk_i = 0; t->eval(); if (h->tr) h->tr->dump(h->t); h->t += 5;
+  t->clk_i = 0; t->eval();
+#if TSIM_TRACE
+  if (h->tr) h->tr->dump(h->t);
+#endif
+  h->t += 5;
   t->rst_ni = f & 1;
   t->cmd_valid_i = (f >> 1) & 1;
   t->cmd_data_i = cmd;
@@ -175,10 +209,15 @@ void tsim_trace_off(void* p) {{
         );
     }
     s.push_str(
-        "  t->clk_i = 1; t->eval(); if (h->tr) h->tr->dump(h->t); h->t += 5;
+        "  t->clk_i = 1; t->eval();
+#if TSIM_TRACE
+  if (h->tr) h->tr->dump(h->t);
+#endif
+  h->t += 5;
 }
-void tsim_state(void* p, int64_t* o) {
-  H* h = (H*)p;
+// The state vector of the current cycle: the scalars (SCALAR_PATHS order), the dout words
+// (zero unless dout_valid), the accumulators.
+static inline void state1(H* h, int64_t* o) {
   Vtessera_engine* t = h->top;
   auto* r = t->rootp;
 ",
@@ -202,16 +241,21 @@ void tsim_state(void* p, int64_t* o) {
         }
         i += 1;
     }
+    s.push_str("  const bool dv = t->dout_valid_o;\n");
     if sb <= 64 {
-        let _ = writeln!(s, "  o[{i}] = (int64_t)(uint64_t)t->dout_data_o;");
+        let _ = writeln!(s, "  o[{i}] = dv ? (int64_t)(uint64_t)t->dout_data_o : 0;");
     } else {
         for w in 0..dwords {
+            let hi = if 2 * w + 1 < (sb / 32) as usize {
+                format!(" | ((uint64_t)t->dout_data_o[{}] << 32)", 2 * w + 1)
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "  o[{}] = (int64_t)((uint64_t)t->dout_data_o[{}] | ((uint64_t)t->dout_data_o[{}] << 32));",
+                "  o[{}] = dv ? (int64_t)((uint64_t)t->dout_data_o[{}]{hi}) : 0;",
                 i + w,
                 2 * w,
-                2 * w + 1
             );
         }
     }
@@ -225,7 +269,24 @@ void tsim_state(void* p, int64_t* o) {
             i += 1;
         }
     }
-    s.push_str("}\n}\n");
+    s.push_str(
+        "}
+extern \"C\" {
+void tsim_cycle(void* p, uint32_t f, uint64_t cmd, const uint8_t* din) { cycle1((H*)p, f, cmd, din); }
+void tsim_state(void* p, int64_t* o) { state1((H*)p, o); }
+// n cycles in one call: cycle i reads the state into st + i * SL (if st is not null) and then
+// clocks the inputs f[i], cmd[i], din + i * DB.
+void tsim_run(void* p, uint32_t n, const uint32_t* f, const uint64_t* cmd, const uint8_t* din,
+              int64_t* st) {
+  H* h = (H*)p;
+  for (uint32_t i = 0; i < n; i++) {
+    if (st) state1(h, st + (size_t)i * SL);
+    cycle1(h, f[i], cmd[i], din + (size_t)i * DB);
+  }
+}
+}
+",
+    );
     s
 }
 
@@ -315,8 +376,68 @@ fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
     Err(format!("{what} failed: {}", first.trim()))
 }
 
-/// Verilates `cfg`'s engine (or the user's RTL) into the cache and returns the library.
+/// Verilates `cfg`'s engine (or the user's RTL) into the cache and returns the library: the
+/// fast build, without waveform support.
 pub fn build(cfg: &EngineConfig, rtl: &Rtl) -> Result<Built, String> {
+    build_with(cfg, rtl, false)
+}
+
+/// [`build`] with `--trace`: the waveform build a mismatch is re-run on.
+pub fn build_traced(cfg: &EngineConfig, rtl: &Rtl) -> Result<Built, String> {
+    build_with(cfg, rtl, true)
+}
+
+/// A verilated engine: its config and RTL, the fast library, and (built on first use) the
+/// traced library of the same RTL for mismatch waveforms.
+#[derive(Debug)]
+pub struct Engine {
+    pub cfg: EngineConfig,
+    pub rtl: Rtl,
+    pub built: Built,
+    pub lib: crate::ffi::Lib,
+    traced: std::sync::OnceLock<Result<crate::ffi::Lib, String>>,
+}
+
+impl Engine {
+    /// The fast build of `cfg`'s engine (or the user's RTL), loaded.
+    pub fn build(cfg: &EngineConfig, rtl: Rtl) -> Result<Engine, String> {
+        Engine::with(cfg, rtl, false)
+    }
+
+    /// The traced build only (one verilation when a waveform is certain to be wanted).
+    pub fn build_traced(cfg: &EngineConfig, rtl: Rtl) -> Result<Engine, String> {
+        Engine::with(cfg, rtl, true)
+    }
+
+    fn with(cfg: &EngineConfig, rtl: Rtl, traced: bool) -> Result<Engine, String> {
+        let built = build_with(cfg, &rtl, traced)?;
+        let lib = crate::ffi::Lib::load(&built.lib)?;
+        Ok(Engine {
+            cfg: cfg.clone(),
+            rtl,
+            built,
+            lib,
+            traced: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The library to re-run a mismatch on with a waveform: this one if it is traced, else the
+    /// traced build (verilated on first use).
+    pub fn waveform_lib(&self) -> Result<&crate::ffi::Lib, String> {
+        if self.lib.traced {
+            return Ok(&self.lib);
+        }
+        self.traced
+            .get_or_init(|| {
+                let b = build_with(&self.cfg, &self.rtl, true)?;
+                crate::ffi::Lib::load(&b.lib)
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
+fn build_with(cfg: &EngineConfig, rtl: &Rtl, trace: bool) -> Result<Built, String> {
     verilator_present()?;
     let p = ModelParams::new(cfg)?;
     let d = cfg.checked_derive().map_err(|e| {
@@ -338,9 +459,14 @@ pub fn build(cfg: &EngineConfig, rtl: &Rtl) -> Result<Built, String> {
     }
     h.update(wrap.as_bytes());
     h.update(vlt.as_bytes());
-    let (vflags, opt_fast) = flags_in_force();
+    let (mut vflags, opt_fast, opt_slow) = flags_in_force();
+    if trace && !vflags.iter().any(|f| f == "--trace") {
+        vflags.push("--trace".into());
+    }
     h.update(vflags.join(" ").as_bytes());
     h.update(opt_fast.as_bytes());
+    h.update(opt_slow.as_bytes());
+    let traced = vflags.iter().any(|f| f == "--trace");
     let hash: String = h
         .finalize()
         .iter()
@@ -367,7 +493,6 @@ pub fn build(cfg: &EngineConfig, rtl: &Rtl) -> Result<Built, String> {
         "--build".into(),
         "-j".into(),
         "2".into(),
-        "--trace".into(),
         "-Wno-fatal".into(),
         "-Wno-lint".into(),
         "-Wno-style".into(),
@@ -375,8 +500,11 @@ pub fn build(cfg: &EngineConfig, rtl: &Rtl) -> Result<Built, String> {
         "tessera_engine".into(),
         "-CFLAGS".into(),
         "-fPIC".into(),
+        // Verilator hands MAKEFLAGS to a shell: the quotes keep multi-flag values together.
         "-MAKEFLAGS".into(),
-        format!("OPT_FAST={opt_fast}"),
+        format!("OPT_FAST=\"{opt_fast}\""),
+        "-MAKEFLAGS".into(),
+        format!("OPT_SLOW=\"{opt_slow}\""),
         "-Mdir".into(),
         "obj".into(),
         "public.vlt".into(),
@@ -399,6 +527,11 @@ pub fn build(cfg: &EngineConfig, rtl: &Rtl) -> Result<Built, String> {
                 "-Iobj",
                 &format!("-I{inc}"),
                 &format!("-I{inc}/vltstd"),
+                if traced {
+                    "-DTSIM_TRACE=1"
+                } else {
+                    "-DTSIM_TRACE=0"
+                },
                 "wrapper.cpp",
                 "obj/Vtessera_engine__ALL.a",
                 &rt.to_string_lossy(),

@@ -6,27 +6,24 @@ use std::sync::OnceLock;
 use tessera_golden::config::EngineConfig;
 use tessera_golden::cycle::{CycleInputs, CycleModel, CycleState, Driver};
 use tessera_sim::check::{lockstep, Stimulus};
-use tessera_sim::ffi::Lib;
 use tessera_sim::suites::{cases, run_suite, SUITES};
-use tessera_sim::verilate::{build, Rtl};
+use tessera_sim::verilate::{Engine, Rtl};
 
-fn tiny() -> &'static (EngineConfig, Lib) {
-    static L: OnceLock<(EngineConfig, Lib)> = OnceLock::new();
+fn tiny() -> &'static Engine {
+    static L: OnceLock<Engine> = OnceLock::new();
     L.get_or_init(|| {
         let cfg = EngineConfig::preset("tiny").expect("tiny");
-        let b = build(&cfg, &Rtl::Generated).expect("verilate tiny");
-        let lib = Lib::load(&b.lib).expect("load");
-        (cfg, lib)
+        Engine::build(&cfg, Rtl::Generated).expect("verilate tiny")
     })
 }
 
 #[test]
 fn tiny_every_suite_passes_in_lock_step() {
-    let (cfg, lib) = tiny();
+    let eng = tiny();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut total_ops = 0;
     for s in SUITES {
-        let r = run_suite(lib, cfg, s, 1, 48, Some(dir.path())).expect("suite runs");
+        let r = run_suite(eng, s, 1, 48, Some(dir.path())).expect("suite runs");
         println!("{}", r.line());
         assert!(r.failure.is_none(), "{}", r.line());
         assert!(r.cycles > 0 && r.ops > 0, "{s} ran nothing");
@@ -36,11 +33,23 @@ fn tiny_every_suite_passes_in_lock_step() {
 }
 
 /// Longer random run: `cargo test -p tessera-sim -- --ignored`.
+/// The CI's long random run: 100,000 constrained-random short ops (the `short` suite: every
+/// mode, dataflow, shape and output stage with `k <= 2 L`, every other program with stalls),
+/// 0 mismatches.
+#[test]
+fn tiny_100000_random_ops_pass_in_lock_step() {
+    let eng = tiny();
+    let r = run_suite(eng, "short", 5, 100_000, None).expect("suite runs");
+    println!("{}", r.line());
+    assert!(r.failure.is_none(), "{}", r.line());
+    assert!(r.ops >= 100_000, "only {} ops ran", r.ops);
+}
+
+/// Longer random run with the full range of k: `cargo test -p tessera-sim -- --ignored`.
 #[test]
 #[ignore = "long: 2000 random ops"]
 fn tiny_random_long() {
-    let (cfg, lib) = tiny();
-    let r = run_suite(lib, cfg, "random", 7, 2000, None).expect("suite runs");
+    let r = run_suite(tiny(), "random", 7, 2000, None).expect("suite runs");
     println!("{}", r.line());
     assert!(r.failure.is_none(), "{}", r.line());
 }
@@ -57,8 +66,9 @@ fn broken_rtl_is_caught_at_the_first_wrong_cycle() {
     let broken = text.replacen("acc_q} + {{", "acc_q} - {{", 1);
     assert_ne!(text, broken, "the PE's accumulate was not found");
     std::fs::write(&pe, broken).expect("write broken");
-    let b = build(&cfg, &Rtl::Dir(rtl.path().to_path_buf())).expect("verilate broken copy");
-    let lib = Lib::load(&b.lib).expect("load");
+    // The traced build only: the waveform is certain to be wanted (one verilation, not two).
+    let eng = Engine::build_traced(&cfg, Rtl::Dir(rtl.path().to_path_buf()))
+        .expect("verilate broken copy");
 
     let case = cases(&cfg, "modes", 1, 0).expect("cases").remove(0);
     let stim = Stimulus {
@@ -92,7 +102,7 @@ fn broken_rtl_is_caught_at_the_first_wrong_cycle() {
     let want = st.acc[pe_idx];
 
     let waves = tempfile::tempdir().expect("tempdir");
-    let res = lockstep(&lib, &cfg, &stim, 1, 1_000_000, Some(waves.path())).expect("runs");
+    let res = lockstep(&eng, &stim, 1, 1_000_000, Some(waves.path())).expect("runs");
     let mm = res.expect_err("the broken RTL must be reported");
     println!("{mm}");
     assert_eq!(mm.cycle, first, "{mm}");
@@ -129,10 +139,9 @@ fn odd_configs_every_suite_passes() {
     odd2.quant.w_group_len = 16;
     odd2.validate().expect("valid");
     for cfg in [odd, odd2] {
-        let b = build(&cfg, &Rtl::Generated).expect("verilate");
-        let lib = Lib::load(&b.lib).expect("load");
+        let eng = Engine::build(&cfg, Rtl::Generated).expect("verilate");
         for s in SUITES {
-            let r = run_suite(&lib, &cfg, s, 3, 200, None).expect("suite runs");
+            let r = run_suite(&eng, s, 3, 200, None).expect("suite runs");
             println!("{} {}", cfg.name, r.line());
             assert!(r.failure.is_none(), "{}: {}", cfg.name, r.line());
         }

@@ -7,9 +7,8 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand};
 use tessera_golden::config::EngineConfig;
-use tessera_sim::ffi::Lib;
 use tessera_sim::suites::{json, junit, run_suite, SUITES};
-use tessera_sim::verilate::{build, Rtl};
+use tessera_sim::verilate::{Engine, Rtl};
 
 use super::{ConfigSource, Failure};
 
@@ -49,7 +48,7 @@ fn source_flag(src: &ConfigSource) -> String {
     }
 }
 
-fn load(cfg: &EngineConfig, rtl: Option<&PathBuf>, quiet: bool) -> Result<Lib, Failure> {
+fn load(cfg: &EngineConfig, rtl: Option<&PathBuf>, quiet: bool) -> Result<Engine, Failure> {
     let r = match rtl {
         Some(d) if !d.is_dir() => {
             return Err(Failure::one(format!(
@@ -61,15 +60,15 @@ fn load(cfg: &EngineConfig, rtl: Option<&PathBuf>, quiet: bool) -> Result<Lib, F
         None => Rtl::Generated,
     };
     let t = Instant::now();
-    let b = build(cfg, &r).map_err(Failure::one)?;
-    if b.compiled && !quiet {
+    let e = Engine::build(cfg, r).map_err(Failure::one)?;
+    if e.built.compiled && !quiet {
         eprintln!(
             "verilated {} in {:.1} s",
-            b.dir.display(),
+            e.built.dir.display(),
             t.elapsed().as_secs_f64()
         );
     }
-    Lib::load(&b.lib).map_err(Failure::one)
+    Ok(e)
 }
 
 /// Runs `tessera cosim`.
@@ -86,7 +85,7 @@ pub fn run(args: CosimArgs) -> Result<(), Failure> {
             SUITES.join(", ")
         )));
     };
-    let lib = load(&cfg, args.rtl.as_ref(), args.json)?;
+    let eng = load(&cfg, args.rtl.as_ref(), args.json)?;
     let waves = args
         .waves
         .clone()
@@ -98,8 +97,7 @@ pub fn run(args: CosimArgs) -> Result<(), Failure> {
     let mut reps = Vec::new();
     let mut failed = None;
     for s in &suites {
-        let r =
-            run_suite(&lib, &cfg, s, args.seed, args.ops, Some(&waves)).map_err(Failure::one)?;
+        let r = run_suite(&eng, s, args.seed, args.ops, Some(&waves)).map_err(Failure::one)?;
         if !args.json {
             println!("{}", r.line());
         }
@@ -174,8 +172,8 @@ pub fn run_bench(args: BenchArgs) -> Result<(), Failure> {
     } else {
         tessera_sim::bench::bench_config().map_err(Failure::one)?
     };
-    let lib = load(&cfg, None, false)?;
-    let r = tessera_sim::bench::bench(&lib, &cfg, a.ops, a.seed).map_err(Failure::one)?;
+    let eng = load(&cfg, None, false)?;
+    let r = tessera_sim::bench::bench(&eng.lib, &cfg, a.ops, a.seed).map_err(Failure::one)?;
     let name = cfg
         .checked_derive()
         .map(|d| d.config_string)
