@@ -17,13 +17,14 @@ use super::{ConfigSource, Failure};
 pub struct CosimArgs {
     #[command(flatten)]
     pub source: ConfigSource,
-    /// Suite: modes, dataflows, edges, odd, saturation, stalls, switch, attention, random, all.
+    /// Suite: modes, dataflows, edges, odd, saturation, stalls, switch, attention, ksplit,
+    /// random, short, all.
     #[arg(long, default_value = "all")]
     pub suite: String,
     /// Seed of the programs, operands, stalls and Verilator's initial values.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Operations of the random suite.
+    /// Operations of the random and short suites.
     #[arg(long, default_value_t = 200)]
     pub ops: usize,
     /// Write a JUnit XML report here.
