@@ -1076,4 +1076,36 @@ mod tests {
             [false, true, true, false]
         );
     }
+
+    #[test]
+    fn hessian_cache_round_trips_and_rejects_bad_files() {
+        let mut hessians = HashMap::new();
+        hessians.insert("blk.0.attn_q".to_string(), (vec![1.0, 0.5, 0.5, 2.0], 2));
+        let c = Calibration {
+            tokens: 512,
+            chunks: 1,
+            hessians,
+        };
+        let dir = std::env::temp_dir().join(format!("tessera-hcache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("h.bin");
+        c.save(&p, "key a").unwrap();
+        let back = Calibration::load(&p, "key a").unwrap().unwrap();
+        assert_eq!(back.tokens, 512);
+        assert_eq!(
+            back.hessian_of("blk.0.attn_v").unwrap(),
+            (&[1.0, 0.5, 0.5, 2.0][..], 2)
+        );
+        assert!(
+            Calibration::load(&p, "key b").unwrap().is_none(),
+            "other key: recompute"
+        );
+        let bytes = std::fs::read(&p).unwrap();
+        for cut in [4, 20, bytes.len() - 3] {
+            std::fs::write(&p, &bytes[..cut]).unwrap();
+            let e = Calibration::load(&p, "key a").unwrap_err().to_string();
+            assert!(e.contains("not a Hessian cache"), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

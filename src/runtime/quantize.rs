@@ -122,9 +122,6 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<()> {
     }
     let rules = keep_rules(&args.keep)?;
     format_of_bits(args.engine.head_bits)?;
-    let g = Gguf::open(&args.model)?;
-    let (mut model, tok) = load(&args.model)?;
-    let t0 = std::time::Instant::now();
     if let Some(b) = args.max_bpw {
         if !(b.is_finite() && b > 0.0) {
             return Err(Error::new(format!(
@@ -138,6 +135,9 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<()> {
             args.damp
         )));
     }
+    let g = Gguf::open(&args.model)?;
+    let (mut model, tok) = load(&args.model)?;
+    let t0 = std::time::Instant::now();
     let needs_calib = args.method == Method::Gptq || args.max_bpw.is_some();
     let calib = if needs_calib {
         let calib_path = args
