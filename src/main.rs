@@ -32,8 +32,9 @@ enum Command {
     Project(cmd::project::ProjectArgs),
     /// Co-simulate the engine's Verilog in Verilator, checked every cycle against golden.
     Cosim(cmd::cosim::CosimArgs),
-    /// Benchmarks (`tessera bench cosim`: Verilator, cycle model and lock-step cycles/s).
-    Bench(cmd::cosim::BenchArgs),
+    /// Benchmarks: `bench run` (CPU runtime prefill/decode tok/s), `bench mem` (memory
+    /// bandwidth), `bench cosim` (Verilator, cycle model and lock-step cycles/s).
+    Bench(cmd::bench::BenchArgs),
     /// Run a GGUF LLM on the CPU (f32, w8a8kv8 or w2a8kv4) and stream the generated text.
     Run(cmd::run::RunArgs),
     /// Perplexity of a model over a text, as llama.cpp's llama-perplexity computes it.
@@ -72,7 +73,7 @@ fn main() -> ExitCode {
         Command::Fit(args) => cmd::fit::run(args),
         Command::Project(args) => cmd::project::run(args),
         Command::Cosim(args) => cmd::cosim::run(args),
-        Command::Bench(args) => cmd::cosim::run_bench(args),
+        Command::Bench(args) => cmd::bench::run(args),
         Command::Run(args) => cmd::run::run(args),
         Command::Ppl(args) => cmd::ppl::run(args),
         Command::Compare(args) => cmd::ppl::run_compare(args),

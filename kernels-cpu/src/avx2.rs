@@ -603,3 +603,63 @@ pub(crate) fn dot4_rows(
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("Isa::Avx2 is never available off x86_64");
 }
+
+/// The 8-bit window products (N18) on plain `i8` rows, compiled for AVX2 (the loops are the
+/// portable ones; enabling the feature lets the compiler vectorize them): `qk[t] = sum_c q[c] *
+/// keys[t][c]` and `pv[c] += sum_t x[t] * values[t][c]`, exact in `i32` for `hd < 2^17` and
+/// windows under `2^17` tokens (asserted by the callers).
+pub(crate) fn window_qk(q: &[i8], keys: &[i8], out: &mut [i64], lo: i64, hi: i64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { window_imp::qk(q, keys, out, lo, hi) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("Isa::Avx2 is never available off x86_64");
+}
+
+/// See [`window_qk`].
+pub(crate) fn window_pv(x: &[i8], values: &[i8], pv: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { window_imp::pv(x, values, pv) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("Isa::Avx2 is never available off x86_64");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod window_imp {
+    #[target_feature(enable = "avx2")]
+    pub(super) fn qk(q: &[i8], keys: &[i8], out: &mut [i64], lo: i64, hi: i64) {
+        let hd = q.len();
+        for (o, k) in out.iter_mut().zip(keys.chunks_exact(hd)) {
+            let dot: i32 = q
+                .iter()
+                .zip(k)
+                .map(|(&a, &b)| i32::from(i16::from(a) * i16::from(b)))
+                .sum();
+            *o = i64::from(dot).clamp(lo, hi);
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn pv(x: &[i8], values: &[i8], pv: &mut [i32]) {
+        let hd = pv.len();
+        for (&xt, v) in x.iter().zip(values.chunks_exact(hd)) {
+            let xt = i16::from(xt);
+            for (a, &b) in pv.iter_mut().zip(v) {
+                *a += i32::from(xt * i16::from(b));
+            }
+        }
+    }
+}

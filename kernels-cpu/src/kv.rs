@@ -292,13 +292,19 @@ impl KvHeadCpu {
                 acc_out[j * gl + t] = ((i64::from(pt) << 4) - z).clamp(lo, hi);
             }
         }
-        for (t, k) in self.wkeys.chunks_exact(hd).enumerate() {
-            let dot: i64 = q_i8
-                .iter()
-                .zip(k)
-                .map(|(&a, &b)| i64::from(i32::from(a) * i32::from(b)))
-                .sum();
-            acc_out[self.n4 + t] = dot.clamp(lo, hi);
+        let n4 = self.n4;
+        if isa == Isa::Avx2 && isa.is_available() && hd < (1 << 17) {
+            // |q * k| <= 2^14 per channel: the i32 sums are exact for hd < 2^17.
+            crate::avx2::window_qk(q_i8, &self.wkeys, &mut acc_out[n4..], lo, hi);
+        } else {
+            for (t, k) in self.wkeys.chunks_exact(hd).enumerate() {
+                let dot: i64 = q_i8
+                    .iter()
+                    .zip(k)
+                    .map(|(&a, &b)| i64::from(i32::from(a) * i32::from(b)))
+                    .sum();
+                acc_out[n4 + t] = dot.clamp(lo, hi);
+            }
         }
         crate::weights::apply_stage(stage, acc_out, y_out)?;
         Ok(())
@@ -357,10 +363,14 @@ impl KvHeadCpu {
         fold_into(&p_i8[n4..], &self.wvfscale, self.sf, xw);
         let pw = &mut scratch.p[..hd];
         pw.fill(0);
-        for (t, &x) in xw.iter().enumerate() {
-            let x = i32::from(x);
-            for (a, &v) in pw.iter_mut().zip(&self.wvalues[t * hd..(t + 1) * hd]) {
-                *a += x * i32::from(v); // |.| <= nw * 128 * 127, < 2^31 for nw < 2^17
+        if isa == Isa::Avx2 && isa.is_available() && nw < (1 << 17) {
+            crate::avx2::window_pv(xw, &self.wvalues[..nw * hd], pw);
+        } else {
+            for (t, &x) in xw.iter().enumerate() {
+                let x = i32::from(x);
+                for (a, &v) in pw.iter_mut().zip(&self.wvalues[t * hd..(t + 1) * hd]) {
+                    *a += x * i32::from(v); // |.| <= nw * 128 * 127, < 2^31 for nw < 2^17
+                }
             }
         }
         for (a, &pc) in accw.iter_mut().zip(pw.iter()) {

@@ -213,6 +213,32 @@ fn encode_chunk(c: &[u8; CHUNK], bits: usize, out: &mut [u8]) {
 }
 
 impl PreparedWeights {
+    /// The rows of `parts` stacked into one tensor (e.g. the Q, K and V projections, which read
+    /// the same activations), so one call computes them all: every row is computed exactly as in
+    /// its own tensor. `None` when the parts differ in format, `k`, group length or scale width.
+    #[must_use]
+    pub fn concat_rows(parts: &[&PreparedWeights]) -> Option<PreparedWeights> {
+        let first = *parts.first()?;
+        if parts.iter().any(|p| {
+            p.format != first.format
+                || p.k != first.k
+                || p.group_len != first.group_len
+                || p.w_scale_bits != first.w_scale_bits
+        }) {
+            return None;
+        }
+        let mut out = first.clone();
+        for p in &parts[1..] {
+            out.n_rows += p.n_rows;
+            out.data.extend_from_slice(&p.data);
+            out.gscale_q.extend_from_slice(&p.gscale_q);
+            out.zero_u8.extend_from_slice(&p.zero_u8);
+            out.row_scale.extend_from_slice(&p.row_scale);
+            out.row_bound.extend_from_slice(&p.row_bound);
+        }
+        Some(out)
+    }
+
     #[must_use]
     pub fn format(&self) -> WeightFormat {
         self.format

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use tessera_golden::config::EngineConfig;
 
+pub mod bench;
 pub mod board;
 pub mod config;
 pub mod cosim;

@@ -128,6 +128,7 @@ pub fn load_with_mode(
     path: &std::path::Path,
     engine: &EngineArgs,
 ) -> Result<(Model, Tokenizer, Mode)> {
+    set_threads(engine.threads)?;
     let (mut model, tok, file_mode) = if super::tsr::is_tsr(path) {
         let (m, t, mode) = super::tsr::load(path)?;
         (m, t, mode)
@@ -150,7 +151,6 @@ pub fn load_with_mode(
         .map_err(|e| Error::new(format!("{}: {e}", path.display())))?;
         bar.finish_and_clear();
     }
-    set_threads(engine.threads)?;
     let isa = Isa::from_env().map_err(|e| Error::new(e.to_string()))?;
     if mode != Mode::F32 {
         model.set_backend(engine.backend, isa);

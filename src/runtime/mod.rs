@@ -1,8 +1,9 @@
 //! CPU inference runtime for a real LLM: GGUF loading ([`gguf`]), the byte-level BPE tokenizer
 //! and chat template ([`tokenizer`]), the forward pass ([`model`]) whose linear layers and
-//! attention products go through the dispatch points in [`ops`], sampling ([`sampler`]), and the
-//! `tessera run` command ([`cli`]).
+//! attention products go through the dispatch points in [`ops`], sampling ([`sampler`]), the
+//! `tessera run` command ([`cli`]) and `tessera bench run|mem` ([`bench`]).
 
+pub mod bench;
 pub mod cli;
 pub mod engine;
 pub mod gguf;

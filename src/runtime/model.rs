@@ -203,6 +203,63 @@ pub struct Workspace {
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
     lin: LinearScratch,
+    /// Time per part of the forward pass, when enabled ([`Session::enable_profile`]).
+    pub profile: Option<Profile>,
+}
+
+/// Parts of a forward step, for `tessera bench run --profile`.
+pub const PROFILE_PARTS: [&str; 12] = [
+    "embed+rope table",
+    "rms norms",
+    "wq+wk+wv",
+    "rope",
+    "kv push+sync",
+    "q.K scores",
+    "softmax",
+    "p.V",
+    "wo",
+    "gate+up",
+    "silu*up+residuals",
+    "down",
+];
+/// Index of the output head's time in [`Profile::secs`] (after the parts above).
+pub const PROFILE_HEAD: usize = PROFILE_PARTS.len();
+
+/// Accumulated seconds per part ([`PROFILE_PARTS`], then the output head) over the steps run
+/// since it was enabled or reset.
+#[derive(Debug, Clone, Default)]
+pub struct Profile {
+    pub secs: [f64; PROFILE_PARTS.len() + 1],
+    pub steps: usize,
+}
+
+impl Profile {
+    /// `(name, seconds)` of every part, the output head last.
+    pub fn parts(&self) -> Vec<(&'static str, f64)> {
+        PROFILE_PARTS
+            .iter()
+            .copied()
+            .chain(std::iter::once("output head"))
+            .zip(self.secs)
+            .collect()
+    }
+}
+
+impl Session {
+    /// Starts (or restarts) timing every part of the forward pass.
+    pub fn enable_profile(&mut self) {
+        self.ws.profile = Some(Profile::default());
+    }
+}
+
+/// Adds the time since `*t` to part `i` when profiling, and restarts `*t`.
+#[inline]
+fn lap(p: &mut Option<Profile>, t: &mut Option<std::time::Instant>, i: usize) {
+    if let (Some(p), Some(t0)) = (p.as_mut(), t.as_mut()) {
+        let now = std::time::Instant::now();
+        p.secs[i] += (now - *t0).as_secs_f64();
+        *t0 = now;
+    }
 }
 
 /// `v[..len]`, grown (zero-filled) when shorter.
@@ -319,6 +376,11 @@ impl Model {
         }
         all.push(&mut self.output);
         all.par_iter_mut().for_each(|l| l.set_backend(backend, isa));
+        // Layers that read the same input run as one kernel call on the CPU backend.
+        self.layers.par_iter_mut().for_each(|l| {
+            l.wq.fuse_with(&[&l.wk, &l.wv]);
+            l.w_gate.fuse_with(&[&l.w_up]);
+        });
     }
 
     /// The backend and kernel path of the engine layers (the KV products follow them); golden
@@ -397,6 +459,8 @@ impl Model {
         }
         let (d, hd, qd, kvd) = (c.d_model, c.head_dim, c.q_dim(), c.kv_dim());
         let ws = &mut s.ws;
+        let prof = &mut ws.profile;
+        let mut t = prof.as_ref().map(|_| std::time::Instant::now());
         let x = buf(&mut ws.x, n * d);
         for (xr, &t) in x.chunks_exact_mut(d).zip(tokens) {
             let t = t as usize;
@@ -428,59 +492,89 @@ impl Model {
         let u = buf(&mut ws.u, n * c.n_ff);
         let scores = buf(&mut ws.scores, s.pos + n);
         let lin = &mut ws.lin;
+        lap(prof, &mut t, 0);
 
         for (layer, cache) in self.layers.iter().zip(s.caches.iter_mut()) {
             if cache.len() != s.pos {
                 return Err(Error::new("KV cache out of step with the session position"));
             }
             rms_norm(x, &layer.attn_norm, c.rms_eps, h);
-            layer.wq.forward_ws(h, n, q, lin);
-            layer.wk.forward_ws(h, n, k, lin);
-            layer.wv.forward_ws(h, n, v, lin);
+            lap(prof, &mut t, 1);
+            if !layer
+                .wq
+                .forward_fused(h, n, &mut [&mut *q, &mut *k, &mut *v], lin)
+            {
+                layer.wq.forward_ws(h, n, q, lin);
+                layer.wk.forward_ws(h, n, k, lin);
+                layer.wv.forward_ws(h, n, v, lin);
+            }
+            lap(prof, &mut t, 2);
             // Token by token: store position t, then attend from it, so that a prefill sees the
             // cache exactly as a token-by-token decode would (the KV4 cache quantizes groups as
             // they leave the recent window; the f32 results are the same either way).
-            for t in 0..n {
-                rope.apply(t, &mut q[t * qd..(t + 1) * qd]);
-                rope.apply(t, &mut k[t * kvd..(t + 1) * kvd]);
-                cache.push(&k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
-                let n_ctx = s.pos + t + 1;
+            for i in 0..n {
+                rope.apply(i, &mut q[i * qd..(i + 1) * qd]);
+                rope.apply(i, &mut k[i * kvd..(i + 1) * kvd]);
+                lap(prof, &mut t, 3);
+                cache.push(&k[i * kvd..(i + 1) * kvd], &v[i * kvd..(i + 1) * kvd]);
+                lap(prof, &mut t, 4);
+                let n_ctx = s.pos + i + 1;
                 for head in 0..c.n_head {
                     let kvh = head / group;
                     let sc = &mut scores[..n_ctx];
                     cache.scores(
                         kvh,
-                        &q[t * qd + head * hd..t * qd + (head + 1) * hd],
+                        &q[i * qd + head * hd..i * qd + (head + 1) * hd],
                         scale,
                         sc,
                     );
+                    lap(prof, &mut t, 5);
                     softmax(sc);
+                    lap(prof, &mut t, 6);
                     cache.weighted_sum(
                         kvh,
                         sc,
-                        &mut att[t * qd + head * hd..t * qd + (head + 1) * hd],
+                        &mut att[i * qd + head * hd..i * qd + (head + 1) * hd],
                     );
+                    lap(prof, &mut t, 7);
                 }
             }
             layer.wo.forward_ws(att, n, o, lin);
+            lap(prof, &mut t, 8);
             add(x, o);
+            lap(prof, &mut t, 10);
 
             rms_norm(x, &layer.ffn_norm, c.rms_eps, h);
-            layer.w_gate.forward_ws(h, n, g, lin);
-            layer.w_up.forward_ws(h, n, u, lin);
+            lap(prof, &mut t, 1);
+            if !layer
+                .w_gate
+                .forward_fused(h, n, &mut [&mut *g, &mut *u], lin)
+            {
+                layer.w_gate.forward_ws(h, n, g, lin);
+                layer.w_up.forward_ws(h, n, u, lin);
+            }
+            lap(prof, &mut t, 9);
             for (gi, ui) in g.iter_mut().zip(u.iter()) {
                 *gi = silu(*gi) * ui;
             }
+            lap(prof, &mut t, 10);
             layer.w_down.forward_ws(g, n, o, lin);
+            lap(prof, &mut t, 11);
             add(x, o);
+            lap(prof, &mut t, 10);
         }
         s.pos += n;
 
         let last = &x[(n - rows) * d..];
         let hn = buf(&mut ws.hn, rows * d);
         rms_norm(last, &self.out_norm, c.rms_eps, hn);
+        lap(prof, &mut t, 1);
         let logits = buf(&mut ws.logits, rows * c.vocab);
         self.output.forward_ws(hn, rows, logits, lin);
+        lap(prof, &mut t, PROFILE_HEAD);
+        if let Some(p) = prof.as_mut() {
+            p.steps += 1;
+        }
         Ok(&s.ws.logits[..rows * c.vocab])
     }
 }

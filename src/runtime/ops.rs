@@ -77,6 +77,17 @@ pub struct EngineLinear {
     pub dp: Datapath,
     backend: Backend,
     isa: Isa,
+    /// CPU backend: this layer's rows stacked with those of the layers that read the same input
+    /// (Q with K and V, gate with up), run as one kernel call ([`Linear::forward_fused`]).
+    fused: Option<Arc<FusedRows>>,
+}
+
+/// Several weight matrices with the same input, stacked into one [`PreparedWeights`].
+#[derive(Debug)]
+struct FusedRows {
+    w: PreparedWeights,
+    frac_bits: u32,
+    scale_frac_bits: u32,
 }
 
 impl EngineLinear {
@@ -112,6 +123,7 @@ impl EngineLinear {
             dp,
             backend: Backend::Golden,
             isa: Isa::selected(),
+            fused: None,
         })
     }
 
@@ -130,6 +142,7 @@ impl EngineLinear {
     pub fn set_backend(&mut self, backend: Backend, isa: Isa) {
         self.backend = backend;
         self.isa = isa;
+        self.fused = None;
         match backend {
             Backend::Golden => {
                 self.golden_codes();
@@ -338,6 +351,116 @@ impl Linear {
             Linear::Engine(e) => Some(e),
             Linear::Capture(c) => c.inner.engine(),
         }
+    }
+
+    /// On the CPU backend, stacks this layer's rows with those of `others` (layers reading the
+    /// same input, in output order) for [`Self::forward_fused`]. Returns whether it did: every
+    /// layer must be an engine layer on the CPU backend with the same format, `k` and datapath.
+    pub fn fuse_with(&mut self, others: &[&Linear]) -> bool {
+        let Linear::Engine(e) = self else {
+            return false;
+        };
+        let engines: Option<Vec<&EngineLinear>> = others
+            .iter()
+            .map(|l| match l {
+                Linear::Engine(o) => Some(o),
+                _ => None,
+            })
+            .collect();
+        let Some(engines) = engines else {
+            return false;
+        };
+        if e.backend != Backend::Cpu
+            || engines
+                .iter()
+                .any(|o| o.backend != Backend::Cpu || o.dp != e.dp || o.isa != e.isa)
+        {
+            return false;
+        }
+        let mut parts: Vec<&PreparedWeights> = vec![e.prepared()];
+        parts.extend(engines.iter().map(|o| o.prepared().as_ref()));
+        let Some(w) = PreparedWeights::concat_rows(&parts) else {
+            return false;
+        };
+        e.fused = Some(Arc::new(FusedRows {
+            w,
+            frac_bits: weight_frac_bits(&e.w),
+            scale_frac_bits: e.w.scale_frac_bits(),
+        }));
+        true
+    }
+
+    /// `outs[i] = W_i x` for this layer and the layers it was fused with ([`Self::fuse_with`]),
+    /// in one kernel call: the same values as one [`Self::forward_ws`] per layer. Returns false
+    /// (computing nothing) when the layer is not fused.
+    pub fn forward_fused(
+        &self,
+        x: &[f32],
+        n_tok: usize,
+        outs: &mut [&mut [f32]],
+        ws: &mut LinearScratch,
+    ) -> bool {
+        let Linear::Engine(e) = self else {
+            return false;
+        };
+        let Some(f) = e.fused.as_deref() else {
+            return false;
+        };
+        let (k, total) = (f.w.k(), f.w.n_rows());
+        assert_eq!(x.len(), n_tok * k, "matmul input size");
+        assert_eq!(
+            outs.iter().map(|o| o.len()).sum::<usize>(),
+            n_tok * total,
+            "fused outputs size"
+        );
+        grow(&mut ws.codes, n_tok * k);
+        grow(&mut ws.scale_x, n_tok);
+        grow(&mut ws.acc, n_tok * total);
+        grow(&mut ws.y, n_tok * total);
+        for t in 0..n_tok {
+            match quantize_token_into(&x[t * k..(t + 1) * k], &mut ws.codes[t * k..(t + 1) * k]) {
+                Some(s) => ws.scale_x[t] = s,
+                None => {
+                    outs.iter_mut().for_each(|o| o.fill(f32::NAN));
+                    return true;
+                }
+            }
+        }
+        let stage = OutputStage::weight_lattice_i32(f.scale_frac_bits);
+        let (acc, yi) = (&mut ws.acc[..n_tok * total], &mut ws.y[..n_tok * total]);
+        let ok =
+            f.w.gemm_acc(
+                e.isa,
+                &e.dp,
+                &ws.codes[..n_tok * k],
+                n_tok,
+                &mut ws.kernels,
+                acc,
+            )
+            .and_then(|()| apply_stage(&stage, acc, yi));
+        if ok.is_err() {
+            outs.iter_mut().for_each(|o| o.fill(f32::NAN));
+            return true;
+        }
+        let c = DequantConst::new(&stage, f.frac_bits);
+        let rs = f.w.row_scale();
+        for t in 0..n_tok {
+            let cx = c.with_x(ws.scale_x[t]);
+            let mut r0 = 0;
+            for out in outs.iter_mut() {
+                let np = out.len() / n_tok;
+                let (yr, ir, sr) = (
+                    &mut out[t * np..(t + 1) * np],
+                    &yi[t * total + r0..t * total + r0 + np],
+                    &rs[r0..r0 + np],
+                );
+                for ((yo, &v), &sw) in yr.iter_mut().zip(ir).zip(sr) {
+                    *yo = v as f32 * cx.factor(sw);
+                }
+                r0 += np;
+            }
+        }
+        true
     }
 
     /// Sets the backend of an engine layer (see [`EngineLinear::set_backend`]); f32: no-op.

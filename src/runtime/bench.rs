@@ -1,0 +1,272 @@
+//! `tessera bench run` and `tessera bench mem`: end-to-end prefill and decode tokens/s of the
+//! CPU runtime, the machine they ran on, and the memory-bandwidth roofline of decode.
+//!
+//! Method (as llama-bench's `pp`/`tg` tests, so the figures compare): prefill runs
+//! `--prompt-tokens` pseudo-random token ids as one batch in a fresh session; decode runs
+//! `--gen-tokens` single-token steps from an empty session (greedy: each step feeds the argmax
+//! of the previous logits). One warm-up pass, then `--reps` repetitions; the mean is printed.
+//! The roofline is the measured streaming-read bandwidth divided by the bytes of weights one
+//! decode step reads (every linear layer's re-packed codes and group metadata).
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use super::cli::{load_with_mode, progress_bar, resolve_model, set_threads};
+use super::engine::{EngineArgs, Mode};
+use super::model::{Model, Profile};
+use super::ops::Backend;
+use super::sampler::argmax;
+use super::{Error, Result};
+
+/// Arguments of `tessera bench run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchRunArgs {
+    /// GGUF model (or .tsr) [default: the fetched SmolLM2-135M-Instruct]
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<std::path::PathBuf>,
+    /// Prompt tokens of the prefill test (one batch)
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Generated tokens of the decode test (one token per step, from an empty context)
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Repetitions of each test (after one warm-up); the mean is reported
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Also print where decode time goes (per part of the forward pass)
+    #[arg(long)]
+    pub profile: bool,
+    /// Also measure the memory bandwidth and print the decode roofline
+    #[arg(long)]
+    pub roofline: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// Arguments of `tessera bench mem`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchMemArgs {
+    /// Buffer size in MiB (well above the last-level cache)
+    #[arg(long, default_value_t = 512)]
+    pub mib: usize,
+    /// Threads [default: every core]
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+/// CPU model, logical cores and the SIMD flags that matter to the kernels (from
+/// `/proc/cpuinfo` where there is one).
+pub fn machine_line() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let model = field("model name").unwrap_or_else(|| "unknown CPU".to_string());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let flags = field("flags").unwrap_or_default();
+    let mut simd: Vec<&str> = flags
+        .split_whitespace()
+        .filter(|f| *f == "avx2" || *f == "fma" || f.starts_with("avx512") || f.contains("vnni"))
+        .collect();
+    simd.sort_unstable();
+    simd.dedup();
+    format!(
+        "machine: {model}, {cores} logical cores, flags: {}",
+        if simd.is_empty() {
+            "none of avx2/avx512*/vnni".to_string()
+        } else {
+            simd.join(" ")
+        }
+    )
+}
+
+/// Streaming-read bandwidth in GB/s (10^9 bytes/s): the best of several passes summing a
+/// `mib` MiB buffer of `u64` on the current rayon pool.
+pub fn mem_bandwidth_gbs(mib: usize) -> f64 {
+    let n = (mib.max(1) << 20) / 8;
+    let buf: Vec<u64> = (0..n as u64).collect();
+    let mut best = 0f64;
+    let mut sink = 0u64;
+    for _ in 0..6 {
+        let t = Instant::now();
+        let s: u64 = buf
+            .par_chunks(1 << 16)
+            .map(|c| {
+                // Eight independent lanes: the loop vectorizes and is bound by memory.
+                let mut acc = [0u64; 8];
+                for w in c.chunks_exact(8) {
+                    for i in 0..8 {
+                        acc[i] = acc[i].wrapping_add(w[i]);
+                    }
+                }
+                acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+            })
+            .reduce(|| 0, u64::wrapping_add);
+        let secs = t.elapsed().as_secs_f64();
+        sink = sink.wrapping_add(s);
+        best = best.max((n * 8) as f64 / secs / 1e9);
+    }
+    std::hint::black_box(sink);
+    best
+}
+
+/// Pseudo-random token ids in `[0, vocab)` (fixed seed), as llama-bench feeds.
+fn bench_tokens(n: usize, vocab: usize) -> Vec<u32> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((x >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Seconds of one prefill of `tokens` in a fresh session.
+fn time_prefill(model: &Model, tokens: &[u32]) -> Result<f64> {
+    let mut s = model.session();
+    let t = Instant::now();
+    model.forward_into(&mut s, tokens, 1)?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Seconds of `n` greedy decode steps from an empty session, and the profile if asked.
+fn time_decode(model: &Model, n: usize, profile: bool) -> Result<(f64, Option<Profile>)> {
+    let mut s = model.session();
+    if profile {
+        s.enable_profile();
+    }
+    let mut next = 1u32;
+    let t = Instant::now();
+    for _ in 0..n {
+        next = argmax(model.forward_into(&mut s, &[next], 1)?) as u32;
+    }
+    Ok((t.elapsed().as_secs_f64(), s.ws.profile.take()))
+}
+
+/// Runs `tessera bench run`, printing the header, `prefill:` and `decode:` lines (and the
+/// roofline and profile when asked) on stdout.
+pub fn run_bench(args: &BenchRunArgs) -> Result<()> {
+    if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.reps == 0 {
+        return Err(Error::new(
+            "--prompt-tokens, --gen-tokens and --reps must be at least 1",
+        ));
+    }
+    let path = resolve_model(args.model.as_ref())?;
+    let (model, _tok, mode) = load_with_mode(&path, &args.engine)?;
+    if args.prompt_tokens.max(args.gen_tokens + 1) > model.cfg.ctx_len {
+        return Err(Error::new(format!(
+            "--prompt-tokens / --gen-tokens exceed the context length {}",
+            model.cfg.ctx_len
+        )));
+    }
+    let threads = rayon::current_num_threads();
+    let (backend, isa) = model.backend();
+    let path_used = match (mode, backend) {
+        (Mode::F32, _) => "f32 (auto-vectorized dot products)".to_string(),
+        (_, Backend::Golden) => "golden reference ops (scalar)".to_string(),
+        (_, Backend::Cpu) => format!("kernels-cpu {isa}"),
+    };
+    println!("{}", machine_line());
+    println!(
+        "model: {} | mode {} | {} | threads {threads} | pp{} tg{} x{} reps",
+        path.file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        mode.name(),
+        path_used,
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.reps
+    );
+    let prompt = bench_tokens(args.prompt_tokens, model.cfg.vocab);
+    let bar = progress_bar("{msg} [{bar:30}] {pos}/{len}");
+    bar.set_length((2 * (args.reps + 1)) as u64);
+    bar.set_message("warm-up");
+    time_prefill(&model, &prompt[..prompt.len().min(16)])?;
+    time_decode(&model, args.gen_tokens.min(8), false)?;
+    bar.inc(2);
+    bar.set_message("prefill");
+    let mut pp = 0.0;
+    for _ in 0..args.reps {
+        pp += time_prefill(&model, &prompt)?;
+        bar.inc(1);
+    }
+    bar.set_message("decode");
+    let mut tg = 0.0;
+    for _ in 0..args.reps {
+        tg += time_decode(&model, args.gen_tokens, false)?.0;
+        bar.inc(1);
+    }
+    let profile = if args.profile {
+        bar.set_message("profile");
+        Some(time_decode(&model, args.gen_tokens, true)?)
+    } else {
+        None
+    };
+    bar.finish_and_clear();
+    let pp_tok_s = (args.reps * args.prompt_tokens) as f64 / pp;
+    let tg_tok_s = (args.reps * args.gen_tokens) as f64 / tg;
+    println!("prefill: {pp_tok_s:.1} tok/s");
+    println!("decode: {tg_tok_s:.1} tok/s");
+    if args.roofline {
+        let bytes = model.weight_bytes_per_token() + 4 * model.cfg.d_model;
+        let gbs = mem_bandwidth_gbs(512);
+        let roof = gbs * 1e9 / bytes as f64;
+        println!(
+            "roofline: {:.1} MB of weights per decode token, {gbs:.1} GB/s streaming read ({threads} threads) -> {roof:.1} tok/s; decode at {:.0}% of it",
+            bytes as f64 / 1e6,
+            100.0 * tg_tok_s / roof
+        );
+    }
+    if let Some((secs, Some(p))) = profile {
+        print_profile(&p, secs);
+    }
+    Ok(())
+}
+
+/// The decode time per part, per token and as a share of the step.
+fn print_profile(p: &Profile, wall: f64) {
+    let steps = p.steps.max(1) as f64;
+    let total: f64 = p.secs.iter().sum();
+    println!(
+        "decode profile ({} steps, {:.3} ms/token wall, {:.3} ms/token in timed parts):",
+        p.steps,
+        1e3 * wall / steps,
+        1e3 * total / steps
+    );
+    for (name, s) in p.parts() {
+        println!(
+            "  {name:<20} {:>8.3} ms/token {:>5.1}%",
+            1e3 * s / steps,
+            100.0 * s / total.max(1e-12)
+        );
+    }
+    println!(
+        "  {:<20} {:>8.3} ms/token (sampling, session, timer overhead)",
+        "outside the parts",
+        1e3 * (wall - total) / steps
+    );
+}
+
+/// Runs `tessera bench mem`: one line, the streaming-read bandwidth.
+pub fn run_mem(args: &BenchMemArgs) -> Result<()> {
+    set_threads(args.threads)?;
+    println!("{}", machine_line());
+    let bar = progress_bar("{spinner} reading {msg}");
+    bar.set_message(format!("{} MiB", args.mib));
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    let gbs = mem_bandwidth_gbs(args.mib);
+    bar.finish_and_clear();
+    println!(
+        "memory: {gbs:.1} GB/s streaming read ({} MiB, {} threads, best of 6)",
+        args.mib,
+        rayon::current_num_threads()
+    );
+    Ok(())
+}
