@@ -155,7 +155,10 @@ fn golden_forward(m: &Model, tokens: &[u32], f: WeightFormat, kv_bits: u32) -> V
                 .collect();
             softmax(&mut sc);
             let pc = quantize_probs(&sc).unwrap();
-            let out = cache.pv(&pc.p_i8, &id).unwrap().output_f32(&id, pc.scale_p);
+            let out = cache
+                .pv_probs(&pc, &id)
+                .unwrap()
+                .output_f32(&id, pc.scale_p);
             att[t * qd + head * hd..t * qd + (head + 1) * hd].copy_from_slice(&out);
         }
     }
@@ -272,7 +275,7 @@ fn kv4_cache_path_equals_golden_attention() {
             cache.weighted_sum(h, &scores, &mut out);
             let pc = quantize_probs(&scores).unwrap();
             let want = golden[h]
-                .pv(&pc.p_i8, &id)
+                .pv_probs(&pc, &id)
                 .unwrap()
                 .output_f32(&id, pc.scale_p);
             assert_eq!(out, want);

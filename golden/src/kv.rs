@@ -1,5 +1,6 @@
 //! The KV4 cache of one KV head (docs/numerics.md N16), the fold (N17), the 8-bit window
-//! products (N18) and the attention products `Q x K^T` and `P x V` (N19).
+//! products (N18), the attention products `Q x K^T` and `P x V` (N19) and the probability
+//! codes (N22).
 //!
 //! Token order everywhere is age order: the 4-bit tokens (oldest first), then the 8-bit window.
 
@@ -82,33 +83,76 @@ impl From<PackError> for KvError {
     }
 }
 
-/// Probability codes of one query (N19): `p_i8` in `[0, 127]` and the query's `scale_p`.
+/// N22: bits of one probability plane's codes (`[0, 127]`, the non-negative half of `i8`).
+pub const P_PLANE_BITS: u32 = 7;
+/// N22: largest probability code, `128 * 127 + 127` (two 7-bit planes).
+pub const P_CODE_MAX: i64 = (1 << (2 * P_PLANE_BITS)) - 1;
+
+/// Probability codes of one query (N19, N22): `p_t ~= (128 * hi_i8[t] + lo_i8[t]) * scale_p`,
+/// both planes in `[0, 127]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbCodes {
-    pub p_i8: Vec<i8>,
-    /// `max_t p_t / 127` (N5's per-token scale); 0 when every `p_t` is 0.
+    /// High plane, `code >> 7`.
+    pub hi_i8: Vec<i8>,
+    /// Low plane, `code & 127`.
+    pub lo_i8: Vec<i8>,
+    /// `max_t p_t / 16383`; 0 when every `p_t` is 0.
     pub scale_p: f32,
 }
 
-/// N19: probabilities are one A8 token (N5): `scale_p = max p / 127`,
-/// `p_i8 = quantize_f32(p, scale_p, 0, 127)`. Negative or non-finite `p` is an error.
-pub fn quantize_probs(p: &[f32]) -> Result<ProbCodes, KvError> {
-    if let Some((index, &value)) = p
-        .iter()
-        .enumerate()
-        .find(|(_, v)| !v.is_finite() || **v < 0.0)
-    {
-        return Err(KvError::Probability { index, value });
+impl ProbCodes {
+    /// The 14-bit code of token `t`, `128 * hi + lo`.
+    #[must_use]
+    pub fn code(&self, t: usize) -> i64 {
+        (i64::from(self.hi_i8[t]) << P_PLANE_BITS) + i64::from(self.lo_i8[t])
     }
-    let codes = quantize_token(p)?;
-    debug_assert!(
-        codes.codes_i8.iter().all(|&c| c >= 0),
-        "p >= 0 gives codes >= 0"
-    );
+}
+
+/// N22: probabilities are 14-bit codes split into two 7-bit planes:
+/// `scale_p = max p / 16383`, `code = quantize_f32(p, scale_p, 0, 16383)`, `hi = code >> 7`,
+/// `lo = code & 127`. Negative or non-finite `p` is an error.
+pub fn quantize_probs(p: &[f32]) -> Result<ProbCodes, KvError> {
+    let mut hi_i8 = vec![0i8; p.len()];
+    let mut lo_i8 = vec![0i8; p.len()];
+    let scale_p = quantize_probs_into(p, &mut hi_i8, &mut lo_i8)?;
     Ok(ProbCodes {
-        p_i8: codes.codes_i8,
-        scale_p: codes.scale_x,
+        hi_i8,
+        lo_i8,
+        scale_p,
     })
+}
+
+/// [`quantize_probs`] into caller-owned planes (`hi`, `lo` as long as `p`); returns `scale_p`.
+/// On an error the planes' contents are unspecified.
+///
+/// # Panics
+/// If `hi` or `lo` is not as long as `p`.
+pub fn quantize_probs_into(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Result<f32, KvError> {
+    assert!(
+        hi.len() == p.len() && lo.len() == p.len(),
+        "quantize_probs_into: one code per probability in each plane"
+    );
+    let mut max = 0.0f32;
+    for (index, &value) in p.iter().enumerate() {
+        if !value.is_finite() || value < 0.0 {
+            return Err(KvError::Probability { index, value });
+        }
+        max = max.max(value);
+    }
+    #[allow(clippy::cast_precision_loss)] // 16383 is exact in f32
+    let scale_p = max / P_CODE_MAX as f32;
+    if scale_p == 0.0 {
+        hi.fill(0);
+        lo.fill(0);
+        return Ok(0.0);
+    }
+    for ((&v, h), l) in p.iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
+        let code = crate::numerics::quantize_f32(v, scale_p, 0, P_CODE_MAX)
+            .expect("finite probability and scale");
+        *h = i8::try_from(code >> P_PLANE_BITS).expect("code <= 16383 gives hi <= 127");
+        *l = i8::try_from(code & ((1 << P_PLANE_BITS) - 1)).expect("lo <= 127");
+    }
+    Ok(scale_p)
 }
 
 /// N17 the fold: `xf_i8[e] = sat(round_shift(x_i8[e] * fscale_q[e], sf), 8)`.
@@ -245,11 +289,48 @@ pub struct PvOut {
 }
 
 impl PvOut {
-    /// N20: the real output `sum_t p_t v_t` per channel (both parts; `scale_p` from [`quantize_probs`]).
+    /// N20: the real output `sum_t p_t v_t` per channel of one A8 probability row with scale
+    /// `scale_p` (both parts; the runtime's two planes go through [`PvPlanes::output_f32`]).
     #[must_use]
     pub fn output_f32(&self, stage: &OutputStage, scale_p: f32) -> Vec<f32> {
         let a = self.kv4.dequantize(stage, scale_p);
         let b = self.window.dequantize(stage, scale_p);
+        a.iter().zip(&b).map(|(x, y)| x + y).collect()
+    }
+}
+
+/// `P x V` of both probability planes of one query (N22): two engine products.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PvPlanes {
+    pub hi: PvOut,
+    pub lo: PvOut,
+}
+
+impl PvPlanes {
+    /// N22 + N20: per channel and part (4-bit tokens, window), the host combines the planes
+    /// exactly, `y = 128 * y_hi + y_lo` (`i64`), and dequantizes `y` with the part's factor
+    /// (`scale_p` from [`quantize_probs`]); the two parts are added in `f32` as in
+    /// [`PvOut::output_f32`].
+    #[must_use]
+    pub fn output_f32(&self, stage: &OutputStage, scale_p: f32) -> Vec<f32> {
+        let part = |h: &FoldedAcc, l: &FoldedAcc| -> Vec<f32> {
+            assert!(
+                h.s_ref.to_bits() == l.s_ref.to_bits() && h.frac_bits == l.frac_bits,
+                "N22: both planes see the same value scales"
+            );
+            let factor = dequant_factor(stage, scale_p, h.s_ref, h.frac_bits);
+            h.y_i64
+                .iter()
+                .zip(&l.y_i64)
+                .map(|(&a, &b)| {
+                    #[allow(clippy::cast_precision_loss)] // the host works in f32 (N20)
+                    let y = ((a << P_PLANE_BITS) + b) as f32;
+                    y * factor
+                })
+                .collect()
+        };
+        let a = part(&self.hi.kv4, &self.lo.kv4);
+        let b = part(&self.hi.window, &self.lo.window);
         a.iter().zip(&b).map(|(x, y)| x + y).collect()
     }
 }
@@ -635,8 +716,8 @@ impl KvCache {
         })
     }
 
-    /// N19 `P x V` for one query: `p_i8` has one A8 code per token in age order
-    /// (from [`quantize_probs`]; the engine accepts any `i8`).
+    /// N19 `P x V` for one query: `p_i8` has one A8 code per token in age order (one plane of
+    /// [`quantize_probs`], N22; the engine accepts any `i8`).
     pub fn pv(&self, p_i8: &[i8], stage: &OutputStage) -> Result<PvOut, KvError> {
         stage.check()?;
         if p_i8.len() != self.len() {
@@ -694,6 +775,14 @@ impl KvCache {
             window
         };
         Ok(PvOut { kv4, window })
+    }
+
+    /// N22 `P x V` of one query's probability codes: [`Self::pv`] of each plane.
+    pub fn pv_probs(&self, probs: &ProbCodes, stage: &OutputStage) -> Result<PvPlanes, KvError> {
+        Ok(PvPlanes {
+            hi: self.pv(&probs.hi_i8, stage)?,
+            lo: self.pv(&probs.lo_i8, stage)?,
+        })
     }
 }
 

@@ -15,7 +15,8 @@ mod common;
 use common::{exact_round_div_pow2, kv_dp, Rng};
 use proptest::prelude::*;
 use tessera_golden::kv::{
-    attention_ref_f64, fold_i8, folded_products, quantize_probs, softmax_f64, KvCache, KvError,
+    attention_ref_f64, fold_i8, folded_products, quantize_probs, quantize_probs_into, softmax_f64,
+    KvCache, KvError,
 };
 use tessera_golden::ops::{dequant_factor, OutputStage};
 use tessera_golden::pack::{
@@ -449,9 +450,9 @@ proptest! {
         let p64 = softmax_f64(&scores.iter().map(|&s| f64::from(s) * inv_sqrt_d).collect::<Vec<_>>());
         let p: Vec<f32> = p64.iter().map(|&v| v as f32).collect();
         let probs = quantize_probs(&p).unwrap();
-        let p_i8 = probs.p_i8.clone();
-        let pv = cache.pv(&p_i8, &ID).unwrap();
-        let o = pv.output_f32(&ID, probs.scale_p);
+        let codes: Vec<f64> = (0..n).map(|t| probs.code(t) as f64).collect();
+        let pvp = cache.pv_probs(&probs, &ID).unwrap();
+        let o = pvp.output_f32(&ID, probs.scale_p);
         let (vcodes, vscale, vzero) = cache.values4();
         let (wk, wv) = cache.window();
         prop_assert_eq!(wk.len(), n - n4);
@@ -459,18 +460,27 @@ proptest! {
         let p_scale = f64::from(probs.scale_p);
         for c in 0..hd {
             let eff4: Vec<i64> = (0..n4).map(|t| (i64::from(vcodes[t * hd + c]) << 4) - i64::from(vzero[t])).collect();
-            let (l4, m4) = fold_bound(&p_i8[..n4], &eff4, sf);
+            // N22: each plane is folded on its own; the high plane's error counts 128 times.
             let eff8: Vec<i64> = wv.iter().map(|t| i64::from(t.codes_i8[c])).collect();
-            let (l8, m8) = fold_bound(&p_i8[n4..], &eff8, sf);
-            let u4 = p_scale * f64::from(pv.kv4.s_ref) / 16.0;
-            let u8_ = p_scale * f64::from(pv.window.s_ref);
+            let planes = |x: &[i8], eff: &[i64]| {
+                let (l, m) = fold_bound(x, eff, sf);
+                (l, m)
+            };
+            let (h4, hm4) = planes(&probs.hi_i8[..n4], &eff4);
+            let (o4, om4) = planes(&probs.lo_i8[..n4], &eff4);
+            let (h8, hm8) = planes(&probs.hi_i8[n4..], &eff8);
+            let (o8, om8) = planes(&probs.lo_i8[n4..], &eff8);
+            let (l4, m4) = (128.0 * h4 + o4, 128.0 * hm4 + om4);
+            let (l8, m8) = (128.0 * h8 + o8, 128.0 * hm8 + om8);
+            let u4 = p_scale * f64::from(pvp.hi.kv4.s_ref) / 16.0;
+            let u8_ = p_scale * f64::from(pvp.hi.window.s_ref);
             let tight = u4 * l4 + u8_ * l8;
             let slack = 1e-5 * (u4 * m4 + u8_ * m8) + 1e-6;
-            let reference: f64 = (0..n).map(|t| f64::from(p_i8[t]) * p_scale * f64::from(vh[t][c])).sum();
+            let reference: f64 = (0..n).map(|t| codes[t] * p_scale * f64::from(vh[t][c])).sum();
             let got = f64::from(o[c]);
             prop_assert!((got - reference).abs() <= tight + slack,
                 "pv c {} got {} ref {} bound {}", c, got, reference, tight);
-            // End to end: p_i8 / 127 vs p (N19: half a step), 8-bit and 4-bit value errors, and
+            // End to end: code * scale_p vs p (N22: half a step), 8-bit and 4-bit value errors, and
             // the engine's score errors through the softmax (|dp_t| <= p_t (e^{2 delta} - 1)).
             let mut e2e = 0.0f64;
             let mut vmax = 0.0f64;
@@ -479,7 +489,7 @@ proptest! {
                 let four = if t < n4 { f64::from(vscale[t]) * (0.5 + 1.0 / 32.0) } else { 0.0 };
                 let v = f64::from(values[t][c]).abs();
                 vmax = vmax.max(v);
-                e2e += (p_scale / 2.0 + 1e-6) * v + f64::from(p_i8[t]) * p_scale * (f64::from(sv8) / 2.0 + four);
+                e2e += (p_scale / 2.0 + 1e-6) * v + codes[t] * p_scale * (f64::from(sv8) / 2.0 + four);
             }
             let soft = ((2.0 * delta_max).exp() - 1.0) * vmax;
             let diff = (got - attn_ref[c]).abs();
@@ -492,21 +502,21 @@ proptest! {
 #[test]
 fn n19_probabilities_use_a_per_query_scale() {
     // A flat distribution over 300 tokens: every p = 1/300 < 1/254, which a constant 1/127
-    // scale would round to 0. With N5's per-query scale every code is 127.
+    // scale would round to 0. With a per-query scale every code is the largest, 16383.
     let p = vec![1.0f32 / 300.0; 300];
     let probs = quantize_probs(&p).unwrap();
     assert!(
-        probs.p_i8.iter().all(|&c| c == 127),
+        (0..300).all(|t| probs.code(t) == 16383),
         "{:?}",
-        &probs.p_i8[..4]
+        &probs.hi_i8[..4]
     );
-    assert!((probs.scale_p - (1.0 / 300.0) / 127.0).abs() < 1e-12);
-    // A peaked one: the max maps to 127, the rest in proportion, ties away from zero.
-    let probs = quantize_probs(&[0.5, 0.25, 0.0, 0.25 * (1.0 / 127.0) * 0.5]).unwrap();
-    assert_eq!(probs.p_i8, vec![127, 64, 0, 0]);
+    assert!((probs.scale_p - (1.0 / 300.0) / 16383.0).abs() < 1e-12);
     // All zero: scale 0, codes 0. Negative or NaN: an error naming the index.
     let probs = quantize_probs(&[0.0, 0.0]).unwrap();
-    assert_eq!((probs.p_i8.clone(), probs.scale_p), (vec![0, 0], 0.0));
+    assert_eq!(
+        (probs.hi_i8.clone(), probs.lo_i8.clone(), probs.scale_p),
+        (vec![0, 0], vec![0, 0], 0.0)
+    );
     assert!(matches!(
         quantize_probs(&[0.5, -0.1]),
         Err(KvError::Probability { index: 1, .. })
@@ -515,6 +525,84 @@ fn n19_probabilities_use_a_per_query_scale() {
         quantize_probs(&[f32::NAN]),
         Err(KvError::Probability { index: 0, .. })
     ));
+}
+
+#[test]
+fn n22_probabilities_are_two_seven_bit_planes() {
+    // The largest probability is code 16383 = 128 * 127 + 127; the rest in proportion, ties
+    // away from zero (N1), both planes in [0, 127].
+    let unit = 0.5f32 / 16383.0;
+    let p = [0.5f32, 0.25, 0.0, unit * 0.5, unit * 0.49, unit * 200.0];
+    let probs = quantize_probs(&p).unwrap();
+    let codes: Vec<i64> = (0..p.len()).map(|t| probs.code(t)).collect();
+    assert_eq!(codes, vec![16383, 8192, 0, 1, 0, 200]);
+    assert_eq!(probs.hi_i8, vec![127, 64, 0, 0, 0, 1]);
+    assert_eq!(probs.lo_i8, vec![127, 0, 0, 1, 0, 72]);
+    assert!((probs.scale_p - unit).abs() < 1e-12);
+    // Allocation-free variant: the same codes and scale.
+    let (mut hi, mut lo) = (vec![9i8; p.len()], vec![9i8; p.len()]);
+    let scale = quantize_probs_into(&p, &mut hi, &mut lo).unwrap();
+    assert_eq!(
+        (hi, lo, scale),
+        (probs.hi_i8.clone(), probs.lo_i8.clone(), probs.scale_p)
+    );
+    let mut rng = Rng(22);
+    for n in [1usize, 7, 300] {
+        let p: Vec<f32> = (0..n).map(|_| rng.unit() * rng.unit()).collect();
+        let probs = quantize_probs(&p).unwrap();
+        let max = p.iter().fold(0f32, |m, &v| m.max(v));
+        for (t, &v) in p.iter().enumerate() {
+            assert!((0..=127).contains(&probs.hi_i8[t]) && (0..=127).contains(&probs.lo_i8[t]));
+            let err = (probs.code(t) as f64 * f64::from(probs.scale_p) - f64::from(v)).abs();
+            assert!(
+                err <= f64::from(max) / 16383.0 * 0.5001 + 1e-12,
+                "t {t}: {err}"
+            );
+        }
+    }
+    // P x V of the planes: 128 * y_hi + y_lo per part, exactly; and an attention sink (one
+    // large probability, 300 small ones below max / 254) keeps the small ones' mass, which one
+    // 8-bit plane (max / 127) would round to zero.
+    let hd = 4;
+    let mut cache = KvCache::with_bits(&kv_dp(4, 8, 16), hd, 8).unwrap();
+    let n = 301;
+    let values: Vec<Vec<f32>> = (0..n)
+        .map(|t| {
+            if t == 0 {
+                vec![0.01; hd]
+            } else {
+                vec![1.0, -1.0, 0.5, 0.25]
+            }
+        })
+        .collect();
+    for v in &values {
+        cache.push(&[0.0; 4], v).unwrap();
+    }
+    let mut p = vec![0.4f32 / 300.0; n];
+    p[0] = 0.6;
+    let probs = quantize_probs(&p).unwrap();
+    let planes = cache.pv_probs(&probs, &ID).unwrap();
+    assert_eq!(planes.hi, cache.pv(&probs.hi_i8, &ID).unwrap());
+    assert_eq!(planes.lo, cache.pv(&probs.lo_i8, &ID).unwrap());
+    let out = planes.output_f32(&ID, probs.scale_p);
+    let f = dequant_factor(&ID, probs.scale_p, planes.hi.window.s_ref, 0);
+    for c in 0..hd {
+        let y = (planes.hi.window.y_i64[c] << 7) + planes.lo.window.y_i64[c];
+        assert_eq!(out[c].to_bits(), (y as f32 * f + 0.0).to_bits(), "c {c}");
+        let exact: f64 = (0..n)
+            .map(|t| f64::from(p[t]) * f64::from(values[t][c]))
+            .sum();
+        assert!(
+            (f64::from(out[c]) - exact).abs() < 0.05 * exact.abs(),
+            "c {c}: {} vs {exact}",
+            out[c]
+        );
+    }
+    let one = quantize_token(&p).unwrap();
+    assert!(
+        one.codes_i8[1..].iter().all(|&c| c == 0),
+        "one 8-bit plane loses the small mass"
+    );
 }
 
 #[test]
@@ -539,8 +627,8 @@ fn n16b_kv8_keeps_every_token_at_8_bits() {
         let p: Vec<f32> = (0..n).map(|_| rng.floats(1, 1.0)[0].abs()).collect();
         let pq = quantize_probs(&p).unwrap();
         assert_eq!(
-            kv8.pv(&pq.p_i8, &ID).unwrap(),
-            wide.pv(&pq.p_i8, &ID).unwrap()
+            kv8.pv_probs(&pq, &ID).unwrap(),
+            wide.pv_probs(&pq, &ID).unwrap()
         );
     }
     assert!(matches!(

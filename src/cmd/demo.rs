@@ -242,7 +242,7 @@ fn attention_demo(dp: &Datapath, rng: &mut DemoRng) -> Result<(), Failure> {
     let p: Vec<f32> = softmax_f64(&scores).iter().map(|&v| v as f32).collect();
     let probs = quantize_probs(&p).map_err(Failure::one)?;
     let out = cache
-        .pv(&probs.p_i8, &stage)
+        .pv_probs(&probs, &stage)
         .map_err(Failure::one)?
         .output_f32(&stage, probs.scale_p);
     let (_, reference) = attention_ref_f64(&q, &keys, &values);
