@@ -25,7 +25,9 @@
 use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
-use tessera_golden::kv::{quantize_probs, KvCache as GoldenKvCache};
+use tessera_golden::kv::{
+    quantize_probs, quantize_probs_into, KvCache as GoldenKvCache, P_PLANE_BITS,
+};
 use tessera_golden::numerics::{round_clamp_f32, Datapath};
 use tessera_golden::ops::{
     accumulate_groups, dequant_factor, group_partial_sums, weight_frac_bits, OutputStage,
@@ -625,12 +627,17 @@ struct KvCpu {
     mirrors: Vec<KvHeadCpu>,
     scratch: KvScratch,
     codes: Vec<i8>,
+    /// The low probability plane (N22); `codes` holds the high one.
+    codes_lo: Vec<i8>,
     acc: Vec<i64>,
     y: Vec<i32>,
     acc4: Vec<i64>,
     accw: Vec<i64>,
     y4: Vec<i32>,
     yw: Vec<i32>,
+    /// `P x V` outputs of the low plane (N22).
+    y4_lo: Vec<i32>,
+    yw_lo: Vec<i32>,
 }
 
 /// Which cache a session uses.
@@ -689,12 +696,15 @@ impl KvCache {
                             .collect(),
                         scratch: KvScratch::default(),
                         codes: vec![0; head_dim],
+                        codes_lo: Vec::new(),
                         acc: Vec::new(),
                         y: Vec::new(),
                         acc4: vec![0; head_dim],
                         accw: vec![0; head_dim],
                         y4: vec![0; head_dim],
                         yw: vec![0; head_dim],
+                        y4_lo: vec![0; head_dim],
+                        yw_lo: vec![0; head_dim],
                     })
                 });
                 Ok(KvCache::Engine(KvEngine {
@@ -855,7 +865,7 @@ impl KvCache {
                 let stage = OutputStage::IDENTITY_I32;
                 let res = match quantize_probs(p) {
                     Ok(pc) if !e.poisoned => cache
-                        .pv(&pc.p_i8, &stage)
+                        .pv_probs(&pc, &stage)
                         .ok()
                         .map(|o| o.output_f32(&stage, pc.scale_p)),
                     _ => None,
@@ -919,7 +929,8 @@ impl KvCpu {
         }
     }
 
-    /// As golden's `PvOut::output_f32`: the 4-bit part (`frac_bits` 4) plus the window part
+    /// As golden's `PvPlanes::output_f32` (N22): `P x V` of each probability plane, then per
+    /// part `y = 128 * y_hi + y_lo`, the 4-bit part (`frac_bits` 4) plus the window part
     /// (`frac_bits` 0), each dequantized with its `s_ref`.
     fn weighted_sum(&mut self, poisoned: bool, kv_head: usize, p: &[f32], out: &mut [f32]) {
         let m = &self.mirrors[kv_head];
@@ -931,11 +942,13 @@ impl KvCpu {
             return;
         }
         grow(&mut self.codes, n);
-        let Some(scale_p) = quantize_token_into(p, &mut self.codes[..n]) else {
+        grow(&mut self.codes_lo, n);
+        let Ok(scale_p) = quantize_probs_into(p, &mut self.codes[..n], &mut self.codes_lo[..n])
+        else {
             out.fill(f32::NAN);
             return;
         };
-        if m.pv(
+        let hi = m.pv(
             self.isa,
             &self.codes[..n],
             &stage,
@@ -944,16 +957,32 @@ impl KvCpu {
             &mut self.accw,
             &mut self.y4,
             &mut self.yw,
-        )
-        .is_err()
-        {
+        );
+        let lo = m.pv(
+            self.isa,
+            &self.codes_lo[..n],
+            &stage,
+            &mut self.scratch,
+            &mut self.acc4,
+            &mut self.accw,
+            &mut self.y4_lo,
+            &mut self.yw_lo,
+        );
+        if hi.is_err() || lo.is_err() {
             out.fill(f32::NAN);
             return;
         }
         let (s4, sw) = m.value_s_ref();
         let f4 = DequantConst::new(&stage, 4).with_x(scale_p).factor(s4);
         let fw = DequantConst::new(&stage, 0).with_x(scale_p).factor(sw);
-        for ((o, &a), &b) in out.iter_mut().zip(&self.y4).zip(&self.yw) {
+        let planes = self
+            .y4
+            .iter()
+            .zip(&self.y4_lo)
+            .zip(self.yw.iter().zip(&self.yw_lo));
+        for (o, ((&ah, &al), (&bh, &bl))) in out.iter_mut().zip(planes) {
+            let a = (i64::from(ah) << P_PLANE_BITS) + i64::from(al);
+            let b = (i64::from(bh) << P_PLANE_BITS) + i64::from(bl);
             *o = a as f32 * f4 + b as f32 * fw;
         }
     }
