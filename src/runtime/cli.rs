@@ -142,6 +142,15 @@ pub fn load_with_mode(
         Some(super::ops::Linear::Engine(e)) => e.dp,
         _ => engine.datapath()?,
     };
+    if mode != Mode::F32 && file_mode == Mode::F32 && engine.smooth != 0.0 {
+        let bar = progress_bar("smoothing: calibrating [{bar:30}] {pos}/{len} chunks");
+        super::smooth::smooth_for_engine(&mut model, &tok, engine.smooth, &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })
+        .map_err(|e| Error::new(format!("{}: {e}", path.display())))?;
+        bar.finish_and_clear();
+    }
     if mode != Mode::F32 || file_mode != Mode::F32 {
         let bar = progress_bar("quantizing [{bar:30}] {pos}/{len} tensors");
         apply_mode(&mut model, mode, &dp, engine.head_bits, &|done, total| {
@@ -228,6 +237,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         config: None,
         head_bits: 8,
         backend: Backend::Cpu,
+        smooth: 0.0,
         threads: None,
     };
     run_with(args, &engine)

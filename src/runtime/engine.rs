@@ -96,6 +96,11 @@ pub struct EngineArgs {
     /// (the readable reference); both give the same integers
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub backend: Backend,
+    /// SmoothQuant migration strength of the quantized modes (GGUF input only; 0 = off):
+    /// activation outliers are moved into the weights, with statistics measured on the
+    /// calibration text (docs/accuracy.md)
+    #[arg(long, value_name = "ALPHA", default_value_t = super::smooth::DEFAULT_ALPHA)]
+    pub smooth: f32,
     /// Worker threads of the forward pass [default: every core]
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,

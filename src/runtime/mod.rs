@@ -13,6 +13,7 @@ pub mod ops;
 pub mod ppl;
 pub mod quantize;
 pub mod sampler;
+pub mod smooth;
 pub mod tokenizer;
 pub mod tsr;
 
