@@ -142,9 +142,10 @@ pub fn load_with_mode(
         Some(super::ops::Linear::Engine(e)) => e.dp,
         _ => engine.datapath()?,
     };
-    if mode != Mode::F32 && file_mode == Mode::F32 && engine.smooth != 0.0 {
+    let smooth = engine.smooth.unwrap_or(mode.default_smooth());
+    if mode != Mode::F32 && file_mode == Mode::F32 && smooth != 0.0 {
         let bar = progress_bar("smoothing: calibrating [{bar:30}] {pos}/{len} chunks");
-        super::smooth::smooth_for_engine(&mut model, &tok, engine.smooth, &|done, total| {
+        super::smooth::smooth_for_engine(&mut model, &tok, smooth, &|done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         })
@@ -237,7 +238,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         config: None,
         head_bits: 8,
         backend: Backend::Cpu,
-        smooth: 0.0,
+        smooth: None,
         threads: None,
     };
     run_with(args, &engine)

@@ -60,6 +60,15 @@ impl Mode {
         }
     }
 
+    /// The default `--smooth` of the mode (docs/accuracy.md): 0.8 (chosen on the calibration
+    /// text) for w8a8kv8; none for f32, and for w2a8kv4, whose 2-bit weights it makes worse.
+    pub fn default_smooth(self) -> f32 {
+        match self {
+            Mode::W8a8kv8 => super::smooth::DEFAULT_ALPHA,
+            Mode::F32 | Mode::W2a8kv4 => 0.0,
+        }
+    }
+
     pub fn from_name(name: &str) -> Option<Mode> {
         [Mode::F32, Mode::W8a8kv8, Mode::W2a8kv4]
             .into_iter()
@@ -96,11 +105,11 @@ pub struct EngineArgs {
     /// (the readable reference); both give the same integers
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub backend: Backend,
-    /// SmoothQuant migration strength of the quantized modes (GGUF input only; 0 = off):
-    /// activation outliers are moved into the weights, with statistics measured on the
-    /// calibration text (docs/accuracy.md)
-    #[arg(long, value_name = "ALPHA", default_value_t = super::smooth::DEFAULT_ALPHA)]
-    pub smooth: f32,
+    /// SmoothQuant migration strength (GGUF input only; 0 = off): activation outliers are moved
+    /// into the weights, with statistics measured on the calibration text (docs/accuracy.md)
+    /// [default: 0.8 for w8a8kv8, 0 for w2a8kv4 (it hurts 2-bit round-to-nearest)]
+    #[arg(long, value_name = "ALPHA")]
+    pub smooth: Option<f32>,
     /// Worker threads of the forward pass [default: every core]
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
