@@ -119,7 +119,10 @@ fn fq_tokens(x: &[f32], k: usize, clip: f32) -> Vec<f32> {
             if s == 0.0 {
                 out.extend(std::iter::repeat_n(0.0, k));
             } else {
-                out.extend(row.iter().map(|&v| (v / s).round().clamp(-127.0, 127.0) * s));
+                out.extend(
+                    row.iter()
+                        .map(|&v| (v / s).round().clamp(-127.0, 127.0) * s),
+                );
             }
         }
     }
@@ -184,12 +187,20 @@ fn forward(m: &Model, sp: &Spec, toks: &[u32], first: usize, sf: u32) -> Vec<f32
     let rope = Rope::new(n, hd, c.rope_base);
     let mut x: Vec<f32> = toks
         .iter()
-        .flat_map(|&t| m.embed[t as usize * d..(t as usize + 1) * d].iter().copied())
+        .flat_map(|&t| {
+            m.embed[t as usize * d..(t as usize + 1) * d]
+                .iter()
+                .copied()
+        })
         .collect();
     let mut h = vec![0f32; n * d];
     for l in &m.layers {
         rms_norm(&x, &l.attn_norm, c.rms_eps, &mut h);
-        let hin = if sp.a8[0] { fq_tokens(&h, d, sp.clip) } else { h.clone() };
+        let hin = if sp.a8[0] {
+            fq_tokens(&h, d, sp.clip)
+        } else {
+            h.clone()
+        };
         let mut q = lin(&l.wq, &hin, n, false, 1.0);
         let mut k = lin(&l.wk, &hin, n, false, 1.0);
         let v = lin(&l.wv, &hin, n, false, 1.0);
@@ -202,7 +213,9 @@ fn forward(m: &Model, sp: &Spec, toks: &[u32], first: usize, sf: u32) -> Vec<f32
             // The engine's own KV8 cache and products (golden), one cache per KV head.
             let dp = EngineConfig::preset("tiny").expect("preset").datapath();
             let id = tessera_golden::ops::OutputStage::IDENTITY_I32;
-            let mut caches: Vec<GoldenKv> = (0..c.n_head_kv).map(|_| GoldenKv::with_bits(&dp, hd, 8).expect("kv")).collect();
+            let mut caches: Vec<GoldenKv> = (0..c.n_head_kv)
+                .map(|_| GoldenKv::with_bits(&dp, hd, 8).expect("kv"))
+                .collect();
             for t in 0..n {
                 rope.apply(t, &mut q[t * qd..(t + 1) * qd]);
                 rope.apply(t, &mut k[t * kvd..(t + 1) * kvd]);
@@ -212,15 +225,28 @@ fn forward(m: &Model, sp: &Spec, toks: &[u32], first: usize, sf: u32) -> Vec<f32
                 }
                 for head in 0..c.n_head {
                     let cache = &caches[head / group];
-                    let qc = quantize_token(&q[t * qd + head * hd..t * qd + (head + 1) * hd]).expect("q");
-                    let mut p: Vec<f32> = cache.qk(&qc.codes_i8, &id).expect("qk").scores_f32(&id, qc.scale_x).iter().map(|s| s * scale).collect();
+                    let qc = quantize_token(&q[t * qd + head * hd..t * qd + (head + 1) * hd])
+                        .expect("q");
+                    let mut p: Vec<f32> = cache
+                        .qk(&qc.codes_i8, &id)
+                        .expect("qk")
+                        .scores_f32(&id, qc.scale_x)
+                        .iter()
+                        .map(|s| s * scale)
+                        .collect();
                     softmax(&mut p);
                     let out = if sp.gkv == 2 {
                         let pc = quantize_probs(&p).expect("p");
-                        cache.pv_probs(&pc, &id).expect("pv").output_f32(&id, pc.scale_p)
+                        cache
+                            .pv_probs(&pc, &id)
+                            .expect("pv")
+                            .output_f32(&id, pc.scale_p)
                     } else {
                         let pc = quantize_token(&p).expect("p");
-                        cache.pv(&pc.codes_i8, &id).expect("pv").output_f32(&id, pc.scale_x)
+                        cache
+                            .pv(&pc.codes_i8, &id)
+                            .expect("pv")
+                            .output_f32(&id, pc.scale_x)
                     };
                     att[t * qd + head * hd..t * qd + (head + 1) * hd].copy_from_slice(&out);
                 }
@@ -254,7 +280,11 @@ fn forward(m: &Model, sp: &Spec, toks: &[u32], first: usize, sf: u32) -> Vec<f32
             for head in 0..c.n_head {
                 let kh = head / group;
                 let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-                let qv: Vec<f32> = if sp.q8 { fq_tokens(qh, hd, 1.0) } else { qh.to_vec() };
+                let qv: Vec<f32> = if sp.q8 {
+                    fq_tokens(qh, hd, 1.0)
+                } else {
+                    qh.to_vec()
+                };
                 for (j, pj) in p.iter_mut().enumerate() {
                     *pj = dot(&qv, &kc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd]) * scale;
                 }
@@ -267,7 +297,8 @@ fn forward(m: &Model, sp: &Spec, toks: &[u32], first: usize, sf: u32) -> Vec<f32
                         let (codes, sp_scale): (Vec<i64>, f32) = match rule {
                             "max" | "sum" => {
                                 let pc = quantize_token(&p).expect("probs");
-                                let codes: Vec<i64> = pc.codes_i8.iter().map(|&x| i64::from(x)).collect();
+                                let codes: Vec<i64> =
+                                    pc.codes_i8.iter().map(|&x| i64::from(x)).collect();
                                 let s = if rule == "sum" {
                                     1.0 / codes.iter().sum::<i64>() as f32
                                 } else {
@@ -283,7 +314,12 @@ fn forward(m: &Model, sp: &Spec, toks: &[u32], first: usize, sf: u32) -> Vec<f32
                             "two" => {
                                 let mx = p.iter().fold(0f32, |a, &b| a.max(b));
                                 let s = mx / 16383.0;
-                                (p.iter().map(|&x| (x / s).round().min(16383.0) as i64).collect(), s)
+                                (
+                                    p.iter()
+                                        .map(|&x| (x / s).round().min(16383.0) as i64)
+                                        .collect(),
+                                    s,
+                                )
                             }
                             r => panic!("p rule {r}"),
                         };
@@ -297,19 +333,31 @@ fn forward(m: &Model, sp: &Spec, toks: &[u32], first: usize, sf: u32) -> Vec<f32
                             let hi: Vec<i8> = codes.iter().map(|&x| (x >> 7) as i8).collect();
                             let lo: Vec<i8> = codes.iter().map(|&x| (x & 127) as i8).collect();
                             let (fh, fl) = (fold_i8(&hi, &fs, sf), fold_i8(&lo, &fs, sf));
-                            let s_ref_eff: Vec<f32> = if sp.fold && sp.v8 { vec![s_ref; nc] } else { sv.clone() };
+                            let s_ref_eff: Vec<f32> = if sp.fold && sp.v8 {
+                                vec![s_ref; nc]
+                            } else {
+                                sv.clone()
+                            };
                             fh.iter()
                                 .zip(&fl)
                                 .zip(&s_ref_eff)
-                                .map(|((&a, &b), &s)| (128.0 * f32::from(a) + f32::from(b)) * s * sp_scale)
+                                .map(|((&a, &b), &s)| {
+                                    (128.0 * f32::from(a) + f32::from(b)) * s * sp_scale
+                                })
                                 .collect()
                         } else if sp.fold && sp.v8 && rule != "wide" {
                             let (s_ref, fs) = scale_multipliers(&sv, sf);
                             let c8: Vec<i8> = codes.iter().map(|&x| x as i8).collect();
                             let xf = fold_i8(&c8, &fs, sf);
-                            xf.iter().map(|&x| f32::from(x) * s_ref * sp_scale).collect()
+                            xf.iter()
+                                .map(|&x| f32::from(x) * s_ref * sp_scale)
+                                .collect()
                         } else {
-                            codes.iter().zip(&sv).map(|(&cd, &s)| cd as f32 * sp_scale * s).collect()
+                            codes
+                                .iter()
+                                .zip(&sv)
+                                .map(|(&cd, &s)| cd as f32 * sp_scale * s)
+                                .collect()
                         }
                     }
                 };
@@ -327,7 +375,11 @@ fn forward(m: &Model, sp: &Spec, toks: &[u32], first: usize, sf: u32) -> Vec<f32
             *a += b;
         }
         rms_norm(&x, &l.ffn_norm, c.rms_eps, &mut h);
-        let hin = if sp.a8[2] { fq_tokens(&h, d, sp.clip) } else { h.clone() };
+        let hin = if sp.a8[2] {
+            fq_tokens(&h, d, sp.clip)
+        } else {
+            h.clone()
+        };
         let mut g = lin(&l.w_gate, &hin, n, false, 1.0);
         let u = lin(&l.w_up, &hin, n, false, 1.0);
         for (gi, ui) in g.iter_mut().zip(&u) {
@@ -345,7 +397,9 @@ fn forward(m: &Model, sp: &Spec, toks: &[u32], first: usize, sf: u32) -> Vec<f32
 }
 
 fn w8(l: &Linear, dp: &tessera_golden::numerics::Datapath) -> Linear {
-    let Linear::F32(d) = l else { panic!("f32 model") };
+    let Linear::F32(d) = l else {
+        panic!("f32 model")
+    };
     let qw = quantize_linear(&d.w, d.n_in, d.n_out, WeightFormat::W8, dp).expect("quantize");
     Linear::f32(Arc::new(qw.dequantize()), d.n_in, d.n_out)
 }
@@ -373,17 +427,32 @@ fn main() {
     let dp = EngineConfig::preset("tiny").expect("preset").datapath();
     let sf = dp.scale_frac_bits();
     let ctx = 512;
-    let all = chunks(&tok, &std::fs::read_to_string(&text).expect("text"), ctx, None).expect("chunks");
+    let all = chunks(
+        &tok,
+        &std::fs::read_to_string(&text).expect("text"),
+        ctx,
+        None,
+    )
+    .expect("chunks");
     let eval: Vec<Vec<u32>> = all.into_iter().skip(skip).take(n_chunks).collect();
     let mut stats: Option<ActStats> = None;
     let first = ctx / 2;
-    eprintln!("{} chunks (skip {skip}), {} scored tokens each", eval.len(), ctx - 1 - first);
+    eprintln!(
+        "{} chunks (skip {skip}), {} scored tokens each",
+        eval.len(),
+        ctx - 1 - first
+    );
     if std::env::var_os("ABLATE_CHECK").is_some() {
         let d = base.cfg.d_model;
         let n = std::env::var("ABLATE_N").map_or(64, |v| v.parse().expect("n"));
         let mut x = vec![0f32; n * d];
         for (t, &tk) in eval[0].iter().cycle().take(n).enumerate() {
-            tessera::runtime::model::rms_norm(&base.embed[tk as usize * d..(tk as usize + 1) * d], &base.layers[3].attn_norm, base.cfg.rms_eps, &mut x[t * d..(t + 1) * d]);
+            tessera::runtime::model::rms_norm(
+                &base.embed[tk as usize * d..(tk as usize + 1) * d],
+                &base.layers[3].attn_norm,
+                base.cfg.rms_eps,
+                &mut x[t * d..(t + 1) * d],
+            );
         }
         check_linear(&base, &x, n);
         return;
@@ -393,16 +462,32 @@ fn main() {
         let mut m = base.clone();
         if sp.sm_norm > 0.0 || sp.sm_inner > 0.0 {
             if stats.is_none() {
-                let ct = chunks(&tok, &std::fs::read_to_string(&calib).expect("calib"), ctx, Some(calib_chunks))
-                    .expect("calib chunks");
+                let ct = chunks(
+                    &tok,
+                    &std::fs::read_to_string(&calib).expect("calib"),
+                    ctx,
+                    Some(calib_chunks),
+                )
+                .expect("calib chunks");
                 stats = Some(collect_stats(&base, &ct).expect("stats"));
             }
-            let opts = SmoothOptions { alpha_norm: sp.sm_norm, alpha_inner: sp.sm_inner };
+            let opts = SmoothOptions {
+                alpha_norm: sp.sm_norm,
+                alpha_inner: sp.sm_inner,
+            };
             smooth_model(&mut m, stats.as_ref().expect("stats"), opts).expect("smooth");
         }
         if sp.w8 {
             for l in &mut m.layers {
-                for w in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
+                for w in [
+                    &mut l.wq,
+                    &mut l.wk,
+                    &mut l.wv,
+                    &mut l.wo,
+                    &mut l.w_gate,
+                    &mut l.w_up,
+                    &mut l.w_down,
+                ] {
                     *w = w8(w, &dp);
                 }
             }
@@ -414,14 +499,27 @@ fn main() {
             // The engine's own linears (A8 inside, W8 RTN, kernels-cpu), as apply_mode builds them.
             let isa = tessera::runtime::ops::Isa::from_env().expect("isa");
             let mk = |l: &Linear| -> Linear {
-                let Linear::F32(d) = l else { panic!("f32 model") };
-                let qw = quantize_linear(&d.w, d.n_in, d.n_out, WeightFormat::W8, &dp).expect("quantize");
-                let mut e = Linear::Engine(tessera::runtime::ops::EngineLinear::new(Arc::new(qw), dp).expect("engine"));
+                let Linear::F32(d) = l else {
+                    panic!("f32 model")
+                };
+                let qw = quantize_linear(&d.w, d.n_in, d.n_out, WeightFormat::W8, &dp)
+                    .expect("quantize");
+                let mut e = Linear::Engine(
+                    tessera::runtime::ops::EngineLinear::new(Arc::new(qw), dp).expect("engine"),
+                );
                 e.set_backend(tessera::runtime::ops::Backend::Cpu, isa);
                 e
             };
             for l in &mut m.layers {
-                for w in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
+                for w in [
+                    &mut l.wq,
+                    &mut l.wk,
+                    &mut l.wv,
+                    &mut l.wo,
+                    &mut l.w_gate,
+                    &mut l.w_up,
+                    &mut l.w_down,
+                ] {
                     *w = mk(w);
                 }
             }
@@ -457,10 +555,20 @@ fn main() {
 pub fn check_linear(m: &Model, x: &[f32], n: usize) {
     let dp = EngineConfig::preset("tiny").expect("preset").datapath();
     let isa = tessera::runtime::ops::Isa::from_env().expect("isa");
-    let xd: Vec<f32> = (0..n * 1536).map(|i| x[i % x.len()] * (1.0 + (i % 7) as f32)).collect();
+    let xd: Vec<f32> = (0..n * 1536)
+        .map(|i| x[i % x.len()] * (1.0 + (i % 7) as f32))
+        .collect();
     let mut all: Vec<(String, &Linear)> = Vec::new();
     for (i, ly) in m.layers.iter().enumerate() {
-        for (nm, l) in [("q", &ly.wq), ("k", &ly.wk), ("v", &ly.wv), ("o", &ly.wo), ("g", &ly.w_gate), ("u", &ly.w_up), ("d", &ly.w_down)] {
+        for (nm, l) in [
+            ("q", &ly.wq),
+            ("k", &ly.wk),
+            ("v", &ly.wv),
+            ("o", &ly.wo),
+            ("g", &ly.w_gate),
+            ("u", &ly.w_up),
+            ("d", &ly.w_down),
+        ] {
             all.push((format!("{i}.{nm}"), l));
         }
     }
@@ -470,7 +578,8 @@ pub fn check_linear(m: &Model, x: &[f32], n: usize) {
         let Linear::F32(d) = l else { panic!() };
         let qw = quantize_linear(&d.w, d.n_in, d.n_out, WeightFormat::W8, &dp).expect("q");
         let fake = Linear::f32(Arc::new(qw.dequantize()), d.n_in, d.n_out);
-        let mut e = Linear::Engine(tessera::runtime::ops::EngineLinear::new(Arc::new(qw), dp).expect("e"));
+        let mut e =
+            Linear::Engine(tessera::runtime::ops::EngineLinear::new(Arc::new(qw), dp).expect("e"));
         e.set_backend(tessera::runtime::ops::Backend::Cpu, isa);
         let y_f = lin(&fake, x, n, true, 1.0);
         let y_e = lin(&e, x, n, false, 1.0);
@@ -480,7 +589,14 @@ pub fn check_linear(m: &Model, x: &[f32], n: usize) {
             let den: f64 = b.iter().map(|q| f64::from(*q).powi(2)).sum();
             (num / den).sqrt()
         };
-        if err(&y_e, &y_f) > 1e-4 { println!("{name}: rel err fake-vs-f32 {:.5}  engine-vs-f32 {:.5}  engine-vs-fake {:.6}", err(&y_f, &y_0), err(&y_e, &y_0), err(&y_e, &y_f)); }
+        if err(&y_e, &y_f) > 1e-4 {
+            println!(
+                "{name}: rel err fake-vs-f32 {:.5}  engine-vs-f32 {:.5}  engine-vs-fake {:.6}",
+                err(&y_f, &y_0),
+                err(&y_e, &y_0),
+                err(&y_e, &y_f)
+            );
+        }
     }
     println!("checked");
 }
