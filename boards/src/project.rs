@@ -279,7 +279,9 @@ fn layer_ops(
         count: 1,
         bytes: weight_bytes(cfg, w, k, n),
     };
-    // Attention as W4 GEMV/GEMM over the KV4 cache (the fold stage of docs/engine.md).
+    // Attention as W4 GEMV/GEMM over the KV4 cache (the fold stage of docs/engine.md). P x V
+    // runs once per 7-bit probability plane (N22: 14-bit codes, two planes), so twice, and
+    // streams the value cache twice.
     let kv = kv_bytes(cfg, ctx, hd) * kvh as f64;
     vec![
         lin("q_proj", d, h * hd),
@@ -300,8 +302,8 @@ fn layer_ops(
             tokens,
             k: ctx,
             n: hd,
-            count: h,
-            bytes: kv,
+            count: 2 * h,
+            bytes: 2.0 * kv,
         },
         lin("o_proj", h * hd, d),
         lin("gate_proj", d, f),
@@ -454,7 +456,7 @@ impl Projection {
             a.linear_mode.name()
         );
         let _ = writeln!(s, "  memory bandwidth {:.1} GB/s = board peak x efficiency {:.2}; every weight and KV byte read from off-chip once per use", self.bandwidth_gbs, a.bw_efficiency);
-        let _ = writeln!(s, "  linear layers {}, LM head {}, attention W4 over the KV4 cache (fold stage not built yet); decode context {} tokens, prompt {} tokens", a.linear_mode.name(), a.head_mode.name(), a.context, a.prompt);
+        let _ = writeln!(s, "  linear layers {}, LM head {}, attention W4 over the KV4 cache through the fold stage, P x V twice (N22's two probability planes); decode context {} tokens, prompt {} tokens", a.linear_mode.name(), a.head_mode.name(), a.context, a.prompt);
         let _ = writeln!(s, "  per op time = max(engine, memory) (perfect overlap of loads inside an op); no pruning, batch 1");
         let _ = writeln!(s, "  cycles: {}", self.cycle_model);
         table(

@@ -32,11 +32,12 @@ fn llama2_7b_on_u280_is_consistent() {
     assert!((p.decode_bandwidth_bound_tokens_s - bound).abs() < 1e-9);
     assert!(p.decode_tokens_s <= p.decode_bandwidth_bound_tokens_s + 1e-9);
     // Bytes per token: 32 layers of W2 weights with 24-bit metadata per group of 32
-    // (2.75 bits per weight), the W8 head, and the KV4 cache.
+    // (2.75 bits per weight), the W8 head, and the KV4 cache: keys once, values twice (N22's
+    // two probability planes run P x V twice).
     let per_layer_w = 4.0 * 4096.0 * 4096.0 + 3.0 * 4096.0 * 11008.0;
     let weights = 32.0 * per_layer_w * 2.75 / 8.0;
     let head = 4096.0 * 32000.0 * (8.0 + 24.0 / 32.0) / 8.0;
-    let kv = 32.0 * 2.0 * 32.0 * kv_bytes(&cfg, 512, 128);
+    let kv = 32.0 * 3.0 * 32.0 * kv_bytes(&cfg, 512, 128);
     let expect = weights + head + kv;
     assert!(
         (p.decode_bytes_per_token - expect).abs() / expect < 1e-12,
