@@ -9,8 +9,12 @@
 //!   prompt and a few decode steps. Skips with a message when the model was never fetched.
 #![allow(clippy::unwrap_used)]
 
+mod runtime_support;
+
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use runtime_support::{Rng, DP_SMALL_KV as DP};
 
 use tessera::runtime::cli;
 use tessera::runtime::engine::{apply_mode, Mode};
@@ -18,30 +22,6 @@ use tessera::runtime::model::{Layer, LlamaConfig, Model};
 use tessera::runtime::ops::{Backend, Isa, KvKind, Linear};
 use tessera::runtime::sampler::argmax;
 use tessera_golden::config::EngineConfig;
-use tessera_golden::numerics::Datapath;
-
-struct Rng(u64);
-impl Rng {
-    fn f(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, s: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f() * s).collect()
-    }
-}
-
-/// Small KV groups so that a 40-token sequence has many 4-bit groups and a window.
-const DP: Datapath = Datapath {
-    w_group_len: 32,
-    w_scale_bits: 16,
-    acc_bits: 48,
-    kv_group_len: 4,
-    kv_recent_window: 8,
-};
 
 fn tiny_model(seed: u64) -> Model {
     let (d, ff, n_head, n_kv, hd, vocab) = (64, 112, 4, 2, 16, 50);
@@ -62,7 +42,11 @@ fn tiny_model(seed: u64) -> Model {
     let lin = |r: &mut Rng, n_in: usize, n_out: usize| {
         Linear::f32(Arc::new(r.vec(n_in * n_out, 0.25)), n_in, n_out)
     };
-    let norm = |r: &mut Rng| (0..d).map(|_| 1.0 + 0.2 * r.f()).collect::<Vec<f32>>();
+    let norm = |r: &mut Rng| {
+        (0..d)
+            .map(|_| 1.0 + 0.2 * r.next_f32())
+            .collect::<Vec<f32>>()
+    };
     let embed = Arc::new(r.vec(vocab * d, 1.0));
     let layers = (0..2)
         .map(|_| Layer {

@@ -6,38 +6,19 @@
 //! attention and stays near the float reference.
 #![allow(clippy::unwrap_used)]
 
+mod runtime_support;
+
 use std::sync::Arc;
+
+use runtime_support::{Rng, DP_SMALL_KV as DP};
+use tessera_golden::numerics::Datapath;
 
 use tessera::runtime::engine::{apply_mode, Mode};
 use tessera::runtime::model::{rms_norm, silu, softmax, Layer, LlamaConfig, Model};
 use tessera::runtime::ops::{EngineLinear, KvCache, KvKind, Linear};
 use tessera_golden::kv::{attention_ref_f64, quantize_probs, KvCache as GoldenKv};
-use tessera_golden::numerics::Datapath;
 use tessera_golden::ops::{dequantize_weight_op, weight_op, OutputStage};
 use tessera_golden::quant::{quantize_token, quantize_tokens, quantize_weights, WeightFormat};
-
-struct Rng(u64);
-impl Rng {
-    fn f(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, s: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f() * s).collect()
-    }
-}
-
-/// Small groups so that a 20-token sequence has 4-bit key groups and a window.
-const DP: Datapath = Datapath {
-    w_group_len: 32,
-    w_scale_bits: 16,
-    acc_bits: 48,
-    kv_group_len: 4,
-    kv_recent_window: 8,
-};
 
 fn tiny_model(seed: u64) -> Model {
     let cfg = LlamaConfig {
@@ -57,7 +38,11 @@ fn tiny_model(seed: u64) -> Model {
     let lin = |r: &mut Rng, n_in: usize, n_out: usize| {
         Linear::f32(Arc::new(r.vec(n_in * n_out, 0.25)), n_in, n_out)
     };
-    let norm = |r: &mut Rng| (0..d).map(|_| 1.0 + 0.2 * r.f()).collect::<Vec<f32>>();
+    let norm = |r: &mut Rng| {
+        (0..d)
+            .map(|_| 1.0 + 0.2 * r.next_f32())
+            .collect::<Vec<f32>>()
+    };
     let embed = Arc::new(r.vec(40 * d, 1.0));
     let layer = Layer {
         attn_norm: norm(&mut r),

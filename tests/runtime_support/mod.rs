@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use tessera::runtime::gguf::f32_to_f16;
+use tessera_golden::numerics::Datapath;
 
 /// A metadata value to write.
 #[derive(Debug, Clone)]
@@ -198,3 +199,13 @@ impl Rng {
         (0..n).map(|_| self.next_f32() * scale).collect()
     }
 }
+
+/// The engine datapath of the random-model tests: small KV groups, so that a sequence of a few
+/// tens of tokens has several 4-bit key/value groups and an 8-bit window.
+pub const DP_SMALL_KV: Datapath = Datapath {
+    w_group_len: 32,
+    w_scale_bits: 16,
+    acc_bits: 48,
+    kv_group_len: 4,
+    kv_recent_window: 8,
+};
