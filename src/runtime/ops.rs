@@ -222,18 +222,9 @@ impl EngineLinear {
         assert_eq!(x.len(), n_tok * k, "matmul input size");
         assert_eq!(y.len(), n_tok * n_out, "matmul output size");
         let pw = self.prepared();
-        grow(&mut ws.codes, n_tok * k);
-        grow(&mut ws.scale_x, n_tok);
-        grow(&mut ws.acc, n_tok * n_out);
-        grow(&mut ws.y, n_tok * n_out);
-        for t in 0..n_tok {
-            match quantize_token_into(&x[t * k..(t + 1) * k], &mut ws.codes[t * k..(t + 1) * k]) {
-                Some(s) => ws.scale_x[t] = s,
-                None => {
-                    y.fill(f32::NAN);
-                    return;
-                }
-            }
+        if !ws.quantize_inputs(x, n_tok, k, n_out) {
+            y.fill(f32::NAN);
+            return;
         }
         let stage = OutputStage::weight_lattice_i32(w.scale_frac_bits());
         let (acc, yi) = (&mut ws.acc[..n_tok * n_out], &mut ws.y[..n_tok * n_out]);
@@ -415,18 +406,9 @@ impl Linear {
             n_tok * total,
             "fused outputs size"
         );
-        grow(&mut ws.codes, n_tok * k);
-        grow(&mut ws.scale_x, n_tok);
-        grow(&mut ws.acc, n_tok * total);
-        grow(&mut ws.y, n_tok * total);
-        for t in 0..n_tok {
-            match quantize_token_into(&x[t * k..(t + 1) * k], &mut ws.codes[t * k..(t + 1) * k]) {
-                Some(s) => ws.scale_x[t] = s,
-                None => {
-                    outs.iter_mut().for_each(|o| o.fill(f32::NAN));
-                    return true;
-                }
-            }
+        if !ws.quantize_inputs(x, n_tok, k, total) {
+            outs.iter_mut().for_each(|o| o.fill(f32::NAN));
+            return true;
         }
         let stage = OutputStage::weight_lattice_i32(f.scale_frac_bits);
         let (acc, yi) = (&mut ws.acc[..n_tok * total], &mut ws.y[..n_tok * total]);
@@ -493,6 +475,25 @@ pub struct LinearScratch {
     scale_x: Vec<f32>,
     acc: Vec<i64>,
     y: Vec<i32>,
+}
+
+impl LinearScratch {
+    /// Grows the buffers for `n_tok` tokens of `k` inputs and `n_out` outputs and quantizes `x`
+    /// per token (N5) into `codes` / `scale_x`; false when an input is not finite.
+    fn quantize_inputs(&mut self, x: &[f32], n_tok: usize, k: usize, n_out: usize) -> bool {
+        grow(&mut self.codes, n_tok * k);
+        grow(&mut self.scale_x, n_tok);
+        grow(&mut self.acc, n_tok * n_out);
+        grow(&mut self.y, n_tok * n_out);
+        for t in 0..n_tok {
+            let codes = &mut self.codes[t * k..(t + 1) * k];
+            match quantize_token_into(&x[t * k..(t + 1) * k], codes) {
+                Some(s) => self.scale_x[t] = s,
+                None => return false,
+            }
+        }
+        true
+    }
 }
 
 fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) {
