@@ -388,53 +388,15 @@ mod imp {
     ) {
         if ctx.chunks_per_group == 1 {
             for (i, o) in out.iter_mut().enumerate() {
-                prefetch_ahead(ctx, row0 + i);
                 // SAFETY: forwarded from the caller's contract (row0 + i is a checked row).
                 *o = unsafe { row1::<B, true>(ctx, row0 + i, xp, s) };
             }
         } else {
             for (i, o) in out.iter_mut().enumerate() {
-                prefetch_ahead(ctx, row0 + i);
                 // SAFETY: as above.
                 *o = unsafe { row1::<B, false>(ctx, row0 + i, xp, s) };
             }
         }
-    }
-
-    /// How far ahead of the row being computed a GEMV asks for weight bytes (and, scaled down,
-    /// group metadata): a GEMV streams each weight once, and without the hint a thread waits
-    /// for DRAM at every row instead of overlapping the loads with the arithmetic.
-    const PREFETCH_BYTES: usize = 4096;
-
-    /// Prefetches the lines `PREFETCH_BYTES` past the start of `row`'s codes (as many bytes as a
-    /// row has, so consecutive rows cover the stream) and of its `gscale` / `zero` metadata.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn prefetch_ahead(ctx: &RowCtx<'_>, row: usize) {
-        let w = ctx
-            .data
-            .as_ptr()
-            .wrapping_add(row * ctx.row_bytes + PREFETCH_BYTES);
-        let meta = row * ctx.groups;
-        let gs = ctx
-            .gscale_q
-            .as_ptr()
-            .wrapping_add(meta + PREFETCH_BYTES / 8)
-            .cast::<i8>();
-        let zero = ctx
-            .zero_u8
-            .as_ptr()
-            .wrapping_add(meta + PREFETCH_BYTES / 16)
-            .cast::<i8>();
-        // A prefetch is a hint: it never faults and reads nothing the program sees, so any
-        // address (here possibly past the end of a slice, formed with wrapping_add) is fine.
-        let mut off = 0;
-        while off < ctx.row_bytes {
-            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(off).cast::<i8>());
-            off += 64;
-        }
-        _mm_prefetch::<_MM_HINT_T0>(gs);
-        _mm_prefetch::<_MM_HINT_T0>(zero);
     }
 
     /// # Safety
