@@ -117,6 +117,43 @@ mod imp {
         }
     }
 
+    /// W2 / ternary: the four chunks of the 32-byte block at `w` (see `weights.rs`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn decode_block2(w: *const u8) -> [__m256i; 4] {
+        // SAFETY (caller): 32 readable bytes at w.
+        let v = unsafe { _mm256_loadu_si256(w.cast::<__m256i>()) };
+        let m = _mm256_set1_epi8(3);
+        [
+            _mm256_and_si256(v, m),
+            _mm256_and_si256(_mm256_srli_epi16(v, 2), m),
+            _mm256_and_si256(_mm256_srli_epi16(v, 4), m),
+            _mm256_and_si256(_mm256_srli_epi16(v, 6), m),
+        ]
+    }
+
+    /// Chunk `ci` of the row at `w`; W2 / ternary chunks below `blocked` are in blocks of four.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn decode_at<const B: u32>(
+        w: *const u8,
+        ci: usize,
+        blocked: usize,
+    ) -> (__m256i, __m256i) {
+        if B == 2 && ci < blocked {
+            // SAFETY (caller): the row holds chunk ci, so its block's 32 bytes.
+            let v = unsafe { _mm256_loadu_si256(w.add(ci / 4 * 32).cast::<__m256i>()) };
+            let v = _mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * (ci % 4) as i32));
+            (
+                _mm256_and_si256(v, _mm256_set1_epi8(3)),
+                _mm256_setzero_si256(),
+            )
+        } else {
+            // SAFETY (caller): chunk ci's bytes at 8 * B / 2 * ci are readable.
+            unsafe { decode::<B>(w.add(ci * 4 * B as usize)) }
+        }
+    }
+
     /// `i32x8` partial sums of `code * x` over one chunk (exact; see the module docs).
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -161,14 +198,22 @@ mod imp {
         _mm_cvtsi128_si32(r)
     }
 
-    /// One group's `i32x8` partial sums for one token.
+    /// One group's `i32x8` partial sums for one token: chunks `ci0..ci0 + cg` of the row at `w`
+    /// (`blocked` as in [`decode_at`]) against the group's activations at `x`.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn group_dot<const B: u32>(w: *const u8, x: *const i8, cg: usize, cb: usize) -> __m256i {
+    unsafe fn group_dot<const B: u32>(
+        w: *const u8,
+        ci0: usize,
+        blocked: usize,
+        x: *const i8,
+        cg: usize,
+    ) -> __m256i {
         let mut acc = _mm256_setzero_si256();
         for c in 0..cg {
-            // SAFETY (caller): the group's cg chunks are readable at w and x.
-            let (codes, xv) = unsafe { (decode::<B>(w.add(c * cb)), load_x(x.add(c * 32))) };
+            // SAFETY (caller): the group's cg chunks are readable in the row and at x.
+            let (codes, xv) =
+                unsafe { (decode_at::<B>(w, ci0 + c, blocked), load_x(x.add(c * 32))) };
             acc = _mm256_add_epi32(acc, dot::<B>(codes, xv));
         }
         acc
@@ -251,7 +296,7 @@ mod imp {
         s: &[i32],
     ) -> i64 {
         let (cg, cb, groups) = (ctx.chunks_per_group, ctx.chunk_bytes, ctx.groups);
-        let gstride_w = cg * cb;
+        let blocked = crate::weights::block_chunks(groups * cg);
         let gstride_x = cg * 32;
         let w = ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr();
         let x = xp.as_ptr();
@@ -266,25 +311,38 @@ mod imp {
         let mut g = 0;
         while g + 8 <= groups {
             let mut v = [_mm256_setzero_si256(); 8];
-            for (q, vq) in v.iter_mut().enumerate() {
-                // SAFETY: group g + q < groups lies inside the row (row_bytes = groups * cg *
-                // cb) and the padded token (groups * cg * 32), asserted by check_bounds.
-                *vq = unsafe {
-                    if ONE {
-                        // One chunk per group (L <= 32): no inner loop.
-                        dot::<B>(
-                            decode::<B>(w.add((g + q) * cb)),
-                            load_x(x.add((g + q) * 32)),
-                        )
-                    } else {
-                        group_dot::<B>(
-                            w.add((g + q) * gstride_w),
-                            x.add((g + q) * gstride_x),
-                            cg,
-                            cb,
-                        )
+            if ONE && B == 2 {
+                // One chunk per group, chunks g..g + 8 in two whole blocks (g + 8 <= blocked
+                // as g is a multiple of 8 and g + 8 <= groups = chunks).
+                for h in 0..2 {
+                    // SAFETY: blocks (g + 4h) / 4 lie inside the row; the 32 activations of
+                    // each of their chunks inside the padded token (check_bounds).
+                    unsafe {
+                        let codes = decode_block2(w.add((g + 4 * h) * cb));
+                        for (j, cj) in codes.into_iter().enumerate() {
+                            let q = 4 * h + j;
+                            v[q] =
+                                dot::<B>((cj, _mm256_setzero_si256()), load_x(x.add((g + q) * 32)));
+                        }
                     }
-                };
+                }
+            } else {
+                for (q, vq) in v.iter_mut().enumerate() {
+                    // SAFETY: group g + q < groups lies inside the row (row_bytes = groups *
+                    // cg * cb) and the padded token (groups * cg * 32), asserted by
+                    // check_bounds.
+                    *vq = unsafe {
+                        if ONE {
+                            // One chunk per group (L <= 32): no inner loop.
+                            dot::<B>(
+                                decode::<B>(w.add((g + q) * cb)),
+                                load_x(x.add((g + q) * 32)),
+                            )
+                        } else {
+                            group_dot::<B>(w, (g + q) * cg, blocked, x.add((g + q) * gstride_x), cg)
+                        }
+                    };
+                }
             }
             // SAFETY: groups g..g+8 of the row's metadata and of s are in range.
             let (even, odd) =
@@ -313,14 +371,7 @@ mod imp {
         }
         while g < groups {
             // SAFETY: group g lies inside the row and the padded token (see above).
-            let p = unsafe {
-                hsum1(group_dot::<B>(
-                    w.add(g * gstride_w),
-                    x.add(g * gstride_x),
-                    cg,
-                    cb,
-                ))
-            };
+            let p = unsafe { hsum1(group_dot::<B>(w, g * cg, blocked, x.add(g * gstride_x), cg)) };
             acc = ctx.accumulate(row, g, i64::from(p), s[g], acc);
             g += 1;
         }
@@ -402,7 +453,7 @@ mod imp {
         }
         while r < n_rows {
             // SAFETY: row r's chunks and x are in bounds (caller's contract).
-            p[r] = hsum1(unsafe { group_dot::<4>(rows.as_ptr().add(r * stride), x, chunks, 16) });
+            p[r] = hsum1(unsafe { group_dot::<4>(rows.as_ptr().add(r * stride), 0, 0, x, chunks) });
             r += 1;
         }
     }
@@ -427,6 +478,7 @@ mod imp {
         let plen = groups * 32;
         let ls = ctx.lattice_shift as i32;
         let g8 = groups / 8 * 8;
+        let blocked = crate::weights::block_chunks(groups);
         for (i, o_row) in out.chunks_exact_mut(m).enumerate() {
             let row = row0 + i;
             let w = ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr();
@@ -442,9 +494,20 @@ mod imp {
                 let mut g = 0;
                 while g < g8 {
                     let mut codes = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 8];
-                    for (q, c) in codes.iter_mut().enumerate() {
-                        // SAFETY: chunk g + q < groups lies inside the row (check_bounds).
-                        *c = unsafe { decode::<B>(w.add((g + q) * cb)) };
+                    if B == 2 {
+                        // Chunks g..g + 8: two whole blocks (g + 8 <= g8 <= blocked).
+                        for h in 0..2 {
+                            // SAFETY: block (g + 4h) / 4 lies inside the row (check_bounds).
+                            let c4 = unsafe { decode_block2(w.add((g + 4 * h) * cb)) };
+                            for (j, cj) in c4.into_iter().enumerate() {
+                                codes[4 * h + j].0 = cj;
+                            }
+                        }
+                    } else {
+                        for (q, c) in codes.iter_mut().enumerate() {
+                            // SAFETY: chunk g + q < groups lies inside the row (check_bounds).
+                            *c = unsafe { decode::<B>(w.add((g + q) * cb)) };
+                        }
                     }
                     for u in 0..tb {
                         let t = t0 + u;
@@ -498,7 +561,7 @@ mod imp {
                         // SAFETY: chunk gr of the row and of token t are in range.
                         let p = unsafe {
                             hsum1(dot::<B>(
-                                decode::<B>(w.add(gr * cb)),
+                                decode_at::<B>(w, gr, blocked),
                                 load_x(xp.as_ptr().add(t * plen + gr * 32)),
                             ))
                         };
@@ -521,8 +584,9 @@ mod imp {
         s: &[i32],
         out: &mut [i64],
     ) {
-        let (cg, cb, groups) = (ctx.chunks_per_group, ctx.chunk_bytes, ctx.groups);
+        let (cg, groups) = (ctx.chunks_per_group, ctx.groups);
         let plen = groups * cg * 32;
+        let blocked = crate::weights::block_chunks(groups * cg);
         for (i, o_row) in out.chunks_exact_mut(m).enumerate() {
             let row = row0 + i;
             let w = ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr();
@@ -537,7 +601,7 @@ mod imp {
                         // SAFETY: chunk ci < groups * cg lies inside the row; the four tokens'
                         // chunk ci lie inside xp[t * plen..(t + 4) * plen] (check_bounds).
                         unsafe {
-                            let codes = decode::<B>(w.add(ci * cb));
+                            let codes = decode_at::<B>(w, ci, blocked);
                             for (q, aq) in a.iter_mut().enumerate() {
                                 let xv = load_x(x.add(q * plen + ci * 32));
                                 *aq = _mm256_add_epi32(*aq, dot::<B>(codes, xv));

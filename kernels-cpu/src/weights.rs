@@ -7,7 +7,12 @@
 //! stored in `32 * B / 8` bytes so that one shift-and-mask expands it into 32 lanes:
 //! - W8: `c[0..32]` as bytes;
 //! - W4: byte `i` (0..16) holds `c[i] | c[16 + i] << 4`;
-//! - W2 and ternary: byte `i` (0..8) holds `c[i] | c[8+i] << 2 | c[16+i] << 4 | c[24+i] << 6`.
+//! - W2 and ternary: the row's chunks go by *blocks* of four (chunks `4b..4b + 4` in 32 bytes
+//!   at byte `32 b`): byte `i` (0..32) of a block holds code `i` of its four chunks,
+//!   `c0[i] | c1[i] << 2 | c2[i] << 4 | c3[i] << 6`, so one load and a shift-and-mask per chunk
+//!   expand four chunks. The last `n % 4` chunks of a row (no whole block) are 8 bytes each:
+//!   byte `i` (0..8) holds `c[i] | c[8+i] << 2 | c[16+i] << 4 | c[24+i] << 6`. Either way chunk
+//!   `ci` of a row starts at byte `8 ci` (of its block when it is in one).
 //!
 //! Activations are copied once per call into the same padded layout (zeros in the padding, so
 //! padding adds nothing, as in N12) and the per-group sums `S` are computed once per token.
@@ -147,11 +152,13 @@ impl From<&QuantWeights> for PreparedWeights {
         let row_bytes = groups * chunks_per_group * chunk_bytes;
         let codes = w.codes();
         let mut data = vec![0u8; n_rows * row_bytes];
-        let mut chunk = [0u8; CHUNK];
+        let n_chunks = groups * chunks_per_group;
+        let mut chunks = vec![[0u8; CHUNK]; n_chunks];
         for (row, out_row) in data.chunks_exact_mut(row_bytes.max(1)).enumerate() {
             let codes_row = &codes[row * k..(row + 1) * k];
             for g in 0..groups {
                 for c in 0..chunks_per_group {
+                    let chunk = &mut chunks[g * chunks_per_group + c];
                     for (i, slot) in chunk.iter_mut().enumerate() {
                         let in_group = c * CHUNK + i;
                         let j = g * group_len + in_group;
@@ -161,9 +168,21 @@ impl From<&QuantWeights> for PreparedWeights {
                             0
                         };
                     }
-                    let at = (g * chunks_per_group + c) * chunk_bytes;
-                    encode_chunk(&chunk, bits, &mut out_row[at..at + chunk_bytes]);
                 }
+            }
+            let blocked = if bits == 2 { block_chunks(n_chunks) } else { 0 };
+            for (b, out) in out_row[..blocked * chunk_bytes]
+                .chunks_exact_mut(4 * chunk_bytes)
+                .enumerate()
+            {
+                let c = &chunks[4 * b..4 * b + 4];
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = c[0][i] | (c[1][i] << 2) | (c[2][i] << 4) | (c[3][i] << 6);
+                }
+            }
+            for (ci, chunk) in chunks.iter().enumerate().skip(blocked) {
+                let at = ci * chunk_bytes;
+                encode_chunk(chunk, bits, &mut out_row[at..at + chunk_bytes]);
             }
         }
         let row_bound = (0..n_rows)
@@ -193,6 +212,13 @@ impl From<&QuantWeights> for PreparedWeights {
             row_scale: w.row_scale().to_vec(),
         }
     }
+}
+
+/// W2 and ternary: how many of a row's `n_chunks` chunks are stored in blocks of four (the
+/// rest, `n_chunks % 4`, as single 8-byte chunks; see the module docs).
+#[inline]
+pub(crate) fn block_chunks(n_chunks: usize) -> usize {
+    n_chunks / 4 * 4
 }
 
 fn encode_chunk(c: &[u8; CHUNK], bits: usize, out: &mut [u8]) {
@@ -530,17 +556,28 @@ fn row_acc_scalar(ctx: &RowCtx<'_>, row: usize, xp: &[i8], s: &[i32]) -> i64 {
     }
 }
 
+/// Chunk `ci` of a row (`row` is the row's bytes, `blocked` its [`block_chunks`]).
 #[inline]
-fn decode_chunk<const B: u32>(w: &[u8], c: &mut [u8; CHUNK]) {
+fn decode_chunk<const B: u32>(row: &[u8], ci: usize, blocked: usize, c: &mut [u8; CHUNK]) {
+    let cb = CHUNK * B as usize / 8;
     match B {
-        8 => c.copy_from_slice(&w[..CHUNK]),
+        8 => c.copy_from_slice(&row[ci * cb..(ci + 1) * cb]),
         4 => {
+            let w = &row[ci * cb..(ci + 1) * cb];
             for i in 0..16 {
                 c[i] = w[i] & 0x0F;
                 c[16 + i] = w[i] >> 4;
             }
         }
+        _ if ci < blocked => {
+            let block = &row[ci / 4 * 32..ci / 4 * 32 + 32];
+            let shift = 2 * (ci % 4);
+            for (o, &b) in c.iter_mut().zip(block) {
+                *o = (b >> shift) & 0x03;
+            }
+        }
         _ => {
+            let w = &row[ci * cb..(ci + 1) * cb];
             for l in 0..4 {
                 for i in 0..8 {
                     c[8 * l + i] = (w[i] >> (2 * l)) & 0x03;
@@ -552,16 +589,14 @@ fn decode_chunk<const B: u32>(w: &[u8], c: &mut [u8; CHUNK]) {
 
 fn row_acc_scalar_b<const B: u32>(ctx: &RowCtx<'_>, row: usize, xp: &[i8], s: &[i32]) -> i64 {
     let data = &ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes];
+    let blocked = block_chunks(ctx.groups * ctx.chunks_per_group);
     let mut acc = 0i64;
     let mut codes = [0u8; CHUNK];
     for (g, &s_g) in s.iter().enumerate().take(ctx.groups) {
         let mut p_code = 0i64;
         for c in 0..ctx.chunks_per_group {
             let ci = g * ctx.chunks_per_group + c;
-            decode_chunk::<B>(
-                &data[ci * ctx.chunk_bytes..(ci + 1) * ctx.chunk_bytes],
-                &mut codes,
-            );
+            decode_chunk::<B>(data, ci, blocked, &mut codes);
             let x = &xp[ci * CHUNK..(ci + 1) * CHUNK];
             let p: i32 = x
                 .iter()

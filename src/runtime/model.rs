@@ -435,7 +435,22 @@ impl Model {
 
     /// As [`Self::forward_rows`], the logits borrowed from the session's workspace: a decode
     /// step allocates nothing once the workspace has grown (engine layers on the CPU backend).
+    ///
+    /// The pass runs on a worker thread of the current rayon pool (in place when the caller is
+    /// one already): the parallel kernels inside it then fork from a worker, which keeps working
+    /// while the others join, instead of each of the ~120 weight products of a step injecting a
+    /// job from outside the pool and blocking until a worker finishes it (two thread wake-ups
+    /// per product).
     pub fn forward_into<'s>(
+        &self,
+        s: &'s mut Session,
+        tokens: &[u32],
+        rows: usize,
+    ) -> Result<&'s [f32]> {
+        rayon::scope(|_| self.forward_on_worker(s, tokens, rows))
+    }
+
+    fn forward_on_worker<'s>(
         &self,
         s: &'s mut Session,
         tokens: &[u32],
