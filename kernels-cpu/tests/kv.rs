@@ -31,8 +31,20 @@ impl Rng {
 }
 
 fn compare(cache: &KvCache, mirror: &KvHeadCpu, q: &[i8], p: &[i8], stage: &OutputStage) {
+    compare_at(cache, mirror, cache.len(), q, p, stage);
+}
+
+/// The mirror's products at length `n` against golden's `cache` (which holds `n` tokens).
+fn compare_at(
+    cache: &KvCache,
+    mirror: &KvHeadCpu,
+    n: usize,
+    q: &[i8],
+    p: &[i8],
+    stage: &OutputStage,
+) {
     let hd = cache.head_dim();
-    let n = cache.len();
+    assert_eq!(cache.len(), n);
     let want_qk = cache.qk(q, stage).expect("golden qk");
     let want_acc: Vec<i64> = want_qk
         .groups4
@@ -53,15 +65,16 @@ fn compare(cache: &KvCache, mirror: &KvHeadCpu, q: &[i8], p: &[i8], stage: &Outp
         let mut acc = vec![0i64; n];
         let mut y = vec![0i32; n];
         mirror
-            .qk(isa, q, stage, &mut scratch, &mut acc, &mut y)
+            .qk_at(isa, n, q, stage, &mut scratch, &mut acc, &mut y)
             .expect("qk");
         assert_eq!(acc, want_acc, "qk acc, isa {isa}, n {n}, hd {hd}");
         assert_eq!(y, want_y, "qk y, isa {isa}");
         let (mut a4, mut aw) = (vec![0i64; hd], vec![0i64; hd]);
         let (mut y4, mut yw) = (vec![0i32; hd], vec![0i32; hd]);
-        mirror
-            .pv(
+        let (s4, sw) = mirror
+            .pv_at(
                 isa,
+                n,
                 p,
                 stage,
                 &mut scratch,
@@ -71,6 +84,21 @@ fn compare(cache: &KvCache, mirror: &KvHeadCpu, q: &[i8], p: &[i8], stage: &Outp
                 &mut yw,
             )
             .expect("pv");
+        assert_eq!(s4.to_bits(), want_pv.kv4.s_ref.to_bits(), "pv kv4 s_ref");
+        assert_eq!(
+            sw.to_bits(),
+            want_pv.window.s_ref.to_bits(),
+            "pv window s_ref"
+        );
+        let want_ws: Vec<f32> = want_qk.window_scale_k.clone();
+        assert_eq!(
+            mirror.window_key_scales_at(n),
+            &want_ws[..],
+            "window key scales"
+        );
+        for (j, g) in want_qk.groups4.iter().enumerate() {
+            assert_eq!(mirror.key_group_s_ref(j).to_bits(), g.s_ref.to_bits());
+        }
         assert_eq!(
             a4, want_pv.kv4.acc_i64,
             "pv kv4 acc, isa {isa}, n {n}, hd {hd}"
@@ -221,4 +249,110 @@ fn fold_matches_golden_exhaustive_in_x() {
             assert_eq!(out, fold_i8(&xs, &f, sf), "sf {sf} m {m}");
         }
     }
+}
+
+/// One token's key and value: outlier channels, and some special tokens (all zero, constant
+/// over the channels, one -huge channel so that codes reach -127 and groups have zero range).
+fn token(rng: &mut Rng, hd: usize, step: usize) -> (Vec<f32>, Vec<f32>) {
+    match rng.next() % 9 {
+        0 => (vec![0.0; hd], vec![0.0; hd]),
+        1 => (vec![0.75; hd], vec![-2.0; hd]),
+        2 => {
+            let mut k = vec![0.0; hd];
+            k[step % hd] = -1.0e3;
+            (k.clone(), k)
+        }
+        _ => (
+            (0..hd)
+                .map(|c| rng.f32() * (1.0 + (c % 5) as f32 * 3.0))
+                .collect(),
+            (0..hd).map(|_| rng.f32() * 2.0).collect(),
+        ),
+    }
+}
+
+/// Incremental sync after every push equals golden (and a mirror built by one full sync) at
+/// every length, across group boundaries and window evictions; with the history retained, the
+/// products at every earlier length equal golden's cache as it was at that length.
+fn run_history_case(hd: usize, group: usize, window: usize, tokens: usize, bits: u32, seed: u64) {
+    let dp = Datapath {
+        w_group_len: 32,
+        w_scale_bits: 16,
+        acc_bits: 48,
+        kv_group_len: group,
+        kv_recent_window: window,
+    };
+    let stage = OutputStage::IDENTITY_I32;
+    let mut rng = Rng(seed);
+    let mut cache = KvCache::with_bits(&dp, hd, bits).expect("cache");
+    let mut inc = KvHeadCpu::new(&dp, hd);
+    let mut hist = KvHeadCpu::new(&dp, hd);
+    let mut snapshots = Vec::new();
+    // A prefix before the retained part (as a decode before a prompt).
+    let prefix = tokens / 3;
+    for step in 0..tokens {
+        let (k, v) = token(&mut rng, hd, step);
+        cache.push(&k, &v).expect("push");
+        inc.sync(&cache).expect("sync");
+        hist.sync_retaining(&cache, step >= prefix).expect("sync");
+        assert_eq!(inc.len(), cache.len());
+        assert_eq!(inc.history_start(), cache.n4_tokens());
+        let mut full = KvHeadCpu::new(&dp, hd);
+        full.sync(&cache).expect("full sync");
+        let q: Vec<i8> = (0..hd).map(|_| rng.i8()).collect();
+        let p: Vec<i8> = (0..cache.len()).map(|_| rng.i8()).collect();
+        compare(&cache, &inc, &q, &p, &stage);
+        compare(&cache, &full, &q, &p, &stage);
+        compare(
+            &cache,
+            &inc,
+            &vec![-128; hd],
+            &vec![127; cache.len()],
+            &stage,
+        );
+        if step >= prefix {
+            snapshots.push(cache.clone());
+        }
+    }
+    for snap in &snapshots {
+        let n = snap.len();
+        let q: Vec<i8> = (0..hd).map(|_| rng.i8()).collect();
+        let p: Vec<i8> = (0..n).map(|_| rng.i8()).collect();
+        compare_at(snap, &hist, n, &q, &p, &stage);
+        compare_at(snap, &hist, n, &vec![-128; hd], &vec![-128; n], &stage);
+    }
+    // Trimmed: the current length still works, lengths whose window was quantized do not.
+    hist.trim_history();
+    assert_eq!(hist.history_start(), cache.n4_tokens());
+    let q: Vec<i8> = (0..hd).map(|_| rng.i8()).collect();
+    let p: Vec<i8> = (0..cache.len()).map(|_| rng.i8()).collect();
+    compare(&cache, &hist, &q, &p, &stage);
+    if let Some(old) = snapshots
+        .iter()
+        .find(|s| hist.n4_at(s.len()) < cache.n4_tokens())
+    {
+        let n = old.len();
+        let (mut acc, mut y) = (vec![0i64; n], vec![0i32; n]);
+        let r = hist.qk_at(
+            Isa::Scalar,
+            n,
+            &q,
+            &stage,
+            &mut KvScratch::default(),
+            &mut acc,
+            &mut y,
+        );
+        assert!(r.is_err(), "qk_at before the held history must fail");
+    }
+}
+
+#[test]
+fn kv_incremental_sync_and_history_match_golden() {
+    for &hd in &[1usize, 7, 64, 65] {
+        for &(group, window) in &[(1usize, 0usize), (4, 8), (8, 0), (5, 10), (32, 64)] {
+            let tokens = 2 * (group + window) + 3 * group + 5;
+            run_history_case(hd, group, window, tokens, 4, hd as u64 * 7 + group as u64);
+        }
+    }
+    run_history_case(64, 32, 64, 70, 8, 3);
 }
