@@ -181,6 +181,11 @@ impl KvHeadCpu {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Tokens per 4-bit key group (N16).
+    #[must_use]
+    pub fn kv_group_len(&self) -> usize {
+        self.kv_group_len
+    }
     /// 4-bit key groups mirrored.
     #[must_use]
     pub fn key_groups(&self) -> usize {
