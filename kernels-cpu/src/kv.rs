@@ -16,7 +16,7 @@
 //! `acc[o] = sat(16 * sum xf * code[o] - Z, acc_bits)`, then the N14 output stage. The 8-bit
 //! window (N18): `Q x K^T` is `sat(sum q * k_i8, acc_bits)`; `P x V` folds with zero 0.
 
-use tessera_golden::kv::KvCache;
+use tessera_golden::kv::{KvCache, P_CODE_MAX, P_PLANE_BITS};
 use tessera_golden::numerics::{max_signed, min_signed, round_clamp_f32, Datapath};
 use tessera_golden::ops::{OpError, OutputStage};
 
@@ -608,6 +608,54 @@ impl KvHeadCpu {
         crate::weights::apply_stage(stage, accw, yw)?;
         Ok((s4, sw))
     }
+}
+
+/// N22 (golden's `quantize_probs_into`) without its per-element error path: `scale_p = max p /
+/// 16383`, `code = clamp(round_half_away(p / scale_p), 0, 16383)`, `hi = code >> 7`,
+/// `lo = code & 127`. Returns `None` (planes unspecified) when a probability is negative or not
+/// finite. The rounding is done in integers (`p / scale_p >= 0`: truncate, then add one when the
+/// exact fractional part is `>= 0.5`), which is round-half-away for non-negative values, so the
+/// codes equal golden's (tested against it).
+///
+/// # Panics
+/// If `hi` or `lo` is not as long as `p`.
+pub fn quantize_probs_into(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
+    assert!(
+        hi.len() == p.len() && lo.len() == p.len(),
+        "quantize_probs_into: one code per probability in each plane"
+    );
+    let mut max = 0.0f32;
+    let mut ok = true;
+    for &v in p {
+        ok &= v.is_finite() && v >= 0.0;
+        max = max.max(v);
+    }
+    if !ok {
+        return None;
+    }
+    #[allow(clippy::cast_precision_loss)] // 16383 is exact in f32
+    let code_max = P_CODE_MAX as f32;
+    let scale_p = max / code_max;
+    if scale_p == 0.0 {
+        hi.fill(0);
+        lo.fill(0);
+        return Some(0.0);
+    }
+    for ((&v, h), l) in p.iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
+        // In [0, 16383] after the clamp, so the truncating cast and the subtraction are exact.
+        let x = (v / scale_p).min(code_max);
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let t = x as i32;
+        #[allow(clippy::cast_precision_loss)]
+        let code = t + i32::from(x - t as f32 >= 0.5);
+        let code = code.min(P_CODE_MAX as i32);
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            *h = (code >> P_PLANE_BITS) as i8;
+            *l = (code & ((1 << P_PLANE_BITS) - 1)) as i8;
+        }
+    }
+    Some(scale_p)
 }
 
 /// `max_e s_e` from 0, as golden's `scale_multipliers` takes `s_ref`.

@@ -356,3 +356,52 @@ fn kv_incremental_sync_and_history_match_golden() {
     }
     run_history_case(64, 32, 64, 70, 8, 3);
 }
+
+/// The fast N22 probability quantizer equals golden's on softmax-like rows, exact ties (codes
+/// and half codes times the scale), values next to them, zeros, denormals and a single token.
+#[test]
+fn quantize_probs_matches_golden() {
+    use tessera_golden::kv::quantize_probs;
+    use tessera_kernels_cpu::kv::quantize_probs_into;
+    let mut rng = Rng(77);
+    let mut rows: Vec<Vec<f32>> = vec![
+        vec![0.0; 5],
+        vec![1.0],
+        vec![1e-40, 3e-41, 0.0],
+        vec![f32::MIN_POSITIVE, 0.0, 1e-45],
+    ];
+    // Ties: p = (k + 0.5) * scale and k * scale for max = 1 (scale = 1 / 16383), and neighbours.
+    let scale = 1.0f32 / 16383.0;
+    let mut ties = vec![1.0f32];
+    for k in (0..16383).step_by(7) {
+        for v in [(k as f32 + 0.5) * scale, k as f32 * scale] {
+            ties.extend([
+                v,
+                f32::from_bits(v.to_bits().saturating_sub(1)),
+                f32::from_bits(v.to_bits() + 1),
+            ]);
+        }
+    }
+    rows.push(ties);
+    for len in [2usize, 17, 64, 300, 1000] {
+        for _ in 0..20 {
+            let s: Vec<f32> = (0..len).map(|_| rng.f32() * 12.0).collect();
+            let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = s.iter().map(|&v| (v - m).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            rows.push(e.iter().map(|&v| v / sum).collect());
+        }
+    }
+    for row in &rows {
+        let want = quantize_probs(row).expect("golden");
+        let (mut hi, mut lo) = (vec![0i8; row.len()], vec![0i8; row.len()]);
+        let got = quantize_probs_into(row, &mut hi, &mut lo).expect("valid row");
+        assert_eq!(got.to_bits(), want.scale_p.to_bits());
+        assert_eq!(hi, want.hi_i8);
+        assert_eq!(lo, want.lo_i8);
+    }
+    let (mut hi, mut lo) = (vec![0i8; 2], vec![0i8; 2]);
+    assert!(quantize_probs_into(&[0.5, -0.0001], &mut hi, &mut lo).is_none());
+    assert!(quantize_probs_into(&[0.5, f32::NAN], &mut hi, &mut lo).is_none());
+    assert!(quantize_probs_into(&[f32::INFINITY, 0.1], &mut hi, &mut lo).is_none());
+}

@@ -25,9 +25,7 @@
 use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
-use tessera_golden::kv::{
-    quantize_probs, quantize_probs_into, KvCache as GoldenKvCache, P_PLANE_BITS,
-};
+use tessera_golden::kv::{quantize_probs, KvCache as GoldenKvCache, P_PLANE_BITS};
 use tessera_golden::numerics::{round_clamp_f32, Datapath};
 use tessera_golden::ops::{
     accumulate_groups, dequant_factor, group_partial_sums, weight_frac_bits, OutputStage,
@@ -1071,7 +1069,9 @@ fn attn_weighted_sum(
     }
     grow(&mut b.codes, n);
     grow(&mut b.codes_lo, n);
-    let Ok(scale_p) = quantize_probs_into(p, &mut b.codes[..n], &mut b.codes_lo[..n]) else {
+    let Some(scale_p) =
+        tessera_kernels_cpu::kv::quantize_probs_into(p, &mut b.codes[..n], &mut b.codes_lo[..n])
+    else {
         out.fill(f32::NAN);
         return;
     };
