@@ -87,7 +87,7 @@ pub struct KvScratch {
     xf: Vec<i8>,
     p: Vec<i32>,
     /// Fold multipliers of a past length's value fold groups ([`KvHeadCpu::pv_at`]).
-    mults: Vec<u16>,
+    folds: ValueFolds,
 }
 
 /// A CPU mirror of one KV head's cache (see the module docs).
@@ -535,8 +535,105 @@ impl KvHeadCpu {
         y4: &mut [i32],
         yw: &mut [i32],
     ) -> Result<(f32, f32), KvKernelError> {
-        stage.check()?;
         let n4 = self.check_history(len)?;
+        if n4 == self.n4 && len == self.n {
+            let f = FoldsRef {
+                len,
+                n4,
+                s4: self.vs_ref,
+                m4: &self.vfscale,
+                sw: self.wvs_ref,
+                mw: &self.wvfscale,
+            };
+            return self.pv_core(isa, &f, p_i8, stage, scratch, acc4, accw, y4, yw);
+        }
+        let mut folds = std::mem::take(&mut scratch.folds);
+        folds.valid = false; // the scratch may have served another mirror
+        let r = self.value_folds_at(len, &mut folds).and_then(|()| {
+            self.pv_core(
+                isa,
+                &folds.as_ref(),
+                p_i8,
+                stage,
+                scratch,
+                acc4,
+                accw,
+                y4,
+                yw,
+            )
+        });
+        scratch.folds = folds;
+        r
+    }
+
+    /// The value products' fold multipliers (N17) as they were at `len` tokens, into `folds`
+    /// for [`Self::pv_with`] (several queries or probability planes at one length share them).
+    /// `folds` belongs to this mirror: its 4-bit part is reused when the 4-bit token count at
+    /// `len` is the one it was computed for.
+    pub fn value_folds_at(&self, len: usize, folds: &mut ValueFolds) -> Result<(), KvKernelError> {
+        let n4 = self.check_history(len)?;
+        if !(folds.valid && folds.n4 == n4) {
+            folds.m4.resize(n4, 0);
+            folds.s4 = fold_multipliers(&self.vscale[..n4], self.sf, &mut folds.m4);
+            folds.n4 = n4;
+        }
+        let nw = len - n4;
+        folds.mw.resize(nw, 0);
+        folds.sw = fold_multipliers(
+            &self.wvscale[n4 - self.w0..len - self.w0],
+            self.sf,
+            &mut folds.mw,
+        );
+        folds.len = len;
+        folds.valid = true;
+        Ok(())
+    }
+
+    /// [`Self::pv_at`] at the length `folds` was computed for ([`Self::value_folds_at`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn pv_with(
+        &self,
+        isa: Isa,
+        folds: &ValueFolds,
+        p_i8: &[i8],
+        stage: &OutputStage,
+        scratch: &mut KvScratch,
+        acc4: &mut [i64],
+        accw: &mut [i64],
+        y4: &mut [i32],
+        yw: &mut [i32],
+    ) -> Result<(f32, f32), KvKernelError> {
+        assert!(folds.valid, "pv_with: folds not computed");
+        let n4 = self.check_history(folds.len)?;
+        assert_eq!(n4, folds.n4, "pv_with: folds of another length");
+        self.pv_core(
+            isa,
+            &folds.as_ref(),
+            p_i8,
+            stage,
+            scratch,
+            acc4,
+            accw,
+            y4,
+            yw,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pv_core(
+        &self,
+        isa: Isa,
+        f: &FoldsRef<'_>,
+        p_i8: &[i8],
+        stage: &OutputStage,
+        scratch: &mut KvScratch,
+        acc4: &mut [i64],
+        accw: &mut [i64],
+        y4: &mut [i32],
+        yw: &mut [i32],
+    ) -> Result<(f32, f32), KvKernelError> {
+        stage.check()?;
+        let (len, n4) = (f.len, f.n4);
         let hd = self.head_dim;
         check_len("probability codes", len, p_i8.len())?;
         for (what, n) in [
@@ -554,16 +651,7 @@ impl KvHeadCpu {
         let xlen = chunks * CHUNK;
         grow(&mut scratch.xf, xlen.max(nw).max(1));
         grow(&mut scratch.p, hd);
-        grow(&mut scratch.mults, n4.max(nw));
-        let s4 = if n4 == self.n4 {
-            fold_into(&p_i8[..n4], &self.vfscale, self.sf, &mut scratch.xf[..n4]);
-            self.vs_ref
-        } else {
-            let m = &mut scratch.mults[..n4];
-            let s = fold_multipliers(&self.vscale[..n4], self.sf, m);
-            fold_into(&p_i8[..n4], m, self.sf, &mut scratch.xf[..n4]);
-            s
-        };
+        fold_into(&p_i8[..n4], f.m4, self.sf, &mut scratch.xf[..n4]);
         let xf = &mut scratch.xf[..xlen];
         xf[n4..].fill(0);
         let z = dot_i8_u8(&xf[..n4], &self.vzero[..n4]);
@@ -579,15 +667,7 @@ impl KvHeadCpu {
         }
         // Window: fold with zero 0, signed 8-bit codes.
         let xw = &mut scratch.xf[..nw];
-        let sw = if n4 == self.n4 && len == self.n {
-            fold_into(&p_i8[n4..], &self.wvfscale, self.sf, xw);
-            self.wvs_ref
-        } else {
-            let m = &mut scratch.mults[..nw];
-            let s = fold_multipliers(&self.wvscale[n4 - self.w0..len - self.w0], self.sf, m);
-            fold_into(&p_i8[n4..], m, self.sf, xw);
-            s
-        };
+        fold_into(&p_i8[n4..], f.mw, self.sf, xw);
         let wvalues = &self.wvalues[(n4 - self.w0) * hd..(len - self.w0) * hd];
         let pw = &mut scratch.p[..hd];
         pw.fill(0);
@@ -606,8 +686,43 @@ impl KvHeadCpu {
         }
         crate::weights::apply_stage(stage, acc4, y4)?;
         crate::weights::apply_stage(stage, accw, yw)?;
-        Ok((s4, sw))
+        Ok((f.s4, f.sw))
     }
+}
+
+/// The fold multipliers (N17) of the value products at one length of one mirror
+/// ([`KvHeadCpu::value_folds_at`]): the 4-bit tokens' fold group and the window's.
+#[derive(Debug, Default, Clone)]
+pub struct ValueFolds {
+    valid: bool,
+    len: usize,
+    n4: usize,
+    s4: f32,
+    m4: Vec<u16>,
+    sw: f32,
+    mw: Vec<u16>,
+}
+
+impl ValueFolds {
+    fn as_ref(&self) -> FoldsRef<'_> {
+        FoldsRef {
+            len: self.len,
+            n4: self.n4,
+            s4: self.s4,
+            m4: &self.m4,
+            sw: self.sw,
+            mw: &self.mw,
+        }
+    }
+}
+
+struct FoldsRef<'a> {
+    len: usize,
+    n4: usize,
+    s4: f32,
+    m4: &'a [u16],
+    sw: f32,
+    mw: &'a [u16],
 }
 
 /// N22 (golden's `quantize_probs_into`) without its per-element error path: `scale_p = max p /

@@ -7,7 +7,7 @@ use tessera_golden::kv::KvCache;
 use tessera_golden::numerics::Datapath;
 use tessera_golden::ops::OutputStage;
 use tessera_kernels_cpu::kv::fold_into;
-use tessera_kernels_cpu::{Isa, KvHeadCpu, KvScratch};
+use tessera_kernels_cpu::{Isa, KvHeadCpu, KvScratch, ValueFolds};
 
 struct Rng(u64);
 impl Rng {
@@ -314,11 +314,29 @@ fn run_history_case(hd: usize, group: usize, window: usize, tokens: usize, bits:
             snapshots.push(cache.clone());
         }
     }
+    let mut folds = ValueFolds::default();
     for snap in &snapshots {
         let n = snap.len();
         let q: Vec<i8> = (0..hd).map(|_| rng.i8()).collect();
         let p: Vec<i8> = (0..n).map(|_| rng.i8()).collect();
         compare_at(snap, &hist, n, &q, &p, &stage);
+        // Folds computed once per length (4-bit part reused while n4 is unchanged).
+        hist.value_folds_at(n, &mut folds).expect("folds");
+        let want = snap.pv(&p, &stage).expect("golden pv");
+        for isa in Isa::available() {
+            let (mut a4, mut aw) = (vec![0i64; hd], vec![0i64; hd]);
+            let (mut y4, mut yw) = (vec![0i32; hd], vec![0i32; hd]);
+            let mut sc = KvScratch::default();
+            let (s4, sw) = hist
+                .pv_with(
+                    isa, &folds, &p, &stage, &mut sc, &mut a4, &mut aw, &mut y4, &mut yw,
+                )
+                .expect("pv_with");
+            assert_eq!(a4, want.kv4.acc_i64, "pv_with kv4, n {n}");
+            assert_eq!(aw, want.window.acc_i64, "pv_with window, n {n}");
+            assert_eq!(s4.to_bits(), want.kv4.s_ref.to_bits());
+            assert_eq!(sw.to_bits(), want.window.s_ref.to_bits());
+        }
         compare_at(snap, &hist, n, &vec![-128; hd], &vec![-128; n], &stage);
     }
     // Trimmed: the current length still works, lengths whose window was quantized do not.

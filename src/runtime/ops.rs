@@ -32,7 +32,9 @@ use tessera_golden::ops::{
 };
 use tessera_golden::quant::{quantize_token, quantize_tokens, QuantWeights};
 pub use tessera_kernels_cpu::Isa;
-use tessera_kernels_cpu::{apply_stage, KvHeadCpu, KvScratch, PreparedWeights, Scratch};
+use tessera_kernels_cpu::{
+    apply_stage, KvHeadCpu, KvScratch, PreparedWeights, Scratch, ValueFolds,
+};
 
 use super::{Error, Result};
 
@@ -843,18 +845,29 @@ impl KvCache {
             .zip(q.par_chunks(qd))
             .enumerate()
             .for_each_init(
-                || AttnBufs::new(hd),
-                |b, (i, (att_i, q_i))| {
+                || {
+                    let folds = vec![ValueFolds::default(); mirrors.len()];
+                    (AttnBufs::new(hd), folds)
+                },
+                |(b, folds), (i, (att_i, q_i))| {
                     let len = pos0 + i + 1;
                     grow(&mut b.scores, len);
                     let mut sc = std::mem::take(&mut b.scores);
+                    let mut folds_ok = false;
                     for head in 0..n_head {
-                        let m = &mirrors[head / group];
+                        let (kvh, m) = (head / group, &mirrors[head / group]);
+                        // The value folds at this length, shared by the group's query heads
+                        // and both probability planes.
+                        if head % group == 0 {
+                            folds_ok = m.value_folds_at(len, &mut folds[kvh]).is_ok();
+                        }
                         let r = head * hd..(head + 1) * hd;
                         let s = &mut sc[..len];
-                        attn_scores(m, isa, b, len, poisoned_after[i], &q_i[r.clone()], scale, s);
+                        let poisoned = poisoned_after[i] || !folds_ok;
+                        attn_scores(m, isa, b, len, poisoned, &q_i[r.clone()], scale, s);
                         super::model::softmax(s);
-                        attn_weighted_sum(m, isa, b, len, poisoned_after[i], s, &mut att_i[r]);
+                        let out = &mut att_i[r];
+                        attn_weighted_sum(m, isa, b, len, poisoned, Some(&folds[kvh]), s, out);
                     }
                     b.scores = sc;
                 },
@@ -990,7 +1003,7 @@ impl KvCpu {
 
     fn weighted_sum(&mut self, poisoned: bool, kv_head: usize, p: &[f32], out: &mut [f32]) {
         let m = &self.mirrors[kv_head];
-        attn_weighted_sum(m, self.isa, &mut self.bufs, m.len(), poisoned, p, out);
+        attn_weighted_sum(m, self.isa, &mut self.bufs, m.len(), poisoned, None, p, out);
     }
 }
 
@@ -1050,7 +1063,8 @@ fn attn_scores(
 
 /// As golden's `PvPlanes::output_f32` (N22) for the cache as it was at `n` tokens: `P x V` of
 /// each probability plane, then per part `y = 128 * y_hi + y_lo`, the 4-bit part (`frac_bits`
-/// 4) plus the window part (`frac_bits` 0), each dequantized with its `s_ref`.
+/// 4) plus the window part (`frac_bits` 0), each dequantized with its `s_ref`. `folds`: the
+/// value folds at `n` ([`KvHeadCpu::value_folds_at`]), or computed here.
 #[allow(clippy::too_many_arguments)]
 fn attn_weighted_sum(
     m: &KvHeadCpu,
@@ -1058,12 +1072,13 @@ fn attn_weighted_sum(
     b: &mut AttnBufs,
     n: usize,
     poisoned: bool,
+    folds: Option<&ValueFolds>,
     p: &[f32],
     out: &mut [f32],
 ) {
     assert_eq!(p.len(), n, "engine P x V covers the whole cache");
     let stage = OutputStage::IDENTITY_I32;
-    if poisoned || p.iter().any(|v| !v.is_finite() || *v < 0.0) {
+    if poisoned {
         out.fill(f32::NAN);
         return;
     }
@@ -1075,28 +1090,32 @@ fn attn_weighted_sum(
         out.fill(f32::NAN);
         return;
     };
-    let hi = m.pv_at(
-        isa,
-        n,
-        &b.codes[..n],
-        &stage,
-        &mut b.scratch,
-        &mut b.acc4,
-        &mut b.accw,
-        &mut b.y4,
-        &mut b.yw,
-    );
-    let lo = m.pv_at(
-        isa,
-        n,
-        &b.codes_lo[..n],
-        &stage,
-        &mut b.scratch,
-        &mut b.acc4,
-        &mut b.accw,
-        &mut b.y4_lo,
-        &mut b.yw_lo,
-    );
+    let mut pv = |codes: &[i8], y4: &mut [i32], yw: &mut [i32]| match folds {
+        Some(f) => m.pv_with(
+            isa,
+            f,
+            codes,
+            &stage,
+            &mut b.scratch,
+            &mut b.acc4,
+            &mut b.accw,
+            y4,
+            yw,
+        ),
+        None => m.pv_at(
+            isa,
+            n,
+            codes,
+            &stage,
+            &mut b.scratch,
+            &mut b.acc4,
+            &mut b.accw,
+            y4,
+            yw,
+        ),
+    };
+    let hi = pv(&b.codes[..n], &mut b.y4, &mut b.yw);
+    let lo = pv(&b.codes_lo[..n], &mut b.y4_lo, &mut b.yw_lo);
     let (Ok((s4, sw)), Ok(_)) = (hi, lo) else {
         out.fill(f32::NAN);
         return;
