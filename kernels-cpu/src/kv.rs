@@ -88,6 +88,8 @@ pub struct KvScratch {
     p: Vec<i32>,
     /// Fold multipliers of a past length's value fold groups ([`KvHeadCpu::pv_at`]).
     folds: ValueFolds,
+    /// The second activation row of [`KvHeadCpu::pv2_at`].
+    xf2: Vec<i8>,
 }
 
 /// A CPU mirror of one KV head's cache (see the module docs).
@@ -690,6 +692,150 @@ impl KvHeadCpu {
     }
 }
 
+/// `P x V` outputs of both N22 probability planes of one query ([`KvHeadCpu::pv2_at`]): per
+/// channel the N14 outputs of the 4-bit part and of the window part, high and low plane.
+#[derive(Debug, Default, Clone)]
+pub struct Pv2Out {
+    pub y4_hi: Vec<i32>,
+    pub yw_hi: Vec<i32>,
+    pub y4_lo: Vec<i32>,
+    pub yw_lo: Vec<i32>,
+    acc: Vec<i64>,
+}
+
+impl KvHeadCpu {
+    /// [`Self::pv_at`] of the two probability planes of one query (N22) in one pass over the
+    /// value codes: the same integers as two [`Self::pv_at`] calls. `folds`: the value folds at
+    /// `len` ([`Self::value_folds_at`]), or `None` to take (current length) or compute them.
+    /// Returns the `s_ref` of the 4-bit and window values (as [`Self::pv_at`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn pv2_at(
+        &self,
+        isa: Isa,
+        len: usize,
+        folds: Option<&ValueFolds>,
+        p_hi: &[i8],
+        p_lo: &[i8],
+        stage: &OutputStage,
+        scratch: &mut KvScratch,
+        out: &mut Pv2Out,
+    ) -> Result<(f32, f32), KvKernelError> {
+        let n4 = self.check_history(len)?;
+        if let Some(f) = folds {
+            assert!(
+                f.valid && f.len == len && f.n4 == n4,
+                "pv2_at: folds of another length"
+            );
+            return self.pv2_core(isa, &f.as_ref(), p_hi, p_lo, stage, scratch, out);
+        }
+        if n4 == self.n4 && len == self.n {
+            let f = FoldsRef {
+                len,
+                n4,
+                s4: self.vs_ref,
+                m4: &self.vfscale,
+                sw: self.wvs_ref,
+                mw: &self.wvfscale,
+            };
+            return self.pv2_core(isa, &f, p_hi, p_lo, stage, scratch, out);
+        }
+        let mut folds = std::mem::take(&mut scratch.folds);
+        folds.valid = false; // the scratch may have served another mirror
+        let r = self
+            .value_folds_at(len, &mut folds)
+            .and_then(|()| self.pv2_core(isa, &folds.as_ref(), p_hi, p_lo, stage, scratch, out));
+        scratch.folds = folds;
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pv2_core(
+        &self,
+        isa: Isa,
+        f: &FoldsRef<'_>,
+        p_hi: &[i8],
+        p_lo: &[i8],
+        stage: &OutputStage,
+        scratch: &mut KvScratch,
+        out: &mut Pv2Out,
+    ) -> Result<(f32, f32), KvKernelError> {
+        stage.check()?;
+        let (len, n4) = (f.len, f.n4);
+        let hd = self.head_dim;
+        check_len("probability codes", len, p_hi.len())?;
+        check_len("probability codes", len, p_lo.len())?;
+        for v in [
+            &mut out.y4_hi,
+            &mut out.yw_hi,
+            &mut out.y4_lo,
+            &mut out.yw_lo,
+        ] {
+            v.resize(hd, 0);
+        }
+        out.acc.resize(4 * hd, 0);
+        let (lo, hi) = (min_signed(self.acc_bits), max_signed(self.acc_bits));
+        let nw = len - n4;
+        let chunks = n4.div_ceil(CHUNK);
+        let xlen = chunks * CHUNK;
+        let need = xlen.max(nw).max(1);
+        grow(&mut scratch.xf, need);
+        grow(&mut scratch.xf2, need);
+        grow(&mut scratch.p, 2 * hd);
+        // 4-bit part: both planes folded, then one pass over the channel rows.
+        fold_into(&p_hi[..n4], f.m4, self.sf, &mut scratch.xf[..n4]);
+        fold_into(&p_lo[..n4], f.m4, self.sf, &mut scratch.xf2[..n4]);
+        let (xa, xb) = (&mut scratch.xf[..xlen], &mut scratch.xf2[..xlen]);
+        xa[n4..].fill(0);
+        xb[n4..].fill(0);
+        let za = dot_i8_u8(&xa[..n4], &self.vzero[..n4]);
+        let zb = dot_i8_u8(&xb[..n4], &self.vzero[..n4]);
+        let (pa, pb) = scratch.p[..2 * hd].split_at_mut(hd);
+        if chunks == 0 {
+            pa.fill(0);
+            pb.fill(0);
+        } else if isa == Isa::Avx2 && isa.is_available() {
+            crate::avx2::dot4_rows2(xa, xb, &self.values4, self.vcap / 2, hd, chunks, pa, pb);
+        } else {
+            dot4_rows_strided(isa, xa, &self.values4, self.vcap / 2, hd, chunks, pa);
+            dot4_rows_strided(isa, xb, &self.values4, self.vcap / 2, hd, chunks, pb);
+        }
+        let (acc_a, rest) = out.acc.split_at_mut(hd);
+        let (acc_b, rest) = rest.split_at_mut(hd);
+        let (accw_a, accw_b) = rest.split_at_mut(hd);
+        for (i, (&x, &y)) in pa.iter().zip(pb.iter()).enumerate() {
+            acc_a[i] = ((i64::from(x) << 4) - za).clamp(lo, hi);
+            acc_b[i] = ((i64::from(y) << 4) - zb).clamp(lo, hi);
+        }
+        // Window: fold with zero 0, signed 8-bit codes.
+        fold_into(&p_hi[n4..], f.mw, self.sf, &mut scratch.xf[..nw]);
+        fold_into(&p_lo[n4..], f.mw, self.sf, &mut scratch.xf2[..nw]);
+        let (xa, xb) = (&scratch.xf[..nw], &scratch.xf2[..nw]);
+        let wvalues = &self.wvalues[(n4 - self.w0) * hd..(len - self.w0) * hd];
+        pa.fill(0);
+        pb.fill(0);
+        if isa == Isa::Avx2 && isa.is_available() && nw < (1 << 17) {
+            crate::avx2::window_pv2(xa, xb, wvalues, pa, pb);
+        } else {
+            for ((&ta, &tb), v) in xa.iter().zip(xb).zip(wvalues.chunks_exact(hd)) {
+                let (ta, tb) = (i32::from(ta), i32::from(tb));
+                for ((a, b), &c) in pa.iter_mut().zip(pb.iter_mut()).zip(v) {
+                    *a += ta * i32::from(c); // |.| < 2^31 for nw < 2^17
+                    *b += tb * i32::from(c);
+                }
+            }
+        }
+        for (i, (&x, &y)) in pa.iter().zip(pb.iter()).enumerate() {
+            accw_a[i] = i64::from(x).clamp(lo, hi);
+            accw_b[i] = i64::from(y).clamp(lo, hi);
+        }
+        crate::weights::apply_stage(stage, acc_a, &mut out.y4_hi)?;
+        crate::weights::apply_stage(stage, acc_b, &mut out.y4_lo)?;
+        crate::weights::apply_stage(stage, accw_a, &mut out.yw_hi)?;
+        crate::weights::apply_stage(stage, accw_b, &mut out.yw_lo)?;
+        Ok((f.s4, f.sw))
+    }
+}
+
 /// The fold multipliers (N17) of the value products at one length of one mirror
 /// ([`KvHeadCpu::value_folds_at`]): the 4-bit tokens' fold group and the window's.
 #[derive(Debug, Default, Clone)]
@@ -771,6 +917,50 @@ pub fn quantize_probs_into(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f3
         }
     }
     Some(scale_p)
+}
+
+/// N5 (golden's `quantize_token`) for one query into `out`, without allocating: `scale =
+/// absmax / 127`, `code = clamp(round_half_away(q / scale), -127, 127)`; `None` when an input is
+/// not finite. The rounding is done in integers on the clamped quotient (truncate toward zero,
+/// then step away from zero when the exact fractional part is at least one half), which is
+/// round-half-away, so the codes equal golden's (tested against it).
+///
+/// # Panics
+/// If `out` is not as long as `x`.
+pub fn quantize_query_into(x: &[f32], out: &mut [i8]) -> Option<f32> {
+    assert_eq!(
+        x.len(),
+        out.len(),
+        "quantize_query_into: one code per input"
+    );
+    let mut absmax = 0.0f32;
+    let mut finite = true;
+    for &v in x {
+        finite &= v.is_finite();
+        absmax = absmax.max(v.abs());
+    }
+    if !finite {
+        return None;
+    }
+    let scale = absmax / 127.0;
+    if scale == 0.0 {
+        out.fill(0);
+        return Some(0.0);
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        // Clamped to [-127, 127] first: the truncating cast and the subtraction are exact.
+        let y = (v / scale).clamp(-127.0, 127.0);
+        #[allow(clippy::cast_possible_truncation)]
+        let t = y as i32;
+        #[allow(clippy::cast_precision_loss)]
+        let f = y - t as f32;
+        let code = t + i32::from(f >= 0.5) - i32::from(f <= -0.5);
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            *o = code.clamp(-127, 127) as i8;
+        }
+    }
+    Some(scale)
 }
 
 /// `max_e s_e` from 0, as golden's `scale_multipliers` takes `s_ref`.

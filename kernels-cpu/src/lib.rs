@@ -35,5 +35,5 @@ pub mod kv;
 pub mod weights;
 
 pub use isa::{Isa, IsaError};
-pub use kv::{KvHeadCpu, KvKernelError, KvScratch, ValueFolds};
+pub use kv::{KvHeadCpu, KvKernelError, KvScratch, Pv2Out, ValueFolds};
 pub use weights::{apply_stage, PreparedWeights, Scratch};

@@ -7,7 +7,7 @@ use tessera_golden::kv::KvCache;
 use tessera_golden::numerics::Datapath;
 use tessera_golden::ops::OutputStage;
 use tessera_kernels_cpu::kv::fold_into;
-use tessera_kernels_cpu::{Isa, KvHeadCpu, KvScratch, ValueFolds};
+use tessera_kernels_cpu::{Isa, KvHeadCpu, KvScratch, Pv2Out, ValueFolds};
 
 struct Rng(u64);
 impl Rng {
@@ -90,6 +90,31 @@ fn compare_at(
             want_pv.window.s_ref.to_bits(),
             "pv window s_ref"
         );
+        // Both planes in one pass: a second plane derived from the first.
+        let p2: Vec<i8> = p.iter().rev().map(|&x| x.wrapping_mul(3)).collect();
+        let want2 = cache.pv(&p2, stage).expect("golden pv");
+        let mut o2 = Pv2Out::default();
+        let r = mirror
+            .pv2_at(isa, n, None, p, &p2, stage, &mut scratch, &mut o2)
+            .expect("pv2");
+        assert_eq!(r, (s4, sw));
+        let y = |v: &[i64]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+        assert_eq!(
+            o2.y4_hi,
+            y(&want_pv.kv4.y_i64),
+            "pv2 hi kv4, isa {isa}, n {n}"
+        );
+        assert_eq!(
+            o2.yw_hi,
+            y(&want_pv.window.y_i64),
+            "pv2 hi window, isa {isa}"
+        );
+        assert_eq!(
+            o2.y4_lo,
+            y(&want2.kv4.y_i64),
+            "pv2 lo kv4, isa {isa}, n {n}"
+        );
+        assert_eq!(o2.yw_lo, y(&want2.window.y_i64), "pv2 lo window, isa {isa}");
         let want_ws: Vec<f32> = want_qk.window_scale_k.clone();
         assert_eq!(
             mirror.window_key_scales_at(n),
@@ -336,6 +361,16 @@ fn run_history_case(hd: usize, group: usize, window: usize, tokens: usize, bits:
             assert_eq!(aw, want.window.acc_i64, "pv_with window, n {n}");
             assert_eq!(s4.to_bits(), want.kv4.s_ref.to_bits());
             assert_eq!(sw.to_bits(), want.window.s_ref.to_bits());
+            let mut o2 = Pv2Out::default();
+            let p_lo: Vec<i8> = p.iter().map(|&x| x.wrapping_add(1)).collect();
+            let want_lo = snap.pv(&p_lo, &stage).expect("golden pv");
+            hist.pv2_at(isa, n, Some(&folds), &p, &p_lo, &stage, &mut sc, &mut o2)
+                .expect("pv2 with folds");
+            let y = |v: &[i64]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+            assert_eq!(o2.y4_hi, y(&want.kv4.y_i64));
+            assert_eq!(o2.yw_hi, y(&want.window.y_i64));
+            assert_eq!(o2.y4_lo, y(&want_lo.kv4.y_i64));
+            assert_eq!(o2.yw_lo, y(&want_lo.window.y_i64));
         }
         compare_at(snap, &hist, n, &vec![-128; hd], &vec![-128; n], &stage);
     }
@@ -422,4 +457,47 @@ fn quantize_probs_matches_golden() {
     assert!(quantize_probs_into(&[0.5, -0.0001], &mut hi, &mut lo).is_none());
     assert!(quantize_probs_into(&[0.5, f32::NAN], &mut hi, &mut lo).is_none());
     assert!(quantize_probs_into(&[f32::INFINITY, 0.1], &mut hi, &mut lo).is_none());
+}
+
+/// The fast N5 query quantizer equals golden's `quantize_token`: random and outlier rows, exact
+/// ties (`(k + 0.5) * scale`) and their neighbours of both signs, zeros, denormals.
+#[test]
+fn quantize_query_matches_golden() {
+    use tessera_golden::quant::quantize_token;
+    use tessera_kernels_cpu::kv::quantize_query_into;
+    let mut rng = Rng(91);
+    let mut rows: Vec<Vec<f32>> = vec![vec![0.0; 4], vec![-3.0], vec![1e-44, -3e-45, 0.0]];
+    let scale = 1.0f32 / 127.0;
+    let mut ties = vec![1.0f32];
+    for k in 0..127 {
+        for v in [(k as f32 + 0.5) * scale, k as f32 * scale] {
+            for w in [
+                v,
+                f32::from_bits(v.to_bits().saturating_sub(1)),
+                f32::from_bits(v.to_bits() + 1),
+            ] {
+                ties.extend([w, -w]);
+            }
+        }
+    }
+    rows.push(ties);
+    for len in [1usize, 7, 64, 65] {
+        for i in 0..50 {
+            rows.push(
+                (0..len)
+                    .map(|c| rng.f32() * if c == i % len { 40.0 } else { 1.5 })
+                    .collect(),
+            );
+        }
+    }
+    for row in &rows {
+        let want = quantize_token(row).expect("golden");
+        let mut got = vec![0i8; row.len()];
+        let s = quantize_query_into(row, &mut got).expect("finite");
+        assert_eq!(s.to_bits(), want.scale_x.to_bits());
+        assert_eq!(got, want.codes_i8, "row {row:?}");
+    }
+    let mut out = vec![0i8; 2];
+    assert!(quantize_query_into(&[1.0, f32::NAN], &mut out).is_none());
+    assert!(quantize_query_into(&[f32::NEG_INFINITY, 1.0], &mut out).is_none());
 }

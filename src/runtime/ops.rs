@@ -33,7 +33,7 @@ use tessera_golden::ops::{
 use tessera_golden::quant::{quantize_token, quantize_tokens, QuantWeights};
 pub use tessera_kernels_cpu::Isa;
 use tessera_kernels_cpu::{
-    apply_stage, KvHeadCpu, KvScratch, PreparedWeights, Scratch, ValueFolds,
+    apply_stage, KvHeadCpu, KvScratch, PreparedWeights, Pv2Out, Scratch, ValueFolds,
 };
 
 use super::{Error, Result};
@@ -638,13 +638,8 @@ struct AttnBufs {
     codes_lo: Vec<i8>,
     acc: Vec<i64>,
     y: Vec<i32>,
-    acc4: Vec<i64>,
-    accw: Vec<i64>,
-    y4: Vec<i32>,
-    yw: Vec<i32>,
-    /// `P x V` outputs of the low plane (N22).
-    y4_lo: Vec<i32>,
-    yw_lo: Vec<i32>,
+    /// `P x V` outputs of both planes (N22).
+    pv2: Pv2Out,
     /// Scores / probabilities of the batched prefill.
     scores: Vec<f32>,
 }
@@ -653,12 +648,6 @@ impl AttnBufs {
     fn new(head_dim: usize) -> AttnBufs {
         AttnBufs {
             codes: vec![0; head_dim],
-            acc4: vec![0; head_dim],
-            accw: vec![0; head_dim],
-            y4: vec![0; head_dim],
-            yw: vec![0; head_dim],
-            y4_lo: vec![0; head_dim],
-            yw_lo: vec![0; head_dim],
             ..AttnBufs::default()
         }
     }
@@ -1025,7 +1014,7 @@ fn attn_scores(
     let stage = OutputStage::IDENTITY_I32;
     let hd = q.len();
     grow(&mut b.codes, hd);
-    let scale_q = match quantize_token_into(q, &mut b.codes[..hd]) {
+    let scale_q = match tessera_kernels_cpu::kv::quantize_query_into(q, &mut b.codes[..hd]) {
         Some(s) if !poisoned => s,
         _ => {
             out.fill(f32::NAN);
@@ -1090,39 +1079,27 @@ fn attn_weighted_sum(
         out.fill(f32::NAN);
         return;
     };
-    let mut pv = |codes: &[i8], y4: &mut [i32], yw: &mut [i32]| match folds {
-        Some(f) => m.pv_with(
-            isa,
-            f,
-            codes,
-            &stage,
-            &mut b.scratch,
-            &mut b.acc4,
-            &mut b.accw,
-            y4,
-            yw,
-        ),
-        None => m.pv_at(
-            isa,
-            n,
-            codes,
-            &stage,
-            &mut b.scratch,
-            &mut b.acc4,
-            &mut b.accw,
-            y4,
-            yw,
-        ),
-    };
-    let hi = pv(&b.codes[..n], &mut b.y4, &mut b.yw);
-    let lo = pv(&b.codes_lo[..n], &mut b.y4_lo, &mut b.yw_lo);
-    let (Ok((s4, sw)), Ok(_)) = (hi, lo) else {
+    let Ok((s4, sw)) = m.pv2_at(
+        isa,
+        n,
+        folds,
+        &b.codes[..n],
+        &b.codes_lo[..n],
+        &stage,
+        &mut b.scratch,
+        &mut b.pv2,
+    ) else {
         out.fill(f32::NAN);
         return;
     };
     let f4 = DequantConst::new(&stage, 4).with_x(scale_p).factor(s4);
     let fw = DequantConst::new(&stage, 0).with_x(scale_p).factor(sw);
-    let planes = b.y4.iter().zip(&b.y4_lo).zip(b.yw.iter().zip(&b.yw_lo));
+    let o2 = &b.pv2;
+    let planes = o2
+        .y4_hi
+        .iter()
+        .zip(&o2.y4_lo)
+        .zip(o2.yw_hi.iter().zip(&o2.yw_lo));
     for (o, ((&ah, &al), (&bh, &bl))) in out.iter_mut().zip(planes) {
         let a = (i64::from(ah) << P_PLANE_BITS) + i64::from(al);
         let b = (i64::from(bh) << P_PLANE_BITS) + i64::from(bl);
