@@ -1,16 +1,24 @@
-//! The A8 x KV4 attention products (docs/numerics.md N16-N19) on a CPU layout of one KV head's
-//! cache, equal integer for integer to `golden::kv::KvCache::{qk, pv}`.
+//! The A8 x KV4 attention products (docs/numerics.md N16-N19, N22) on a CPU layout of one KV
+//! head's cache, equal integer for integer to `golden::kv::KvCache::{qk, pv}`.
 //!
-//! [`KvHeadCpu`] mirrors a golden [`KvCache`] ([`KvHeadCpu::sync`] appends only what changed:
-//! new 4-bit key groups and value tokens, and re-copies the small 8-bit window). Its layout makes
-//! both 4-bit products *row dot products* over the reduction index, like a W4 weight row:
+//! [`KvHeadCpu`] mirrors a golden [`KvCache`]. [`KvHeadCpu::sync`] is incremental: it copies
+//! only the new 8-bit tokens and, when a group leaves the window, that group's 4-bit keys and
+//! value tokens (from golden's packed codes, nothing else unpacked); a fold group's multipliers
+//! are recomputed only when its `s_ref` changed. Its layout makes both 4-bit products *row dot
+//! products* over the reduction index, like a W4 weight row:
 //! - keys of a group token-major (`[t][c]`, reduction over channels `c`),
 //! - 4-bit values channel-major (`[c][t]`, reduction over tokens `t`, with spare capacity),
 //!
 //! each row in 32-element W4 chunks (byte `i` of a chunk holds `c[i] | c[16 + i] << 4`), so the
 //! SIMD path is the same `vpmaddubsw` kernel as the weights (codes <= 15, cannot saturate).
-//! The fold multipliers (N17) depend only on the cache's scales, so they are computed at sync
-//! time with golden's own `scale_multipliers`.
+//! The fold multipliers (N17) depend only on the cache's scales (golden's `scale_multipliers`,
+//! restated without allocating in [`fold_multipliers`] and tested equal).
+//!
+//! Prefill: with [`KvHeadCpu::sync_retaining`] the mirror also keeps the 8-bit codes of tokens
+//! that left the window, so [`KvHeadCpu::qk_at`] / [`KvHeadCpu::pv2_at`] give the products of
+//! the cache *as it was* at any earlier length: a prompt pushes all its tokens, then every
+//! query attends independently (in parallel), with the integers of a token-by-token run.
+//! [`KvHeadCpu::pv2_at`] runs both N22 probability planes in one pass over the value codes.
 //!
 //! Per product (N17, N19): `xf = sat(round_shift(x * fscale, SF), 8)`, `Z = sum xf * zero`,
 //! `acc[o] = sat(16 * sum xf * code[o] - Z, acc_bits)`, then the N14 output stage. The 8-bit
