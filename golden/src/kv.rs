@@ -596,6 +596,22 @@ impl KvCache {
         (codes, &g.kscale, &g.kzero_u8)
     }
 
+    /// N11b packed codes of 4-bit key group `j` (channel-major, `ceil(kv_group_len / 2)` bytes
+    /// per channel, low nibble first) with its per-channel scales and zeros, without unpacking.
+    #[must_use]
+    pub fn key_group4_packed(&self, j: usize) -> (&[u8], &[f32], &[u8]) {
+        let g = &self.key_groups[j];
+        (&g.packed, &g.kscale, &g.kzero_u8)
+    }
+
+    /// N11b packed 4-bit value codes of every 4-bit token (token-major,
+    /// [`kv4_value_token_bytes`] per token, low nibble first) with per-token scales and zeros,
+    /// without unpacking.
+    #[must_use]
+    pub fn values4_packed(&self) -> (&[u8], &[f32], &[u8]) {
+        (&self.values4_packed, &self.vscale, &self.vzero_u8)
+    }
+
     /// Unpacked 4-bit value codes `[t][c]` with per-token scales and zeros.
     #[must_use]
     pub fn values4(&self) -> (Vec<u8>, &[f32], &[u8]) {

@@ -303,6 +303,7 @@ fn criterion_benches(c: &mut Criterion) {
         });
     }
     group.finish();
+    kv_step_benches(c);
     weight_benches(c);
 }
 
@@ -557,4 +558,90 @@ fn main() {
     if bench_mode || quick_table {
         summary_table();
     }
+}
+
+/// One decode step's KV work on one head (`head_dim` 64, groups of 32, window 32, 1024 tokens):
+/// both N22 planes' `P x V` as two `pv` calls and as one `pv2_at`, and push + incremental sync.
+fn kv_step_benches(c: &mut Criterion) {
+    use tessera_kernels_cpu::Pv2Out;
+    let kv = kv_head(1024);
+    let (n, hd) = (kv.len(), 64);
+    let st = OutputStage::IDENTITY_I32;
+    let p_hi: Vec<i8> = rng_bytes(n, 6).into_iter().map(|b| (b / 2) as i8).collect();
+    let p_lo: Vec<i8> = rng_bytes(n, 7).into_iter().map(|b| (b / 2) as i8).collect();
+    let mut group = c.benchmark_group("kv_pv_two_planes_1024x64");
+    for isa in Isa::available() {
+        let mut sc = KvScratch::default();
+        let (mut a4, mut aw) = (vec![0i64; hd], vec![0i64; hd]);
+        let (mut y4, mut yw) = (vec![0i32; hd], vec![0i32; hd]);
+        group.bench_function(BenchmarkId::new("two_pv", isa), |b| {
+            b.iter(|| {
+                for p in [&p_hi, &p_lo] {
+                    kv.pv(
+                        isa,
+                        black_box(p),
+                        &st,
+                        &mut sc,
+                        &mut a4,
+                        &mut aw,
+                        &mut y4,
+                        &mut yw,
+                    )
+                    .expect("pv");
+                }
+            });
+        });
+        let mut out = Pv2Out::default();
+        group.bench_function(BenchmarkId::new("pv2", isa), |b| {
+            b.iter(|| {
+                kv.pv2_at(
+                    isa,
+                    n,
+                    None,
+                    black_box(&p_hi),
+                    &p_lo,
+                    &st,
+                    &mut sc,
+                    &mut out,
+                )
+                .expect("pv2");
+            });
+        });
+    }
+    group.finish();
+    // Push + sync of 96 tokens (3 groups leave the window) into a fresh head, per token.
+    let d = dp();
+    let toks: Vec<(Vec<f32>, Vec<f32>)> = (0..96)
+        .map(|t| {
+            let b = rng_bytes(2 * hd, 100 + t);
+            let f = |x: &u8| f32::from(*x) / 64.0 - 2.0;
+            (
+                b[..hd].iter().map(f).collect(),
+                b[hd..].iter().map(f).collect(),
+            )
+        })
+        .collect();
+    let mut group = c.benchmark_group("kv_push_sync_96x64");
+    group.throughput(Throughput::Elements(96));
+    group.bench_function("golden_push_plus_sync", |b| {
+        b.iter(|| {
+            let mut cache = KvCache::new(&d, hd).expect("cache");
+            let mut m = KvHeadCpu::new(&d, hd);
+            for (k, v) in &toks {
+                cache.push(k, v).expect("push");
+                m.sync(&cache).expect("sync");
+            }
+            black_box(m.len())
+        });
+    });
+    group.bench_function("golden_push_only", |b| {
+        b.iter(|| {
+            let mut cache = KvCache::new(&d, hd).expect("cache");
+            for (k, v) in &toks {
+                cache.push(k, v).expect("push");
+            }
+            black_box(cache.len())
+        });
+    });
+    group.finish();
 }

@@ -717,6 +717,20 @@ mod window_imp {
     }
 
     #[target_feature(enable = "avx2")]
+    pub(super) fn pv2(x_a: &[i8], x_b: &[i8], values: &[i8], pv_a: &mut [i32], pv_b: &mut [i32]) {
+        let hd = pv_a.len();
+        assert_eq!(pv_b.len(), hd);
+        for ((&ta, &tb), v) in x_a.iter().zip(x_b).zip(values.chunks_exact(hd)) {
+            let (ta, tb) = (i16::from(ta), i16::from(tb));
+            for ((a, b), &c) in pv_a.iter_mut().zip(pv_b.iter_mut()).zip(v) {
+                let c = i16::from(c);
+                *a += i32::from(ta * c);
+                *b += i32::from(tb * c);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
     pub(super) fn pv(x: &[i8], values: &[i8], pv: &mut [i32]) {
         let hd = pv.len();
         for (&xt, v) in x.iter().zip(values.chunks_exact(hd)) {
@@ -724,6 +738,143 @@ mod window_imp {
             for (a, &b) in pv.iter_mut().zip(v) {
                 *a += i32::from(xt * i16::from(b));
             }
+        }
+    }
+}
+
+/// [`dot4_rows`] for two activation rows at once (the two N22 probability planes of one
+/// query): each W4 chunk is loaded and expanded once for both. Same bounds as [`dot4_rows`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dot4_rows2(
+    x_a: &[i8],
+    x_b: &[i8],
+    rows: &[u8],
+    stride: usize,
+    n_rows: usize,
+    chunks: usize,
+    p_a: &mut [i32],
+    p_b: &mut [i32],
+) {
+    assert!(x_a.len() >= chunks * 32 && x_b.len() >= chunks * 32);
+    assert!(p_a.len() >= n_rows && p_b.len() >= n_rows);
+    assert!(n_rows == 0 || rows.len() >= (n_rows - 1) * stride + chunks * 16);
+    assert!(
+        chunks * 32 <= 1 << 20,
+        "i32 lanes exact for up to 2^20 elements"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: AVX2 present; every row r < n_rows has chunks * 16 readable bytes at
+        // r * stride and both x rows have chunks * 32 (asserted above).
+        unsafe { kv_imp::dot4_rows2(x_a, x_b, rows, stride, n_rows, chunks, p_a, p_b) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("Isa::Avx2 is never available off x86_64");
+}
+
+/// [`window_pv`] for two activation rows at once (each value token read once for both).
+pub(crate) fn window_pv2(
+    x_a: &[i8],
+    x_b: &[i8],
+    values: &[i8],
+    pv_a: &mut [i32],
+    pv_b: &mut [i32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { window_imp::pv2(x_a, x_b, values, pv_a, pv_b) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("Isa::Avx2 is never available off x86_64");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod kv_imp {
+    use std::arch::x86_64::*;
+
+    /// The 32 codes of one W4 chunk (byte `i` holds codes `i` and `16 + i`), as `u8` lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn decode4(w: *const u8) -> __m256i {
+        // SAFETY (caller): 16 readable bytes at w.
+        let v = unsafe { _mm_loadu_si128(w.cast::<__m128i>()) };
+        let m = _mm_set1_epi8(0x0F);
+        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m))
+    }
+
+    /// `i32x8` partial sums of `code * x` (codes <= 15: `maddubs` cannot saturate).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn dot(c: __m256i, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), _mm256_set1_epi16(1))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum4(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> [i32; 4] {
+        let abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+        let r = _mm_add_epi32(
+            _mm256_castsi256_si128(abcd),
+            _mm256_extracti128_si256(abcd, 1),
+        );
+        let mut out = [0i32; 4];
+        // SAFETY: out is 16 writable bytes.
+        unsafe { _mm_storeu_si128(out.as_mut_ptr().cast::<__m128i>(), r) };
+        out
+    }
+
+    /// # Safety
+    /// AVX2 present; bounds as asserted by `super::dot4_rows2`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dot4_rows2(
+        x_a: &[i8],
+        x_b: &[i8],
+        rows: &[u8],
+        stride: usize,
+        n_rows: usize,
+        chunks: usize,
+        p_a: &mut [i32],
+        p_b: &mut [i32],
+    ) {
+        let (xa, xb, w) = (x_a.as_ptr(), x_b.as_ptr(), rows.as_ptr());
+        let mut r = 0;
+        while r < n_rows {
+            // Four rows per pass (the last pass re-reads row n_rows - 1 for missing ones).
+            let rr = [
+                r,
+                (r + 1).min(n_rows - 1),
+                (r + 2).min(n_rows - 1),
+                (r + 3).min(n_rows - 1),
+            ];
+            let mut a = [_mm256_setzero_si256(); 4];
+            let mut b = [_mm256_setzero_si256(); 4];
+            for c in 0..chunks {
+                // SAFETY: chunk c of rows rr and of both x rows are in bounds (caller).
+                unsafe {
+                    let va = _mm256_loadu_si256(xa.add(c * 32).cast::<__m256i>());
+                    let vb = _mm256_loadu_si256(xb.add(c * 32).cast::<__m256i>());
+                    for q in 0..4 {
+                        let codes = decode4(w.add(rr[q] * stride + c * 16));
+                        a[q] = _mm256_add_epi32(a[q], dot(codes, va));
+                        b[q] = _mm256_add_epi32(b[q], dot(codes, vb));
+                    }
+                }
+            }
+            let (sa, sb) = (hsum4(a[0], a[1], a[2], a[3]), hsum4(b[0], b[1], b[2], b[3]));
+            let k = (n_rows - r).min(4);
+            p_a[r..r + k].copy_from_slice(&sa[..k]);
+            p_b[r..r + k].copy_from_slice(&sb[..k]);
+            r += k;
         }
     }
 }

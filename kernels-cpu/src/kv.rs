@@ -1,25 +1,32 @@
-//! The A8 x KV4 attention products (docs/numerics.md N16-N19) on a CPU layout of one KV head's
-//! cache, equal integer for integer to `golden::kv::KvCache::{qk, pv}`.
+//! The A8 x KV4 attention products (docs/numerics.md N16-N19, N22) on a CPU layout of one KV
+//! head's cache, equal integer for integer to `golden::kv::KvCache::{qk, pv}`.
 //!
-//! [`KvHeadCpu`] mirrors a golden [`KvCache`] ([`KvHeadCpu::sync`] appends only what changed:
-//! new 4-bit key groups and value tokens, and re-copies the small 8-bit window). Its layout makes
-//! both 4-bit products *row dot products* over the reduction index, like a W4 weight row:
+//! [`KvHeadCpu`] mirrors a golden [`KvCache`]. [`KvHeadCpu::sync`] is incremental: it copies
+//! only the new 8-bit tokens and, when a group leaves the window, that group's 4-bit keys and
+//! value tokens (from golden's packed codes, nothing else unpacked); a fold group's multipliers
+//! are recomputed only when its `s_ref` changed. Its layout makes both 4-bit products *row dot
+//! products* over the reduction index, like a W4 weight row:
 //! - keys of a group token-major (`[t][c]`, reduction over channels `c`),
 //! - 4-bit values channel-major (`[c][t]`, reduction over tokens `t`, with spare capacity),
 //!
 //! each row in 32-element W4 chunks (byte `i` of a chunk holds `c[i] | c[16 + i] << 4`), so the
 //! SIMD path is the same `vpmaddubsw` kernel as the weights (codes <= 15, cannot saturate).
-//! The fold multipliers (N17) depend only on the cache's scales, so they are computed at sync
-//! time with golden's own `scale_multipliers`.
+//! The fold multipliers (N17) depend only on the cache's scales (golden's `scale_multipliers`,
+//! restated without allocating in [`fold_multipliers`] and tested equal).
+//!
+//! Prefill: with [`KvHeadCpu::sync_retaining`] the mirror also keeps the 8-bit codes of tokens
+//! that left the window, so [`KvHeadCpu::qk_at`] / [`KvHeadCpu::pv2_at`] give the products of
+//! the cache *as it was* at any earlier length: a prompt pushes all its tokens, then every
+//! query attends independently (in parallel), with the integers of a token-by-token run.
+//! [`KvHeadCpu::pv2_at`] runs both N22 probability planes in one pass over the value codes.
 //!
 //! Per product (N17, N19): `xf = sat(round_shift(x * fscale, SF), 8)`, `Z = sum xf * zero`,
 //! `acc[o] = sat(16 * sum xf * code[o] - Z, acc_bits)`, then the N14 output stage. The 8-bit
 //! window (N18): `Q x K^T` is `sat(sum q * k_i8, acc_bits)`; `P x V` folds with zero 0.
 
-use tessera_golden::kv::KvCache;
-use tessera_golden::numerics::{max_signed, min_signed, Datapath};
+use tessera_golden::kv::{KvCache, P_CODE_MAX, P_PLANE_BITS};
+use tessera_golden::numerics::{max_signed, min_signed, round_clamp_f32, Datapath};
 use tessera_golden::ops::{OpError, OutputStage};
-use tessera_golden::quant::scale_multipliers;
 
 use crate::isa::Isa;
 use crate::weights::CHUNK;
@@ -40,6 +47,12 @@ pub enum KvKernelError {
     },
     /// [`KvHeadCpu::sync`] saw a cache that is not an extension of the mirrored one.
     NotAppendOnly,
+    /// A product at a length whose 8-bit tokens are not held ([`KvHeadCpu::qk_at`]).
+    History {
+        len: usize,
+        start: usize,
+        end: usize,
+    },
     /// A bad output stage or accumulator width.
     Op(OpError),
 }
@@ -59,6 +72,10 @@ impl std::fmt::Display for KvKernelError {
                 f,
                 "the KV cache shrank or changed its group length: rebuild the mirror"
             ),
+            KvKernelError::History { len, start, end } => write!(
+                f,
+                "KV product at length {len}: the mirror holds lengths {start}..={end} only"
+            ),
             KvKernelError::Op(e) => write!(f, "{e}"),
         }
     }
@@ -77,13 +94,26 @@ impl From<OpError> for KvKernelError {
 pub struct KvScratch {
     xf: Vec<i8>,
     p: Vec<i32>,
+    /// Fold multipliers of a past length's value fold groups ([`KvHeadCpu::pv_at`]).
+    folds: ValueFolds,
+    /// The second activation row of [`KvHeadCpu::pv2_at`].
+    xf2: Vec<i8>,
 }
 
 /// A CPU mirror of one KV head's cache (see the module docs).
+///
+/// It holds the 8-bit codes of tokens `w0..len` (the window, plus, after
+/// [`KvHeadCpu::sync_retaining`], tokens quantized to 4 bits since the last
+/// [`KvHeadCpu::trim_history`]), so that the products can also be taken as the cache was at an
+/// earlier length ([`KvHeadCpu::qk_at`], [`KvHeadCpu::pv_at`]): a prompt's queries see exactly
+/// what a token-by-token decode would, after every key and value of the prompt was pushed.
 #[derive(Debug, Clone)]
 pub struct KvHeadCpu {
     head_dim: usize,
     kv_group_len: usize,
+    kv_recent_window: usize,
+    /// N16b (KV8): no token is ever quantized to 4 bits (set from the cache at sync).
+    kv8: bool,
     sf: u32,
     acc_bits: u32,
     /// Chunks per key row (over channels).
@@ -100,13 +130,20 @@ pub struct KvHeadCpu {
     vcap: usize,
     values4: Vec<u8>,
     vzero: Vec<u8>,
+    /// Fold multipliers of the `n4` value tokens (one fold group) and their `s_ref`.
     vfscale: Vec<u16>,
     vs_ref: f32,
     vscale: Vec<f32>,
-    /// 8-bit window, token-major, with per-token scales and the value fold.
+    /// Tokens mirrored.
+    n: usize,
+    /// First token whose 8-bit codes are held (`w0 <= n4`).
+    w0: usize,
+    /// 8-bit codes of tokens `w0..n`, token-major, with per-token scales.
     wkeys: Vec<i8>,
     wvalues: Vec<i8>,
     wkscale: Vec<f32>,
+    wvscale: Vec<f32>,
+    /// The value fold of the current window (tokens `n4..n`).
     wvfscale: Vec<u16>,
     wvs_ref: f32,
 }
@@ -118,6 +155,8 @@ impl KvHeadCpu {
         KvHeadCpu {
             head_dim,
             kv_group_len: dp.kv_group_len,
+            kv_recent_window: dp.kv_recent_window,
+            kv8: false,
             sf: dp.scale_frac_bits(),
             acc_bits: dp.acc_bits,
             key_chunks: head_dim.div_ceil(CHUNK),
@@ -132,9 +171,12 @@ impl KvHeadCpu {
             vfscale: Vec::new(),
             vs_ref: 0.0,
             vscale: Vec::new(),
+            n: 0,
+            w0: 0,
             wkeys: Vec::new(),
             wvalues: Vec::new(),
             wkscale: Vec::new(),
+            wvscale: Vec::new(),
             wvfscale: Vec::new(),
             wvs_ref: 0.0,
         }
@@ -143,11 +185,16 @@ impl KvHeadCpu {
     /// Tokens mirrored (4-bit, then window).
     #[must_use]
     pub fn len(&self) -> usize {
-        self.n4 + self.wkscale.len()
+        self.n
     }
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// Tokens per 4-bit key group (N16).
+    #[must_use]
+    pub fn kv_group_len(&self) -> usize {
+        self.kv_group_len
     }
     /// 4-bit key groups mirrored.
     #[must_use]
@@ -167,12 +214,55 @@ impl KvHeadCpu {
     /// The window tokens' key scales (N20 with `frac_bits` 0).
     #[must_use]
     pub fn window_key_scales(&self) -> &[f32] {
-        &self.wkscale
+        &self.wkscale[self.n4 - self.w0..]
+    }
+
+    /// Tokens at 4 bits when the cache held `len` tokens (N16; 0 for KV8, N16b).
+    #[must_use]
+    pub fn n4_at(&self, len: usize) -> usize {
+        if self.kv8 {
+            0
+        } else {
+            let gl = self.kv_group_len.max(1);
+            gl * (len.saturating_sub(self.kv_recent_window) / gl)
+        }
+    }
+
+    /// The earliest length the products can still be taken at ([`Self::qk_at`]): the 8-bit
+    /// codes of tokens before it were dropped.
+    #[must_use]
+    pub fn history_start(&self) -> usize {
+        self.w0
+    }
+
+    /// The key scales of the window as it was at `len` tokens (tokens `n4_at(len)..len`).
+    ///
+    /// # Panics
+    /// If `len` is not in `history_start()..=len()` (see [`Self::qk_at`]).
+    #[must_use]
+    pub fn window_key_scales_at(&self, len: usize) -> &[f32] {
+        let n4l = self.n4_at(len);
+        assert!(
+            n4l >= self.w0 && len <= self.n,
+            "length outside the held history"
+        );
+        &self.wkscale[n4l - self.w0..len - self.w0]
     }
 
     /// Brings the mirror up to date with `cache` (the same head, grown by `push`): appends new
-    /// 4-bit key groups and value tokens and re-copies the 8-bit window.
+    /// 4-bit key groups and value tokens and the new 8-bit tokens, and drops the 8-bit codes of
+    /// tokens that left the window. Only what changed is copied; the folds of the fold groups
+    /// are recomputed only when their `s_ref` changed.
     pub fn sync(&mut self, cache: &KvCache) -> Result<(), KvKernelError> {
+        self.sync_retaining(cache, false)
+    }
+
+    /// As [`Self::sync`]; with `retain` the 8-bit codes of tokens that left the window are kept
+    /// (until [`Self::trim_history`]), for [`Self::qk_at`] / [`Self::pv_at`] at earlier lengths.
+    /// Sync after every push: the products are then valid at every length since the history
+    /// started. (When several pushes quantized tokens to 4 bits between two syncs, their 8-bit
+    /// codes were never seen and the history restarts at the current 4-bit boundary.)
+    pub fn sync_retaining(&mut self, cache: &KvCache, retain: bool) -> Result<(), KvKernelError> {
         if cache.head_dim() != self.head_dim {
             return Err(KvKernelError::HeadDim {
                 expected: self.head_dim,
@@ -180,63 +270,143 @@ impl KvHeadCpu {
             });
         }
         let hd = self.head_dim;
-        let n4_new = cache.n4_tokens();
-        if n4_new < self.n4 || !n4_new.is_multiple_of(self.kv_group_len.max(1)) {
+        let gl = self.kv_group_len.max(1);
+        let kv8 = cache.kv_bits() == tessera_golden::kv::KV8_BITS;
+        if self.n > 0 && kv8 != self.kv8 {
             return Err(KvKernelError::NotAppendOnly);
         }
-        let groups_new = n4_new / self.kv_group_len.max(1);
+        self.kv8 = kv8;
+        let (n_new, n4_new) = (cache.len(), cache.n4_tokens());
+        if n_new < self.n || n4_new < self.n4 || n4_new != self.n4_at(n_new) {
+            return Err(KvKernelError::NotAppendOnly);
+        }
+        // New 4-bit key groups: unpack their N11b channel-major nibbles into token rows.
         let key_row = self.key_chunks * CHUNK_BYTES4;
-        for j in self.key_groups()..groups_new {
-            let (codes_tc, kscale, kzero) = cache.key_group4(j);
+        let ch_bytes = gl.div_ceil(2);
+        for j in self.key_groups()..n4_new / gl {
+            let (packed, kscale, kzero) = cache.key_group4_packed(j);
             let base = self.keys4.len();
-            self.keys4.resize(base + self.kv_group_len * key_row, 0);
-            for t in 0..self.kv_group_len {
-                for c in 0..hd {
-                    set_nibble(
-                        &mut self.keys4[base + t * key_row..],
-                        c,
-                        codes_tc[t * hd + c],
-                    );
+            self.keys4.resize(base + gl * key_row, 0);
+            for c in 0..hd {
+                let ch = &packed[c * ch_bytes..(c + 1) * ch_bytes];
+                for t in 0..gl {
+                    let code = (ch[t / 2] >> (4 * (t % 2))) & 0x0F;
+                    set_nibble(&mut self.keys4[base + t * key_row..], c, code);
                 }
             }
             self.kzero.extend_from_slice(kzero);
-            let (s_ref, fscale) = scale_multipliers(kscale, self.sf);
-            self.kfscale.extend_from_slice(&fscale);
+            let f0 = self.kfscale.len();
+            self.kfscale.resize(f0 + hd, 0);
+            let s_ref = fold_multipliers(kscale, self.sf, &mut self.kfscale[f0..]);
             self.ks_ref.push(s_ref);
         }
+        // New 4-bit value tokens, into the channel-major rows.
         if n4_new > self.n4 {
-            let (codes_tc, vscale, vzero) = cache.values4();
+            let (packed, vscale, vzero) = cache.values4_packed();
             if n4_new > self.vcap {
                 self.grow_values(n4_new);
             }
             let vrow = self.vcap / 2;
+            let tb = hd.div_ceil(2);
             for t in self.n4..n4_new {
+                let tok = &packed[t * tb..(t + 1) * tb];
                 for c in 0..hd {
-                    set_nibble(&mut self.values4[c * vrow..], t, codes_tc[t * hd + c]);
+                    let code = (tok[c / 2] >> (4 * (c % 2))) & 0x0F;
+                    set_nibble(&mut self.values4[c * vrow..], t, code);
                 }
             }
-            self.vzero.extend_from_slice(&vzero[self.n4..n4_new]);
-            self.vscale.extend_from_slice(&vscale[self.n4..n4_new]);
-            self.n4 = n4_new;
-            let (s_ref, fscale) = scale_multipliers(&self.vscale, self.sf);
+            let old = self.n4;
+            self.vzero.extend_from_slice(&vzero[old..n4_new]);
+            self.vscale.extend_from_slice(&vscale[old..n4_new]);
+            self.vfscale.resize(n4_new, 0);
+            // s_ref only grows: the old multipliers stand unless it changed.
+            let s_ref = max_scale(&self.vscale);
+            let from = if s_ref.to_bits() == self.vs_ref.to_bits() {
+                old
+            } else {
+                0
+            };
+            fold_multipliers_with(
+                &self.vscale[from..],
+                s_ref,
+                self.sf,
+                &mut self.vfscale[from..],
+            );
             self.vs_ref = s_ref;
-            self.vfscale = fscale;
+            self.n4 = n4_new;
         }
+        // New 8-bit tokens: those of the cache's window not held yet.
         let (wk, wv) = cache.window();
-        self.wkeys.clear();
-        self.wvalues.clear();
-        self.wkscale.clear();
-        let mut wvscale = Vec::with_capacity(wv.len());
-        for (k, v) in wk.iter().zip(wv) {
+        let first = self.n.max(n4_new);
+        if first > self.n {
+            if retain && n_new == self.n + 1 {
+                // The one new token went to 4 bits at once (it completed a group older than
+                // the window): no length synced (`..=n` before, `n_new` now) has it in its
+                // window, so a placeholder keeps the history contiguous.
+                let hd = self.head_dim;
+                self.wkeys.resize(self.wkeys.len() + hd, 0);
+                self.wvalues.resize(self.wvalues.len() + hd, 0);
+                self.wkscale.push(0.0);
+                self.wvscale.push(0.0);
+            } else {
+                // Tokens went to 4 bits before this mirror saw them at 8 bits, and lengths it
+                // never saw may have had them in the window: restart the history.
+                self.drop_history(first);
+            }
+        }
+        let old_window_start = self.n4_window_start_before(first);
+        for (k, v) in wk.iter().zip(wv).skip(first - n4_new) {
             self.wkeys.extend_from_slice(&k.codes_i8);
             self.wvalues.extend_from_slice(&v.codes_i8);
             self.wkscale.push(k.scale_x);
-            wvscale.push(v.scale_x);
+            self.wvscale.push(v.scale_x);
         }
-        let (s_ref, fscale) = scale_multipliers(&wvscale, self.sf);
+        self.n = n_new;
+        if !retain {
+            self.trim_history();
+        }
+        // The window's value fold: recomputed when its first token or s_ref changed.
+        let ws = &self.wvscale[self.n4 - self.w0..];
+        let s_ref = max_scale(ws);
+        let keep = if old_window_start == Some(self.n4) && s_ref.to_bits() == self.wvs_ref.to_bits()
+        {
+            self.wvfscale.len().min(ws.len())
+        } else {
+            0
+        };
+        self.wvfscale.resize(ws.len(), 0);
+        fold_multipliers_with(&ws[keep..], s_ref, self.sf, &mut self.wvfscale[keep..]);
         self.wvs_ref = s_ref;
-        self.wvfscale = fscale;
         Ok(())
+    }
+
+    /// The first token of the window the current `wvfscale` was computed for, if it is still
+    /// valid to extend (nothing was dropped from the history since).
+    fn n4_window_start_before(&self, first: usize) -> Option<usize> {
+        (first == self.n).then(|| self.n4_at(self.n))
+    }
+
+    fn drop_history(&mut self, new_w0: usize) {
+        self.wkeys.clear();
+        self.wvalues.clear();
+        self.wkscale.clear();
+        self.wvscale.clear();
+        self.wvfscale.clear();
+        self.w0 = new_w0;
+    }
+
+    /// Drops the 8-bit codes of tokens that are held at 4 bits (kept by
+    /// [`Self::sync_retaining`]): afterwards only the current length's products can be taken.
+    pub fn trim_history(&mut self) {
+        let drop = self.n4 - self.w0;
+        if drop > 0 {
+            let hd = self.head_dim;
+            self.wkeys.drain(..drop * hd);
+            self.wvalues.drain(..drop * hd);
+            self.wkscale.drain(..drop);
+            self.wvscale.drain(..drop);
+            self.w0 = self.n4;
+        }
     }
 
     fn grow_values(&mut self, need: usize) {
@@ -252,6 +422,18 @@ impl KvHeadCpu {
         self.vcap = new_cap;
     }
 
+    fn check_history(&self, len: usize) -> Result<usize, KvKernelError> {
+        let n4l = self.n4_at(len);
+        if len > self.n || n4l < self.w0 {
+            return Err(KvKernelError::History {
+                len,
+                start: self.w0,
+                end: self.n,
+            });
+        }
+        Ok(n4l)
+    }
+
     /// N19 `Q x K^T` for one query: `acc_out[t]`, `y_out[t]` for every token in age order
     /// (the 4-bit groups, then the window), exactly golden's `QkOut` (`groups4[j].acc_i64`
     /// concatenated with `window_acc_i64`, and the same for `y`).
@@ -264,10 +446,28 @@ impl KvHeadCpu {
         acc_out: &mut [i64],
         y_out: &mut [i32],
     ) -> Result<(), KvKernelError> {
+        self.qk_at(isa, self.n, q_i8, stage, scratch, acc_out, y_out)
+    }
+
+    /// [`Self::qk`] as golden's cache computed it when it held the first `len` tokens (its 4-bit
+    /// groups then were `0..n4_at(len) / kv_group_len`, its window tokens `n4_at(len)..len`);
+    /// `len` in `history_start()..=len()` up to the group rounding (an error otherwise).
+    #[allow(clippy::too_many_arguments)]
+    pub fn qk_at(
+        &self,
+        isa: Isa,
+        len: usize,
+        q_i8: &[i8],
+        stage: &OutputStage,
+        scratch: &mut KvScratch,
+        acc_out: &mut [i64],
+        y_out: &mut [i32],
+    ) -> Result<(), KvKernelError> {
         stage.check()?;
+        let n4 = self.check_history(len)?;
         check_len("query codes", self.head_dim, q_i8.len())?;
-        check_len("scores output", self.len(), acc_out.len())?;
-        check_len("scores output", self.len(), y_out.len())?;
+        check_len("scores output", len, acc_out.len())?;
+        check_len("scores output", len, y_out.len())?;
         let hd = self.head_dim;
         let (lo, hi) = (min_signed(self.acc_bits), max_signed(self.acc_bits));
         let xlen = self.key_chunks * CHUNK;
@@ -275,7 +475,7 @@ impl KvHeadCpu {
         grow(&mut scratch.p, self.kv_group_len);
         let key_row = self.key_chunks * CHUNK_BYTES4;
         let gl = self.kv_group_len;
-        for j in 0..self.key_groups() {
+        for j in 0..n4 / gl.max(1) {
             let xf = &mut scratch.xf[..xlen];
             fold_into(
                 q_i8,
@@ -292,12 +492,12 @@ impl KvHeadCpu {
                 acc_out[j * gl + t] = ((i64::from(pt) << 4) - z).clamp(lo, hi);
             }
         }
-        let n4 = self.n4;
+        let wkeys = &self.wkeys[(n4 - self.w0) * hd..(len - self.w0) * hd];
         if isa == Isa::Avx2 && isa.is_available() && hd < (1 << 17) {
             // |q * k| <= 2^14 per channel: the i32 sums are exact for hd < 2^17.
-            crate::avx2::window_qk(q_i8, &self.wkeys, &mut acc_out[n4..], lo, hi);
+            crate::avx2::window_qk(q_i8, wkeys, &mut acc_out[n4..], lo, hi);
         } else {
-            for (t, k) in self.wkeys.chunks_exact(hd).enumerate() {
+            for (t, k) in wkeys.chunks_exact(hd).enumerate() {
                 let dot: i64 = q_i8
                     .iter()
                     .zip(k)
@@ -325,28 +525,146 @@ impl KvHeadCpu {
         y4: &mut [i32],
         yw: &mut [i32],
     ) -> Result<(), KvKernelError> {
+        self.pv_at(isa, self.n, p_i8, stage, scratch, acc4, accw, y4, yw)
+            .map(|_| ())
+    }
+
+    /// [`Self::pv`] as golden's cache computed it when it held the first `len` tokens (see
+    /// [`Self::qk_at`]). Returns the `s_ref` of the 4-bit values and of the window values then
+    /// (N20; 0 for an empty part).
+    #[allow(clippy::too_many_arguments)]
+    pub fn pv_at(
+        &self,
+        isa: Isa,
+        len: usize,
+        p_i8: &[i8],
+        stage: &OutputStage,
+        scratch: &mut KvScratch,
+        acc4: &mut [i64],
+        accw: &mut [i64],
+        y4: &mut [i32],
+        yw: &mut [i32],
+    ) -> Result<(f32, f32), KvKernelError> {
+        let n4 = self.check_history(len)?;
+        if n4 == self.n4 && len == self.n {
+            let f = FoldsRef {
+                len,
+                n4,
+                s4: self.vs_ref,
+                m4: &self.vfscale,
+                sw: self.wvs_ref,
+                mw: &self.wvfscale,
+            };
+            return self.pv_core(isa, &f, p_i8, stage, scratch, acc4, accw, y4, yw);
+        }
+        let mut folds = std::mem::take(&mut scratch.folds);
+        folds.valid = false; // the scratch may have served another mirror
+        let r = self.value_folds_at(len, &mut folds).and_then(|()| {
+            self.pv_core(
+                isa,
+                &folds.as_ref(),
+                p_i8,
+                stage,
+                scratch,
+                acc4,
+                accw,
+                y4,
+                yw,
+            )
+        });
+        scratch.folds = folds;
+        r
+    }
+
+    /// The value products' fold multipliers (N17) as they were at `len` tokens, into `folds`
+    /// for [`Self::pv_with`] (several queries or probability planes at one length share them).
+    /// `folds` belongs to this mirror: its 4-bit part is reused when the 4-bit token count at
+    /// `len` is the one it was computed for.
+    pub fn value_folds_at(&self, len: usize, folds: &mut ValueFolds) -> Result<(), KvKernelError> {
+        let n4 = self.check_history(len)?;
+        if !(folds.valid && folds.n4 == n4) {
+            folds.m4.resize(n4, 0);
+            folds.s4 = fold_multipliers(&self.vscale[..n4], self.sf, &mut folds.m4);
+            folds.n4 = n4;
+        }
+        let nw = len - n4;
+        folds.mw.resize(nw, 0);
+        folds.sw = fold_multipliers(
+            &self.wvscale[n4 - self.w0..len - self.w0],
+            self.sf,
+            &mut folds.mw,
+        );
+        folds.len = len;
+        folds.valid = true;
+        Ok(())
+    }
+
+    /// [`Self::pv_at`] at the length `folds` was computed for ([`Self::value_folds_at`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn pv_with(
+        &self,
+        isa: Isa,
+        folds: &ValueFolds,
+        p_i8: &[i8],
+        stage: &OutputStage,
+        scratch: &mut KvScratch,
+        acc4: &mut [i64],
+        accw: &mut [i64],
+        y4: &mut [i32],
+        yw: &mut [i32],
+    ) -> Result<(f32, f32), KvKernelError> {
+        assert!(folds.valid, "pv_with: folds not computed");
+        let n4 = self.check_history(folds.len)?;
+        assert_eq!(n4, folds.n4, "pv_with: folds of another length");
+        self.pv_core(
+            isa,
+            &folds.as_ref(),
+            p_i8,
+            stage,
+            scratch,
+            acc4,
+            accw,
+            y4,
+            yw,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pv_core(
+        &self,
+        isa: Isa,
+        f: &FoldsRef<'_>,
+        p_i8: &[i8],
+        stage: &OutputStage,
+        scratch: &mut KvScratch,
+        acc4: &mut [i64],
+        accw: &mut [i64],
+        y4: &mut [i32],
+        yw: &mut [i32],
+    ) -> Result<(f32, f32), KvKernelError> {
         stage.check()?;
+        let (len, n4) = (f.len, f.n4);
         let hd = self.head_dim;
-        check_len("probability codes", self.len(), p_i8.len())?;
-        for (what, len) in [
+        check_len("probability codes", len, p_i8.len())?;
+        for (what, n) in [
             ("acc4", acc4.len()),
             ("accw", accw.len()),
             ("y4", y4.len()),
             ("yw", yw.len()),
         ] {
-            check_len(what, hd, len)?;
+            check_len(what, hd, n)?;
         }
         let (lo, hi) = (min_signed(self.acc_bits), max_signed(self.acc_bits));
-        let n4 = self.n4;
+        let nw = len - n4;
         // 4-bit part: rows = channels, reduction over the n4 tokens.
         let chunks = n4.div_ceil(CHUNK);
         let xlen = chunks * CHUNK;
-        grow(&mut scratch.xf, xlen.max(self.wkscale.len()).max(1));
+        grow(&mut scratch.xf, xlen.max(nw).max(1));
         grow(&mut scratch.p, hd);
+        fold_into(&p_i8[..n4], f.m4, self.sf, &mut scratch.xf[..n4]);
         let xf = &mut scratch.xf[..xlen];
-        fold_into(&p_i8[..n4], &self.vfscale, self.sf, &mut xf[..n4]);
         xf[n4..].fill(0);
-        let z = dot_i8_u8(&xf[..n4], &self.vzero);
+        let z = dot_i8_u8(&xf[..n4], &self.vzero[..n4]);
         let vrow = self.vcap / 2;
         let p = &mut scratch.p[..hd];
         if chunks == 0 {
@@ -358,17 +676,17 @@ impl KvHeadCpu {
             *a = ((i64::from(pc) << 4) - z).clamp(lo, hi);
         }
         // Window: fold with zero 0, signed 8-bit codes.
-        let nw = self.wkscale.len();
         let xw = &mut scratch.xf[..nw];
-        fold_into(&p_i8[n4..], &self.wvfscale, self.sf, xw);
+        fold_into(&p_i8[n4..], f.mw, self.sf, xw);
+        let wvalues = &self.wvalues[(n4 - self.w0) * hd..(len - self.w0) * hd];
         let pw = &mut scratch.p[..hd];
         pw.fill(0);
         if isa == Isa::Avx2 && isa.is_available() && nw < (1 << 17) {
-            crate::avx2::window_pv(xw, &self.wvalues[..nw * hd], pw);
+            crate::avx2::window_pv(xw, wvalues, pw);
         } else {
             for (t, &x) in xw.iter().enumerate() {
                 let x = i32::from(x);
-                for (a, &v) in pw.iter_mut().zip(&self.wvalues[t * hd..(t + 1) * hd]) {
+                for (a, &v) in pw.iter_mut().zip(&wvalues[t * hd..(t + 1) * hd]) {
                     *a += x * i32::from(v); // |.| <= nw * 128 * 127, < 2^31 for nw < 2^17
                 }
             }
@@ -378,7 +696,309 @@ impl KvHeadCpu {
         }
         crate::weights::apply_stage(stage, acc4, y4)?;
         crate::weights::apply_stage(stage, accw, yw)?;
-        Ok(())
+        Ok((f.s4, f.sw))
+    }
+}
+
+/// `P x V` outputs of both N22 probability planes of one query ([`KvHeadCpu::pv2_at`]): per
+/// channel the N14 outputs of the 4-bit part and of the window part, high and low plane.
+#[derive(Debug, Default, Clone)]
+pub struct Pv2Out {
+    pub y4_hi: Vec<i32>,
+    pub yw_hi: Vec<i32>,
+    pub y4_lo: Vec<i32>,
+    pub yw_lo: Vec<i32>,
+    acc: Vec<i64>,
+}
+
+impl KvHeadCpu {
+    /// [`Self::pv_at`] of the two probability planes of one query (N22) in one pass over the
+    /// value codes: the same integers as two [`Self::pv_at`] calls. `folds`: the value folds at
+    /// `len` ([`Self::value_folds_at`]), or `None` to take (current length) or compute them.
+    /// Returns the `s_ref` of the 4-bit and window values (as [`Self::pv_at`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn pv2_at(
+        &self,
+        isa: Isa,
+        len: usize,
+        folds: Option<&ValueFolds>,
+        p_hi: &[i8],
+        p_lo: &[i8],
+        stage: &OutputStage,
+        scratch: &mut KvScratch,
+        out: &mut Pv2Out,
+    ) -> Result<(f32, f32), KvKernelError> {
+        let n4 = self.check_history(len)?;
+        if let Some(f) = folds {
+            assert!(
+                f.valid && f.len == len && f.n4 == n4,
+                "pv2_at: folds of another length"
+            );
+            return self.pv2_core(isa, &f.as_ref(), p_hi, p_lo, stage, scratch, out);
+        }
+        if n4 == self.n4 && len == self.n {
+            let f = FoldsRef {
+                len,
+                n4,
+                s4: self.vs_ref,
+                m4: &self.vfscale,
+                sw: self.wvs_ref,
+                mw: &self.wvfscale,
+            };
+            return self.pv2_core(isa, &f, p_hi, p_lo, stage, scratch, out);
+        }
+        let mut folds = std::mem::take(&mut scratch.folds);
+        folds.valid = false; // the scratch may have served another mirror
+        let r = self
+            .value_folds_at(len, &mut folds)
+            .and_then(|()| self.pv2_core(isa, &folds.as_ref(), p_hi, p_lo, stage, scratch, out));
+        scratch.folds = folds;
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pv2_core(
+        &self,
+        isa: Isa,
+        f: &FoldsRef<'_>,
+        p_hi: &[i8],
+        p_lo: &[i8],
+        stage: &OutputStage,
+        scratch: &mut KvScratch,
+        out: &mut Pv2Out,
+    ) -> Result<(f32, f32), KvKernelError> {
+        stage.check()?;
+        let (len, n4) = (f.len, f.n4);
+        let hd = self.head_dim;
+        check_len("probability codes", len, p_hi.len())?;
+        check_len("probability codes", len, p_lo.len())?;
+        for v in [
+            &mut out.y4_hi,
+            &mut out.yw_hi,
+            &mut out.y4_lo,
+            &mut out.yw_lo,
+        ] {
+            v.resize(hd, 0);
+        }
+        out.acc.resize(4 * hd, 0);
+        let (lo, hi) = (min_signed(self.acc_bits), max_signed(self.acc_bits));
+        let nw = len - n4;
+        let chunks = n4.div_ceil(CHUNK);
+        let xlen = chunks * CHUNK;
+        let need = xlen.max(nw).max(1);
+        grow(&mut scratch.xf, need);
+        grow(&mut scratch.xf2, need);
+        grow(&mut scratch.p, 2 * hd);
+        // 4-bit part: both planes folded, then one pass over the channel rows.
+        fold_into(&p_hi[..n4], f.m4, self.sf, &mut scratch.xf[..n4]);
+        fold_into(&p_lo[..n4], f.m4, self.sf, &mut scratch.xf2[..n4]);
+        let (xa, xb) = (&mut scratch.xf[..xlen], &mut scratch.xf2[..xlen]);
+        xa[n4..].fill(0);
+        xb[n4..].fill(0);
+        let za = dot_i8_u8(&xa[..n4], &self.vzero[..n4]);
+        let zb = dot_i8_u8(&xb[..n4], &self.vzero[..n4]);
+        let (pa, pb) = scratch.p[..2 * hd].split_at_mut(hd);
+        if chunks == 0 {
+            pa.fill(0);
+            pb.fill(0);
+        } else if isa == Isa::Avx2 && isa.is_available() {
+            crate::avx2::dot4_rows2(xa, xb, &self.values4, self.vcap / 2, hd, chunks, pa, pb);
+        } else {
+            dot4_rows_strided(isa, xa, &self.values4, self.vcap / 2, hd, chunks, pa);
+            dot4_rows_strided(isa, xb, &self.values4, self.vcap / 2, hd, chunks, pb);
+        }
+        let (acc_a, rest) = out.acc.split_at_mut(hd);
+        let (acc_b, rest) = rest.split_at_mut(hd);
+        let (accw_a, accw_b) = rest.split_at_mut(hd);
+        for (i, (&x, &y)) in pa.iter().zip(pb.iter()).enumerate() {
+            acc_a[i] = ((i64::from(x) << 4) - za).clamp(lo, hi);
+            acc_b[i] = ((i64::from(y) << 4) - zb).clamp(lo, hi);
+        }
+        // Window: fold with zero 0, signed 8-bit codes.
+        fold_into(&p_hi[n4..], f.mw, self.sf, &mut scratch.xf[..nw]);
+        fold_into(&p_lo[n4..], f.mw, self.sf, &mut scratch.xf2[..nw]);
+        let (xa, xb) = (&scratch.xf[..nw], &scratch.xf2[..nw]);
+        let wvalues = &self.wvalues[(n4 - self.w0) * hd..(len - self.w0) * hd];
+        pa.fill(0);
+        pb.fill(0);
+        if isa == Isa::Avx2 && isa.is_available() && nw < (1 << 17) {
+            crate::avx2::window_pv2(xa, xb, wvalues, pa, pb);
+        } else {
+            for ((&ta, &tb), v) in xa.iter().zip(xb).zip(wvalues.chunks_exact(hd)) {
+                let (ta, tb) = (i32::from(ta), i32::from(tb));
+                for ((a, b), &c) in pa.iter_mut().zip(pb.iter_mut()).zip(v) {
+                    *a += ta * i32::from(c); // |.| < 2^31 for nw < 2^17
+                    *b += tb * i32::from(c);
+                }
+            }
+        }
+        for (i, (&x, &y)) in pa.iter().zip(pb.iter()).enumerate() {
+            accw_a[i] = i64::from(x).clamp(lo, hi);
+            accw_b[i] = i64::from(y).clamp(lo, hi);
+        }
+        crate::weights::apply_stage(stage, acc_a, &mut out.y4_hi)?;
+        crate::weights::apply_stage(stage, acc_b, &mut out.y4_lo)?;
+        crate::weights::apply_stage(stage, accw_a, &mut out.yw_hi)?;
+        crate::weights::apply_stage(stage, accw_b, &mut out.yw_lo)?;
+        Ok((f.s4, f.sw))
+    }
+}
+
+/// The fold multipliers (N17) of the value products at one length of one mirror
+/// ([`KvHeadCpu::value_folds_at`]): the 4-bit tokens' fold group and the window's.
+#[derive(Debug, Default, Clone)]
+pub struct ValueFolds {
+    valid: bool,
+    len: usize,
+    n4: usize,
+    s4: f32,
+    m4: Vec<u16>,
+    sw: f32,
+    mw: Vec<u16>,
+}
+
+impl ValueFolds {
+    fn as_ref(&self) -> FoldsRef<'_> {
+        FoldsRef {
+            len: self.len,
+            n4: self.n4,
+            s4: self.s4,
+            m4: &self.m4,
+            sw: self.sw,
+            mw: &self.mw,
+        }
+    }
+}
+
+struct FoldsRef<'a> {
+    len: usize,
+    n4: usize,
+    s4: f32,
+    m4: &'a [u16],
+    sw: f32,
+    mw: &'a [u16],
+}
+
+/// N22 (golden's `quantize_probs_into`) without its per-element error path: `scale_p = max p /
+/// 16383`, `code = clamp(round_half_away(p / scale_p), 0, 16383)`, `hi = code >> 7`,
+/// `lo = code & 127`. Returns `None` (planes unspecified) when a probability is negative or not
+/// finite. The rounding is done in integers (`p / scale_p >= 0`: truncate, then add one when the
+/// exact fractional part is `>= 0.5`), which is round-half-away for non-negative values, so the
+/// codes equal golden's (tested against it).
+///
+/// # Panics
+/// If `hi` or `lo` is not as long as `p`.
+pub fn quantize_probs_into(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
+    assert!(
+        hi.len() == p.len() && lo.len() == p.len(),
+        "quantize_probs_into: one code per probability in each plane"
+    );
+    let mut max = 0.0f32;
+    let mut ok = true;
+    for &v in p {
+        ok &= v.is_finite() && v >= 0.0;
+        max = max.max(v);
+    }
+    if !ok {
+        return None;
+    }
+    #[allow(clippy::cast_precision_loss)] // 16383 is exact in f32
+    let code_max = P_CODE_MAX as f32;
+    let scale_p = max / code_max;
+    if scale_p == 0.0 {
+        hi.fill(0);
+        lo.fill(0);
+        return Some(0.0);
+    }
+    for ((&v, h), l) in p.iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
+        // In [0, 16383] after the clamp, so the truncating cast and the subtraction are exact.
+        let x = (v / scale_p).min(code_max);
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let t = x as i32;
+        #[allow(clippy::cast_precision_loss)]
+        let code = t + i32::from(x - t as f32 >= 0.5);
+        let code = code.min(P_CODE_MAX as i32);
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            *h = (code >> P_PLANE_BITS) as i8;
+            *l = (code & ((1 << P_PLANE_BITS) - 1)) as i8;
+        }
+    }
+    Some(scale_p)
+}
+
+/// N5 (golden's `quantize_token`) for one query into `out`, without allocating: `scale =
+/// absmax / 127`, `code = clamp(round_half_away(q / scale), -127, 127)`; `None` when an input is
+/// not finite. The rounding is done in integers on the clamped quotient (truncate toward zero,
+/// then step away from zero when the exact fractional part is at least one half), which is
+/// round-half-away, so the codes equal golden's (tested against it).
+///
+/// # Panics
+/// If `out` is not as long as `x`.
+pub fn quantize_query_into(x: &[f32], out: &mut [i8]) -> Option<f32> {
+    assert_eq!(
+        x.len(),
+        out.len(),
+        "quantize_query_into: one code per input"
+    );
+    let mut absmax = 0.0f32;
+    let mut finite = true;
+    for &v in x {
+        finite &= v.is_finite();
+        absmax = absmax.max(v.abs());
+    }
+    if !finite {
+        return None;
+    }
+    let scale = absmax / 127.0;
+    if scale == 0.0 {
+        out.fill(0);
+        return Some(0.0);
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        // Clamped to [-127, 127] first: the truncating cast and the subtraction are exact.
+        let y = (v / scale).clamp(-127.0, 127.0);
+        #[allow(clippy::cast_possible_truncation)]
+        let t = y as i32;
+        #[allow(clippy::cast_precision_loss)]
+        let f = y - t as f32;
+        let code = t + i32::from(f >= 0.5) - i32::from(f <= -0.5);
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            *o = code.clamp(-127, 127) as i8;
+        }
+    }
+    Some(scale)
+}
+
+/// `max_e s_e` from 0, as golden's `scale_multipliers` takes `s_ref`.
+fn max_scale(scales: &[f32]) -> f32 {
+    scales.iter().fold(0.0f32, |m, &s| m.max(s))
+}
+
+/// golden's `scale_multipliers` (N17) into `out` without allocating; returns `s_ref`.
+/// Scales are finite and `>= 0` (they come from golden's cache).
+pub fn fold_multipliers(scales: &[f32], sf: u32, out: &mut [u16]) -> f32 {
+    let s_ref = max_scale(scales);
+    fold_multipliers_with(scales, s_ref, sf, out);
+    s_ref
+}
+
+/// The multipliers of `scales` against a given `s_ref` (the maximum of their fold group):
+/// `round_half_away(s / s_ref * 2^sf)` clamped to `[0, 2^sf]`, as golden computes them.
+fn fold_multipliers_with(scales: &[f32], s_ref: f32, sf: u32, out: &mut [u16]) {
+    assert_eq!(scales.len(), out.len(), "one multiplier per scale");
+    assert!(sf <= 15, "fold multipliers: SF {sf} > 15");
+    if s_ref == 0.0 {
+        out.fill(0);
+        return;
+    }
+    let one_q = 1i64 << sf;
+    #[allow(clippy::cast_precision_loss)] // a power of two is exact in f32
+    let pow = (1u64 << sf) as f32;
+    for (o, &s) in out.iter_mut().zip(scales) {
+        let m = round_clamp_f32(s / s_ref * pow, 0, one_q);
+        *o = u16::try_from(m).expect("multiplier in [0, 2^sf] with sf <= 15");
     }
 }
 

@@ -21,8 +21,13 @@
 //!   for both), and the host's N20 dequantization with [`PreparedWeights::row_scale`] as
 //!   golden's `dequant_factor` does.
 //! - KV: one [`KvHeadCpu`] per (layer, KV head) beside golden's `KvCache`; after each
-//!   `KvCache::push` call [`KvHeadCpu::sync`] (appends only new 4-bit groups and tokens), then
-//!   [`KvHeadCpu::qk`] / [`KvHeadCpu::pv`] per query head. Dequantize with
+//!   `KvCache::push` call [`KvHeadCpu::sync`] (incremental: only new tokens and the group that
+//!   left the window), then [`KvHeadCpu::qk`] / [`KvHeadCpu::pv`] (or [`KvHeadCpu::pv2_at`]
+//!   for both N22 planes) per query head. A prompt: [`KvHeadCpu::sync_retaining`] after each
+//!   push, then [`KvHeadCpu::qk_at`] / [`KvHeadCpu::pv2_at`] at each query's own length (with
+//!   [`KvHeadCpu::value_folds_at`] shared by the query heads of a KV head), then
+//!   [`KvHeadCpu::trim_history`]. [`kv::quantize_query_into`] and [`kv::quantize_probs_into`]
+//!   are golden's N5 / N22 without allocation. Dequantize with
 //!   [`KvHeadCpu::key_group_s_ref`] (`frac_bits` 4), [`KvHeadCpu::window_key_scales`]
 //!   (`frac_bits` 0) and [`KvHeadCpu::value_s_ref`] (4-bit part 4, window 0).
 //!
@@ -35,5 +40,5 @@ pub mod kv;
 pub mod weights;
 
 pub use isa::{Isa, IsaError};
-pub use kv::{KvHeadCpu, KvKernelError, KvScratch};
+pub use kv::{KvHeadCpu, KvKernelError, KvScratch, Pv2Out, ValueFolds};
 pub use weights::{apply_stage, PreparedWeights, Scratch};

@@ -7,7 +7,7 @@ use tessera_golden::kv::KvCache;
 use tessera_golden::numerics::Datapath;
 use tessera_golden::ops::OutputStage;
 use tessera_kernels_cpu::kv::fold_into;
-use tessera_kernels_cpu::{Isa, KvHeadCpu, KvScratch};
+use tessera_kernels_cpu::{Isa, KvHeadCpu, KvScratch, Pv2Out, ValueFolds};
 
 struct Rng(u64);
 impl Rng {
@@ -31,8 +31,20 @@ impl Rng {
 }
 
 fn compare(cache: &KvCache, mirror: &KvHeadCpu, q: &[i8], p: &[i8], stage: &OutputStage) {
+    compare_at(cache, mirror, cache.len(), q, p, stage);
+}
+
+/// The mirror's products at length `n` against golden's `cache` (which holds `n` tokens).
+fn compare_at(
+    cache: &KvCache,
+    mirror: &KvHeadCpu,
+    n: usize,
+    q: &[i8],
+    p: &[i8],
+    stage: &OutputStage,
+) {
     let hd = cache.head_dim();
-    let n = cache.len();
+    assert_eq!(cache.len(), n);
     let want_qk = cache.qk(q, stage).expect("golden qk");
     let want_acc: Vec<i64> = want_qk
         .groups4
@@ -53,15 +65,16 @@ fn compare(cache: &KvCache, mirror: &KvHeadCpu, q: &[i8], p: &[i8], stage: &Outp
         let mut acc = vec![0i64; n];
         let mut y = vec![0i32; n];
         mirror
-            .qk(isa, q, stage, &mut scratch, &mut acc, &mut y)
+            .qk_at(isa, n, q, stage, &mut scratch, &mut acc, &mut y)
             .expect("qk");
         assert_eq!(acc, want_acc, "qk acc, isa {isa}, n {n}, hd {hd}");
         assert_eq!(y, want_y, "qk y, isa {isa}");
         let (mut a4, mut aw) = (vec![0i64; hd], vec![0i64; hd]);
         let (mut y4, mut yw) = (vec![0i32; hd], vec![0i32; hd]);
-        mirror
-            .pv(
+        let (s4, sw) = mirror
+            .pv_at(
                 isa,
+                n,
                 p,
                 stage,
                 &mut scratch,
@@ -71,6 +84,46 @@ fn compare(cache: &KvCache, mirror: &KvHeadCpu, q: &[i8], p: &[i8], stage: &Outp
                 &mut yw,
             )
             .expect("pv");
+        assert_eq!(s4.to_bits(), want_pv.kv4.s_ref.to_bits(), "pv kv4 s_ref");
+        assert_eq!(
+            sw.to_bits(),
+            want_pv.window.s_ref.to_bits(),
+            "pv window s_ref"
+        );
+        // Both planes in one pass: a second plane derived from the first.
+        let p2: Vec<i8> = p.iter().rev().map(|&x| x.wrapping_mul(3)).collect();
+        let want2 = cache.pv(&p2, stage).expect("golden pv");
+        let mut o2 = Pv2Out::default();
+        let r = mirror
+            .pv2_at(isa, n, None, p, &p2, stage, &mut scratch, &mut o2)
+            .expect("pv2");
+        assert_eq!(r, (s4, sw));
+        let y = |v: &[i64]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+        assert_eq!(
+            o2.y4_hi,
+            y(&want_pv.kv4.y_i64),
+            "pv2 hi kv4, isa {isa}, n {n}"
+        );
+        assert_eq!(
+            o2.yw_hi,
+            y(&want_pv.window.y_i64),
+            "pv2 hi window, isa {isa}"
+        );
+        assert_eq!(
+            o2.y4_lo,
+            y(&want2.kv4.y_i64),
+            "pv2 lo kv4, isa {isa}, n {n}"
+        );
+        assert_eq!(o2.yw_lo, y(&want2.window.y_i64), "pv2 lo window, isa {isa}");
+        let want_ws: Vec<f32> = want_qk.window_scale_k.clone();
+        assert_eq!(
+            mirror.window_key_scales_at(n),
+            &want_ws[..],
+            "window key scales"
+        );
+        for (j, g) in want_qk.groups4.iter().enumerate() {
+            assert_eq!(mirror.key_group_s_ref(j).to_bits(), g.s_ref.to_bits());
+        }
         assert_eq!(
             a4, want_pv.kv4.acc_i64,
             "pv kv4 acc, isa {isa}, n {n}, hd {hd}"
@@ -221,4 +274,230 @@ fn fold_matches_golden_exhaustive_in_x() {
             assert_eq!(out, fold_i8(&xs, &f, sf), "sf {sf} m {m}");
         }
     }
+}
+
+/// One token's key and value: outlier channels, and some special tokens (all zero, constant
+/// over the channels, one -huge channel so that codes reach -127 and groups have zero range).
+fn token(rng: &mut Rng, hd: usize, step: usize) -> (Vec<f32>, Vec<f32>) {
+    match rng.next() % 9 {
+        0 => (vec![0.0; hd], vec![0.0; hd]),
+        1 => (vec![0.75; hd], vec![-2.0; hd]),
+        2 => {
+            let mut k = vec![0.0; hd];
+            k[step % hd] = -1.0e3;
+            (k.clone(), k)
+        }
+        _ => (
+            (0..hd)
+                .map(|c| rng.f32() * (1.0 + (c % 5) as f32 * 3.0))
+                .collect(),
+            (0..hd).map(|_| rng.f32() * 2.0).collect(),
+        ),
+    }
+}
+
+/// Incremental sync after every push equals golden (and a mirror built by one full sync) at
+/// every length, across group boundaries and window evictions; with the history retained, the
+/// products at every earlier length equal golden's cache as it was at that length.
+fn run_history_case(hd: usize, group: usize, window: usize, tokens: usize, bits: u32, seed: u64) {
+    let dp = Datapath {
+        w_group_len: 32,
+        w_scale_bits: 16,
+        acc_bits: 48,
+        kv_group_len: group,
+        kv_recent_window: window,
+    };
+    let stage = OutputStage::IDENTITY_I32;
+    let mut rng = Rng(seed);
+    let mut cache = KvCache::with_bits(&dp, hd, bits).expect("cache");
+    let mut inc = KvHeadCpu::new(&dp, hd);
+    let mut hist = KvHeadCpu::new(&dp, hd);
+    let mut snapshots = Vec::new();
+    // A prefix before the retained part (as a decode before a prompt).
+    let prefix = tokens / 3;
+    for step in 0..tokens {
+        let (k, v) = token(&mut rng, hd, step);
+        cache.push(&k, &v).expect("push");
+        inc.sync(&cache).expect("sync");
+        hist.sync_retaining(&cache, step >= prefix).expect("sync");
+        assert_eq!(inc.len(), cache.len());
+        assert_eq!(inc.history_start(), cache.n4_tokens());
+        let mut full = KvHeadCpu::new(&dp, hd);
+        full.sync(&cache).expect("full sync");
+        let q: Vec<i8> = (0..hd).map(|_| rng.i8()).collect();
+        let p: Vec<i8> = (0..cache.len()).map(|_| rng.i8()).collect();
+        compare(&cache, &inc, &q, &p, &stage);
+        compare(&cache, &full, &q, &p, &stage);
+        compare(
+            &cache,
+            &inc,
+            &vec![-128; hd],
+            &vec![127; cache.len()],
+            &stage,
+        );
+        if step >= prefix {
+            snapshots.push(cache.clone());
+        }
+    }
+    let mut folds = ValueFolds::default();
+    for snap in &snapshots {
+        let n = snap.len();
+        let q: Vec<i8> = (0..hd).map(|_| rng.i8()).collect();
+        let p: Vec<i8> = (0..n).map(|_| rng.i8()).collect();
+        compare_at(snap, &hist, n, &q, &p, &stage);
+        // Folds computed once per length (4-bit part reused while n4 is unchanged).
+        hist.value_folds_at(n, &mut folds).expect("folds");
+        let want = snap.pv(&p, &stage).expect("golden pv");
+        for isa in Isa::available() {
+            let (mut a4, mut aw) = (vec![0i64; hd], vec![0i64; hd]);
+            let (mut y4, mut yw) = (vec![0i32; hd], vec![0i32; hd]);
+            let mut sc = KvScratch::default();
+            let (s4, sw) = hist
+                .pv_with(
+                    isa, &folds, &p, &stage, &mut sc, &mut a4, &mut aw, &mut y4, &mut yw,
+                )
+                .expect("pv_with");
+            assert_eq!(a4, want.kv4.acc_i64, "pv_with kv4, n {n}");
+            assert_eq!(aw, want.window.acc_i64, "pv_with window, n {n}");
+            assert_eq!(s4.to_bits(), want.kv4.s_ref.to_bits());
+            assert_eq!(sw.to_bits(), want.window.s_ref.to_bits());
+            let mut o2 = Pv2Out::default();
+            let p_lo: Vec<i8> = p.iter().map(|&x| x.wrapping_add(1)).collect();
+            let want_lo = snap.pv(&p_lo, &stage).expect("golden pv");
+            hist.pv2_at(isa, n, Some(&folds), &p, &p_lo, &stage, &mut sc, &mut o2)
+                .expect("pv2 with folds");
+            let y = |v: &[i64]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+            assert_eq!(o2.y4_hi, y(&want.kv4.y_i64));
+            assert_eq!(o2.yw_hi, y(&want.window.y_i64));
+            assert_eq!(o2.y4_lo, y(&want_lo.kv4.y_i64));
+            assert_eq!(o2.yw_lo, y(&want_lo.window.y_i64));
+        }
+        compare_at(snap, &hist, n, &vec![-128; hd], &vec![-128; n], &stage);
+    }
+    // Trimmed: the current length still works, lengths whose window was quantized do not.
+    hist.trim_history();
+    assert_eq!(hist.history_start(), cache.n4_tokens());
+    let q: Vec<i8> = (0..hd).map(|_| rng.i8()).collect();
+    let p: Vec<i8> = (0..cache.len()).map(|_| rng.i8()).collect();
+    compare(&cache, &hist, &q, &p, &stage);
+    if let Some(old) = snapshots
+        .iter()
+        .find(|s| hist.n4_at(s.len()) < cache.n4_tokens())
+    {
+        let n = old.len();
+        let (mut acc, mut y) = (vec![0i64; n], vec![0i32; n]);
+        let r = hist.qk_at(
+            Isa::Scalar,
+            n,
+            &q,
+            &stage,
+            &mut KvScratch::default(),
+            &mut acc,
+            &mut y,
+        );
+        assert!(r.is_err(), "qk_at before the held history must fail");
+    }
+}
+
+#[test]
+fn kv_incremental_sync_and_history_match_golden() {
+    for &hd in &[1usize, 7, 64, 65] {
+        for &(group, window) in &[(1usize, 0usize), (4, 8), (8, 0), (5, 10), (32, 64)] {
+            let tokens = 2 * (group + window) + 3 * group + 5;
+            run_history_case(hd, group, window, tokens, 4, hd as u64 * 7 + group as u64);
+        }
+    }
+    run_history_case(64, 32, 64, 70, 8, 3);
+}
+
+/// The fast N22 probability quantizer equals golden's on softmax-like rows, exact ties (codes
+/// and half codes times the scale), values next to them, zeros, denormals and a single token.
+#[test]
+fn quantize_probs_matches_golden() {
+    use tessera_golden::kv::quantize_probs;
+    use tessera_kernels_cpu::kv::quantize_probs_into;
+    let mut rng = Rng(77);
+    let mut rows: Vec<Vec<f32>> = vec![
+        vec![0.0; 5],
+        vec![1.0],
+        vec![1e-40, 3e-41, 0.0],
+        vec![f32::MIN_POSITIVE, 0.0, 1e-45],
+    ];
+    // Ties: p = (k + 0.5) * scale and k * scale for max = 1 (scale = 1 / 16383), and neighbours.
+    let scale = 1.0f32 / 16383.0;
+    let mut ties = vec![1.0f32];
+    for k in (0..16383).step_by(7) {
+        for v in [(k as f32 + 0.5) * scale, k as f32 * scale] {
+            ties.extend([
+                v,
+                f32::from_bits(v.to_bits().saturating_sub(1)),
+                f32::from_bits(v.to_bits() + 1),
+            ]);
+        }
+    }
+    rows.push(ties);
+    for len in [2usize, 17, 64, 300, 1000] {
+        for _ in 0..20 {
+            let s: Vec<f32> = (0..len).map(|_| rng.f32() * 12.0).collect();
+            let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = s.iter().map(|&v| (v - m).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            rows.push(e.iter().map(|&v| v / sum).collect());
+        }
+    }
+    for row in &rows {
+        let want = quantize_probs(row).expect("golden");
+        let (mut hi, mut lo) = (vec![0i8; row.len()], vec![0i8; row.len()]);
+        let got = quantize_probs_into(row, &mut hi, &mut lo).expect("valid row");
+        assert_eq!(got.to_bits(), want.scale_p.to_bits());
+        assert_eq!(hi, want.hi_i8);
+        assert_eq!(lo, want.lo_i8);
+    }
+    let (mut hi, mut lo) = (vec![0i8; 2], vec![0i8; 2]);
+    assert!(quantize_probs_into(&[0.5, -0.0001], &mut hi, &mut lo).is_none());
+    assert!(quantize_probs_into(&[0.5, f32::NAN], &mut hi, &mut lo).is_none());
+    assert!(quantize_probs_into(&[f32::INFINITY, 0.1], &mut hi, &mut lo).is_none());
+}
+
+/// The fast N5 query quantizer equals golden's `quantize_token`: random and outlier rows, exact
+/// ties (`(k + 0.5) * scale`) and their neighbours of both signs, zeros, denormals.
+#[test]
+fn quantize_query_matches_golden() {
+    use tessera_golden::quant::quantize_token;
+    use tessera_kernels_cpu::kv::quantize_query_into;
+    let mut rng = Rng(91);
+    let mut rows: Vec<Vec<f32>> = vec![vec![0.0; 4], vec![-3.0], vec![1e-44, -3e-45, 0.0]];
+    let scale = 1.0f32 / 127.0;
+    let mut ties = vec![1.0f32];
+    for k in 0..127 {
+        for v in [(k as f32 + 0.5) * scale, k as f32 * scale] {
+            for w in [
+                v,
+                f32::from_bits(v.to_bits().saturating_sub(1)),
+                f32::from_bits(v.to_bits() + 1),
+            ] {
+                ties.extend([w, -w]);
+            }
+        }
+    }
+    rows.push(ties);
+    for len in [1usize, 7, 64, 65] {
+        for i in 0..50 {
+            rows.push(
+                (0..len)
+                    .map(|c| rng.f32() * if c == i % len { 40.0 } else { 1.5 })
+                    .collect(),
+            );
+        }
+    }
+    for row in &rows {
+        let want = quantize_token(row).expect("golden");
+        let mut got = vec![0i8; row.len()];
+        let s = quantize_query_into(row, &mut got).expect("finite");
+        assert_eq!(s.to_bits(), want.scale_x.to_bits());
+        assert_eq!(got, want.codes_i8, "row {row:?}");
+    }
+    let mut out = vec![0i8; 2];
+    assert!(quantize_query_into(&[1.0, f32::NAN], &mut out).is_none());
+    assert!(quantize_query_into(&[f32::NEG_INFINITY, 1.0], &mut out).is_none());
 }

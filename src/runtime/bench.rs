@@ -129,10 +129,22 @@ fn bench_tokens(n: usize, vocab: usize) -> Vec<u32> {
 
 /// Seconds of one prefill of `tokens` in a fresh session.
 fn time_prefill(model: &Model, tokens: &[u32]) -> Result<f64> {
+    Ok(time_prefill_profiled(model, tokens, false)?.0)
+}
+
+/// [`time_prefill`], with the profile of its forward pass if asked.
+fn time_prefill_profiled(
+    model: &Model,
+    tokens: &[u32],
+    profile: bool,
+) -> Result<(f64, Option<Profile>)> {
     let mut s = model.session();
+    if profile {
+        s.enable_profile();
+    }
     let t = Instant::now();
     model.forward_into(&mut s, tokens, 1)?;
-    Ok(t.elapsed().as_secs_f64())
+    Ok((t.elapsed().as_secs_f64(), s.ws.profile.take()))
 }
 
 /// Seconds of `n` greedy decode steps from an empty session, and the profile if asked.
@@ -205,7 +217,10 @@ pub fn run_bench(args: &BenchRunArgs) -> Result<()> {
     }
     let profile = if args.profile {
         bar.set_message("profile");
-        Some(time_decode(&model, args.gen_tokens, true)?)
+        Some((
+            time_prefill_profiled(&model, &prompt, true)?,
+            time_decode(&model, args.gen_tokens, true)?,
+        ))
     } else {
         None
     };
@@ -224,19 +239,24 @@ pub fn run_bench(args: &BenchRunArgs) -> Result<()> {
             100.0 * tg_tok_s / roof
         );
     }
-    if let Some((secs, Some(p))) = profile {
-        print_profile(&p, secs);
+    if let Some(((pre_secs, pre), (secs, dec))) = profile {
+        if let Some(p) = pre {
+            print_profile("prefill", p.steps.max(1) * args.prompt_tokens, &p, pre_secs);
+        }
+        if let Some(p) = dec {
+            print_profile("decode", p.steps, &p, secs);
+        }
     }
     Ok(())
 }
 
-/// The decode time per part, per token and as a share of the step.
-fn print_profile(p: &Profile, wall: f64) {
-    let steps = p.steps.max(1) as f64;
+/// The time per part of `what` (`tokens` tokens), per token and as a share of the whole
+/// (prefill: the batched attention is timed as "q.K scores").
+fn print_profile(what: &str, tokens: usize, p: &Profile, wall: f64) {
+    let steps = tokens.max(1) as f64;
     let total: f64 = p.secs.iter().sum();
     println!(
-        "decode profile ({} steps, {:.3} ms/token wall, {:.3} ms/token in timed parts):",
-        p.steps,
+        "{what} profile ({tokens} tokens, {:.3} ms/token wall, {:.3} ms/token in timed parts):",
         1e3 * wall / steps,
         1e3 * total / steps
     );

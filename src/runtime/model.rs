@@ -524,34 +524,47 @@ impl Model {
                 layer.wv.forward_ws(h, n, v, lin);
             }
             lap(prof, &mut t, 2);
-            // Token by token: store position t, then attend from it, so that a prefill sees the
-            // cache exactly as a token-by-token decode would (the KV4 cache quantizes groups as
-            // they leave the recent window; the f32 results are the same either way).
-            for i in 0..n {
-                rope.apply(i, &mut q[i * qd..(i + 1) * qd]);
-                rope.apply(i, &mut k[i * kvd..(i + 1) * kvd]);
+            if n > 1 && cache.batches_prefill() {
+                // A prompt on the CPU backend: every position pushed, then all (position, head)
+                // attentions in parallel, each seeing the cache exactly as it was right after
+                // its own push (so as the token-by-token loop below); timed as "q.K scores".
+                for i in 0..n {
+                    rope.apply(i, &mut q[i * qd..(i + 1) * qd]);
+                    rope.apply(i, &mut k[i * kvd..(i + 1) * kvd]);
+                }
                 lap(prof, &mut t, 3);
-                cache.push(&k[i * kvd..(i + 1) * kvd], &v[i * kvd..(i + 1) * kvd]);
-                lap(prof, &mut t, 4);
-                let n_ctx = s.pos + i + 1;
-                for head in 0..c.n_head {
-                    let kvh = head / group;
-                    let sc = &mut scores[..n_ctx];
-                    cache.scores(
-                        kvh,
-                        &q[i * qd + head * hd..i * qd + (head + 1) * hd],
-                        scale,
-                        sc,
-                    );
-                    lap(prof, &mut t, 5);
-                    softmax(sc);
-                    lap(prof, &mut t, 6);
-                    cache.weighted_sum(
-                        kvh,
-                        sc,
-                        &mut att[i * qd + head * hd..i * qd + (head + 1) * hd],
-                    );
-                    lap(prof, &mut t, 7);
+                cache.attend_prefill(k, v, q, n, c.n_head, scale, att);
+                lap(prof, &mut t, 5);
+            } else {
+                // Token by token: store position t, then attend from it, so that a prefill sees the
+                // cache exactly as a token-by-token decode would (the KV4 cache quantizes groups as
+                // they leave the recent window; the f32 results are the same either way).
+                for i in 0..n {
+                    rope.apply(i, &mut q[i * qd..(i + 1) * qd]);
+                    rope.apply(i, &mut k[i * kvd..(i + 1) * kvd]);
+                    lap(prof, &mut t, 3);
+                    cache.push(&k[i * kvd..(i + 1) * kvd], &v[i * kvd..(i + 1) * kvd]);
+                    lap(prof, &mut t, 4);
+                    let n_ctx = s.pos + i + 1;
+                    for head in 0..c.n_head {
+                        let kvh = head / group;
+                        let sc = &mut scores[..n_ctx];
+                        cache.scores(
+                            kvh,
+                            &q[i * qd + head * hd..i * qd + (head + 1) * hd],
+                            scale,
+                            sc,
+                        );
+                        lap(prof, &mut t, 5);
+                        softmax(sc);
+                        lap(prof, &mut t, 6);
+                        cache.weighted_sum(
+                            kvh,
+                            sc,
+                            &mut att[i * qd + head * hd..i * qd + (head + 1) * hd],
+                        );
+                        lap(prof, &mut t, 7);
+                    }
                 }
             }
             layer.wo.forward_ws(att, n, o, lin);

@@ -25,16 +25,16 @@
 use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
-use tessera_golden::kv::{
-    quantize_probs, quantize_probs_into, KvCache as GoldenKvCache, P_PLANE_BITS,
-};
+use tessera_golden::kv::{quantize_probs, KvCache as GoldenKvCache, P_PLANE_BITS};
 use tessera_golden::numerics::{round_clamp_f32, Datapath};
 use tessera_golden::ops::{
     accumulate_groups, dequant_factor, group_partial_sums, weight_frac_bits, OutputStage,
 };
 use tessera_golden::quant::{quantize_token, quantize_tokens, QuantWeights};
 pub use tessera_kernels_cpu::Isa;
-use tessera_kernels_cpu::{apply_stage, KvHeadCpu, KvScratch, PreparedWeights, Scratch};
+use tessera_kernels_cpu::{
+    apply_stage, KvHeadCpu, KvScratch, PreparedWeights, Pv2Out, Scratch, ValueFolds,
+};
 
 use super::{Error, Result};
 
@@ -626,19 +626,31 @@ pub struct KvEngine {
 struct KvCpu {
     isa: Isa,
     mirrors: Vec<KvHeadCpu>,
+    bufs: AttnBufs,
+}
+
+/// Buffers of one query's attention products on the CPU backend (one set per thread).
+#[derive(Debug, Clone, Default)]
+struct AttnBufs {
     scratch: KvScratch,
     codes: Vec<i8>,
     /// The low probability plane (N22); `codes` holds the high one.
     codes_lo: Vec<i8>,
     acc: Vec<i64>,
     y: Vec<i32>,
-    acc4: Vec<i64>,
-    accw: Vec<i64>,
-    y4: Vec<i32>,
-    yw: Vec<i32>,
-    /// `P x V` outputs of the low plane (N22).
-    y4_lo: Vec<i32>,
-    yw_lo: Vec<i32>,
+    /// `P x V` outputs of both planes (N22).
+    pv2: Pv2Out,
+    /// Scores / probabilities of the batched prefill.
+    scores: Vec<f32>,
+}
+
+impl AttnBufs {
+    fn new(head_dim: usize) -> AttnBufs {
+        AttnBufs {
+            codes: vec![0; head_dim],
+            ..AttnBufs::default()
+        }
+    }
 }
 
 /// Which cache a session uses.
@@ -695,17 +707,7 @@ impl KvCache {
                         mirrors: (0..n_kv_head)
                             .map(|_| KvHeadCpu::new(&dp, head_dim))
                             .collect(),
-                        scratch: KvScratch::default(),
-                        codes: vec![0; head_dim],
-                        codes_lo: Vec::new(),
-                        acc: Vec::new(),
-                        y: Vec::new(),
-                        acc4: vec![0; head_dim],
-                        accw: vec![0; head_dim],
-                        y4: vec![0; head_dim],
-                        yw: vec![0; head_dim],
-                        y4_lo: vec![0; head_dim],
-                        yw_lo: vec![0; head_dim],
+                        bufs: AttnBufs::new(head_dim),
                     })
                 });
                 Ok(KvCache::Engine(KvEngine {
@@ -740,6 +742,12 @@ impl KvCache {
 
     /// Appends one position's keys and values (`n_kv_head * head_dim` each, RoPE applied to k).
     pub fn push(&mut self, k: &[f32], v: &[f32]) {
+        self.push_retaining(k, v, false);
+    }
+
+    /// As [`Self::push`]; with `retain` the CPU mirrors keep the 8-bit codes of tokens that
+    /// leave the window, for [`Self::attend_prefill`].
+    fn push_retaining(&mut self, k: &[f32], v: &[f32], retain: bool) {
         match self {
             KvCache::F32(c) => {
                 assert_eq!(k.len(), c.n_kv_head * c.head_dim, "k size");
@@ -765,11 +773,98 @@ impl KvCache {
                     e.poisoned |= r.is_err();
                     if let Some(cpu) = e.cpu.as_mut() {
                         // The mirror follows the cache it was built for: sync cannot fail.
-                        e.poisoned |= cpu.mirrors[h].sync(cache).is_err();
+                        e.poisoned |= cpu.mirrors[h].sync_retaining(cache, retain).is_err();
                     }
                 }
             }
         }
+    }
+
+    /// Whether [`Self::attend_prefill`] runs (an engine cache on the CPU backend).
+    pub fn batches_prefill(&self) -> bool {
+        matches!(self, KvCache::Engine(KvEngine { cpu: Some(_), .. }))
+    }
+
+    /// The attention of `n` new positions on the CPU backend, batched: pushes every position's
+    /// keys and values (`k`, `v`: `n * n_kv_head * head_dim`, RoPE applied), then computes the
+    /// output of every (position, query head) in parallel into `att` (`n * n_head * head_dim`)
+    /// from `q` (RoPE applied): position `i` attends to the cache as it was right after its own
+    /// push (the KV4 mirrors retain the 8-bit codes of tokens quantized meanwhile), the same
+    /// integers and `f32` operations as pushing and attending token by token. Returns false,
+    /// doing nothing, when the cache is not a CPU-backend engine cache.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_prefill(
+        &mut self,
+        k: &[f32],
+        v: &[f32],
+        q: &[f32],
+        n: usize,
+        n_head: usize,
+        scale: f32,
+        att: &mut [f32],
+    ) -> bool {
+        let KvCache::Engine(e) = self else {
+            return false;
+        };
+        if e.cpu.is_none() || n == 0 {
+            return false;
+        }
+        let hd = e.head_dim;
+        let kvd = e.heads.len() * hd;
+        let qd = n_head * hd;
+        assert_eq!(k.len(), n * kvd, "k size");
+        assert_eq!(v.len(), n * kvd, "v size");
+        assert_eq!(q.len(), n * qd, "q size");
+        assert_eq!(att.len(), n * qd, "attention output size");
+        let pos0 = e.heads.first().map_or(0, GoldenKvCache::len);
+        // Whether the cache was poisoned right after each push (as a token-by-token run sees).
+        let mut poisoned_after = Vec::with_capacity(n);
+        for i in 0..n {
+            self.push_retaining(&k[i * kvd..(i + 1) * kvd], &v[i * kvd..(i + 1) * kvd], true);
+            if let KvCache::Engine(e) = self {
+                poisoned_after.push(e.poisoned);
+            }
+        }
+        let KvCache::Engine(KvEngine { cpu: Some(cpu), .. }) = self else {
+            unreachable!("checked above");
+        };
+        let group = n_head / cpu.mirrors.len();
+        let (isa, mirrors) = (cpu.isa, &cpu.mirrors);
+        att.par_chunks_mut(qd)
+            .zip(q.par_chunks(qd))
+            .enumerate()
+            .for_each_init(
+                || {
+                    let folds = vec![ValueFolds::default(); mirrors.len()];
+                    (AttnBufs::new(hd), folds)
+                },
+                |(b, folds), (i, (att_i, q_i))| {
+                    let len = pos0 + i + 1;
+                    grow(&mut b.scores, len);
+                    let mut sc = std::mem::take(&mut b.scores);
+                    let mut folds_ok = false;
+                    for head in 0..n_head {
+                        let (kvh, m) = (head / group, &mirrors[head / group]);
+                        // The value folds at this length, shared by the group's query heads
+                        // and both probability planes.
+                        if head % group == 0 {
+                            folds_ok = m.value_folds_at(len, &mut folds[kvh]).is_ok();
+                        }
+                        let r = head * hd..(head + 1) * hd;
+                        let s = &mut sc[..len];
+                        let poisoned = poisoned_after[i] || !folds_ok;
+                        attn_scores(m, isa, b, len, poisoned, &q_i[r.clone()], scale, s);
+                        super::model::softmax(s);
+                        let out = &mut att_i[r];
+                        attn_weighted_sum(m, isa, b, len, poisoned, Some(&folds[kvh]), s, out);
+                    }
+                    b.scores = sc;
+                },
+            );
+        for m in &mut cpu.mirrors {
+            m.trim_history();
+        }
+        true
     }
 
     /// Drops positions from `len` on (to reuse a prefix). The engine cache cannot drop
@@ -881,110 +976,133 @@ impl KvCache {
 }
 
 impl KvCpu {
-    /// As golden's `QkOut::scores_f32` then `* scale`: group `j`'s scores with
-    /// `dequant_factor(stage, scale_q, s_ref_j, 4)`, window tokens with their key scale and 0.
     fn scores(&mut self, poisoned: bool, kv_head: usize, q: &[f32], scale: f32, out: &mut [f32]) {
         let m = &self.mirrors[kv_head];
-        let n = m.len();
-        assert_eq!(out.len(), n, "engine scores cover the whole cache");
-        let stage = OutputStage::IDENTITY_I32;
-        let hd = q.len();
-        grow(&mut self.codes, hd);
-        let scale_q = match quantize_token_into(q, &mut self.codes[..hd]) {
-            Some(s) if !poisoned => s,
-            _ => {
-                out.fill(f32::NAN);
-                return;
-            }
-        };
-        grow(&mut self.acc, n);
-        grow(&mut self.y, n);
-        let (acc, y) = (&mut self.acc[..n], &mut self.y[..n]);
-        if m.qk(
+        attn_scores(
+            m,
             self.isa,
-            &self.codes[..hd],
-            &stage,
-            &mut self.scratch,
-            acc,
-            y,
-        )
-        .is_err()
-        {
-            out.fill(f32::NAN);
-            return;
-        }
-        let c = DequantConst::new(&stage, 4).with_x(scale_q);
-        // Tokens in 4-bit key groups (then the window), and the group length.
-        let n4 = n - m.window_key_scales().len();
-        let gl = (n4 / m.key_groups().max(1)).max(1);
-        for (j, (o, &yv)) in out[..n4].iter_mut().zip(&y[..n4]).enumerate() {
-            *o = (yv as f32 * c.factor(m.key_group_s_ref(j / gl))) * scale;
-        }
-        let c0 = DequantConst::new(&stage, 0).with_x(scale_q);
-        for ((o, &yv), &sk) in out[n4..]
-            .iter_mut()
-            .zip(&y[n4..])
-            .zip(m.window_key_scales())
-        {
-            *o = (yv as f32 * c0.factor(sk)) * scale;
-        }
+            &mut self.bufs,
+            m.len(),
+            poisoned,
+            q,
+            scale,
+            out,
+        );
     }
 
-    /// As golden's `PvPlanes::output_f32` (N22): `P x V` of each probability plane, then per
-    /// part `y = 128 * y_hi + y_lo`, the 4-bit part (`frac_bits` 4) plus the window part
-    /// (`frac_bits` 0), each dequantized with its `s_ref`.
     fn weighted_sum(&mut self, poisoned: bool, kv_head: usize, p: &[f32], out: &mut [f32]) {
         let m = &self.mirrors[kv_head];
-        let n = m.len();
-        assert_eq!(p.len(), n, "engine P x V covers the whole cache");
-        let stage = OutputStage::IDENTITY_I32;
-        if poisoned || p.iter().any(|v| !v.is_finite() || *v < 0.0) {
+        attn_weighted_sum(m, self.isa, &mut self.bufs, m.len(), poisoned, None, p, out);
+    }
+}
+
+/// As golden's `QkOut::scores_f32` then `* scale`, for the cache as it was at `n` tokens: group
+/// `j`'s scores with `dequant_factor(stage, scale_q, s_ref_j, 4)`, window tokens with their key
+/// scale and 0.
+#[allow(clippy::too_many_arguments)]
+fn attn_scores(
+    m: &KvHeadCpu,
+    isa: Isa,
+    b: &mut AttnBufs,
+    n: usize,
+    poisoned: bool,
+    q: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) {
+    assert_eq!(out.len(), n, "engine scores cover the whole cache");
+    let stage = OutputStage::IDENTITY_I32;
+    let hd = q.len();
+    grow(&mut b.codes, hd);
+    let scale_q = match tessera_kernels_cpu::kv::quantize_query_into(q, &mut b.codes[..hd]) {
+        Some(s) if !poisoned => s,
+        _ => {
             out.fill(f32::NAN);
             return;
         }
-        grow(&mut self.codes, n);
-        grow(&mut self.codes_lo, n);
-        let Ok(scale_p) = quantize_probs_into(p, &mut self.codes[..n], &mut self.codes_lo[..n])
-        else {
-            out.fill(f32::NAN);
-            return;
-        };
-        let hi = m.pv(
-            self.isa,
-            &self.codes[..n],
-            &stage,
-            &mut self.scratch,
-            &mut self.acc4,
-            &mut self.accw,
-            &mut self.y4,
-            &mut self.yw,
-        );
-        let lo = m.pv(
-            self.isa,
-            &self.codes_lo[..n],
-            &stage,
-            &mut self.scratch,
-            &mut self.acc4,
-            &mut self.accw,
-            &mut self.y4_lo,
-            &mut self.yw_lo,
-        );
-        if hi.is_err() || lo.is_err() {
-            out.fill(f32::NAN);
-            return;
+    };
+    grow(&mut b.acc, n);
+    grow(&mut b.y, n);
+    let (acc, y) = (&mut b.acc[..n], &mut b.y[..n]);
+    if m.qk_at(isa, n, &b.codes[..hd], &stage, &mut b.scratch, acc, y)
+        .is_err()
+    {
+        out.fill(f32::NAN);
+        return;
+    }
+    let c = DequantConst::new(&stage, 4).with_x(scale_q);
+    // Tokens in 4-bit key groups (then the window); one factor per group.
+    let n4 = m.n4_at(n);
+    let gl = m.kv_group_len().max(1);
+    for (j, (og, yg)) in out[..n4].chunks_mut(gl).zip(y[..n4].chunks(gl)).enumerate() {
+        let f = c.factor(m.key_group_s_ref(j));
+        for (o, &yv) in og.iter_mut().zip(yg) {
+            *o = (yv as f32 * f) * scale;
         }
-        let (s4, sw) = m.value_s_ref();
-        let f4 = DequantConst::new(&stage, 4).with_x(scale_p).factor(s4);
-        let fw = DequantConst::new(&stage, 0).with_x(scale_p).factor(sw);
-        let planes = self
-            .y4
-            .iter()
-            .zip(&self.y4_lo)
-            .zip(self.yw.iter().zip(&self.yw_lo));
-        for (o, ((&ah, &al), (&bh, &bl))) in out.iter_mut().zip(planes) {
-            let a = (i64::from(ah) << P_PLANE_BITS) + i64::from(al);
-            let b = (i64::from(bh) << P_PLANE_BITS) + i64::from(bl);
-            *o = a as f32 * f4 + b as f32 * fw;
-        }
+    }
+    let c0 = DequantConst::new(&stage, 0).with_x(scale_q);
+    for ((o, &yv), &sk) in out[n4..]
+        .iter_mut()
+        .zip(&y[n4..])
+        .zip(m.window_key_scales_at(n))
+    {
+        *o = (yv as f32 * c0.factor(sk)) * scale;
+    }
+}
+
+/// As golden's `PvPlanes::output_f32` (N22) for the cache as it was at `n` tokens: `P x V` of
+/// each probability plane, then per part `y = 128 * y_hi + y_lo`, the 4-bit part (`frac_bits`
+/// 4) plus the window part (`frac_bits` 0), each dequantized with its `s_ref`. `folds`: the
+/// value folds at `n` ([`KvHeadCpu::value_folds_at`]), or computed here.
+#[allow(clippy::too_many_arguments)]
+fn attn_weighted_sum(
+    m: &KvHeadCpu,
+    isa: Isa,
+    b: &mut AttnBufs,
+    n: usize,
+    poisoned: bool,
+    folds: Option<&ValueFolds>,
+    p: &[f32],
+    out: &mut [f32],
+) {
+    assert_eq!(p.len(), n, "engine P x V covers the whole cache");
+    let stage = OutputStage::IDENTITY_I32;
+    if poisoned {
+        out.fill(f32::NAN);
+        return;
+    }
+    grow(&mut b.codes, n);
+    grow(&mut b.codes_lo, n);
+    let Some(scale_p) =
+        tessera_kernels_cpu::kv::quantize_probs_into(p, &mut b.codes[..n], &mut b.codes_lo[..n])
+    else {
+        out.fill(f32::NAN);
+        return;
+    };
+    let Ok((s4, sw)) = m.pv2_at(
+        isa,
+        n,
+        folds,
+        &b.codes[..n],
+        &b.codes_lo[..n],
+        &stage,
+        &mut b.scratch,
+        &mut b.pv2,
+    ) else {
+        out.fill(f32::NAN);
+        return;
+    };
+    let f4 = DequantConst::new(&stage, 4).with_x(scale_p).factor(s4);
+    let fw = DequantConst::new(&stage, 0).with_x(scale_p).factor(sw);
+    let o2 = &b.pv2;
+    let planes = o2
+        .y4_hi
+        .iter()
+        .zip(&o2.y4_lo)
+        .zip(o2.yw_hi.iter().zip(&o2.yw_lo));
+    for (o, ((&ah, &al), (&bh, &bl))) in out.iter_mut().zip(planes) {
+        let a = (i64::from(ah) << P_PLANE_BITS) + i64::from(al);
+        let b = (i64::from(bh) << P_PLANE_BITS) + i64::from(bl);
+        *o = a as f32 * f4 + b as f32 * fw;
     }
 }
