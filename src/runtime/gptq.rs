@@ -1565,4 +1565,38 @@ mod tests {
             }
         }
     }
+
+    /// `--sweep-bpw`: the report re-solves the budget on the same candidates; at the run's own
+    /// cap it gives the run's tensors, with no budget nothing is upgraded, with a large one
+    /// every candidate is.
+    #[test]
+    fn report_resolves_other_budgets() {
+        let model = tiny_model(2, 9);
+        let calib: Vec<Vec<u32>> = (0..4)
+            .map(|c| (0..48).map(|i| ((i * 7 + c * 3) % 40) as u32).collect())
+            .collect();
+        let c = calibrate_chunks(&mut model.clone(), &calib).unwrap();
+        let bits_of = |name: &str| if name == "output" { 8 } else { 2 };
+        let plan = Plan {
+            gptq: true,
+            opts: opts(0.01, false, false),
+            max_bpw: Some(5.0),
+            base_bits: 2,
+            bits_of: &bits_of,
+        };
+        let (out, report) = quantize_model(&mut model.clone(), Some(&c), &DP, &plan).unwrap();
+        assert_eq!(report.candidates.len(), 14);
+        assert!(!report.upgraded.is_empty() && report.upgraded.len() < 14);
+        let (same, up) = report.at_budget(5.0);
+        assert_eq!(up, report.upgraded);
+        for (a, b) in same.iter().zip(&out) {
+            assert_eq!(a.1.packed(), b.1.packed());
+        }
+        assert!(report.at_budget(0.0).1.is_empty());
+        let (all, up) = report.at_budget(100.0);
+        assert_eq!(up.len(), 14);
+        assert!(all
+            .iter()
+            .all(|(n, q)| n == "output" || q.format().bits() == 4));
+    }
 }

@@ -85,7 +85,12 @@ pub struct QuantizeArgs {
     pub sequential_a8: bool,
     /// Also write the model at these --max-bpw budgets (comma-separated) from the same
     /// quantization run, to OUT with `.bpwX` before the extension: a bits-per-weight curve
-    #[arg(long, value_name = "BPW,...", value_delimiter = ',', requires = "max_bpw")]
+    #[arg(
+        long,
+        value_name = "BPW,...",
+        value_delimiter = ',',
+        requires = "max_bpw"
+    )]
     pub sweep_bpw: Vec<f64>,
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -298,7 +303,10 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<()> {
         }
         let (t, up) = report.at_budget(b);
         let stem = args.out.with_extension("");
-        let ext = args.out.extension().map_or("tsr".into(), |e| e.to_string_lossy());
+        let ext = args
+            .out
+            .extension()
+            .map_or("tsr".into(), |e| e.to_string_lossy());
         let path = PathBuf::from(format!("{}.bpw{b}.{ext}", stem.display()));
         let m = method.replace(
             &format!("<= {} bpw", args.max_bpw.unwrap_or(b)),
