@@ -718,6 +718,8 @@ pub struct QuantReport {
 /// An upgrade candidate: the index of its tensor in the output list, the sizes and errors, and
 /// the tensor at 4 bits.
 pub type Candidate = (usize, Upgrade, Arc<QuantWeights>);
+/// A tensor at its base bits and, under a budget, its upgrade (errors, sizes, 4-bit tensor).
+type Quantized = (Arc<QuantWeights>, Option<(Upgrade, Arc<QuantWeights>)>);
 
 /// Quantizes one linear layer `name` (`w` is `n_out x n_in`, f32) as `plan` says, with `hess`
 /// (the Hessian of its inputs and `k`) if there is one; `prepared` caches the last GPTQ
@@ -733,7 +735,7 @@ fn quantize_tensor(
     dp: &Datapath,
     plan: &Plan,
     prepared: &mut Option<(String, Prepared)>,
-) -> Result<(Arc<QuantWeights>, Option<(Upgrade, Arc<QuantWeights>)>)> {
+) -> Result<Quantized> {
     let bits = (plan.bits_of)(name);
     let q = match hess {
         Some((h, k)) if bits < 8 => {
@@ -1397,7 +1399,14 @@ mod tests {
                 .vec(n_in * n_out)
                 .iter()
                 .enumerate()
-                .map(|(i, v)| v * gain * if i % n_in % 11 == 0 { 3.0 } else { 1.0 })
+                .map(|(i, v)| {
+                    v * gain
+                        * if (i % n_in).is_multiple_of(11) {
+                            3.0
+                        } else {
+                            1.0
+                        }
+                })
                 .collect();
             Linear::f32(Arc::new(w), n_in, n_out)
         };
