@@ -37,7 +37,7 @@ use tessera_golden::quant::{quantize_group_asym, scale_multipliers, QuantWeights
 
 use super::cli::progress_bar;
 use super::engine::{format_of_bits, linear_f32, linears_mut, quantize_linear};
-use super::model::Model;
+use super::model::{Layer, Model};
 use super::ops::{CaptureLinear, Linear};
 use super::tokenizer::Tokenizer;
 use super::tsr::tensor_bits;
@@ -487,6 +487,13 @@ pub fn calibrate(
     text: &str,
     calib_tokens: usize,
 ) -> Result<Calibration> {
+    let ctx = 512.min(model.cfg.ctx_len);
+    let chunks = calibration_chunks(tok, text, ctx, calib_tokens)?;
+    calibrate_chunks(model, &chunks)
+}
+
+/// As [`calibrate`], on token chunks ([`calibration_chunks`]).
+pub fn calibrate_chunks(model: &mut Model, chunks: &[Vec<u32>]) -> Result<Calibration> {
     let capture_names = ["attn_q", "attn_output", "ffn_gate", "ffn_down"];
     let mut stores: Vec<Store> = Vec::new();
     for (name, l) in linears_mut(model) {
@@ -497,13 +504,7 @@ pub fn calibrate(
             *l = Linear::Capture(CaptureLinear { inner, inputs });
         }
     }
-    let ctx = 512.min(model.cfg.ctx_len);
-    let mut ids = Vec::new();
-    if tok.add_bos {
-        ids.extend(tok.bos_id);
-    }
-    ids.extend(tok.encode(text)?);
-    let n_chunks = (calib_tokens.div_ceil(ctx)).min(ids.len() / ctx);
+    let ctx = chunks.first().map_or(0, Vec::len);
     let restore = |model: &mut Model| {
         for (_, l) in linears_mut(model) {
             if let Linear::Capture(c) = l {
@@ -512,13 +513,7 @@ pub fn calibrate(
             }
         }
     };
-    if n_chunks == 0 {
-        restore(model);
-        return Err(Error::new(format!(
-            "the calibration text has {} tokens: at least {ctx} are needed",
-            ids.len()
-        )));
-    }
+    let n_chunks = chunks.len();
     let mut hessians: HashMap<String, (Vec<f64>, usize)> = stores
         .iter()
         .map(|(n, k, _)| (n.clone(), (vec![0f64; k * k], *k)))
@@ -526,13 +521,9 @@ pub fn calibrate(
     let bar = progress_bar("calibrating [{bar:30}] {pos}/{len} chunks of {msg} tokens ({elapsed})");
     bar.set_message(ctx.to_string());
     bar.set_length(n_chunks as u64);
-    for c in 0..n_chunks {
-        let mut chunk = ids[c * ctx..(c + 1) * ctx].to_vec();
-        if let (true, Some(b)) = (tok.add_bos, tok.bos_id) {
-            chunk[0] = b;
-        }
+    for chunk in chunks {
         let mut s = model.session();
-        if let Err(e) = model.forward_rows(&mut s, &chunk, 1) {
+        if let Err(e) = model.forward_rows(&mut s, chunk, 1) {
             restore(model);
             return Err(e);
         }
@@ -553,7 +544,7 @@ pub fn calibrate(
         hessian_mirror(h, *k);
     }
     Ok(Calibration {
-        tokens: n_chunks * ctx,
+        tokens: chunks.iter().map(Vec::len).sum(),
         chunks: n_chunks,
         hessians,
     })
@@ -719,6 +710,137 @@ impl std::fmt::Debug for Plan<'_> {
 #[derive(Debug, Clone, Default)]
 pub struct QuantReport {
     pub upgraded: Vec<String>,
+    /// Every tensor at its base bits, and the 4-bit upgrade candidates (index into `base`).
+    pub base: Tensors,
+    pub candidates: Vec<Candidate>,
+}
+
+/// An upgrade candidate: the index of its tensor in the output list, the sizes and errors, and
+/// the tensor at 4 bits.
+pub type Candidate = (usize, Upgrade, Arc<QuantWeights>);
+/// A tensor at its base bits and, under a budget, its upgrade (errors, sizes, 4-bit tensor).
+type Quantized = (Arc<QuantWeights>, Option<(Upgrade, Arc<QuantWeights>)>);
+
+/// Quantizes one linear layer `name` (`w` is `n_out x n_in`, f32) as `plan` says, with `hess`
+/// (the Hessian of its inputs and `k`) if there is one; `prepared` caches the last GPTQ
+/// preparation (Q/K/V and gate/up share theirs). Returns the tensor at its base bits and, under
+/// a bits-per-weight budget, the upgrade candidate (without its index).
+#[allow(clippy::too_many_arguments)]
+fn quantize_tensor(
+    name: &str,
+    w: &[f32],
+    n_in: usize,
+    n_out: usize,
+    hess: Option<(&[f64], usize)>,
+    dp: &Datapath,
+    plan: &Plan,
+    prepared: &mut Option<(String, Prepared)>,
+) -> Result<Quantized> {
+    let bits = (plan.bits_of)(name);
+    let q = match hess {
+        Some((h, k)) if bits < 8 => {
+            if k != n_in {
+                return Err(Error::new(format!(
+                    "{name}: calibration inputs of {k} columns, the layer has {n_in}"
+                )));
+            }
+            let mut variants = vec![bits];
+            if plan.max_bpw.is_some() && bits == plan.base_bits && bits < 4 {
+                variants.push(4);
+            }
+            let mut res = Vec::new();
+            for b in variants {
+                let (q, err) = if plan.gptq {
+                    let src = source_of(name).unwrap_or_default();
+                    if prepared.as_ref().is_none_or(|(s, _)| *s != src) {
+                        drop(prepared.take()); // free the previous one first
+                        let p = prepare(h, k, &plan.opts)
+                            .map_err(|e| Error::new(format!("{name}: {e}")))?;
+                        *prepared = Some((src, p));
+                    }
+                    let p = &prepared
+                        .as_ref()
+                        .map(|x| &x.1)
+                        .ok_or_else(|| Error::new("GPTQ: no Hessian"))?;
+                    gptq_matrix(w, n_out, k, p, b, dp, &plan.opts)
+                        .map_err(|e| Error::new(format!("{name}: {e}")))?
+                } else {
+                    let diag: Vec<f64> = (0..k).map(|i| h[i * k + i]).collect();
+                    let q = rtn_matrix(w, n_out, k, b, dp, Some(&diag), plan.opts.clip)
+                        .map_err(|e| Error::new(format!("{name}: {e}")))?;
+                    let err = if plan.max_bpw.is_some() {
+                        hessian_error(w, &q, h, k)
+                    } else {
+                        0.0
+                    };
+                    (q, err)
+                };
+                res.push((Arc::new(q), err));
+            }
+            let up = (res.len() == 2).then(|| {
+                (
+                    Upgrade {
+                        bits_base: tensor_bits(&res[0].0),
+                        bits_up: tensor_bits(&res[1].0),
+                        err_base: res[0].1,
+                        err_up: res[1].1,
+                    },
+                    res[1].0.clone(),
+                )
+            });
+            return Ok((res.swap_remove(0).0, up));
+        }
+        _ if bits < 8 && name != "output" => {
+            Arc::new(rtn_matrix(w, n_out, n_in, bits, dp, None, plan.opts.clip)?)
+        }
+        _ => Arc::new(
+            quantize_linear(w, n_in, n_out, format_of_bits(bits)?, dp)
+                .map_err(|e| Error::new(format!("{name}: {e}")))?,
+        ),
+    };
+    Ok((q, None))
+}
+
+/// Runs the budget solver (if `plan` has one) over `ups` and swaps the chosen tensors in `out`;
+/// the report keeps the base tensors and the candidates for [`QuantReport::at_budget`].
+fn apply_upgrades(out: &mut Tensors, ups: Vec<Candidate>, plan: &Plan) -> QuantReport {
+    let mut report = QuantReport {
+        upgraded: Vec::new(),
+        base: out.clone(),
+        candidates: ups,
+    };
+    if let Some(max_bpw) = plan.max_bpw {
+        let (t, up) = report.at_budget(max_bpw);
+        *out = t;
+        report.upgraded = up;
+    }
+    report
+}
+
+impl QuantReport {
+    /// The tensors with the upgrades the budget solver takes under `max_bpw` (bits per
+    /// linear-layer weight, head excluded), and their names: one quantization run gives every
+    /// point of a bits-per-weight curve.
+    pub fn at_budget(&self, max_bpw: f64) -> (Tensors, Vec<String>) {
+        let mut out = self.base.clone();
+        let (mut total, mut n_w) = (0u64, 0u64);
+        for (name, q) in &out {
+            if name != "output" {
+                total += tensor_bits(q);
+                n_w += (q.n_rows() * q.k()) as u64;
+            }
+        }
+        let cands: Vec<Upgrade> = self.candidates.iter().map(|u| u.1.clone()).collect();
+        let take = choose_upgrades(total, n_w, max_bpw, &cands);
+        let mut upgraded = Vec::new();
+        for ((i, _, q), t) in self.candidates.iter().zip(take) {
+            if t {
+                upgraded.push(out[*i].0.clone());
+                out[*i].1 = q.clone();
+            }
+        }
+        (out, upgraded)
+    }
 }
 
 /// Quantizes every linear layer of `model` (f32) as `plan` says; the output head (and any layer
@@ -742,99 +864,244 @@ pub fn quantize_model(
     ));
     bar.set_length(todo.len() as u64);
     let mut prepared: Option<(String, Prepared)> = None;
-    let mut out: Vec<(String, Arc<QuantWeights>)> = Vec::new();
-    let mut ups: Vec<(usize, Upgrade, Arc<QuantWeights>)> = Vec::new();
+    let mut out: Tensors = Vec::new();
+    let mut ups: Vec<Candidate> = Vec::new();
     for (name, w, n_in, n_out) in &todo {
         bar.set_message(name.clone());
-        let bits = (plan.bits_of)(name);
         let hess = calib.and_then(|c| c.hessian_of(name));
-        let q = match hess {
-            Some((h, k)) if bits < 8 => {
-                if k != *n_in {
-                    return Err(Error::new(format!(
-                        "{name}: calibration inputs of {k} columns, the layer has {n_in}"
-                    )));
-                }
-                let mut variants = vec![bits];
-                if plan.max_bpw.is_some() && bits == plan.base_bits && bits < 4 {
-                    variants.push(4);
-                }
-                let mut res = Vec::new();
-                for b in variants {
-                    let (q, err) = if plan.gptq {
-                        let src = source_of(name).unwrap_or_default();
-                        if prepared.as_ref().is_none_or(|(s, _)| *s != src) {
-                            drop(prepared.take()); // free the previous one first
-                            let p = prepare(h, k, &plan.opts)
-                                .map_err(|e| Error::new(format!("{name}: {e}")))?;
-                            prepared = Some((src, p));
-                        }
-                        let p = &prepared
-                            .as_ref()
-                            .map(|x| &x.1)
-                            .ok_or_else(|| Error::new("GPTQ: no Hessian"))?;
-                        gptq_matrix(w, *n_out, k, p, b, dp, &plan.opts)
-                            .map_err(|e| Error::new(format!("{name}: {e}")))?
-                    } else {
-                        let diag: Vec<f64> = (0..k).map(|i| h[i * k + i]).collect();
-                        let q = rtn_matrix(w, *n_out, k, b, dp, Some(&diag), plan.opts.clip)
-                            .map_err(|e| Error::new(format!("{name}: {e}")))?;
-                        let err = if plan.max_bpw.is_some() {
-                            hessian_error(w, &q, h, k)
-                        } else {
-                            0.0
-                        };
-                        (q, err)
-                    };
-                    res.push((Arc::new(q), err));
-                }
-                if res.len() == 2 {
-                    let up = Upgrade {
-                        bits_base: tensor_bits(&res[0].0),
-                        bits_up: tensor_bits(&res[1].0),
-                        err_base: res[0].1,
-                        err_up: res[1].1,
-                    };
-                    ups.push((out.len(), up, res[1].0.clone()));
-                }
-                res.swap_remove(0).0
-            }
-            _ if bits < 8 && name != "output" => Arc::new(rtn_matrix(
-                w,
-                *n_out,
-                *n_in,
-                bits,
-                dp,
-                None,
-                plan.opts.clip,
-            )?),
-            _ => Arc::new(
-                quantize_linear(w, *n_in, *n_out, format_of_bits(bits)?, dp)
-                    .map_err(|e| Error::new(format!("{name}: {e}")))?,
-            ),
-        };
+        let (q, up) = quantize_tensor(name, w, *n_in, *n_out, hess, dp, plan, &mut prepared)?;
+        if let Some((u, q4)) = up {
+            ups.push((out.len(), u, q4));
+        }
         out.push((name.clone(), q));
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let mut report = QuantReport::default();
-    if let Some(max_bpw) = plan.max_bpw {
-        let (mut total, mut n_w) = (0u64, 0u64);
-        for (name, q) in &out {
-            if name != "output" {
-                total += tensor_bits(q);
-                n_w += (q.n_rows() * q.k()) as u64;
-            }
-        }
-        let cands: Vec<Upgrade> = ups.iter().map(|u| u.1.clone()).collect();
-        let take = choose_upgrades(total, n_w, max_bpw, &cands);
-        for ((i, _, q), t) in ups.into_iter().zip(take) {
-            if t {
-                report.upgraded.push(out[i].0.clone());
-                out[i].1 = q;
-            }
-        }
+    let report = apply_upgrades(&mut out, ups, plan);
+    Ok((out, report))
+}
+
+/// The token chunks calibration runs on: `calib_tokens` tokens of `text` in chunks of `ctx`
+/// (at most as many as the text has), each starting with BOS if the tokenizer adds one.
+pub fn calibration_chunks(
+    tok: &Tokenizer,
+    text: &str,
+    ctx: usize,
+    calib_tokens: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let mut ids = Vec::new();
+    if tok.add_bos {
+        ids.extend(tok.bos_id);
     }
+    ids.extend(tok.encode(text)?);
+    let n_chunks = (calib_tokens.div_ceil(ctx)).min(ids.len() / ctx);
+    if n_chunks == 0 {
+        return Err(Error::new(format!(
+            "the calibration text has {} tokens: at least {ctx} are needed",
+            ids.len()
+        )));
+    }
+    Ok((0..n_chunks)
+        .map(|c| {
+            let mut chunk = ids[c * ctx..(c + 1) * ctx].to_vec();
+            if let (true, Some(b)) = (tok.add_bos, tok.bos_id) {
+                chunk[0] = b;
+            }
+            chunk
+        })
+        .collect())
+}
+
+/// The inputs one transformer block sees for one chunk of `n` tokens: the attention norm's output
+/// (Q/K/V), the attention output (O), the FFN norm's output (gate/up), the SwiGLU output (down).
+struct BlockInputs {
+    qkv: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    down: Vec<f32>,
+}
+
+/// Runs `layer` of `model` alone on hidden states `x` (`n x d_model`, positions from 0, f32 KV
+/// cache) and returns the inputs of its linear layers. The block is run as a one-layer model
+/// whose "embedding table" is `x` (token `t` = row `t`), so the forward pass is the model's own.
+fn block_inputs(model: &Model, layer: &Layer, x: &[f32], n: usize) -> Result<BlockInputs> {
+    let d = model.cfg.d_model;
+    let mut layer = layer.clone();
+    let stores: Vec<Arc<Mutex<Vec<f32>>>> = (0..4).map(|_| Arc::default()).collect();
+    for (l, s) in [
+        &mut layer.wq,
+        &mut layer.wo,
+        &mut layer.w_gate,
+        &mut layer.w_down,
+    ]
+    .into_iter()
+    .zip(&stores)
+    {
+        let inner = Box::new(l.clone());
+        *l = Linear::Capture(CaptureLinear {
+            inner,
+            inputs: s.clone(),
+        });
+    }
+    let mut cfg = model.cfg.clone();
+    cfg.n_layer = 1;
+    cfg.vocab = n;
+    let one = Model {
+        cfg,
+        embed: Arc::new(x.to_vec()),
+        layers: vec![layer],
+        out_norm: model.out_norm.clone(),
+        output: Linear::f32(Arc::new(vec![0f32; n * d]), d, n),
+        kv: super::ops::KvKind::F32,
+    };
+    let mut s = one.session();
+    let tokens: Vec<u32> = (0..n as u32).collect();
+    one.forward_rows(&mut s, &tokens, 1)?;
+    let take = |i: usize| {
+        stores[i]
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    };
+    Ok(BlockInputs {
+        qkv: take(0),
+        o: take(1),
+        gate: take(2),
+        down: take(3),
+    })
+}
+
+/// The output hidden states of `layer` on `x` (`n x d_model`): `x + O(att) + down(swiglu)`,
+/// with the block's inputs from [`block_inputs`] and its (possibly quantized) O and down layers.
+fn block_output(model: &Model, layer: &Layer, x: &[f32], n: usize) -> Result<Vec<f32>> {
+    let d = model.cfg.d_model;
+    let inp = block_inputs(model, layer, x, n)?;
+    let mut y = x.to_vec();
+    let mut t = vec![0f32; n * d];
+    layer.wo.forward(&inp.o, n, &mut t);
+    y.iter_mut().zip(&t).for_each(|(a, b)| *a += b);
+    layer.w_down.forward(&inp.down, n, &mut t);
+    y.iter_mut().zip(&t).for_each(|(a, b)| *a += b);
+    Ok(y)
+}
+
+/// The linear layers of a block with their names (`blk.{l}.*`, as [`linears_mut`]).
+fn block_linears(layer: &mut Layer, l: usize) -> [(String, &mut Linear); 7] {
+    [
+        (format!("blk.{l}.attn_q"), &mut layer.wq),
+        (format!("blk.{l}.attn_k"), &mut layer.wk),
+        (format!("blk.{l}.attn_v"), &mut layer.wv),
+        (format!("blk.{l}.attn_output"), &mut layer.wo),
+        (format!("blk.{l}.ffn_gate"), &mut layer.w_gate),
+        (format!("blk.{l}.ffn_up"), &mut layer.w_up),
+        (format!("blk.{l}.ffn_down"), &mut layer.w_down),
+    ]
+}
+
+/// Sequential (layer-by-layer) GPTQ, as the GPTQ reference implementation: the Hessians of block
+/// `l` come from its inputs computed through blocks `0..l` already quantized (the calibration
+/// hidden states of every token are kept, `tokens x d_model` f32, and advanced one block at a
+/// time), so each block is fitted to the inputs it gets in the quantized model (GPTQ still
+/// reproduces `W x` on those inputs, not the f32 model's `W x_f32`). Within a block, the
+/// inputs of O and down are those of the block's f32 Q/K/V and gate/up (one pass per block,
+/// not "true sequential"). The hidden states advance through each block at its base bits (the
+/// budget solver picks the 4-bit upgrades at the end, from the errors under these Hessians).
+/// With `a8`, the quantized blocks run the engine's integer linears (A8 activations), else
+/// their dequantized weights in f32. `chunks`: token chunks ([`calibration_chunks`]).
+pub fn quantize_model_sequential(
+    model: &Model,
+    chunks: &[Vec<u32>],
+    dp: &Datapath,
+    plan: &Plan,
+    a8: bool,
+) -> Result<(Tensors, QuantReport)> {
+    let d = model.cfg.d_model;
+    let mut xs: Vec<Vec<f32>> = chunks
+        .iter()
+        .map(|c| {
+            c.iter()
+                .flat_map(|&t| {
+                    model.embed[t as usize * d..(t as usize + 1) * d]
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        })
+        .collect();
+    let method = if plan.gptq { "gptq" } else { "rtn" };
+    let bar = progress_bar(&format!(
+        "quantizing ({method}, sequential) [{{bar:30}}] {{pos}}/{{len}} blocks ({{elapsed}})"
+    ));
+    bar.set_length(model.layers.len() as u64);
+    let mut out: Tensors = Vec::new();
+    let mut ups: Vec<Candidate> = Vec::new();
+    for (l, layer) in model.layers.iter().enumerate() {
+        let mut hs: Vec<(Vec<f64>, usize)> =
+            [d, model.cfg.n_head * model.cfg.head_dim, d, model.cfg.n_ff]
+                .iter()
+                .map(|&k| (vec![0f64; k * k], k))
+                .collect();
+        for (x, c) in xs.iter().zip(chunks) {
+            let inp = block_inputs(model, layer, x, c.len())?;
+            for ((h, k), v) in hs.iter_mut().zip([&inp.qkv, &inp.o, &inp.gate, &inp.down]) {
+                hessian_add(h, v, *k);
+            }
+        }
+        for (h, k) in &mut hs {
+            hessian_mirror(h, *k);
+        }
+        let mut q_layer = layer.clone();
+        let mut prepared: Option<(String, Prepared)> = None;
+        for (name, lin) in block_linears(&mut q_layer, l) {
+            let (h, k) = match name.rsplit_once('.').map_or("", |x| x.1) {
+                "attn_q" | "attn_k" | "attn_v" => &hs[0],
+                "attn_output" => &hs[1],
+                "ffn_gate" | "ffn_up" => &hs[2],
+                _ => &hs[3],
+            };
+            let w = linear_f32(lin);
+            let (n_in, n_out) = (lin.n_in(), lin.n_out());
+            let (q, up) = quantize_tensor(
+                &name,
+                &w,
+                n_in,
+                n_out,
+                Some((h, *k)),
+                dp,
+                plan,
+                &mut prepared,
+            )?;
+            if let Some((u, q4)) = up {
+                ups.push((out.len(), u, q4));
+            }
+            *lin = if a8 {
+                Linear::Engine(super::ops::EngineLinear::new(q.clone(), *dp)?)
+            } else {
+                Linear::f32(Arc::new(q.dequantize()), n_in, n_out)
+            };
+            out.push((name, q));
+        }
+        drop(prepared);
+        drop(hs);
+        for (x, c) in xs.iter_mut().zip(chunks) {
+            *x = block_output(model, &q_layer, x, c.len())?;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let head = &model.output;
+    let (q, _) = quantize_tensor(
+        "output",
+        &linear_f32(head),
+        head.n_in(),
+        head.n_out(),
+        None,
+        dp,
+        plan,
+        &mut None,
+    )?;
+    out.push(("output".to_string(), q));
+    let report = apply_upgrades(&mut out, ups, plan);
     Ok((out, report))
 }
 
@@ -1107,5 +1374,238 @@ mod tests {
             assert!(e.contains("not a Hessian cache"), "{e}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A random `n_layer`-block Llama (d 64, ffn 96, 4 heads, 2 KV heads, vocab 40), f32.
+    fn tiny_model(n_layer: usize, seed: u64) -> Model {
+        use super::super::model::LlamaConfig;
+        let cfg = LlamaConfig {
+            n_layer,
+            d_model: 64,
+            n_ff: 96,
+            n_head: 4,
+            n_head_kv: 2,
+            head_dim: 16,
+            vocab: 40,
+            ctx_len: 64,
+            rope_base: 10_000.0,
+            rms_eps: 1e-5,
+        };
+        let mut r = Lcg(seed);
+        let (d, ff, kvd) = (64, 96, 32);
+        // Rows scaled per input channel (outlier channels, as in an LLM), so 2 bits hurt.
+        let mut lin = |n_in: usize, n_out: usize, gain: f32| {
+            let w: Vec<f32> = r
+                .vec(n_in * n_out)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v * gain
+                        * if (i % n_in).is_multiple_of(11) {
+                            3.0
+                        } else {
+                            1.0
+                        }
+                })
+                .collect();
+            Linear::f32(Arc::new(w), n_in, n_out)
+        };
+        let layers = (0..n_layer)
+            .map(|_| Layer {
+                attn_norm: vec![1.0; d],
+                wq: lin(d, d, 0.1),
+                wk: lin(d, kvd, 0.1),
+                wv: lin(d, kvd, 0.3),
+                wo: lin(d, d, 0.15),
+                ffn_norm: vec![1.0; d],
+                w_gate: lin(d, ff, 0.3),
+                w_up: lin(d, ff, 0.3),
+                w_down: lin(ff, d, 0.15),
+            })
+            .collect();
+        let embed = Arc::new(Lcg(seed ^ 0x55).vec(40 * d));
+        Model {
+            cfg,
+            embed: embed.clone(),
+            layers,
+            out_norm: vec![1.0; d],
+            output: Linear::f32(embed, d, 40),
+            kv: super::super::ops::KvKind::F32,
+        }
+    }
+
+    /// `model` with its block linears replaced by the dequantized `tensors` (head kept f32).
+    fn with_tensors(model: &Model, tensors: &Tensors) -> Model {
+        let mut m = model.clone();
+        for (name, l) in linears_mut(&mut m) {
+            if let Some((_, q)) = tensors.iter().find(|(n, _)| *n == name && n != "output") {
+                *l = Linear::f32(Arc::new(q.dequantize()), l.n_in(), l.n_out());
+            }
+        }
+        m
+    }
+
+    /// Sequential calibration: block 0 sees the same inputs either way (so its tensors are the
+    /// same, bit for bit); the last block, calibrated on the outputs of the quantized blocks
+    /// before it, has a smaller layer-output error on the inputs it gets in that model than the
+    /// same block quantized by GPTQ on the f32 model's activations (measured: 23,107 vs
+    /// 29,023, -20%, at 2 bits).
+    #[test]
+    fn sequential_calibration_lowers_the_output_error() {
+        let model = tiny_model(3, 11);
+        let mut rng = Lcg(3);
+        let mut chunks_of = |n: usize| -> Vec<Vec<u32>> {
+            (0..n)
+                .map(|_| {
+                    (0..48)
+                        .map(|_| ((rng.next() + 1.0) * 19.99) as u32)
+                        .collect()
+                })
+                .collect()
+        };
+        let calib = chunks_of(8);
+        let bits = 2;
+        let bits_of = |name: &str| if name == "output" { 8 } else { bits };
+        let plan = Plan {
+            gptq: true,
+            opts: opts(0.01, true, true),
+            max_bpw: None,
+            base_bits: bits,
+            bits_of: &bits_of,
+        };
+        let c = calibrate_chunks(&mut model.clone(), &calib).unwrap();
+        assert_eq!(c.tokens, 8 * 48);
+        let (plain, _) = quantize_model(&mut model.clone(), Some(&c), &DP, &plan).unwrap();
+        let (seq, _) = quantize_model_sequential(&model, &calib, &DP, &plan, false).unwrap();
+        let names: Vec<&String> = seq.iter().map(|t| &t.0).collect();
+        assert_eq!(names, plain.iter().map(|t| &t.0).collect::<Vec<_>>());
+        for ((name, a), (_, b)) in plain.iter().zip(&seq) {
+            let same = a.packed() == b.packed() && a.gscale_q() == b.gscale_q();
+            if name.starts_with("blk.0.") || name == "output" {
+                assert!(
+                    same,
+                    "{name}: block 0 and the head do not depend on the order"
+                );
+            }
+        }
+        assert!(
+            plain
+                .iter()
+                .zip(&seq)
+                .any(|(a, b)| a.1.packed() != b.1.packed()),
+            "the later blocks changed"
+        );
+        // The last block's layer-output error `sum_rows (w - q) H (w - q)^T` on the inputs it
+        // gets in the sequentially quantized model (blocks 0 and 1 quantized): GPTQ on these
+        // inputs (sequential) beats GPTQ on the f32 model's inputs (one pass).
+        let qm = with_tensors(&model, &seq);
+        let d = 64;
+        let mut hs: Vec<(Vec<f64>, usize)> = [64, 64, 64, 96]
+            .iter()
+            .map(|&k| (vec![0f64; k * k], k))
+            .collect();
+        for c in &calib {
+            let mut x: Vec<f32> = c
+                .iter()
+                .flat_map(|&t| model.embed[t as usize * d..(t as usize + 1) * d].to_vec())
+                .collect();
+            for layer in &qm.layers[..2] {
+                x = block_output(&model, layer, &x, c.len()).unwrap();
+            }
+            let inp = block_inputs(&model, &model.layers[2], &x, c.len()).unwrap();
+            for ((h, k), v) in hs.iter_mut().zip([&inp.qkv, &inp.o, &inp.gate, &inp.down]) {
+                hessian_add(h, v, *k);
+            }
+        }
+        for (h, k) in &mut hs {
+            hessian_mirror(h, *k);
+        }
+        let mut m2 = model.clone();
+        let (mut e_plain, mut e_seq) = (0f64, 0f64);
+        for (i, (name, lin)) in block_linears(&mut m2.layers[2], 2).into_iter().enumerate() {
+            let (h, k) = &hs[[0, 0, 0, 1, 2, 2, 3][i]];
+            let w = linear_f32(lin);
+            let find = |t: &Tensors| t.iter().find(|x| x.0 == name).unwrap().1.clone();
+            e_plain += hessian_error(&w, &find(&plain), h, *k);
+            e_seq += hessian_error(&w, &find(&seq), h, *k);
+        }
+        eprintln!("last block: sequential {e_seq} vs one pass {e_plain}");
+        assert!(
+            e_seq < 0.9 * e_plain,
+            "sequential {e_seq} vs one pass {e_plain}"
+        );
+        // With A8 blocks the hidden states advance through the engine's integer linears: block 0
+        // is still the same, the rest differs from the f32 sequential run.
+        let (seq8, _) = quantize_model_sequential(&model, &calib, &DP, &plan, true).unwrap();
+        assert_eq!(seq8[0].1.packed(), seq[0].1.packed());
+        assert!(seq8
+            .iter()
+            .zip(&seq)
+            .any(|(a, b)| a.1.packed() != b.1.packed()));
+    }
+
+    /// [`block_output`] block after block gives the hidden states of the model's own forward
+    /// pass (checked through the logits).
+    #[test]
+    fn block_by_block_equals_the_forward_pass() {
+        let model = tiny_model(3, 5);
+        let tokens: Vec<u32> = (0..30).map(|i| (i * 7 % 40) as u32).collect();
+        let d = 64;
+        let mut x: Vec<f32> = tokens
+            .iter()
+            .flat_map(|&t| model.embed[t as usize * d..(t as usize + 1) * d].to_vec())
+            .collect();
+        for layer in &model.layers {
+            x = block_output(&model, layer, &x, tokens.len()).unwrap();
+        }
+        let want = model
+            .forward_rows(&mut model.session(), &tokens, tokens.len())
+            .unwrap();
+        let mut hn = vec![0f32; d];
+        let mut got = vec![0f32; 40];
+        for (t, xr) in x.chunks(d).enumerate() {
+            super::super::model::rms_norm(xr, &model.out_norm, model.cfg.rms_eps, &mut hn);
+            model.output.forward(&hn, 1, &mut got);
+            for (a, b) in got.iter().zip(&want[t * 40..(t + 1) * 40]) {
+                assert!(
+                    (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                    "token {t}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// `--sweep-bpw`: the report re-solves the budget on the same candidates; at the run's own
+    /// cap it gives the run's tensors, with no budget nothing is upgraded, with a large one
+    /// every candidate is.
+    #[test]
+    fn report_resolves_other_budgets() {
+        let model = tiny_model(2, 9);
+        let calib: Vec<Vec<u32>> = (0..4)
+            .map(|c| (0..48).map(|i| ((i * 7 + c * 3) % 40) as u32).collect())
+            .collect();
+        let c = calibrate_chunks(&mut model.clone(), &calib).unwrap();
+        let bits_of = |name: &str| if name == "output" { 8 } else { 2 };
+        let plan = Plan {
+            gptq: true,
+            opts: opts(0.01, false, false),
+            max_bpw: Some(5.0),
+            base_bits: 2,
+            bits_of: &bits_of,
+        };
+        let (out, report) = quantize_model(&mut model.clone(), Some(&c), &DP, &plan).unwrap();
+        assert_eq!(report.candidates.len(), 14);
+        assert!(!report.upgraded.is_empty() && report.upgraded.len() < 14);
+        let (same, up) = report.at_budget(5.0);
+        assert_eq!(up, report.upgraded);
+        for (a, b) in same.iter().zip(&out) {
+            assert_eq!(a.1.packed(), b.1.packed());
+        }
+        assert!(report.at_budget(0.0).1.is_empty());
+        let (all, up) = report.at_budget(100.0);
+        assert_eq!(up.len(), 14);
+        assert!(all
+            .iter()
+            .all(|(n, q)| n == "output" || q.format().bits() == 4));
     }
 }

@@ -75,6 +75,23 @@ pub struct QuantizeArgs {
     /// weight (scales, zero points and row scales counted; the head excluded)
     #[arg(long, value_name = "BPW")]
     pub max_bpw: Option<f64>,
+    /// Sequential (layer-by-layer) calibration, as the GPTQ reference: the Hessians of block l
+    /// come from inputs computed through blocks 0..l already quantized (at their base bits,
+    /// dequantized weights in f32). Hessians are not cached (they depend on the quantization)
+    #[arg(long)]
+    pub sequential: bool,
+    /// With --sequential: the quantized blocks run the engine's integer linears (A8 inputs)
+    #[arg(long, requires = "sequential")]
+    pub sequential_a8: bool,
+    /// Also write the model at these --max-bpw budgets (comma-separated) from the same
+    /// quantization run, to OUT with `.bpwX` before the extension: a bits-per-weight curve
+    #[arg(
+        long,
+        value_name = "BPW,...",
+        value_delimiter = ',',
+        requires = "max_bpw"
+    )]
+    pub sweep_bpw: Vec<f64>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -139,17 +156,25 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<()> {
     let (mut model, tok) = load(&args.model)?;
     let t0 = std::time::Instant::now();
     let needs_calib = args.method == Method::Gptq || args.max_bpw.is_some();
-    let calib = if needs_calib {
-        let calib_path = args
-            .calib
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("data/calibration.txt"));
-        let text = std::fs::read_to_string(&calib_path).map_err(|e| {
+    if args.sequential && !needs_calib {
+        return Err(Error::new(
+            "--sequential: calibration is for --method gptq or --max-bpw",
+        ));
+    }
+    let calib_path = args
+        .calib
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("data/calibration.txt"));
+    let read_calib = || {
+        std::fs::read_to_string(&calib_path).map_err(|e| {
             Error::new(format!(
                 "cannot read calibration text {}: {e}",
                 calib_path.display()
             ))
-        })?;
+        })
+    };
+    let calib = if needs_calib && !args.sequential {
+        let text = read_calib()?;
         let key = format!(
             "model {} ({} bytes), calibration {} ({} bytes, {:016x}), {} tokens",
             args.model.display(),
@@ -193,7 +218,15 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<()> {
         base_bits,
         bits_of: &bits_of,
     };
-    let (quantized, report) = gptq::quantize_model(&mut model, calib.as_ref(), &dp, &plan)?;
+    let mut seq_tokens = 0;
+    let (quantized, report) = if args.sequential {
+        let ctx = 512.min(model.cfg.ctx_len);
+        let chunks = gptq::calibration_chunks(&tok, &read_calib()?, ctx, args.calib_tokens)?;
+        seq_tokens = chunks.len() * ctx;
+        gptq::quantize_model_sequential(&model, &chunks, &dp, &plan, args.sequential_a8)?
+    } else {
+        gptq::quantize_model(&mut model, calib.as_ref(), &dp, &plan)?
+    };
     let host = tsr::host_gguf(&g, |name| {
         name == "token_embd.weight" || name.ends_with("_norm.weight")
     });
@@ -210,47 +243,76 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<()> {
     if let Some(c) = &calib {
         method.push_str(&format!(", calibration {} tokens", c.tokens));
     }
-    let header = tsr::write(&args.out, args.scheme, &method, &dp, &host, &quantized)?;
-    let n4 = header
-        .tensors
-        .iter()
-        .filter(|t| t.bits == 4 && t.name != "output")
-        .count();
-    let n8 = header
-        .tensors
-        .iter()
-        .filter(|t| t.bits == 8 && t.name != "output")
-        .count();
-    println!(
-        "wrote {} ({} {}, group {}, {} linear tensors: {} at 4 bits, {} at 8 bits; head {} bits) in {:.1} s",
-        args.out.display(),
-        args.scheme.name(),
-        header.method,
-        dp.w_group_len,
-        header.tensors.len() - 1,
-        n4,
-        n8,
-        header
-            .tensors
-            .iter()
-            .find(|t| t.name == "output")
-            .map_or(0, |t| t.bits),
-        t0.elapsed().as_secs_f64()
-    );
-    let bd = Breakdown::of(&quantized);
-    println!(
-        "bits per linear-layer weight: {:.4} = codes {:.4} + group scales {:.4} + zero points {:.4} + row scales {:.4}; {:.1}% of the weights at 4 bits, {:.1}% at 8 (head excluded: {:.4} bpw with it)",
-        bd.total(),
-        bd.codes,
-        bd.scales,
-        bd.zeros,
-        bd.rows,
-        100.0 * bd.share4,
-        100.0 * bd.share8,
-        header.bits_per_weight_with_head
-    );
-    if !report.upgraded.is_empty() {
-        println!("upgraded to 4 bits: {}", report.upgraded.join(" "));
+    if args.sequential {
+        let a8 = if args.sequential_a8 { ", A8" } else { "" };
+        method.push_str(&format!(", sequential calibration{a8} {seq_tokens} tokens"));
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let write = |path: &std::path::Path,
+                 method: &str,
+                 quantized: &gptq::Tensors,
+                 upgraded: &[String]|
+     -> Result<()> {
+        let header = tsr::write(path, args.scheme, method, &dp, &host, quantized)?;
+        let count = |bits: u32| {
+            header
+                .tensors
+                .iter()
+                .filter(|t| t.bits == bits && t.name != "output")
+                .count()
+        };
+        println!(
+            "wrote {} ({} {}, group {}, {} linear tensors: {} at 4 bits, {} at 8 bits; head {} bits) in {:.1} s",
+            path.display(),
+            args.scheme.name(),
+            header.method,
+            dp.w_group_len,
+            header.tensors.len() - 1,
+            count(4),
+            count(8),
+            header
+                .tensors
+                .iter()
+                .find(|t| t.name == "output")
+                .map_or(0, |t| t.bits),
+            elapsed
+        );
+        let bd = Breakdown::of(quantized);
+        println!(
+            "bits per linear-layer weight: {:.4} = codes {:.4} + group scales {:.4} + zero points {:.4} + row scales {:.4}; {:.1}% of the weights at 4 bits, {:.1}% at 8 (head excluded: {:.4} bpw with it)",
+            bd.total(),
+            bd.codes,
+            bd.scales,
+            bd.zeros,
+            bd.rows,
+            100.0 * bd.share4,
+            100.0 * bd.share8,
+            header.bits_per_weight_with_head
+        );
+        if !upgraded.is_empty() {
+            println!("upgraded to 4 bits: {}", upgraded.join(" "));
+        }
+        Ok(())
+    };
+    write(&args.out, &method, &quantized, &report.upgraded)?;
+    for &b in &args.sweep_bpw {
+        if !(b.is_finite() && b > 0.0) {
+            return Err(Error::new(format!(
+                "--sweep-bpw {b}: a positive number of bits"
+            )));
+        }
+        let (t, up) = report.at_budget(b);
+        let stem = args.out.with_extension("");
+        let ext = args
+            .out
+            .extension()
+            .map_or("tsr".into(), |e| e.to_string_lossy());
+        let path = PathBuf::from(format!("{}.bpw{b}.{ext}", stem.display()));
+        let m = method.replace(
+            &format!("<= {} bpw", args.max_bpw.unwrap_or(b)),
+            &format!("<= {b} bpw"),
+        );
+        write(&path, &m, &t, &up)?;
     }
     Ok(())
 }
