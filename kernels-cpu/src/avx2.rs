@@ -177,7 +177,7 @@ mod imp {
     /// The four horizontal sums of `a, b, c, d`.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn hsum4(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> [i32; 4] {
+    pub(super) fn hsum4(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> [i32; 4] {
         let abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
         let r = _mm_add_epi32(
             _mm256_castsi256_si128(abcd),
@@ -801,6 +801,8 @@ pub(crate) fn window_pv2(
 mod kv_imp {
     use std::arch::x86_64::*;
 
+    use super::imp::hsum4;
+
     /// The 32 codes of one W4 chunk (byte `i` holds codes `i` and `16 + i`), as `u8` lanes.
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -816,20 +818,6 @@ mod kv_imp {
     #[target_feature(enable = "avx2")]
     fn dot(c: __m256i, x: __m256i) -> __m256i {
         _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), _mm256_set1_epi16(1))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn hsum4(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> [i32; 4] {
-        let abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
-        let r = _mm_add_epi32(
-            _mm256_castsi256_si128(abcd),
-            _mm256_extracti128_si256(abcd, 1),
-        );
-        let mut out = [0i32; 4];
-        // SAFETY: out is 16 writable bytes.
-        unsafe { _mm_storeu_si128(out.as_mut_ptr().cast::<__m128i>(), r) };
-        out
     }
 
     /// # Safety
