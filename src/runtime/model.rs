@@ -441,13 +441,35 @@ impl Model {
     /// while the others join, instead of each of the ~120 weight products of a step injecting a
     /// job from outside the pool and blocking until a worker finishes it (two thread wake-ups
     /// per product).
+    ///
+    /// A decode step (one token) whose linears all run on the CPU backend leads the session's
+    /// thread team ([`Team`]) with as many threads as the rayon pool: its helpers spin between
+    /// the step's products, so a GEMV costs a few atomic operations of synchronisation instead
+    /// of a rayon wake-up (the same integers: only which thread computes a row changes). A
+    /// prompt, and the other backends (whose products fork on rayon), run without it.
     pub fn forward_into<'s>(
         &self,
         s: &'s mut Session,
         tokens: &[u32],
         rows: usize,
     ) -> Result<&'s [f32]> {
-        rayon::scope(|_| self.forward_on_worker(s, tokens, rows))
+        let threads = if tokens.len() == 1 && self.all_linears_on_cpu_backend() {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        let team = s.ws.lin.team.clone();
+        team.lead(threads, || self.forward_on_worker(s, tokens, rows))
+    }
+
+    /// Whether every linear layer is an engine layer on [`Backend::Cpu`] (then no product of a
+    /// decode step uses rayon).
+    fn all_linears_on_cpu_backend(&self) -> bool {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
+            .chain(std::iter::once(&self.output))
+            .all(|l| matches!(l, Linear::Engine(e) if e.backend() == Backend::Cpu))
     }
 
     fn forward_on_worker<'s>(
