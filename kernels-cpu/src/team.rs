@@ -39,6 +39,10 @@ pub const SPIN_FOR: Duration = Duration::from_micros(300);
 const SPIN_ROUNDS: u32 = 1 << 10;
 /// A parked helper wakes at least this often (a safety net; unparking is the normal wake-up).
 const PARK_FOR: Duration = Duration::from_millis(5);
+/// See [`Team::lead`]: a lead whose helpers ran fewer of its tasks than this share makes the
+/// next [`BACKOFF_LEADS`] leads run without helpers.
+pub const MIN_HELPER_SHARE: f64 = 0.125;
+pub const BACKOFF_LEADS: usize = 15;
 /// Most tasks of one loop (the task fields of [`Shared::state`] are 16 bits).
 pub const MAX_TASKS: usize = 1 << 15;
 
@@ -88,6 +92,11 @@ struct Shared {
     members: AtomicUsize,
     /// The first panic of a task of the current loop, resumed by the leader.
     panic: Mutex<Option<Box<dyn Any + Send>>>,
+    /// Tasks run by the leader / by helpers, since the team was made (each adds once a lead).
+    tasks_leader: AtomicU64,
+    tasks_helpers: AtomicU64,
+    /// Leads left to run without helpers (see [`Team::lead`]).
+    backoff_leads: AtomicUsize,
 }
 
 thread_local! {
@@ -134,16 +143,38 @@ impl Team {
         }
     }
 
+    /// `(leader, helpers)`: tasks of [`Self::for_each`] loops run by the leader and by helpers
+    /// since the team was made (how much the helpers took part).
+    #[must_use]
+    pub fn task_counts(&self) -> (u64, u64) {
+        (
+            self.shared.tasks_leader.load(Ordering::Relaxed),
+            self.shared.tasks_helpers.load(Ordering::Relaxed),
+        )
+    }
+
     /// Runs `f` on a worker of the current rayon pool (in place when the caller is one) as the
     /// team's leader, with `min(threads, pool size) - 1` helpers taken from the pool until `f`
     /// returns. `threads <= 1` runs `f` without a team.
+    ///
+    /// On a machine busier than its cores, spinning helpers are descheduled and only take CPU
+    /// time from the leader: when the helpers of a lead ran under [`MIN_HELPER_SHARE`] of its
+    /// tasks, the next [`BACKOFF_LEADS`] leads run without helpers (their parallel work then
+    /// forks on rayon, whose workers sleep), then the team tries again.
     pub fn lead<R: Send>(&self, threads: usize, f: impl FnOnce() -> R + Send) -> R {
         let sh = &*self.shared;
+        let skip = threads > 1
+            && sh
+                .backoff_leads
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+        let threads = if skip { 1 } else { threads };
+        let before = self.task_counts();
         // Claim the team; a nested or concurrent `lead` runs without helpers.
         let claimed = !self.is_leading() && !sh.busy.swap(true, Ordering::AcqRel);
         // Released after the scope below, so after every helper has returned.
         let _busy = claimed.then_some(BusyGuard(sh));
-        rayon::scope(|scope| {
+        let r = rayon::scope(|scope| {
             let helpers = threads.min(rayon::current_num_threads()).saturating_sub(1);
             if !claimed || helpers == 0 {
                 return f();
@@ -160,7 +191,16 @@ impl Team {
                 scope.spawn(move |_| sh.help());
             }
             f()
-        })
+        });
+        if claimed && threads > 1 {
+            let after = self.task_counts();
+            let (lead, help) = (after.0 - before.0, after.1 - before.1);
+            // Enough tasks to judge, and the helpers ran too few of them.
+            if lead + help >= 64 && (help as f64) < MIN_HELPER_SHARE * (lead + help) as f64 {
+                sh.backoff_leads.store(BACKOFF_LEADS, Ordering::Relaxed);
+            }
+        }
+        r
     }
 
     /// Runs `task(i, member)` for every `i` in `0..n` exactly once, spread over the team when
@@ -186,6 +226,7 @@ impl Team {
             lock(&sh.helpers).iter().for_each(Thread::unpark);
         }
         let mut st = start;
+        let mut mine = 0u64;
         loop {
             let (_, next, count) = unpack(st);
             if next >= count || st >> (2 * TASK_BITS) != start >> (2 * TASK_BITS) {
@@ -199,11 +240,13 @@ impl Team {
             ) {
                 Ok(_) => {
                     sh.run_task(next, 0);
+                    mine += 1;
                     st = sh.state.0.load(Ordering::Acquire);
                 }
                 Err(now) => st = now,
             }
         }
+        sh.tasks_leader.fetch_add(mine, Ordering::Relaxed);
         // Every task is claimed; wait for those that helpers run (they are running now).
         let mut rounds = 0u32;
         while sh.done.0.load(Ordering::Acquire) < n {
@@ -287,8 +330,10 @@ impl Shared {
             h.len()
         };
         let mut st = self.state.0.load(Ordering::Acquire);
+        let mut ran = 0u64;
         loop {
             if self.exit.load(Ordering::Acquire) {
+                self.tasks_helpers.fetch_add(ran, Ordering::Relaxed);
                 return;
             }
             let (_, next, count) = unpack(st);
@@ -301,6 +346,7 @@ impl Shared {
                 ) {
                     Ok(_) => {
                         self.run_task(next, member);
+                        ran += 1;
                         st = self.state.0.load(Ordering::Acquire);
                     }
                     Err(now) => st = now,
