@@ -71,9 +71,15 @@ fn tiny_model(seed: u64) -> Model {
     }
 }
 
-/// Prompt then `steps` greedy decode steps: every step's logits and the tokens.
+/// Prompt then `steps` greedy decode steps: every step's logits and the tokens. On the CPU
+/// backend the decode steps lead the session's thread team (when the test pool has 2+ threads).
 fn generate(m: &Model, prompt: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
+    generate_team(m, prompt, steps, true)
+}
+
+fn generate_team(m: &Model, prompt: &[u32], steps: usize, team: bool) -> (Vec<Vec<f32>>, Vec<u32>) {
     let mut s = m.session();
+    s.decode_team = team;
     let mut all = Vec::new();
     let mut toks = Vec::new();
     let mut logits = m.forward(&mut s, prompt, false).unwrap();
@@ -98,20 +104,22 @@ fn assert_backends_agree(what: &str, quantized: &Model, prompt: &[u32], steps: u
         let mut cpu = quantized.clone();
         cpu.set_backend(Backend::Cpu, isa);
         assert_eq!(cpu.backend(), (Backend::Cpu, isa));
-        let (got, got_toks) = generate(&cpu, prompt, steps);
-        assert_eq!(got_toks, want_toks, "{what} on {isa}: tokens");
-        for (step, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.len(), w.len());
-            for (i, (a, b)) in g.iter().zip(w).enumerate() {
-                assert!(
-                    a.to_bits() == b.to_bits(),
-                    "{what} on {isa}: step {step} logit {i}: cpu {a} vs golden {b}"
-                );
+        for team in [false, true] {
+            let (got, got_toks) = generate_team(&cpu, prompt, steps, team);
+            assert_eq!(got_toks, want_toks, "{what} on {isa} (team {team}): tokens");
+            for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.len(), w.len());
+                for (i, (a, b)) in g.iter().zip(w).enumerate() {
+                    assert!(
+                        a.to_bits() == b.to_bits(),
+                        "{what} on {isa}: step {step} logit {i}: cpu {a} vs golden {b}"
+                    );
+                }
             }
+            // A NaN-free run: the comparison above would pass on two NaN-filled outputs only
+            // with identical payloads; rule that out.
+            assert!(got.iter().flatten().all(|v| v.is_finite()), "{what}: NaN");
         }
-        // A NaN-free run: the comparison above would pass on two NaN-filled outputs only
-        // with identical payloads; rule that out.
-        assert!(got.iter().flatten().all(|v| v.is_finite()), "{what}: NaN");
     }
 }
 

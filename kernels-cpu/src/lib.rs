@@ -8,6 +8,8 @@
 //! - [`kv`]: the A8 x KV4 attention products (`Q x K^T` per key group, `P x V`) on N11b-packed
 //!   codes, equal to `golden::kv::KvCache::{qk, pv}`.
 //! - [`Isa`]: run-time dispatch (AVX2, portable scalar; `TESSERA_FORCE_ISA` pins a path).
+//! - [`Team`]: a thread team whose helpers spin between loops, for the short products of a
+//!   decode step ([`PreparedWeights::gemm_acc_in`]); rayon forks everything else.
 //!
 //! # Using it from the runtime
 //! - Start-up: `let isa = Isa::from_env()?;` (reports a bad `TESSERA_FORCE_ISA` as an error;
@@ -37,8 +39,10 @@
 mod avx2;
 pub mod isa;
 pub mod kv;
+pub mod team;
 pub mod weights;
 
 pub use isa::{Isa, IsaError};
 pub use kv::{KvHeadCpu, KvKernelError, KvScratch, Pv2Out, ValueFolds};
+pub use team::Team;
 pub use weights::{apply_stage, PreparedWeights, Scratch};

@@ -31,6 +31,7 @@ use tessera_golden::pack::WeightFormat;
 use tessera_golden::quant::QuantWeights;
 
 use crate::isa::Isa;
+use crate::team::Team;
 
 /// Elements per chunk (one AVX2 register of `u8` codes).
 pub const CHUNK: usize = 32;
@@ -44,6 +45,11 @@ const PAR_MIN_MACS: usize = 128 * 1024;
 
 /// Rows per rayon task (at least).
 const MIN_ROWS_PER_TASK: usize = 16;
+
+/// GEMV on a [`Team`]: tasks per member (claimed dynamically, so a late or descheduled member
+/// leaves its share to the others), each a whole number of 64-byte lines of `i64` outputs.
+const TEAM_TASKS_PER_THREAD: usize = 4;
+const TEAM_ROW_ALIGN: usize = 8;
 
 /// A weight tensor re-packed for the CPU kernels (see the module docs for the layout).
 #[derive(Debug, Clone)]
@@ -394,6 +400,23 @@ impl PreparedWeights {
         scratch: &mut Scratch,
         acc_out: &mut [i64],
     ) -> Result<(), OpError> {
+        self.gemm_acc_in(None, isa, dp, x_i8, m_tokens, scratch, acc_out)
+    }
+
+    /// As [`Self::gemm_acc`]; a GEMV (`m_tokens = 1`) whose caller leads `team`
+    /// ([`Team::lead`]) spreads its rows over the team instead of rayon (the same integers:
+    /// each row is computed by the same kernel whichever thread runs it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_acc_in(
+        &self,
+        team: Option<&Team>,
+        isa: Isa,
+        dp: &Datapath,
+        x_i8: &[i8],
+        m_tokens: usize,
+        scratch: &mut Scratch,
+        acc_out: &mut [i64],
+    ) -> Result<(), OpError> {
         self.check(dp, x_i8, m_tokens, acc_out.len())?;
         self.pad_activations(x_i8, m_tokens, scratch);
         let isa = self.effective_isa(isa);
@@ -408,6 +431,16 @@ impl PreparedWeights {
             let s = &scratch.s_sum[..groups];
             if sequential {
                 rows_one_token(isa, &ctx, 0, xp, s, acc_out);
+                return Ok(());
+            }
+            if let Some(team) = team.filter(|t| t.is_leading() && t.threads() > 1) {
+                let rows = self
+                    .n_rows
+                    .div_ceil(TEAM_TASKS_PER_THREAD * team.threads())
+                    .next_multiple_of(TEAM_ROW_ALIGN);
+                team.for_each_chunk_mut(acc_out, rows, |task, out, _| {
+                    rows_one_token(isa, &ctx, task * rows, xp, s, out);
+                });
                 return Ok(());
             }
             acc_out

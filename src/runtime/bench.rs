@@ -147,7 +147,8 @@ fn time_prefill_profiled(
     Ok((t.elapsed().as_secs_f64(), s.ws.profile.take()))
 }
 
-/// Seconds of `n` greedy decode steps from an empty session, and the profile if asked.
+/// Seconds of `n` greedy decode steps from an empty session, and the profile if asked (with
+/// the decode team's task counts, leader and helpers, in `Profile::team_tasks`).
 fn time_decode(model: &Model, n: usize, profile: bool) -> Result<(f64, Option<Profile>)> {
     let mut s = model.session();
     if profile {
@@ -158,7 +159,12 @@ fn time_decode(model: &Model, n: usize, profile: bool) -> Result<(f64, Option<Pr
     for _ in 0..n {
         next = argmax(model.forward_into(&mut s, &[next], 1)?) as u32;
     }
-    Ok((t.elapsed().as_secs_f64(), s.ws.profile.take()))
+    let secs = t.elapsed().as_secs_f64();
+    let mut p = s.ws.profile.take();
+    if let Some(p) = p.as_mut() {
+        p.team_tasks = s.team().task_counts();
+    }
+    Ok((secs, p))
 }
 
 /// Runs `tessera bench run`, printing the header, `prefill:` and `decode:` lines (and the
@@ -272,6 +278,13 @@ fn print_profile(what: &str, tokens: usize, p: &Profile, wall: f64) {
         "outside the parts",
         1e3 * (wall - total) / steps
     );
+    let (lead, help) = p.team_tasks;
+    if lead + help > 0 {
+        println!(
+            "  decode team: {lead} loop tasks on the leader, {help} on helpers ({:.0}%)",
+            100.0 * help as f64 / (lead + help) as f64
+        );
+    }
 }
 
 /// Runs `tessera bench mem`: one line, the streaming-read bandwidth.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::gguf::Gguf;
-use super::ops::{Backend, Isa, KvCache, KvKind, Linear, LinearScratch};
+use super::ops::{Backend, Isa, KvCache, KvKind, Linear, LinearScratch, Team};
 use super::{Error, Result};
 
 /// Sizes and constants of a Llama-architecture model, all read from GGUF metadata.
@@ -183,6 +183,9 @@ pub struct Session {
     pub caches: Vec<KvCache>,
     pub pos: usize,
     pub ws: Workspace,
+    /// Decode steps lead the session's thread team (see [`Model::forward_into`]); set from
+    /// `TESSERA_DECODE_TEAM=1` ([`DECODE_TEAM_ENV`]) by [`Model::session`].
+    pub decode_team: bool,
 }
 
 /// Buffers of one forward step (activations, scores, logits, the linears' scratch).
@@ -231,6 +234,8 @@ pub const PROFILE_HEAD: usize = PROFILE_PARTS.len();
 pub struct Profile {
     pub secs: [f64; PROFILE_PARTS.len() + 1],
     pub steps: usize,
+    /// Decode thread team tasks run by the leader and by helpers (filled by the bench).
+    pub team_tasks: (u64, u64),
 }
 
 impl Profile {
@@ -246,6 +251,11 @@ impl Profile {
 }
 
 impl Session {
+    /// The decode thread team of this session (see [`Model::forward_into`]).
+    pub fn team(&self) -> &Team {
+        &self.ws.lin.team
+    }
+
     /// Starts (or restarts) timing every part of the forward pass.
     pub fn enable_profile(&mut self) {
         self.ws.profile = Some(Profile::default());
@@ -416,6 +426,7 @@ impl Model {
             caches: (0..self.cfg.n_layer).map(|_| new()).collect(),
             pos: 0,
             ws: Workspace::default(),
+            decode_team: decode_team_from_env(),
         }
     }
 
@@ -441,13 +452,37 @@ impl Model {
     /// while the others join, instead of each of the ~120 weight products of a step injecting a
     /// job from outside the pool and blocking until a worker finishes it (two thread wake-ups
     /// per product).
+    ///
+    /// A decode step (one token) whose linears all run on the CPU backend leads the session's
+    /// thread team ([`Team`]) with as many threads as the rayon pool: its helpers spin between
+    /// the step's products, so a GEMV costs a few atomic operations of synchronisation instead
+    /// of a rayon wake-up (the same integers: only which thread computes a row changes). A
+    /// prompt, and the other backends (whose products fork on rayon), run without it; so does
+    /// every step unless [`Session::decode_team`] is set (`TESSERA_DECODE_TEAM=1`,
+    /// [`DECODE_TEAM_ENV`]: off by default, see docs/performance.md).
     pub fn forward_into<'s>(
         &self,
         s: &'s mut Session,
         tokens: &[u32],
         rows: usize,
     ) -> Result<&'s [f32]> {
-        rayon::scope(|_| self.forward_on_worker(s, tokens, rows))
+        let threads = if tokens.len() == 1 && s.decode_team && self.all_linears_on_cpu_backend() {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        let team = s.ws.lin.team.clone();
+        team.lead(threads, || self.forward_on_worker(s, tokens, rows))
+    }
+
+    /// Whether every linear layer is an engine layer on [`Backend::Cpu`] (then no product of a
+    /// decode step uses rayon).
+    fn all_linears_on_cpu_backend(&self) -> bool {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
+            .chain(std::iter::once(&self.output))
+            .all(|l| matches!(l, Linear::Engine(e) if e.backend() == Backend::Cpu))
     }
 
     fn forward_on_worker<'s>(
@@ -605,6 +640,17 @@ impl Model {
         }
         Ok(&s.ws.logits[..rows * c.vocab])
     }
+}
+
+/// Environment variable that switches the decode thread team on (`1`) for new sessions
+/// ([`Session::decode_team`]); off by default until a quiet-machine measurement shows it helps
+/// (docs/performance.md).
+pub const DECODE_TEAM_ENV: &str = "TESSERA_DECODE_TEAM";
+
+/// Whether [`DECODE_TEAM_ENV`] is `1` (read once).
+fn decode_team_from_env() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os(DECODE_TEAM_ENV).is_some_and(|v| v == "1"))
 }
 
 /// cos/sin of RoPE angles for `n` positions from `pos0`, llama.cpp's "normal" mode: element pairs

@@ -32,6 +32,7 @@ use tessera_golden::ops::{
 };
 use tessera_golden::quant::{quantize_token, quantize_tokens, QuantWeights};
 pub use tessera_kernels_cpu::Isa;
+pub use tessera_kernels_cpu::Team;
 use tessera_kernels_cpu::{
     apply_stage, KvHeadCpu, KvScratch, PreparedWeights, Pv2Out, Scratch, ValueFolds,
 };
@@ -229,7 +230,8 @@ impl EngineLinear {
         let stage = OutputStage::weight_lattice_i32(w.scale_frac_bits());
         let (acc, yi) = (&mut ws.acc[..n_tok * n_out], &mut ws.y[..n_tok * n_out]);
         let ok = pw
-            .gemm_acc(
+            .gemm_acc_in(
+                Some(&ws.team),
                 self.isa,
                 &self.dp,
                 &ws.codes[..n_tok * k],
@@ -413,7 +415,8 @@ impl Linear {
         let stage = OutputStage::weight_lattice_i32(f.scale_frac_bits);
         let (acc, yi) = (&mut ws.acc[..n_tok * total], &mut ws.y[..n_tok * total]);
         let ok =
-            f.w.gemm_acc(
+            f.w.gemm_acc_in(
+                Some(&ws.team),
                 e.isa,
                 &e.dp,
                 &ws.codes[..n_tok * k],
@@ -467,9 +470,12 @@ impl Linear {
 }
 
 /// Caller-owned buffers of a CPU-backend weight operation (grown to the largest shape seen,
-/// never shrunk): N5 codes and scales, accumulators, N14 outputs and kernels-cpu's [`Scratch`].
+/// never shrunk): N5 codes and scales, accumulators, N14 outputs and kernels-cpu's [`Scratch`];
+/// and the decode thread team (a GEMV whose caller leads it runs on it, see
+/// `Model::forward_into`; a clone shares the team).
 #[derive(Debug, Default, Clone)]
 pub struct LinearScratch {
+    pub team: Team,
     kernels: Scratch,
     codes: Vec<i8>,
     scale_x: Vec<f32>,
