@@ -145,7 +145,21 @@ pub fn load_with_mode(
     let smooth = engine.smooth.unwrap_or(mode.default_smooth());
     if mode != Mode::F32 && file_mode == Mode::F32 && smooth != 0.0 {
         let bar = progress_bar("smoothing: calibrating [{bar:30}] {pos}/{len} chunks");
-        super::smooth::smooth_for_engine(&mut model, &tok, smooth, &|done, total| {
+        // The statistics depend on the model file only: cache them next to the models.
+        let key = format!(
+            "model {} ({} bytes)",
+            path.display(),
+            std::fs::metadata(path).map_or(0, |m| m.len())
+        );
+        let cache_file = cache_dir().map(|d| {
+            d.join("smooth").join(format!(
+                "{}.stats",
+                path.file_stem()
+                    .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+            ))
+        });
+        let cache = cache_file.as_deref().map(|f| (f, key.as_str()));
+        super::smooth::smooth_for_engine(&mut model, &tok, smooth, cache, &|done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         })

@@ -106,7 +106,8 @@ pub struct EngineArgs {
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub backend: Backend,
     /// SmoothQuant migration strength (GGUF input only; 0 = off): activation outliers are moved
-    /// into the weights, with statistics measured on the calibration text (docs/accuracy.md)
+    /// into the weights, with statistics measured on the calibration text (docs/accuracy.md;
+    /// computed once, then cached in the cache directory's `smooth/`)
     /// [default: 0.8 for w8a8kv8, 0 for w2a8kv4 (it hurts 2-bit round-to-nearest)]
     #[arg(long, value_name = "ALPHA")]
     pub smooth: Option<f32>,
