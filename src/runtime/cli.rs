@@ -122,6 +122,27 @@ pub fn progress_bar(template: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// FNV-1a of a file's bytes (the key of caches derived from a model file), read in 1 MiB
+/// pieces. About 0.1 s for the 100 MB SmolLM2 GGUF.
+fn file_fingerprint(path: &std::path::Path) -> Result<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| Error::new(format!("{}: cannot read the model: {e}", path.display())))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| Error::new(format!("{}: cannot read the model: {e}", path.display())))?;
+        if n == 0 {
+            return Ok(h);
+        }
+        for &b in &buf[..n] {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
 /// Loads a model (GGUF or .tsr) and puts it in the mode `engine` asks for (default: f32 for a
 /// GGUF, the file's scheme for a .tsr). Returns the mode used.
 pub fn load_with_mode(
@@ -145,15 +166,12 @@ pub fn load_with_mode(
     let smooth = engine.smooth.unwrap_or(mode.default_smooth());
     if mode != Mode::F32 && file_mode == Mode::F32 && smooth != 0.0 {
         let bar = progress_bar("smoothing: calibrating [{bar:30}] {pos}/{len} chunks");
-        // The statistics depend on the model file only: cache them next to the models.
-        let key = format!(
-            "model {} ({} bytes)",
-            path.display(),
-            std::fs::metadata(path).map_or(0, |m| m.len())
-        );
+        // The statistics depend on the model file's contents only: cache them under its hash.
+        let hash = file_fingerprint(path)?;
+        let key = format!("model {} (content fnv1a {hash:016x})", path.display());
         let cache_file = cache_dir().map(|d| {
             d.join("smooth").join(format!(
-                "{}.stats",
+                "{}-{hash:016x}.stats",
                 path.file_stem()
                     .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
             ))
