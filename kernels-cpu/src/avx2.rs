@@ -167,6 +167,22 @@ mod imp {
         }
     }
 
+    /// W8 on one thread's GEMV path: `i32x8` partial sums of one chunk, codes and activations
+    /// widened to `i16` (`vpmovzxbw`, `vpmovsxbw`) and multiplied by `vpmaddwd` (pairs at most
+    /// `2 * 255 * 128 < 2^31`): two multiplies per chunk instead of the nibble split's four.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dot8_mem(w: *const u8, x: *const i8) -> __m256i {
+        // SAFETY (caller): 32 readable bytes at w and at x.
+        unsafe {
+            let c0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(w.cast::<__m128i>()));
+            let c1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(w.add(16).cast::<__m128i>()));
+            let x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.cast::<__m128i>()));
+            let x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(16).cast::<__m128i>()));
+            _mm256_add_epi32(_mm256_madd_epi16(c0, x0), _mm256_madd_epi16(c1, x1))
+        }
+    }
+
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn load_x(xp: *const i8) -> __m256i {
@@ -211,6 +227,13 @@ mod imp {
     ) -> __m256i {
         let mut acc = _mm256_setzero_si256();
         for c in 0..cg {
+            if B == 8 {
+                // SAFETY (caller): the group's cg chunks are readable in the row and at x.
+                acc = _mm256_add_epi32(acc, unsafe {
+                    dot8_mem(w.add((ci0 + c) * 32), x.add(c * 32))
+                });
+                continue;
+            }
             // SAFETY (caller): the group's cg chunks are readable in the row and at x.
             let (codes, xv) =
                 unsafe { (decode_at::<B>(w, ci0 + c, blocked), load_x(x.add(c * 32))) };
@@ -332,7 +355,9 @@ mod imp {
                     // cg * cb) and the padded token (groups * cg * 32), asserted by
                     // check_bounds.
                     *vq = unsafe {
-                        if ONE {
+                        if ONE && B == 8 {
+                            dot8_mem(w.add((g + q) * cb), x.add((g + q) * 32))
+                        } else if ONE {
                             // One chunk per group (L <= 32): no inner loop.
                             dot::<B>(
                                 decode::<B>(w.add((g + q) * cb)),
@@ -663,6 +688,30 @@ mod imp {
         (p << ctx.lattice_shift) - z
     }
 
+    /// For GEMM, where a decoded chunk serves many tokens: moves the `gscale = 2^15` case from
+    /// the `i16` multiplier into the codes once per chunk, so no per-token [`fold_dot`] sign
+    /// is needed: where `gsv` is `-32768` the codes are doubled (W2 `<= 6`, W4 `<= 30`:
+    /// `vpmaddubsw` still cannot saturate, `2 * 30 * 128 < 2^15`) and the multiplier becomes
+    /// `2^14`; other groups are unchanged (`gscale < 2^15` is non-negative in `i16`). The
+    /// lane bound of [`fold_span`] is unchanged (the products are the same).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn fold_pre(codes: __m256i, gsv: __m256i) -> (__m256i, __m256i) {
+        let dbl = _mm256_cmpeq_epi16(gsv, _mm256_set1_epi16(i16::MIN));
+        (
+            _mm256_add_epi8(codes, _mm256_and_si256(codes, dbl)),
+            // -32768 ^ 0xC000 = 0x4000 = 2^14.
+            _mm256_xor_si256(gsv, _mm256_and_si256(dbl, _mm256_set1_epi16(0xC000_u16 as i16))),
+        )
+    }
+
+    /// [`fold_dot`] after [`fold_pre`] (`gsv` non-negative): `vpmaddubsw`, `vpmaddwd`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn fold_dot_pre(codes: __m256i, x: __m256i, gsv: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), gsv)
+    }
+
     /// Tokens per block of [`rows_fold_m`] (their accumulators live on the stack).
     const FOLD_TOKENS: usize = 16;
 
@@ -694,12 +743,15 @@ mod imp {
             let (mut since, mut ci) = (0usize, 0usize);
             while ci + 4 <= n_chunks {
                 // SAFETY: chunks ci..ci + 4 lie inside the row (check_bounds), ci % 4 == 0.
-                let (codes, gsv) = unsafe {
+                let (mut codes, mut gsv) = unsafe {
                     (
                         quad_codes::<B>(w, ci, blocked),
                         quad_gs::<CG>(gscale, ci, cg),
                     )
                 };
+                for j in 0..4 {
+                    (codes[j], gsv[j]) = fold_pre(codes[j], gsv[j]);
+                }
                 for (u, au) in a32.iter_mut().enumerate().take(tb) {
                     // SAFETY: token t0 + u < m, chunks ci..ci + 4 inside its padded row.
                     let xu = unsafe { x.add((t0 + u) * plen + ci * 32) };
@@ -707,7 +759,7 @@ mod imp {
                     for j in 0..4 {
                         // SAFETY: as above.
                         let xv = unsafe { load_x(xu.add(j * 32)) };
-                        a = _mm256_add_epi32(a, fold_dot(codes[j], xv, gsv[j]));
+                        a = _mm256_add_epi32(a, fold_dot_pre(codes[j], xv, gsv[j]));
                     }
                     *au = a;
                 }
@@ -724,7 +776,7 @@ mod imp {
             while ci < n_chunks {
                 // SAFETY: chunk ci lies inside the row.
                 let (codes, gsv) = unsafe {
-                    (
+                    fold_pre(
                         decode_at::<B>(w, ci, blocked).0,
                         chunk_gs::<CG>(gscale, ci, cg),
                     )
@@ -732,7 +784,7 @@ mod imp {
                 for (u, au) in a32.iter_mut().enumerate().take(tb) {
                     // SAFETY: token t0 + u < m, chunk ci inside its padded row.
                     let xv = unsafe { load_x(x.add((t0 + u) * plen + ci * 32)) };
-                    *au = _mm256_add_epi32(*au, fold_dot(codes, xv, gsv));
+                    *au = _mm256_add_epi32(*au, fold_dot_pre(codes, xv, gsv));
                 }
                 ci += 1;
             }
