@@ -8,6 +8,26 @@
 //! most `2 * 15 * 128 = 3840 < 2^15`: it never saturates. `vpmaddwd` with 1 (or 16 for the W8
 //! high nibble) then widens to `i32` lanes, which hold a group's sum exactly for padded group
 //! lengths up to `SIMD_MAX_GROUP`.
+//!
+//! Two paths per row (W2, W4, ternary), chosen per row by `RowCtx::no_saturation`:
+//! - *ordered* (`row1`, `rows_m_one`, `rows_m`): per group an exact `i32` `P_code`
+//!   (horizontal sums of eight groups at once, `hsum8`), then `gscale * G` in `i64`
+//!   (`scale8`) added with saturation after every group in ascending order (N13); the only
+//!   path for rows whose `row_bound` exceeds the accumulator range.
+//! - *folded* (`row_fold`, `rows_fold_m`), for rows whose bound proves no saturation:
+//!   `vpmaddwd(vpmaddubsw(codes, x), gscale)` gives `i32` lanes of `gscale * P_code` pieces,
+//!   summed over up to `fold_span` chunks (32 W2, 8 W4: a lane is at most
+//!   `2^15 * 4 * cmax * 128 = cmax * 2^24`) and then widened to `i64`; per row and token the
+//!   lattice shift is applied once and `sum_g gscale * zero * S` (`zero_term`, exact `i64`)
+//!   subtracted. `gscale = 2^15` does not fit `i16`: it is stored as `-32768` and the
+//!   `vpmaddubsw` output is negated first (`vpsignw` with the same vector, GEMV), or, in the
+//!   GEMM where a decoded chunk serves up to 16 tokens, the chunk's codes are doubled and the
+//!   multiplier halved to `2^14` once per chunk (`fold_pre`). `gscale = 0` gives 0 either way.
+//!
+//! W8 GEMV (`dot8_mem`) widens codes (`vpmovzxbw`) and activations (`vpmovsxbw`) to `i16` and
+//! uses `vpmaddwd` directly (pairs `<= 2 * 255 * 128`), two multiplies per chunk instead of the
+//! nibble split's four; the W8 GEMM keeps the nibble split (its decoded nibbles are shared by
+//! the token block, the activations would have to be widened per row).
 #![allow(unsafe_code)]
 
 use crate::weights::RowCtx;
@@ -701,7 +721,10 @@ mod imp {
         (
             _mm256_add_epi8(codes, _mm256_and_si256(codes, dbl)),
             // -32768 ^ 0xC000 = 0x4000 = 2^14.
-            _mm256_xor_si256(gsv, _mm256_and_si256(dbl, _mm256_set1_epi16(0xC000_u16 as i16))),
+            _mm256_xor_si256(
+                gsv,
+                _mm256_and_si256(dbl, _mm256_set1_epi16(0xC000_u16 as i16)),
+            ),
         )
     }
 
