@@ -560,74 +560,38 @@ mod imp {
         _mm_cvtsi128_si64(r).wrapping_add(_mm_extract_epi64(r, 1))
     }
 
-    /// `out[u] = sum_g gscale_g * zero_g * S[u][g]` for `tb <= T` tokens whose group sums start
-    /// at `s + u * s_stride`. `gz = gscale * zero` is exact in `i32` (`< 2^23`) and computed once
-    /// per eight groups for all tokens; `gz * S` is exact in `i64` (`|S| <= L * 128 <= 2^21`).
-    /// The last `groups % 8` groups reuse the window of the last eight with the lanes already
-    /// counted masked off (all loads stay inside the row's and the tokens' groups).
+    /// `sum_g gscale_g * zero_g * S_g` over `groups` groups: `zero * S` is exact in `i32`
+    /// (`|S| <= L * 128 <= 2^21`), the products with `gscale` exact in `i64`.
     #[inline]
     #[target_feature(enable = "avx2")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn zero_terms<const T: usize>(
-        zero: *const u8,
-        gscale: *const u16,
-        s: *const i32,
-        s_stride: usize,
-        groups: usize,
-        tb: usize,
-        out: &mut [i64; T],
-    ) {
-        if groups < 8 {
-            for (u, o) in out.iter_mut().enumerate().take(tb) {
-                *o = 0;
-                for g in 0..groups {
-                    // SAFETY (caller): groups elements are readable at zero, gscale and each
-                    // token's s.
-                    let (z, gs, sg) =
-                        unsafe { (*zero.add(g), *gscale.add(g), *s.add(u * s_stride + g)) };
-                    *o += i64::from(gs) * i64::from(z) * i64::from(sg);
-                }
-            }
-            return;
-        }
-        let mut acc = [_mm256_setzero_si256(); T];
+    unsafe fn zero_term(zero: *const u8, gscale: *const u16, s: *const i32, groups: usize) -> i64 {
+        let mut acc = _mm256_setzero_si256();
         let mut g = 0;
-        loop {
-            let tail = g + 8 > groups;
-            let at = if tail { groups - 8 } else { g };
-            // SAFETY (caller): groups >= 8 elements are readable at zero, gscale (at <= groups - 8).
-            let mut gz = unsafe {
-                _mm256_mullo_epi32(
-                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(zero.add(at).cast::<__m128i>())),
-                    _mm256_cvtepu16_epi32(_mm_loadu_si128(gscale.add(at).cast::<__m128i>())),
+        while g + 8 <= groups {
+            // SAFETY (caller): groups elements are readable at zero, gscale and s.
+            let (z, gs, sv) = unsafe {
+                (
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(zero.add(g).cast::<__m128i>())),
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128(gscale.add(g).cast::<__m128i>())),
+                    _mm256_loadu_si256(s.add(g).cast::<__m256i>()),
                 )
             };
-            if tail {
-                // Lanes at + i < g were counted by the previous window.
-                let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-                let keep = _mm256_cmpgt_epi32(lane, _mm256_set1_epi32((g - at) as i32 - 1));
-                gz = _mm256_and_si256(gz, keep);
-            }
-            let gz_odd = _mm256_srli_epi64(gz, 32);
-            for (u, a) in acc.iter_mut().enumerate().take(tb) {
-                // SAFETY (caller): token u's groups at..at + 8 are readable.
-                let sv = unsafe { _mm256_loadu_si256(s.add(u * s_stride + at).cast::<__m256i>()) };
-                *a = _mm256_add_epi64(
-                    *a,
-                    _mm256_add_epi64(
-                        _mm256_mul_epi32(gz, sv),
-                        _mm256_mul_epi32(gz_odd, _mm256_srli_epi64(sv, 32)),
-                    ),
-                );
-            }
+            let zs = _mm256_mullo_epi32(z, sv);
+            acc = _mm256_add_epi64(acc, _mm256_mul_epi32(zs, gs));
+            acc = _mm256_add_epi64(
+                acc,
+                _mm256_mul_epi32(_mm256_srli_epi64(zs, 32), _mm256_srli_epi64(gs, 32)),
+            );
             g += 8;
-            if g >= groups {
-                break;
-            }
         }
-        for (o, a) in out.iter_mut().zip(acc).take(tb) {
-            *o = hsum64(a);
+        let mut r = hsum64(acc);
+        while g < groups {
+            // SAFETY (caller): as above.
+            let (z, gs, sg) = unsafe { (*zero.add(g), *gscale.add(g), *s.add(g)) };
+            r += i64::from(gs) * i64::from(z) * i64::from(sg);
+            g += 1;
         }
+        r
     }
 
     /// The codes of the four chunks `ci..ci + 4` of the row at `w` (`ci % 4 == 0`).
@@ -739,10 +703,9 @@ mod imp {
             ci += 1;
         }
         let p = hsum64(widen_add(acc64, acc32));
-        let mut z = [0i64; 1];
         // SAFETY: the row's groups of metadata and the token's groups of s are in range.
-        unsafe { zero_terms(zero, gscale, s[..groups].as_ptr(), 0, groups, 1, &mut z) };
-        (p << ctx.lattice_shift) - z[0]
+        let z = unsafe { zero_term(zero, gscale, s[..groups].as_ptr(), groups) };
+        (p << ctx.lattice_shift) - z
     }
 
     /// For GEMM, where a decoded chunk serves many tokens: moves the `gscale = 2^15` case from
@@ -848,22 +811,12 @@ mod imp {
                 }
                 ci += 1;
             }
-            let mut z = [0i64; FOLD_TOKENS];
-            // SAFETY: tokens t0..t0 + tb of s (groups each) and the row's metadata are in range.
-            unsafe {
-                zero_terms(
-                    zero,
-                    gscale,
-                    s[t0 * groups..(t0 + tb) * groups].as_ptr(),
-                    groups,
-                    groups,
-                    tb,
-                    &mut z,
-                );
-            }
             for u in 0..tb {
+                let t = t0 + u;
                 let p = hsum64(widen_add(a64[u], a32[u]));
-                o_row[t0 + u] = (p << ctx.lattice_shift) - z[u];
+                // SAFETY: token t's groups of s and the row's metadata are in range.
+                let z = unsafe { zero_term(zero, gscale, s[t * groups..].as_ptr(), groups) };
+                o_row[t] = (p << ctx.lattice_shift) - z;
             }
             t0 += tb;
         }
