@@ -41,12 +41,16 @@ fn rng_bytes(n: usize, seed: u64) -> Vec<u8> {
 }
 
 fn weights(format: WeightFormat, n: usize, k: usize) -> PreparedWeights {
+    weights_g(format, n, k, GROUP)
+}
+
+fn weights_g(format: WeightFormat, n: usize, k: usize, group: usize) -> PreparedWeights {
     let max = u16::from(format.max_code()) + 1;
     let codes: Vec<u8> = rng_bytes(n * k, 1)
         .into_iter()
         .map(|b| (u16::from(b) % max) as u8)
         .collect();
-    let groups = k.div_ceil(GROUP);
+    let groups = k.div_ceil(group);
     let gscale: Vec<u16> = rng_bytes(n * groups, 2)
         .into_iter()
         .map(|b| u16::from(b) << 7)
@@ -60,7 +64,7 @@ fn weights(format: WeightFormat, n: usize, k: usize) -> PreparedWeights {
         format,
         n,
         k,
-        GROUP,
+        group,
         SCALE_BITS,
         &codes,
         gscale,
@@ -533,11 +537,95 @@ fn decode_estimate(one: &rayon::ThreadPool) {
     }
 }
 
+/// Minimum wall seconds per call of `f` over 41 samples of about 2 ms each: on a shared
+/// machine the minimum is the least disturbed figure.
+fn time_min(mut f: impl FnMut()) -> f64 {
+    f();
+    let mut reps = 1u32;
+    loop {
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        if t0.elapsed() > Duration::from_millis(2) {
+            break;
+        }
+        reps *= 2;
+    }
+    (0..41)
+        .map(|_| {
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            t0.elapsed().as_secs_f64() / f64::from(reps)
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// `--min-table`: GOP/s of the AVX2 weight kernels on 1 thread, minimum wall time (hot weights),
+/// for group 32 and 64, GEMV and 128-token GEMM.
+fn min_table() {
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("1-thread pool");
+    let cases = [
+        (WeightFormat::W2, 576usize, 576usize, 32usize),
+        (WeightFormat::W2, 1536, 576, 32),
+        (WeightFormat::W2, 576, 1536, 32),
+        (WeightFormat::W2, 1536, 576, 64),
+        (WeightFormat::W2, 576, 1536, 64),
+        (WeightFormat::W4, 1536, 576, 32),
+        (WeightFormat::W4, 1536, 576, 64),
+        (WeightFormat::Ternary, 1536, 576, 32),
+        (WeightFormat::W8, 1536, 576, 32),
+        (WeightFormat::W8, 49152, 576, 32),
+        (WeightFormat::W8, 49152, 576, 64),
+    ];
+    println!("min-table: 1 thread, min wall time, GOP/s (2 n k m per call)");
+    for (format, n, k, group) in cases {
+        let w = weights_g(format, n, k, group);
+        let d = Datapath {
+            w_group_len: group,
+            ..dp()
+        };
+        for m in [1usize, 128] {
+            if m > 1 && n > 4096 {
+                continue;
+            }
+            let x: Vec<i8> = rng_bytes(m * k, 9).into_iter().map(|b| b as i8).collect();
+            let mut scratch = Scratch::for_weights(&w, m);
+            let mut acc = vec![0i64; m * n];
+            let t = one.install(|| {
+                time_min(|| {
+                    w.gemm_acc(Isa::Avx2, &d, &x, m, &mut scratch, &mut acc)
+                        .expect("k");
+                })
+            });
+            println!(
+                "{:<8} {:>5}x{:<5} g{:<3} m {:>3}: {:>7.1} GOP/s {:>9.1} us",
+                format.to_string(),
+                n,
+                k,
+                group,
+                m,
+                (2 * n * k * m) as f64 / t / 1e9,
+                t * 1e6
+            );
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let bench_mode = args.iter().any(|a| a == "--bench");
     let quick_table = args.iter().any(|a| a == "--quick-table");
     println!("cpu: {}", Isa::cpu_features());
+    if args.iter().any(|a| a == "--min-table") {
+        min_table();
+        return;
+    }
     if args.iter().any(|a| a == "--decode-only") {
         let one = rayon::ThreadPoolBuilder::new()
             .num_threads(1)

@@ -8,6 +8,26 @@
 //! most `2 * 15 * 128 = 3840 < 2^15`: it never saturates. `vpmaddwd` with 1 (or 16 for the W8
 //! high nibble) then widens to `i32` lanes, which hold a group's sum exactly for padded group
 //! lengths up to `SIMD_MAX_GROUP`.
+//!
+//! Two paths per row (W2, W4, ternary), chosen per row by `RowCtx::no_saturation`:
+//! - *ordered* (`row1`, `rows_m_one`, `rows_m`): per group an exact `i32` `P_code`
+//!   (horizontal sums of eight groups at once, `hsum8`), then `gscale * G` in `i64`
+//!   (`scale8`) added with saturation after every group in ascending order (N13); the only
+//!   path for rows whose `row_bound` exceeds the accumulator range.
+//! - *folded* (`row_fold`, `rows_fold_m`), for rows whose bound proves no saturation:
+//!   `vpmaddwd(vpmaddubsw(codes, x), gscale)` gives `i32` lanes of `gscale * P_code` pieces,
+//!   summed over up to `fold_span` chunks (32 W2, 8 W4: a lane is at most
+//!   `2^15 * 4 * cmax * 128 = cmax * 2^24`) and then widened to `i64`; per row and token the
+//!   lattice shift is applied once and `sum_g gscale * zero * S` (`zero_term`, exact `i64`)
+//!   subtracted. `gscale = 2^15` does not fit `i16`: it is stored as `-32768` and the
+//!   `vpmaddubsw` output is negated first (`vpsignw` with the same vector, GEMV), or, in the
+//!   GEMM where a decoded chunk serves up to 16 tokens, the chunk's codes are doubled and the
+//!   multiplier halved to `2^14` once per chunk (`fold_pre`). `gscale = 0` gives 0 either way.
+//!
+//! W8 GEMV (`dot8_mem`) widens codes (`vpmovzxbw`) and activations (`vpmovsxbw`) to `i16` and
+//! uses `vpmaddwd` directly (pairs `<= 2 * 255 * 128`), two multiplies per chunk instead of the
+//! nibble split's four; the W8 GEMM keeps the nibble split (its decoded nibbles are shared by
+//! the token block, the activations would have to be widened per row).
 #![allow(unsafe_code)]
 
 use crate::weights::RowCtx;
@@ -167,6 +187,22 @@ mod imp {
         }
     }
 
+    /// W8 on one thread's GEMV path: `i32x8` partial sums of one chunk, codes and activations
+    /// widened to `i16` (`vpmovzxbw`, `vpmovsxbw`) and multiplied by `vpmaddwd` (pairs at most
+    /// `2 * 255 * 128 < 2^31`): two multiplies per chunk instead of the nibble split's four.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dot8_mem(w: *const u8, x: *const i8) -> __m256i {
+        // SAFETY (caller): 32 readable bytes at w and at x.
+        unsafe {
+            let c0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(w.cast::<__m128i>()));
+            let c1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(w.add(16).cast::<__m128i>()));
+            let x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.cast::<__m128i>()));
+            let x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(16).cast::<__m128i>()));
+            _mm256_add_epi32(_mm256_madd_epi16(c0, x0), _mm256_madd_epi16(c1, x1))
+        }
+    }
+
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn load_x(xp: *const i8) -> __m256i {
@@ -211,6 +247,13 @@ mod imp {
     ) -> __m256i {
         let mut acc = _mm256_setzero_si256();
         for c in 0..cg {
+            if B == 8 {
+                // SAFETY (caller): the group's cg chunks are readable in the row and at x.
+                acc = _mm256_add_epi32(acc, unsafe {
+                    dot8_mem(w.add((ci0 + c) * 32), x.add(c * 32))
+                });
+                continue;
+            }
             // SAFETY (caller): the group's cg chunks are readable in the row and at x.
             let (codes, xv) =
                 unsafe { (decode_at::<B>(w, ci0 + c, blocked), load_x(x.add(c * 32))) };
@@ -332,7 +375,9 @@ mod imp {
                     // cg * cb) and the padded token (groups * cg * 32), asserted by
                     // check_bounds.
                     *vq = unsafe {
-                        if ONE {
+                        if ONE && B == 8 {
+                            dot8_mem(w.add((g + q) * cb), x.add((g + q) * 32))
+                        } else if ONE {
                             // One chunk per group (L <= 32): no inner loop.
                             dot::<B>(
                                 decode::<B>(w.add((g + q) * cb)),
@@ -386,16 +431,24 @@ mod imp {
         s: &[i32],
         out: &mut [i64],
     ) {
-        if ctx.chunks_per_group == 1 {
-            for (i, o) in out.iter_mut().enumerate() {
-                // SAFETY: forwarded from the caller's contract (row0 + i is a checked row).
-                *o = unsafe { row1::<B, true>(ctx, row0 + i, xp, s) };
-            }
-        } else {
-            for (i, o) in out.iter_mut().enumerate() {
-                // SAFETY: as above.
-                *o = unsafe { row1::<B, false>(ctx, row0 + i, xp, s) };
-            }
+        let one = ctx.chunks_per_group == 1;
+        for (i, o) in out.iter_mut().enumerate() {
+            let row = row0 + i;
+            // SAFETY: forwarded from the caller's contract (row0 + i is a checked row).
+            *o = unsafe {
+                if B != 8 && ctx.no_saturation(row) {
+                    match ctx.chunks_per_group {
+                        1 => row_fold::<B, 1>(ctx, row, xp, s),
+                        2 => row_fold::<B, 2>(ctx, row, xp, s),
+                        4 => row_fold::<B, 4>(ctx, row, xp, s),
+                        _ => row_fold::<B, 0>(ctx, row, xp, s),
+                    }
+                } else if one {
+                    row1::<B, true>(ctx, row, xp, s)
+                } else {
+                    row1::<B, false>(ctx, row, xp, s)
+                }
+            };
         }
     }
 
@@ -412,14 +465,360 @@ mod imp {
     ) {
         // SAFETY: forwarded from the caller's contract.
         unsafe {
-            match (ctx.bits, ctx.chunks_per_group == 1) {
-                (2, true) => rows_m_one::<2>(ctx, row0, m, xp, s, out),
-                (4, true) => rows_m_one::<4>(ctx, row0, m, xp, s, out),
-                (_, true) => rows_m_one::<8>(ctx, row0, m, xp, s, out),
-                (2, false) => rows_m::<2>(ctx, row0, m, xp, s, out),
-                (4, false) => rows_m::<4>(ctx, row0, m, xp, s, out),
-                _ => rows_m::<8>(ctx, row0, m, xp, s, out),
+            match ctx.bits {
+                2 => rows_m_b::<2>(ctx, row0, m, xp, s, out),
+                4 => rows_m_b::<4>(ctx, row0, m, xp, s, out),
+                _ => rows_m_b::<8>(ctx, row0, m, xp, s, out),
             }
+        }
+    }
+
+    /// GEMM rows of one width: W2 / W4 rows whose bound proves no saturation take the folded
+    /// path ([`rows_fold_m`]), the others the per-group ordered one.
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows_m_b<const B: u32>(
+        ctx: &RowCtx<'_>,
+        row0: usize,
+        m: usize,
+        xp: &[i8],
+        s: &[i32],
+        out: &mut [i64],
+    ) {
+        let one = ctx.chunks_per_group == 1;
+        for (i, o_row) in out.chunks_exact_mut(m).enumerate() {
+            let row = row0 + i;
+            // SAFETY: forwarded from the caller's contract (row0 + i is a checked row).
+            unsafe {
+                if B != 8 && ctx.no_saturation(row) {
+                    match ctx.chunks_per_group {
+                        1 => rows_fold_m::<B, 1>(ctx, row, m, xp, s, o_row),
+                        2 => rows_fold_m::<B, 2>(ctx, row, m, xp, s, o_row),
+                        4 => rows_fold_m::<B, 4>(ctx, row, m, xp, s, o_row),
+                        _ => rows_fold_m::<B, 0>(ctx, row, m, xp, s, o_row),
+                    }
+                } else if one {
+                    rows_m_one::<B>(ctx, row, m, xp, s, o_row);
+                } else {
+                    rows_m::<B>(ctx, row, m, xp, s, o_row);
+                }
+            }
+        }
+    }
+
+    // ---- The folded path (W2, W4, ternary; rows whose `row_bound` proves no saturation) ----
+    //
+    // With no saturation the accumulator is the exact sum
+    // `sum_g gscale_g * G_g = (sum_g gscale_g * P_code_g) << ls - sum_g gscale_g * zero_g * S_g`,
+    // so the group scale is multiplied into the chunk's `vpmaddwd` (instead of 1) and no
+    // per-group horizontal sum is needed: the `i32` lanes collect `gscale * P_code` pieces of many
+    // groups, are widened to `i64` before they can overflow, and the lattice shift and the zero
+    // term (a dot over the row's groups) are applied once per row and token.
+
+    /// Chunks whose [`fold_dot`] lanes may be added in `i32` before widening: a lane is at most
+    /// `2^15 * 4 * cmax * 128 = cmax * 2^24` (W2/ternary `cmax = 3`: 42 chunks fit `i32`, W4
+    /// `cmax = 15`: 8 fit). A multiple of 4 (chunks are processed four at a time).
+    const fn fold_span(b: u32) -> usize {
+        if b == 2 {
+            32
+        } else {
+            8
+        }
+    }
+
+    /// The group scale in all sixteen `i16` lanes (`2^15` wraps to `-32768`, see [`fold_dot`]).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn gs_vec(gscale: *const u16) -> __m256i {
+        // SAFETY (caller): gscale is readable.
+        _mm256_set1_epi16(unsafe { gscale.read() } as i16)
+    }
+
+    /// `i32x8` lanes summing to `gscale * P_code` of one chunk. `vpmaddubsw` pairs are exact
+    /// (`|.| <= 2 * cmax * 128`); `vpsignw` negates them where `gsv` is negative (only for
+    /// `gscale = 2^15`, stored as `-32768`: `(-m) * (-32768) = 2^15 m`) and zeroes them where
+    /// `gscale = 0` (the product is 0 anyway); `vpmaddwd` with `gsv` is then exact.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn fold_dot(codes: __m256i, x: __m256i, gsv: __m256i) -> __m256i {
+        let m = _mm256_maddubs_epi16(codes, x);
+        _mm256_madd_epi16(_mm256_sign_epi16(m, gsv), gsv)
+    }
+
+    /// `acc64 + widen(v)` (the eight `i32` lanes of `v` added into four `i64` lanes).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn widen_add(acc64: __m256i, v: __m256i) -> __m256i {
+        let lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(v));
+        let hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1));
+        _mm256_add_epi64(acc64, _mm256_add_epi64(lo, hi))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum64(v: __m256i) -> i64 {
+        let r = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        _mm_cvtsi128_si64(r).wrapping_add(_mm_extract_epi64(r, 1))
+    }
+
+    /// `sum_g gscale_g * zero_g * S_g` over `groups` groups: `zero * S` is exact in `i32`
+    /// (`|S| <= L * 128 <= 2^21`), the products with `gscale` exact in `i64`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn zero_term(zero: *const u8, gscale: *const u16, s: *const i32, groups: usize) -> i64 {
+        let mut acc = _mm256_setzero_si256();
+        let mut g = 0;
+        while g + 8 <= groups {
+            // SAFETY (caller): groups elements are readable at zero, gscale and s.
+            let (z, gs, sv) = unsafe {
+                (
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(zero.add(g).cast::<__m128i>())),
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128(gscale.add(g).cast::<__m128i>())),
+                    _mm256_loadu_si256(s.add(g).cast::<__m256i>()),
+                )
+            };
+            let zs = _mm256_mullo_epi32(z, sv);
+            acc = _mm256_add_epi64(acc, _mm256_mul_epi32(zs, gs));
+            acc = _mm256_add_epi64(
+                acc,
+                _mm256_mul_epi32(_mm256_srli_epi64(zs, 32), _mm256_srli_epi64(gs, 32)),
+            );
+            g += 8;
+        }
+        let mut r = hsum64(acc);
+        while g < groups {
+            // SAFETY (caller): as above.
+            let (z, gs, sg) = unsafe { (*zero.add(g), *gscale.add(g), *s.add(g)) };
+            r += i64::from(gs) * i64::from(z) * i64::from(sg);
+            g += 1;
+        }
+        r
+    }
+
+    /// The codes of the four chunks `ci..ci + 4` of the row at `w` (`ci % 4 == 0`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quad_codes<const B: u32>(w: *const u8, ci: usize, blocked: usize) -> [__m256i; 4] {
+        // SAFETY (caller): chunks ci..ci + 4 lie inside the row; in blocks when below blocked.
+        unsafe {
+            if B == 2 && ci < blocked {
+                decode_block2(w.add(ci * 8))
+            } else {
+                [
+                    decode_at::<B>(w, ci, blocked).0,
+                    decode_at::<B>(w, ci + 1, blocked).0,
+                    decode_at::<B>(w, ci + 2, blocked).0,
+                    decode_at::<B>(w, ci + 3, blocked).0,
+                ]
+            }
+        }
+    }
+
+    /// The `gsv` of chunk `ci`'s group (`CG` chunks a group, or `cg` when `CG == 0`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn chunk_gs<const CG: usize>(gscale: *const u16, ci: usize, cg: usize) -> __m256i {
+        let g = match CG {
+            1 => ci,
+            2 => ci / 2,
+            4 => ci / 4,
+            _ => ci / cg,
+        };
+        // SAFETY (caller): chunk ci lies inside the row, so its group g < groups.
+        unsafe { gs_vec(gscale.add(g)) }
+    }
+
+    /// The group scales of chunks `ci..ci + 4`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quad_gs<const CG: usize>(gscale: *const u16, ci: usize, cg: usize) -> [__m256i; 4] {
+        // SAFETY (caller): chunks ci..ci + 4 lie inside the row.
+        unsafe {
+            match CG {
+                4 => [chunk_gs::<4>(gscale, ci, 4); 4],
+                2 => {
+                    let (a, b) = (
+                        chunk_gs::<2>(gscale, ci, 2),
+                        chunk_gs::<2>(gscale, ci + 2, 2),
+                    );
+                    [a, a, b, b]
+                }
+                _ => [
+                    chunk_gs::<CG>(gscale, ci, cg),
+                    chunk_gs::<CG>(gscale, ci + 1, cg),
+                    chunk_gs::<CG>(gscale, ci + 2, cg),
+                    chunk_gs::<CG>(gscale, ci + 3, cg),
+                ],
+            }
+        }
+    }
+
+    /// One row, one padded token, on the folded path (the row's bound must prove no
+    /// saturation): exactly the N13 accumulator.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn row_fold<const B: u32, const CG: usize>(
+        ctx: &RowCtx<'_>,
+        row: usize,
+        xp: &[i8],
+        s: &[i32],
+    ) -> i64 {
+        let (cg, groups) = (ctx.chunks_per_group, ctx.groups);
+        let n_chunks = groups * cg;
+        let blocked = crate::weights::block_chunks(n_chunks);
+        let w = ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr();
+        let meta = row * groups;
+        let zero = ctx.zero_u8[meta..meta + groups].as_ptr();
+        let gscale = ctx.gscale_q[meta..meta + groups].as_ptr();
+        let x = xp[..n_chunks * 32].as_ptr();
+        let (mut acc64, mut acc32) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        let (mut since, mut ci) = (0usize, 0usize);
+        while ci + 4 <= n_chunks {
+            // SAFETY: chunks ci..ci + 4 <= n_chunks lie inside the row and the padded token
+            // (asserted by check_bounds); ci is a multiple of 4.
+            unsafe {
+                let codes = quad_codes::<B>(w, ci, blocked);
+                let gsv = quad_gs::<CG>(gscale, ci, cg);
+                for j in 0..4 {
+                    let xv = load_x(x.add((ci + j) * 32));
+                    acc32 = _mm256_add_epi32(acc32, fold_dot(codes[j], xv, gsv[j]));
+                }
+            }
+            ci += 4;
+            since += 4;
+            if since == fold_span(B) {
+                acc64 = widen_add(acc64, acc32);
+                acc32 = _mm256_setzero_si256();
+                since = 0;
+            }
+        }
+        while ci < n_chunks {
+            // SAFETY: chunk ci < n_chunks (as above). The quads leave at most fold_span - 4
+            // chunks in acc32, the tail adds at most 3: still within fold_span.
+            unsafe {
+                let codes = decode_at::<B>(w, ci, blocked).0;
+                let xv = load_x(x.add(ci * 32));
+                acc32 =
+                    _mm256_add_epi32(acc32, fold_dot(codes, xv, chunk_gs::<CG>(gscale, ci, cg)));
+            }
+            ci += 1;
+        }
+        let p = hsum64(widen_add(acc64, acc32));
+        // SAFETY: the row's groups of metadata and the token's groups of s are in range.
+        let z = unsafe { zero_term(zero, gscale, s[..groups].as_ptr(), groups) };
+        (p << ctx.lattice_shift) - z
+    }
+
+    /// For GEMM, where a decoded chunk serves many tokens: moves the `gscale = 2^15` case from
+    /// the `i16` multiplier into the codes once per chunk, so no per-token [`fold_dot`] sign
+    /// is needed: where `gsv` is `-32768` the codes are doubled (W2 `<= 6`, W4 `<= 30`:
+    /// `vpmaddubsw` still cannot saturate, `2 * 30 * 128 < 2^15`) and the multiplier becomes
+    /// `2^14`; other groups are unchanged (`gscale < 2^15` is non-negative in `i16`). The
+    /// lane bound of [`fold_span`] is unchanged (the products are the same).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn fold_pre(codes: __m256i, gsv: __m256i) -> (__m256i, __m256i) {
+        let dbl = _mm256_cmpeq_epi16(gsv, _mm256_set1_epi16(i16::MIN));
+        (
+            _mm256_add_epi8(codes, _mm256_and_si256(codes, dbl)),
+            // -32768 ^ 0xC000 = 0x4000 = 2^14.
+            _mm256_xor_si256(
+                gsv,
+                _mm256_and_si256(dbl, _mm256_set1_epi16(0xC000_u16 as i16)),
+            ),
+        )
+    }
+
+    /// [`fold_dot`] after [`fold_pre`] (`gsv` non-negative): `vpmaddubsw`, `vpmaddwd`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn fold_dot_pre(codes: __m256i, x: __m256i, gsv: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), gsv)
+    }
+
+    /// Tokens per block of [`rows_fold_m`] (their accumulators live on the stack).
+    const FOLD_TOKENS: usize = 16;
+
+    /// One row for `m` tokens on the folded path (`o_row[t]`): each group of four chunks is
+    /// decoded once per block of [`FOLD_TOKENS`] tokens.
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows_fold_m<const B: u32, const CG: usize>(
+        ctx: &RowCtx<'_>,
+        row: usize,
+        m: usize,
+        xp: &[i8],
+        s: &[i32],
+        o_row: &mut [i64],
+    ) {
+        let (cg, groups) = (ctx.chunks_per_group, ctx.groups);
+        let n_chunks = groups * cg;
+        let plen = n_chunks * 32;
+        let blocked = crate::weights::block_chunks(n_chunks);
+        let w = ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr();
+        let meta = row * groups;
+        let zero = ctx.zero_u8[meta..meta + groups].as_ptr();
+        let gscale = ctx.gscale_q[meta..meta + groups].as_ptr();
+        let x = xp[..m * plen].as_ptr();
+        let mut t0 = 0;
+        while t0 < m {
+            let tb = FOLD_TOKENS.min(m - t0);
+            let mut a32 = [_mm256_setzero_si256(); FOLD_TOKENS];
+            let mut a64 = [_mm256_setzero_si256(); FOLD_TOKENS];
+            let (mut since, mut ci) = (0usize, 0usize);
+            while ci + 4 <= n_chunks {
+                // SAFETY: chunks ci..ci + 4 lie inside the row (check_bounds), ci % 4 == 0.
+                let (mut codes, mut gsv) = unsafe {
+                    (
+                        quad_codes::<B>(w, ci, blocked),
+                        quad_gs::<CG>(gscale, ci, cg),
+                    )
+                };
+                for j in 0..4 {
+                    (codes[j], gsv[j]) = fold_pre(codes[j], gsv[j]);
+                }
+                for (u, au) in a32.iter_mut().enumerate().take(tb) {
+                    // SAFETY: token t0 + u < m, chunks ci..ci + 4 inside its padded row.
+                    let xu = unsafe { x.add((t0 + u) * plen + ci * 32) };
+                    let mut a = *au;
+                    for j in 0..4 {
+                        // SAFETY: as above.
+                        let xv = unsafe { load_x(xu.add(j * 32)) };
+                        a = _mm256_add_epi32(a, fold_dot_pre(codes[j], xv, gsv[j]));
+                    }
+                    *au = a;
+                }
+                ci += 4;
+                since += 4;
+                if since == fold_span(B) {
+                    for (a6, a3) in a64.iter_mut().zip(a32.iter_mut()).take(tb) {
+                        *a6 = widen_add(*a6, *a3);
+                        *a3 = _mm256_setzero_si256();
+                    }
+                    since = 0;
+                }
+            }
+            while ci < n_chunks {
+                // SAFETY: chunk ci lies inside the row.
+                let (codes, gsv) = unsafe {
+                    fold_pre(
+                        decode_at::<B>(w, ci, blocked).0,
+                        chunk_gs::<CG>(gscale, ci, cg),
+                    )
+                };
+                for (u, au) in a32.iter_mut().enumerate().take(tb) {
+                    // SAFETY: token t0 + u < m, chunk ci inside its padded row.
+                    let xv = unsafe { load_x(x.add((t0 + u) * plen + ci * 32)) };
+                    *au = _mm256_add_epi32(*au, fold_dot_pre(codes, xv, gsv));
+                }
+                ci += 1;
+            }
+            for u in 0..tb {
+                let t = t0 + u;
+                let p = hsum64(widen_add(a64[u], a32[u]));
+                // SAFETY: token t's groups of s and the row's metadata are in range.
+                let z = unsafe { zero_term(zero, gscale, s[t * groups..].as_ptr(), groups) };
+                o_row[t] = (p << ctx.lattice_shift) - z;
+            }
+            t0 += tb;
         }
     }
 

@@ -19,10 +19,18 @@
 //!
 //! # Arithmetic (exactly N12-N13)
 //! Per (token, row, group): `P_code = sum x * code` (the SIMD paths use `vpmaddubsw` with
-//! codes <= 15, which cannot saturate: `2 * 15 * 128 < 2^15`; W8 codes are split into nibbles),
+//! codes <= 15, which cannot saturate: `2 * 15 * 128 < 2^15`; W8 codes are split into nibbles,
+//! or on the AVX2 GEMV path widened to `i16` for `vpmaddwd`),
 //! `P = P_code << (8 - B)` (the lattice, N10), `G = P - zero * S`, then in `i64`
 //! `acc = sat(acc + gscale * G, acc_bits)` per group in ascending order: the saturation is
 //! never skipped, so the result equals golden for every `k` and every `acc_bits`.
+//!
+//! `row_bound[n] = sum_g gscale * L_g * 128 * 255` bounds every partial accumulator of row `n`.
+//! When it is `<= 2^(acc_bits - 1) - 1` no group addition can saturate, the ordered sum is the
+//! plain exact sum, and the AVX2 path may regroup it (the *folded* path for W2, W4 and
+//! ternary, `avx2.rs`): `acc = (sum_g gscale * P_code) << (8 - B) - sum_g gscale * zero * S`,
+//! with `gscale` multiplied inside `vpmaddwd` per chunk and no per-group reduction. Rows whose
+//! bound does not prove it keep the ordered per-group path, in the same call.
 
 use rayon::prelude::*;
 use tessera_golden::numerics::{max_signed, min_signed, round_shift, Datapath};

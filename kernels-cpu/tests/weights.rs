@@ -326,3 +326,104 @@ proptest! {
         check_all_paths(&w, &dp(l, w_scale_bits, acc_bits), &xs[..m * k], m);
     }
 }
+
+/// The folded path (rows whose bound proves no saturation) next to the ordered per-group path
+/// in one call: row `r`'s group scales are `2^SF >> (r % 12)` (group 0 exactly `2^SF`, the
+/// `-32768` case of the `i16` multiplier), so at small `acc_bits` the first rows may saturate
+/// and the later ones cannot.
+#[test]
+fn folded_and_ordered_rows_in_one_call() {
+    let mut rng = Rng(17);
+    for format in FORMATS {
+        for &(k, l) in &[
+            (1100usize, 32usize),
+            (1100, 64),
+            (700, 96),
+            (1031, 128),
+            (600, 47),
+        ] {
+            let n = 24;
+            let groups = k.div_ceil(l);
+            let q = make_weights(format, n, k, l, 16, Fill::Random, &mut rng);
+            let gscale: Vec<u16> = (0..n * groups)
+                .map(|i| {
+                    let (r, g) = (i / groups, i % groups);
+                    let full = 1u16 << 15 >> (r % 12);
+                    if g == 0 {
+                        full
+                    } else {
+                        full - (rng.below(u64::from(full) / 2 + 1) as u16)
+                    }
+                })
+                .collect();
+            let w = QuantWeights::from_codes(
+                format,
+                n,
+                k,
+                l,
+                16,
+                &q.codes(),
+                gscale.clone(),
+                q.zero_u8().to_vec(),
+                vec![1.0; n],
+            )
+            .expect("tensor");
+            for acc_bits in [32u32, 36, 40, 48] {
+                let hi = (1u64 << (acc_bits - 1)) - 1;
+                let bound = |r: usize| -> u64 {
+                    (0..groups)
+                        .map(|g| {
+                            let len = l.min(k - g * l) as u64;
+                            u64::from(gscale[r * groups + g]) * len * 128 * 255
+                        })
+                        .sum()
+                };
+                let fast = (0..n).filter(|&r| bound(r) <= hi).count();
+                if acc_bits == 36 {
+                    assert!(
+                        fast > 0 && fast < n,
+                        "both paths in one call ({fast} of {n})"
+                    );
+                }
+                for &m in &[1usize, 3, 17] {
+                    let x: Vec<i8> = (0..m * k)
+                        .map(|j| match j % 7 {
+                            0 => -128,
+                            1 => 127,
+                            _ => rng.next() as i8,
+                        })
+                        .collect();
+                    check_all_paths(&w, &dp(l, 16, acc_bits), &x, m);
+                }
+            }
+        }
+    }
+}
+
+/// The folded GEMM's token blocks (16 tokens) and chunk tails (`groups * cg % 4 != 0`), the
+/// `i32` widening points (every 32 W2 / 8 W4 chunks) at the largest lanes: codes at max,
+/// activations -128, every `gscale = 2^SF`.
+#[test]
+fn folded_token_blocks_tails_and_widening_extremes() {
+    let mut rng = Rng(23);
+    for format in FORMATS {
+        for &(k, l) in &[
+            (32 * 33usize, 32usize),
+            (32 * 35, 64),
+            (32 * 41, 128),
+            (5 * 32 + 7, 32),
+        ] {
+            for fill in [Fill::Max, Fill::Random] {
+                let w = make_weights(format, 5, k, l, 16, fill, &mut rng);
+                for &m in &[16usize, 33] {
+                    let x: Vec<i8> = (0..m * k)
+                        .map(|j| if j % 5 == 0 { rng.next() as i8 } else { -128 })
+                        .collect();
+                    check_all_paths(&w, &dp(l, 16, 48), &x, m);
+                    let x = vec![-128i8; m * k];
+                    check_all_paths(&w, &dp(l, 16, 48), &x, m);
+                }
+            }
+        }
+    }
+}
