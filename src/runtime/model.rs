@@ -183,8 +183,8 @@ pub struct Session {
     pub caches: Vec<KvCache>,
     pub pos: usize,
     pub ws: Workspace,
-    /// Decode steps lead the session's thread team (see [`Model::forward_into`]); set from
-    /// `TESSERA_DECODE_TEAM=1` ([`DECODE_TEAM_ENV`]) by [`Model::session`].
+    /// Decode steps lead the session's thread team (see [`Model::forward_into`]); on unless
+    /// `TESSERA_DECODE_TEAM=0` ([`DECODE_TEAM_ENV`]), set by [`Model::session`].
     pub decode_team: bool,
 }
 
@@ -458,8 +458,8 @@ impl Model {
     /// the step's products, so a GEMV costs a few atomic operations of synchronisation instead
     /// of a rayon wake-up (the same integers: only which thread computes a row changes). A
     /// prompt, and the other backends (whose products fork on rayon), run without it; so does
-    /// every step unless [`Session::decode_team`] is set (`TESSERA_DECODE_TEAM=1`,
-    /// [`DECODE_TEAM_ENV`]: off by default, see docs/performance.md).
+    /// every step when [`Session::decode_team`] is unset (`TESSERA_DECODE_TEAM=0`,
+    /// [`DECODE_TEAM_ENV`]; on by default since the quiet-machine pairs in docs/performance.md).
     pub fn forward_into<'s>(
         &self,
         s: &'s mut Session,
@@ -642,15 +642,25 @@ impl Model {
     }
 }
 
-/// Environment variable that switches the decode thread team on (`1`) for new sessions
-/// ([`Session::decode_team`]); off by default until a quiet-machine measurement shows it helps
-/// (docs/performance.md).
+/// Environment variable that switches the decode thread team off (`0`) or on (`1`, the default)
+/// for new sessions ([`Session::decode_team`]). On a quiet machine the team decodes faster than
+/// rayon's fork/join per product; on a machine whose cores are busy with other processes it can
+/// be slower (docs/performance.md), hence the switch.
 pub const DECODE_TEAM_ENV: &str = "TESSERA_DECODE_TEAM";
 
-/// Whether [`DECODE_TEAM_ENV`] is `1` (read once).
+/// Whether [`DECODE_TEAM_ENV`] leaves the team on (read once; another value than `0`/`1` is
+/// reported once and means the default, on).
 fn decode_team_from_env() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os(DECODE_TEAM_ENV).is_some_and(|v| v == "1"))
+    *ON.get_or_init(|| match std::env::var(DECODE_TEAM_ENV) {
+        Err(_) => true,
+        Ok(v) if v == "1" => true,
+        Ok(v) if v == "0" => false,
+        Ok(v) => {
+            eprintln!("warning: {DECODE_TEAM_ENV}={v:?} is not 0 or 1; the decode team stays on");
+            true
+        }
+    })
 }
 
 /// cos/sin of RoPE angles for `n` positions from `pos0`, llama.cpp's "normal" mode: element pairs
