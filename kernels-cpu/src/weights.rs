@@ -490,13 +490,17 @@ impl PreparedWeights {
         let acc_nt = &mut scratch.acc_nt[..m_tokens * self.n_rows];
         let out = OutPtr(acc_out.as_mut_ptr());
         let n_rows = self.n_rows;
-        // Rows `row0..` for all tokens into `block` (`[row][t]`), each sub-block of
-        // TRANSPOSE_ROWS rows written to `acc_out` (`[t][n]`) while it is still in L1.
+        // Rows `row0..row0 + block.len() / m` for all tokens, by sub-blocks of TRANSPOSE_ROWS
+        // rows computed into `block` (`[row][t]`) and written to `acc_out` (`[t][n]`) while
+        // still in L1.
+        // Only the first sub-block of `block` is used, again and again, so it stays in cache.
         let run = |row0: usize, block: &mut [i64]| {
-            for (b, sub) in block.chunks_mut(TRANSPOSE_ROWS * m_tokens).enumerate() {
-                let r0 = row0 + b * TRANSPOSE_ROWS;
+            let block_rows = block.len() / m_tokens;
+            for b0 in (0..block_rows).step_by(TRANSPOSE_ROWS) {
+                let rows = TRANSPOSE_ROWS.min(block_rows - b0);
+                let r0 = row0 + b0;
+                let sub = &mut block[..rows * m_tokens];
                 rows_many_tokens(isa, &ctx, r0, m_tokens, plen, xp, s, sub);
-                let rows = sub.len() / m_tokens;
                 for t in 0..m_tokens {
                     // SAFETY: rows r0..r0 + rows of token t lie inside `acc_out` (checked length
                     // m_tokens * n_rows); tasks own disjoint row ranges, so no two tasks write
