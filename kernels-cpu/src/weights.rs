@@ -59,6 +59,32 @@ const MIN_ROWS_PER_TASK: usize = 16;
 const TEAM_TASKS_PER_THREAD: usize = 4;
 const TEAM_ROW_ALIGN: usize = 8;
 
+/// GEMM: rows computed per sub-block before their accumulators are transposed to `[t][n]`
+/// (`16 * m * 8` bytes, L1-resident for the prompt lengths of a prefill).
+const TRANSPOSE_ROWS: usize = 16;
+
+/// The GEMM output shared by the row tasks, each writing only its own rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut i64);
+
+// SAFETY: only used by `gemm_acc_in`, whose tasks write disjoint elements.
+#[allow(unsafe_code)]
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `i` is inside the buffer the pointer was taken from.
+    #[inline]
+    #[allow(unsafe_code)]
+    unsafe fn at(self, i: usize) -> *mut i64 {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { self.0.add(i) }
+    }
+}
+
 /// A weight tensor re-packed for the CPU kernels (see the module docs for the layout).
 #[derive(Debug, Clone)]
 pub struct PreparedWeights {
@@ -462,20 +488,39 @@ impl PreparedWeights {
         let xp = &scratch.x_pad[..m_tokens * plen];
         let s = &scratch.s_sum[..m_tokens * groups];
         let acc_nt = &mut scratch.acc_nt[..m_tokens * self.n_rows];
+        let out = OutPtr(acc_out.as_mut_ptr());
+        let n_rows = self.n_rows;
+        // Rows `row0..row0 + block.len() / m` for all tokens, by sub-blocks of TRANSPOSE_ROWS
+        // rows computed into `block` (`[row][t]`) and written to `acc_out` (`[t][n]`) while
+        // still in L1.
+        // Only the first sub-block of `block` is used, again and again, so it stays in cache.
+        let run = |row0: usize, block: &mut [i64]| {
+            let block_rows = block.len() / m_tokens;
+            for b0 in (0..block_rows).step_by(TRANSPOSE_ROWS) {
+                let rows = TRANSPOSE_ROWS.min(block_rows - b0);
+                let r0 = row0 + b0;
+                let sub = &mut block[..rows * m_tokens];
+                rows_many_tokens(isa, &ctx, r0, m_tokens, plen, xp, s, sub);
+                for t in 0..m_tokens {
+                    // SAFETY: rows r0..r0 + rows of token t lie inside `acc_out` (checked length
+                    // m_tokens * n_rows); tasks own disjoint row ranges, so no two tasks write
+                    // the same element and nothing reads `acc_out` meanwhile.
+                    #[allow(unsafe_code)]
+                    let dst =
+                        unsafe { std::slice::from_raw_parts_mut(out.at(t * n_rows + r0), rows) };
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        *d = sub[i * m_tokens + t];
+                    }
+                }
+            }
+        };
         if sequential {
-            rows_many_tokens(isa, &ctx, 0, m_tokens, plen, xp, s, acc_nt);
+            run(0, acc_nt);
         } else {
             acc_nt
                 .par_chunks_mut(rows_per_task * m_tokens)
                 .enumerate()
-                .for_each(|(task, out)| {
-                    rows_many_tokens(isa, &ctx, task * rows_per_task, m_tokens, plen, xp, s, out);
-                });
-        }
-        for (n, accs) in acc_nt.chunks_exact(m_tokens).enumerate() {
-            for (t, &a) in accs.iter().enumerate() {
-                acc_out[t * self.n_rows + n] = a;
-            }
+                .for_each(|(task, block)| run(task * rows_per_task, block));
         }
         Ok(())
     }
@@ -541,9 +586,24 @@ pub fn apply_stage(stage: &OutputStage, acc: &[i64], y_out: &mut [i32]) -> Resul
         return Ok(());
     }
     let mult = i64::from(stage.out_mult);
+    let s = stage.out_shift;
+    if stage.out_mult == 1 && (1..=61).contains(&s) {
+        // The weight lattice stage: N2's `(a + 2^(s-1) - [a<0]) >> s` in i64, exact when
+        // `|a| < 2^62` (the bias is at most 2^60); anything larger takes golden's `round_shift`.
+        let half = 1i64 << (s - 1);
+        for (y, &a) in y_out.iter_mut().zip(acc) {
+            let r = if a.unsigned_abs() < 1 << 62 {
+                (a + half - i64::from(a < 0)) >> s
+            } else {
+                round_shift(a, s)
+            };
+            *y = r.clamp(lo, hi) as i32;
+        }
+        return Ok(());
+    }
     for (y, &a) in y_out.iter_mut().zip(acc) {
         // |acc| <= 2^47 (acc_bits <= 48) and out_mult < 2^16: the product is exact.
-        *y = round_shift(a * mult, stage.out_shift).clamp(lo, hi) as i32;
+        *y = round_shift(a * mult, s).clamp(lo, hi) as i32;
     }
     Ok(())
 }

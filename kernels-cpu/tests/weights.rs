@@ -2,7 +2,7 @@
 //! `golden::ops::{weight_acc, weight_op}` (docs/numerics.md N12-N15).
 
 use proptest::prelude::*;
-use tessera_golden::numerics::Datapath;
+use tessera_golden::numerics::{round_shift, sat, Datapath};
 use tessera_golden::ops::{weight_acc, weight_op, OutputStage};
 use tessera_golden::pack::WeightFormat;
 use tessera_golden::quant::{QuantWeights, TERNARY_ZERO_U8};
@@ -422,6 +422,56 @@ fn folded_token_blocks_tails_and_widening_extremes() {
                     check_all_paths(&w, &dp(l, 16, 48), &x, m);
                     let x = vec![-128i8; m * k];
                     check_all_paths(&w, &dp(l, 16, 48), &x, m);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn apply_stage_equals_golden_n14() {
+    let mut rng = Rng(11);
+    let mut acc: Vec<i64> = vec![
+        0,
+        1,
+        -1,
+        i64::MAX,
+        i64::MIN,
+        i64::MAX - 1,
+        i64::MIN + 1,
+        1 << 62,
+        -(1 << 62),
+        (1 << 62) - 1,
+        -(1 << 62) + 1,
+        1 << 47,
+        -(1 << 47),
+    ];
+    for _ in 0..2000 {
+        let bits = rng.next() % 64;
+        let v = rng.next() as i64 >> (63 - bits);
+        acc.push(v);
+    }
+    for shift in 0..=62u32 {
+        for (mult, out_bits) in [(1u16, 32u32), (1, 16), (3, 32), (1, 8)] {
+            let stage = OutputStage {
+                out_mult: mult,
+                out_shift: shift,
+                out_bits,
+            };
+            // `apply_stage`'s products are exact for |acc| <= 2^47 only when out_mult > 1.
+            let xs: Vec<i64> = if mult == 1 {
+                acc.clone()
+            } else {
+                acc.iter().map(|&a| a.clamp(-(1 << 47), 1 << 47)).collect()
+            };
+            let mut y = vec![0i32; xs.len()];
+            tessera_kernels_cpu::apply_stage(&stage, &xs, &mut y).expect("stage");
+            for (&a, &got) in xs.iter().zip(&y) {
+                // golden's N14 (`OutputStage::apply` without its |acc| <= 2^47 precondition).
+                let want = sat(round_shift(a * i64::from(mult), shift), out_bits);
+                assert_eq!(i64::from(got), want, "acc {a} stage {stage:?}");
+                if a.unsigned_abs() <= 1 << 47 {
+                    assert_eq!(want, stage.apply(a));
                 }
             }
         }

@@ -228,36 +228,31 @@ impl EngineLinear {
             return;
         }
         let stage = OutputStage::weight_lattice_i32(w.scale_frac_bits());
-        let (acc, yi) = (&mut ws.acc[..n_tok * n_out], &mut ws.y[..n_tok * n_out]);
-        let ok = pw
-            .gemm_acc_in(
-                Some(&ws.team),
-                self.isa,
-                &self.dp,
-                &ws.codes[..n_tok * k],
-                n_tok,
-                &mut ws.kernels,
-                acc,
-            )
-            .and_then(|()| apply_stage(&stage, acc, yi));
-        if ok.is_err() {
+        let acc = &mut ws.acc[..n_tok * n_out];
+        let ok = pw.gemm_acc_in(
+            Some(&ws.team),
+            self.isa,
+            &self.dp,
+            &ws.codes[..n_tok * k],
+            n_tok,
+            &mut ws.kernels,
+            acc,
+        );
+        if ok.is_err() || !stage_rows(&stage, acc, &mut ws.y[..n_tok * n_out], n_out) {
             // Shapes and the datapath were checked at construction: not reached.
             y.fill(f32::NAN);
             return;
         }
-        let frac = weight_frac_bits(w);
-        let c = DequantConst::new(&stage, frac);
-        let rs = w.row_scale();
-        for t in 0..n_tok {
-            let cx = c.with_x(ws.scale_x[t]);
-            let (yr, ir) = (
-                &mut y[t * n_out..(t + 1) * n_out],
-                &yi[t * n_out..(t + 1) * n_out],
-            );
-            for ((yo, &v), &sw) in yr.iter_mut().zip(ir).zip(rs) {
-                *yo = v as f32 * cx.factor(sw);
-            }
-        }
+        let c = DequantConst::new(&stage, weight_frac_bits(w));
+        dequant_rows(
+            c,
+            &ws.y[..n_tok * n_out],
+            n_out,
+            0,
+            &ws.scale_x,
+            w.row_scale(),
+            y,
+        );
     }
 
     fn forward_golden(&self, x: &[f32], n_tok: usize, y: &mut [f32]) {
@@ -413,39 +408,35 @@ impl Linear {
             return true;
         }
         let stage = OutputStage::weight_lattice_i32(f.scale_frac_bits);
-        let (acc, yi) = (&mut ws.acc[..n_tok * total], &mut ws.y[..n_tok * total]);
-        let ok =
-            f.w.gemm_acc_in(
-                Some(&ws.team),
-                e.isa,
-                &e.dp,
-                &ws.codes[..n_tok * k],
-                n_tok,
-                &mut ws.kernels,
-                acc,
-            )
-            .and_then(|()| apply_stage(&stage, acc, yi));
-        if ok.is_err() {
+        let acc = &mut ws.acc[..n_tok * total];
+        let ok = f.w.gemm_acc_in(
+            Some(&ws.team),
+            e.isa,
+            &e.dp,
+            &ws.codes[..n_tok * k],
+            n_tok,
+            &mut ws.kernels,
+            acc,
+        );
+        if ok.is_err() || !stage_rows(&stage, acc, &mut ws.y[..n_tok * total], total) {
             outs.iter_mut().for_each(|o| o.fill(f32::NAN));
             return true;
         }
         let c = DequantConst::new(&stage, f.frac_bits);
         let rs = f.w.row_scale();
-        for t in 0..n_tok {
-            let cx = c.with_x(ws.scale_x[t]);
-            let mut r0 = 0;
-            for out in outs.iter_mut() {
-                let np = out.len() / n_tok;
-                let (yr, ir, sr) = (
-                    &mut out[t * np..(t + 1) * np],
-                    &yi[t * total + r0..t * total + r0 + np],
-                    &rs[r0..r0 + np],
-                );
-                for ((yo, &v), &sw) in yr.iter_mut().zip(ir).zip(sr) {
-                    *yo = v as f32 * cx.factor(sw);
-                }
-                r0 += np;
-            }
+        let mut r0 = 0;
+        for out in outs.iter_mut() {
+            let np = out.len() / n_tok;
+            dequant_rows(
+                c,
+                &ws.y[..n_tok * total],
+                total,
+                r0,
+                &ws.scale_x,
+                &rs[r0..r0 + np],
+                out,
+            );
+            r0 += np;
         }
         true
     }
@@ -491,14 +482,61 @@ impl LinearScratch {
         grow(&mut self.scale_x, n_tok);
         grow(&mut self.acc, n_tok * n_out);
         grow(&mut self.y, n_tok * n_out);
-        for t in 0..n_tok {
-            let codes = &mut self.codes[t * k..(t + 1) * k];
-            match quantize_token_into(&x[t * k..(t + 1) * k], codes) {
-                Some(s) => self.scale_x[t] = s,
-                None => return false,
-            }
+        let one = |(xr, (c, s)): (&[f32], (&mut [i8], &mut f32))| {
+            quantize_token_into(xr, c).map(|v| *s = v).is_some()
+        };
+        let (x, codes, scales) = (
+            &x[..n_tok * k],
+            &mut self.codes[..n_tok * k],
+            &mut self.scale_x[..n_tok],
+        );
+        if n_tok == 1 {
+            // A decode step: no fork (the step may be leading the team).
+            return one((x, (codes, &mut scales[0])));
         }
-        true
+        // A prompt: tokens are independent, so in parallel (the same codes and scales).
+        x.par_chunks(k)
+            .zip(codes.par_chunks_mut(k).zip(scales.par_iter_mut()))
+            .map(one)
+            .reduce(|| true, |a, b| a && b)
+    }
+}
+
+/// N14 on `acc` (`[t][n]`, rows of `n` accumulators) into `y`, token rows in parallel for a
+/// prompt; false on a stage error (not reached: the stage is checked at construction).
+fn stage_rows(stage: &OutputStage, acc: &[i64], y: &mut [i32], n: usize) -> bool {
+    if acc.len() == n {
+        return apply_stage(stage, acc, y).is_ok();
+    }
+    acc.par_chunks(n)
+        .zip(y.par_chunks_mut(n))
+        .map(|(a, yr)| apply_stage(stage, a, yr).is_ok())
+        .reduce(|| true, |a, b| a && b)
+}
+
+/// N20 for columns `c0..c0 + rs.len()` of `yi` (`[t][total]`) into `out` (`[t][rs.len()]`):
+/// `out[t][o] = yi[t][c0 + o] * factor(scale_x[t], rs[o])`, token rows in parallel for a prompt.
+fn dequant_rows(
+    c: DequantConst,
+    yi: &[i32],
+    total: usize,
+    c0: usize,
+    scale_x: &[f32],
+    rs: &[f32],
+    out: &mut [f32],
+) {
+    let np = rs.len();
+    let row = |(t, yr): (usize, &mut [f32])| {
+        let cx = c.with_x(scale_x[t]);
+        let ir = &yi[t * total + c0..t * total + c0 + np];
+        for ((yo, &v), &sw) in yr.iter_mut().zip(ir).zip(rs) {
+            *yo = v as f32 * cx.factor(sw);
+        }
+    };
+    if out.len() == np {
+        row((0, out));
+    } else {
+        out.par_chunks_mut(np).enumerate().for_each(row);
     }
 }
 
