@@ -49,7 +49,9 @@ pub(crate) fn rows_one_token(ctx: &RowCtx<'_>, row0: usize, xp: &[i8], s: &[i32]
     unreachable!("Isa::Avx2 is never available off x86_64");
 }
 
-/// Rows for `m` tokens (padded rows of `plen` in `xp`); `out` is `[row][t]`.
+/// Rows for `m` tokens (padded rows of `plen` in `xp`); `out` is `[row][t]`. `s_tr` holds the
+/// group sums transposed (`[g][t]`, token stride `s_tr_stride(m)`, padding zero).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn rows_many_tokens(
     ctx: &RowCtx<'_>,
     row0: usize,
@@ -57,6 +59,7 @@ pub(crate) fn rows_many_tokens(
     plen: usize,
     xp: &[i8],
     s: &[i32],
+    s_tr: &[i64],
     out: &mut [i64],
 ) {
     assert_eq!(out.len() % m, 0, "rows_many_tokens: [row][t] output");
@@ -66,14 +69,19 @@ pub(crate) fn rows_many_tokens(
         "padded length"
     );
     check_bounds(ctx, row0, out.len() / m, m, xp.len(), s.len());
+    assert!(
+        s_tr.len() >= ctx.groups * crate::weights::s_tr_stride(m),
+        "transposed group sums too short"
+    );
     #[cfg(target_arch = "x86_64")]
     {
         assert!(
             std::arch::is_x86_feature_detected!("avx2"),
             "AVX2 path on a CPU without AVX2"
         );
-        // SAFETY: as in rows_one_token: AVX2 checked, bounds asserted by check_bounds.
-        unsafe { imp::rows_many_tokens(ctx, row0, m, xp, s, out) }
+        // SAFETY: as in rows_one_token: AVX2 checked, bounds asserted by check_bounds and
+        // just above (s_tr).
+        unsafe { imp::rows_many_tokens(ctx, row0, m, xp, s, s_tr, out) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("Isa::Avx2 is never available off x86_64");
@@ -453,7 +461,8 @@ mod imp {
     }
 
     /// # Safety
-    /// AVX2 present; bounds as asserted by `super::check_bounds` (`m` tokens).
+    /// AVX2 present; bounds as asserted by `super::check_bounds` (`m` tokens) and `s_tr`
+    /// (`groups * s_tr_stride(m)` elements).
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn rows_many_tokens(
         ctx: &RowCtx<'_>,
@@ -461,20 +470,22 @@ mod imp {
         m: usize,
         xp: &[i8],
         s: &[i32],
+        s_tr: &[i64],
         out: &mut [i64],
     ) {
         // SAFETY: forwarded from the caller's contract.
         unsafe {
             match ctx.bits {
-                2 => rows_m_b::<2>(ctx, row0, m, xp, s, out),
-                4 => rows_m_b::<4>(ctx, row0, m, xp, s, out),
-                _ => rows_m_b::<8>(ctx, row0, m, xp, s, out),
+                2 => rows_m_b::<2>(ctx, row0, m, xp, s, s_tr, out),
+                4 => rows_m_b::<4>(ctx, row0, m, xp, s, s_tr, out),
+                _ => rows_m_b::<8>(ctx, row0, m, xp, s, s_tr, out),
             }
         }
     }
 
-    /// GEMM rows of one width: W2 / W4 rows whose bound proves no saturation take the folded
-    /// path ([`rows_fold_m`]), the others the per-group ordered one.
+    /// GEMM rows of one width: W2 / W4 rows whose bound proves no saturation take the tiled
+    /// folded path ([`fold_rows`]) two at a time (a last odd one alone), the others the
+    /// per-group ordered one.
     #[target_feature(enable = "avx2")]
     unsafe fn rows_m_b<const B: u32>(
         ctx: &RowCtx<'_>,
@@ -482,26 +493,44 @@ mod imp {
         m: usize,
         xp: &[i8],
         s: &[i32],
+        s_tr: &[i64],
         out: &mut [i64],
     ) {
         let one = ctx.chunks_per_group == 1;
-        for (i, o_row) in out.chunks_exact_mut(m).enumerate() {
+        let rows = out.len() / m;
+        let o = out.as_mut_ptr();
+        // A folded row waiting for a partner (its index in the block).
+        let mut pending: Option<usize> = None;
+        for i in 0..rows {
             let row = row0 + i;
-            // SAFETY: forwarded from the caller's contract (row0 + i is a checked row).
+            // SAFETY: forwarded from the caller's contract (row0 + i and row0 + j are checked
+            // rows); rows i and j < i of `out` are disjoint `m`-element slices of it.
             unsafe {
                 if B != 8 && ctx.no_saturation(row) {
-                    match ctx.chunks_per_group {
-                        1 => rows_fold_m::<B, 1>(ctx, row, m, xp, s, o_row),
-                        2 => rows_fold_m::<B, 2>(ctx, row, m, xp, s, o_row),
-                        4 => rows_fold_m::<B, 4>(ctx, row, m, xp, s, o_row),
-                        _ => rows_fold_m::<B, 0>(ctx, row, m, xp, s, o_row),
+                    match pending.take() {
+                        Some(j) => fold_rows::<B, 2>(
+                            ctx,
+                            [row0 + j, row],
+                            m,
+                            xp,
+                            s_tr,
+                            [o.add(j * m), o.add(i * m)],
+                        ),
+                        None => pending = Some(i),
                     }
-                } else if one {
+                    continue;
+                }
+                let o_row = std::slice::from_raw_parts_mut(o.add(i * m), m);
+                if one {
                     rows_m_one::<B>(ctx, row, m, xp, s, o_row);
                 } else {
                     rows_m::<B>(ctx, row, m, xp, s, o_row);
                 }
             }
+        }
+        if let Some(j) = pending {
+            // SAFETY: as above.
+            unsafe { fold_rows::<B, 1>(ctx, [row0 + j], m, xp, s_tr, [o.add(j * m)]) };
         }
     }
 
@@ -735,90 +764,206 @@ mod imp {
         _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), gsv)
     }
 
-    /// Tokens per block of [`rows_fold_m`] (their accumulators live on the stack).
-    const FOLD_TOKENS: usize = 16;
+    /// Chunks per k-block of the tiled path: the largest [`fold_span`].
+    const PANEL: usize = 32;
 
-    /// One row for `m` tokens on the folded path (`o_row[t]`): each group of four chunks is
-    /// decoded once per block of [`FOLD_TOKENS`] tokens.
+    /// `R` rows' chunks of one k-block, decoded and [`fold_pre`]'d once for all tokens, and
+    /// the `gscale * zero` of the groups starting in the block (as `i64x4` broadcasts).
+    struct Panel<const R: usize> {
+        codes: [[__m256i; R]; PANEL],
+        gsv: [[__m256i; R]; PANEL],
+        gz: [[__m256i; R]; PANEL],
+    }
+
+    /// `R` rows (`R <= 2`, the row numbers need not be adjacent) for `m` tokens on the folded
+    /// path, written to `outs[r][0..m]`. By k-blocks of [`fold_span`] chunks: the rows'
+    /// chunks are decoded into a [`Panel`], then every tile of up to four tokens runs
+    /// [`fold_tile`] over the block and adds its exact `i64` results into the outputs.
+    ///
+    /// # Safety
+    /// AVX2 present; the rows are checked rows and the bounds of `rows_many_tokens` hold;
+    /// each `outs[r]` has `m` writable elements, not aliased.
     #[target_feature(enable = "avx2")]
-    unsafe fn rows_fold_m<const B: u32, const CG: usize>(
+    unsafe fn fold_rows<const B: u32, const R: usize>(
         ctx: &RowCtx<'_>,
-        row: usize,
+        rows: [usize; R],
         m: usize,
         xp: &[i8],
-        s: &[i32],
-        o_row: &mut [i64],
+        s_tr: &[i64],
+        outs: [*mut i64; R],
+    ) {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe {
+            match ctx.chunks_per_group {
+                1 => fold_rows_cg::<B, 1, R>(ctx, rows, m, xp, s_tr, outs),
+                2 => fold_rows_cg::<B, 2, R>(ctx, rows, m, xp, s_tr, outs),
+                4 => fold_rows_cg::<B, 4, R>(ctx, rows, m, xp, s_tr, outs),
+                _ => fold_rows_cg::<B, 0, R>(ctx, rows, m, xp, s_tr, outs),
+            }
+        }
+    }
+
+    /// [`fold_rows`] for `CG` chunks per group (`0`: any, `ctx.chunks_per_group`).
+    #[target_feature(enable = "avx2")]
+    unsafe fn fold_rows_cg<const B: u32, const CG: usize, const R: usize>(
+        ctx: &RowCtx<'_>,
+        rows: [usize; R],
+        m: usize,
+        xp: &[i8],
+        s_tr: &[i64],
+        outs: [*mut i64; R],
     ) {
         let (cg, groups) = (ctx.chunks_per_group, ctx.groups);
         let n_chunks = groups * cg;
         let plen = n_chunks * 32;
         let blocked = crate::weights::block_chunks(n_chunks);
-        let w = ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr();
-        let meta = row * groups;
-        let zero = ctx.zero_u8[meta..meta + groups].as_ptr();
-        let gscale = ctx.gscale_q[meta..meta + groups].as_ptr();
+        let stride = crate::weights::s_tr_stride(m);
+        let w = rows.map(|row| ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr());
+        let gscale = rows.map(|row| ctx.gscale_q[row * groups..(row + 1) * groups].as_ptr());
+        let zero = rows.map(|row| ctx.zero_u8[row * groups..(row + 1) * groups].as_ptr());
         let x = xp[..m * plen].as_ptr();
-        let mut t0 = 0;
-        while t0 < m {
-            let tb = FOLD_TOKENS.min(m - t0);
-            let mut a32 = [_mm256_setzero_si256(); FOLD_TOKENS];
-            let mut a64 = [_mm256_setzero_si256(); FOLD_TOKENS];
-            let (mut since, mut ci) = (0usize, 0usize);
-            while ci + 4 <= n_chunks {
-                // SAFETY: chunks ci..ci + 4 lie inside the row (check_bounds), ci % 4 == 0.
-                let (mut codes, mut gsv) = unsafe {
-                    (
-                        quad_codes::<B>(w, ci, blocked),
-                        quad_gs::<CG>(gscale, ci, cg),
-                    )
-                };
-                for j in 0..4 {
-                    (codes[j], gsv[j]) = fold_pre(codes[j], gsv[j]);
+        let st = s_tr[..groups * stride].as_ptr();
+        let ls = ctx.lattice_shift as i32;
+        for o in outs {
+            // SAFETY: m writable elements at o (caller).
+            unsafe { std::ptr::write_bytes(o, 0, m) };
+        }
+        let z = _mm256_setzero_si256();
+        let mut panel = Panel::<R> {
+            codes: [[z; R]; PANEL],
+            gsv: [[z; R]; PANEL],
+            gz: [[z; R]; PANEL],
+        };
+        let mut c0 = 0;
+        while c0 < n_chunks {
+            let kb = fold_span(B).min(n_chunks - c0);
+            for c in 0..kb {
+                for r in 0..R {
+                    // SAFETY: chunk c0 + c < n_chunks lies inside row r (check_bounds).
+                    (panel.codes[c][r], panel.gsv[c][r]) = unsafe {
+                        fold_pre(
+                            decode_at::<B>(w[r], c0 + c, blocked).0,
+                            chunk_gs::<CG>(gscale[r], c0 + c, cg),
+                        )
+                    };
                 }
-                for (u, au) in a32.iter_mut().enumerate().take(tb) {
-                    // SAFETY: token t0 + u < m, chunks ci..ci + 4 inside its padded row.
-                    let xu = unsafe { x.add((t0 + u) * plen + ci * 32) };
-                    let mut a = *au;
-                    for j in 0..4 {
-                        // SAFETY: as above.
-                        let xv = unsafe { load_x(xu.add(j * 32)) };
-                        a = _mm256_add_epi32(a, fold_dot_pre(codes[j], xv, gsv[j]));
+            }
+            // The groups whose first chunk is in this block (at most kb of them).
+            let (g_lo, g_hi) = (c0.div_ceil(cg), (c0 + kb).div_ceil(cg));
+            for g in g_lo..g_hi {
+                for r in 0..R {
+                    // SAFETY: g < groups: the row's metadata has groups elements.
+                    let (gs, zp) = unsafe { (*gscale[r].add(g), *zero[r].add(g)) };
+                    panel.gz[g - g_lo][r] = _mm256_set1_epi64x(i64::from(gs) * i64::from(zp));
+                }
+            }
+            let blk = (c0, kb, g_lo, g_hi);
+            let mut t = 0;
+            // SAFETY: every tile's tokens t..t + T are < m, their padded rows and the s_tr
+            // columns t..t + 4 (t + 4 <= stride) in range; outs[r] + t has T elements.
+            unsafe {
+                while t + 4 <= m {
+                    fold_tile::<R, 4>(&panel, blk, x.add(t * plen), plen, st.add(t), stride, ls, outs.map(|o| o.add(t)));
+                    t += 4;
+                }
+                let rest = outs.map(|o| o.add(t));
+                let (xt, stt) = (x.add(t * plen), st.add(t));
+                match m - t {
+                    1 => fold_tile::<R, 1>(&panel, blk, xt, plen, stt, stride, ls, rest),
+                    2 => fold_tile::<R, 2>(&panel, blk, xt, plen, stt, stride, ls, rest),
+                    3 => fold_tile::<R, 3>(&panel, blk, xt, plen, stt, stride, ls, rest),
+                    _ => {}
+                }
+            }
+            c0 += kb;
+        }
+    }
+
+    /// `[sum(v[0]), sum(v[1]), sum(v[2]), sum(v[3])]` of four `i64x4`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum64x4(v: [__m256i; 4]) -> __m256i {
+        let a = _mm256_add_epi64(
+            _mm256_unpacklo_epi64(v[0], v[1]),
+            _mm256_unpackhi_epi64(v[0], v[1]),
+        );
+        let b = _mm256_add_epi64(
+            _mm256_unpacklo_epi64(v[2], v[3]),
+            _mm256_unpackhi_epi64(v[2], v[3]),
+        );
+        _mm256_add_epi64(
+            _mm256_permute2x128_si256(a, b, 0x20),
+            _mm256_permute2x128_si256(a, b, 0x31),
+        )
+    }
+
+    /// The micro-kernel: `R` rows times `T <= 4` tokens over the k-block `blk = (c0, kb, g_lo,
+    /// g_hi)` of `panel`, `R * T` `i32x8` accumulators in registers (each activation load
+    /// serves `R` rows, each panel chunk `T` tokens: `vpmaddubsw`, `vpmaddwd`, `vpaddd` per row,
+    /// token and chunk). `kb <= fold_span` chunks keep the lanes exact; they are then widened
+    /// and reduced to `i64` per (row, token), shifted by the lattice and the block's zero term
+    /// `sum_g gscale * zero * S` (`vpmuldq` of the `gz` broadcasts by four tokens' `S` from
+    /// `s_tr`, exact in `i64`) subtracted, and added into `outs[r][0..T]`.
+    ///
+    /// # Safety
+    /// AVX2 present; `x` is token 0's padded row (tokens `0..T` at stride `plen`, each with
+    /// chunks `c0..c0 + kb`); `st + g * stride` has four readable elements for the block's
+    /// groups; `outs[r]` has `T` writable elements.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn fold_tile<const R: usize, const T: usize>(
+        panel: &Panel<R>,
+        blk: (usize, usize, usize, usize),
+        x: *const i8,
+        plen: usize,
+        st: *const i64,
+        stride: usize,
+        ls: i32,
+        outs: [*mut i64; R],
+    ) {
+        let (c0, kb, g_lo, g_hi) = blk;
+        let mut acc = [[_mm256_setzero_si256(); T]; R];
+        // SAFETY: chunks c0..c0 + kb of tokens 0..T are readable at x (caller).
+        let x = unsafe { x.add(c0 * 32) };
+        for c in 0..kb {
+            let (cv, gv) = (panel.codes[c], panel.gsv[c]);
+            for u in 0..T {
+                // SAFETY: as above.
+                let xv = unsafe { load_x(x.add(u * plen + c * 32)) };
+                for r in 0..R {
+                    acc[r][u] = _mm256_add_epi32(acc[r][u], fold_dot_pre(cv[r], xv, gv[r]));
+                }
+            }
+        }
+        let mut zt = [_mm256_setzero_si256(); R];
+        for g in g_lo..g_hi {
+            // SAFETY: four elements at st + g * stride (caller).
+            let sv = unsafe { _mm256_loadu_si256(st.add(g * stride).cast::<__m256i>()) };
+            for r in 0..R {
+                zt[r] = _mm256_add_epi64(zt[r], _mm256_mul_epi32(sv, panel.gz[g - g_lo][r]));
+            }
+        }
+        let lsv = _mm_cvtsi32_si128(ls);
+        for r in 0..R {
+            let mut wv = [_mm256_setzero_si256(); 4];
+            for u in 0..T {
+                wv[u] = widen_add(_mm256_setzero_si256(), acc[r][u]);
+            }
+            let v = _mm256_sub_epi64(_mm256_sll_epi64(hsum64x4(wv), lsv), zt[r]);
+            // SAFETY: T writable elements at outs[r] (caller).
+            unsafe {
+                if T == 4 {
+                    let o = outs[r].cast::<__m256i>();
+                    _mm256_storeu_si256(o, _mm256_add_epi64(_mm256_loadu_si256(o), v));
+                } else {
+                    let mut lanes = [0i64; 4];
+                    _mm256_storeu_si256(lanes.as_mut_ptr().cast::<__m256i>(), v);
+                    for (u, l) in lanes.iter().enumerate().take(T) {
+                        *outs[r].add(u) += l;
                     }
-                    *au = a;
-                }
-                ci += 4;
-                since += 4;
-                if since == fold_span(B) {
-                    for (a6, a3) in a64.iter_mut().zip(a32.iter_mut()).take(tb) {
-                        *a6 = widen_add(*a6, *a3);
-                        *a3 = _mm256_setzero_si256();
-                    }
-                    since = 0;
                 }
             }
-            while ci < n_chunks {
-                // SAFETY: chunk ci lies inside the row.
-                let (codes, gsv) = unsafe {
-                    fold_pre(
-                        decode_at::<B>(w, ci, blocked).0,
-                        chunk_gs::<CG>(gscale, ci, cg),
-                    )
-                };
-                for (u, au) in a32.iter_mut().enumerate().take(tb) {
-                    // SAFETY: token t0 + u < m, chunk ci inside its padded row.
-                    let xv = unsafe { load_x(x.add((t0 + u) * plen + ci * 32)) };
-                    *au = _mm256_add_epi32(*au, fold_dot_pre(codes, xv, gsv));
-                }
-                ci += 1;
-            }
-            for u in 0..tb {
-                let t = t0 + u;
-                let p = hsum64(widen_add(a64[u], a32[u]));
-                // SAFETY: token t's groups of s and the row's metadata are in range.
-                let z = unsafe { zero_term(zero, gscale, s[t * groups..].as_ptr(), groups) };
-                o_row[t] = (p << ctx.lattice_shift) - z;
-            }
-            t0 += tb;
         }
     }
 

@@ -110,6 +110,9 @@ pub struct PreparedWeights {
 pub struct Scratch {
     x_pad: Vec<i8>,
     s_sum: Vec<i32>,
+    /// GEMM only: `S` transposed to `[g][t]` with a token stride of `m` rounded up to 4 (the
+    /// padding zero), as `i64` (see `avx2.rs`, the tiled folded path).
+    s_tr: Vec<i64>,
     acc_nt: Vec<i64>,
 }
 
@@ -139,6 +142,10 @@ impl Scratch {
         }
         if m_tokens > 1 && self.acc_nt.len() < m_tokens * w.n_rows {
             self.acc_nt.resize(m_tokens * w.n_rows, 0);
+        }
+        let st = w.groups * s_tr_stride(m_tokens);
+        if m_tokens > 1 && self.s_tr.len() < st {
+            self.s_tr.resize(st, 0);
         }
     }
 }
@@ -252,6 +259,13 @@ impl From<&QuantWeights> for PreparedWeights {
             row_scale: w.row_scale().to_vec(),
         }
     }
+}
+
+/// Token stride of the transposed group sums `s_tr` (`[g][t]`, GEMM): `m` rounded up to 4, so
+/// a 4-token `i64` vector load at any token block start stays in the buffer.
+#[inline]
+pub(crate) fn s_tr_stride(m_tokens: usize) -> usize {
+    m_tokens.next_multiple_of(4)
 }
 
 /// W2 and ternary: how many of a row's `n_chunks` chunks are stored in blocks of four (the
@@ -417,6 +431,19 @@ impl PreparedWeights {
                 s[g] = src.iter().map(|&v| i32::from(v)).sum();
             }
         }
+        if m_tokens > 1 {
+            let stride = s_tr_stride(m_tokens);
+            let s_tr = &mut scratch.s_tr[..self.groups * stride];
+            for (g, col) in s_tr.chunks_exact_mut(stride).enumerate() {
+                for (t, v) in col.iter_mut().enumerate() {
+                    *v = if t < m_tokens {
+                        i64::from(scratch.s_sum[t * self.groups + g])
+                    } else {
+                        0
+                    };
+                }
+            }
+        }
     }
 
     /// N12-N13: the saturated accumulators `acc[t][n]` (row-major `[t][n]`) of `m_tokens`
@@ -487,6 +514,7 @@ impl PreparedWeights {
         }
         let xp = &scratch.x_pad[..m_tokens * plen];
         let s = &scratch.s_sum[..m_tokens * groups];
+        let s_tr = &scratch.s_tr[..groups * s_tr_stride(m_tokens)];
         let acc_nt = &mut scratch.acc_nt[..m_tokens * self.n_rows];
         let out = OutPtr(acc_out.as_mut_ptr());
         let n_rows = self.n_rows;
@@ -500,7 +528,7 @@ impl PreparedWeights {
                 let rows = TRANSPOSE_ROWS.min(block_rows - b0);
                 let r0 = row0 + b0;
                 let sub = &mut block[..rows * m_tokens];
-                rows_many_tokens(isa, &ctx, r0, m_tokens, plen, xp, s, sub);
+                rows_many_tokens(isa, &ctx, r0, m_tokens, plen, xp, s, s_tr, sub);
                 for t in 0..m_tokens {
                     // SAFETY: rows r0..r0 + rows of token t lie inside `acc_out` (checked length
                     // m_tokens * n_rows); tasks own disjoint row ranges, so no two tasks write
@@ -630,10 +658,11 @@ fn rows_many_tokens(
     plen: usize,
     xp: &[i8],
     s: &[i32],
+    s_tr: &[i64],
     out: &mut [i64],
 ) {
     match isa {
-        Isa::Avx2 => crate::avx2::rows_many_tokens(ctx, row0, m, plen, xp, s, out),
+        Isa::Avx2 => crate::avx2::rows_many_tokens(ctx, row0, m, plen, xp, s, s_tr, out),
         _ => {
             for (i, o_row) in out.chunks_exact_mut(m).enumerate() {
                 for (t, o) in o_row.iter_mut().enumerate() {
