@@ -428,6 +428,66 @@ fn folded_token_blocks_tails_and_widening_extremes() {
     }
 }
 
+/// The tiled folded GEMM (`avx2.rs`: two rows by four tokens over k-blocks of 32 W2 / 8 W4
+/// chunks): token tails (`m % 4` = 1, 2, 3), an odd folded row left alone, pairs of folded
+/// rows that are not adjacent (a saturating row between them at `acc_bits = 36`), several
+/// k-blocks with groups straddling a block boundary (`L = 96, 47, 200`), group scales `2^SF`
+/// (the doubled-code case) next to small ones.
+#[test]
+fn tiled_fold_token_tails_row_pairs_and_kblocks() {
+    let mut rng = Rng(29);
+    for format in [WeightFormat::W2, WeightFormat::W4, WeightFormat::Ternary] {
+        for &(k, l) in &[
+            (32 * 70 + 5usize, 32usize),
+            (32 * 70, 64),
+            (32 * 67, 128),
+            (32 * 66 + 3, 96),
+            (1031, 47),
+            (1100, 200),
+        ] {
+            let n = 11;
+            let groups = k.div_ceil(l);
+            let q = make_weights(format, n, k, l, 16, Fill::Random, &mut rng);
+            // Rows 0, 3, 6, 9 at full scale (they saturate at acc_bits 36), the others small.
+            let gscale: Vec<u16> = (0..n * groups)
+                .map(|i| {
+                    let (r, g) = (i / groups, i % groups);
+                    let full = if r % 3 == 0 { 1u16 << 15 } else { 1 << 7 };
+                    if g % 5 == 0 {
+                        full
+                    } else {
+                        rng.below(u64::from(full) + 1) as u16
+                    }
+                })
+                .collect();
+            let w = QuantWeights::from_codes(
+                format,
+                n,
+                k,
+                l,
+                16,
+                &q.codes(),
+                gscale,
+                q.zero_u8().to_vec(),
+                vec![1.0; n],
+            )
+            .expect("tensor");
+            for &m in &[2usize, 4, 5, 6, 7, 9, 130] {
+                let x: Vec<i8> = (0..m * k)
+                    .map(|j| match j % 11 {
+                        0 | 3 => -128,
+                        1 => 127,
+                        _ => rng.next() as i8,
+                    })
+                    .collect();
+                for acc_bits in [36u32, 48] {
+                    check_all_paths(&w, &dp(l, 16, acc_bits), &x, m);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn apply_stage_equals_golden_n14() {
     let mut rng = Rng(11);
