@@ -863,15 +863,24 @@ mod imp {
             // columns t..t + 4 (t + 4 <= stride) in range; outs[r] + t has T elements.
             unsafe {
                 while t + 4 <= m {
-                    fold_tile::<R, 4>(&panel, blk, x.add(t * plen), plen, st.add(t), stride, ls, outs.map(|o| o.add(t)));
+                    fold_tile::<CG, R, 4>(
+                        &panel,
+                        blk,
+                        x.add(t * plen),
+                        plen,
+                        st.add(t),
+                        stride,
+                        ls,
+                        outs.map(|o| o.add(t)),
+                    );
                     t += 4;
                 }
                 let rest = outs.map(|o| o.add(t));
                 let (xt, stt) = (x.add(t * plen), st.add(t));
                 match m - t {
-                    1 => fold_tile::<R, 1>(&panel, blk, xt, plen, stt, stride, ls, rest),
-                    2 => fold_tile::<R, 2>(&panel, blk, xt, plen, stt, stride, ls, rest),
-                    3 => fold_tile::<R, 3>(&panel, blk, xt, plen, stt, stride, ls, rest),
+                    1 => fold_tile::<CG, R, 1>(&panel, blk, xt, plen, stt, stride, ls, rest),
+                    2 => fold_tile::<CG, R, 2>(&panel, blk, xt, plen, stt, stride, ls, rest),
+                    3 => fold_tile::<CG, R, 3>(&panel, blk, xt, plen, stt, stride, ls, rest),
                     _ => {}
                 }
             }
@@ -912,7 +921,7 @@ mod imp {
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn fold_tile<const R: usize, const T: usize>(
+    unsafe fn fold_tile<const CG: usize, const R: usize, const T: usize>(
         panel: &Panel<R>,
         blk: (usize, usize, usize, usize),
         x: *const i8,
@@ -926,13 +935,41 @@ mod imp {
         let mut acc = [[_mm256_setzero_si256(); T]; R];
         // SAFETY: chunks c0..c0 + kb of tokens 0..T are readable at x (caller).
         let x = unsafe { x.add(c0 * 32) };
-        for c in 0..kb {
-            let (cv, gv) = (panel.codes[c], panel.gsv[c]);
-            for u in 0..T {
-                // SAFETY: as above.
-                let xv = unsafe { load_x(x.add(u * plen + c * 32)) };
-                for r in 0..R {
-                    acc[r][u] = _mm256_add_epi32(acc[r][u], fold_dot_pre(cv[r], xv, gv[r]));
+        if CG == 2 || CG == 4 {
+            // The group's CG chunks share gsv: their vpmaddubsw pairs are summed in i16
+            // first (exact: at most 4 * 2 * 30 * 128 = 30720 < 2^15 with doubled codes), so one
+            // vpmaddwd serves CG chunks. kb is a multiple of CG (blocks start on group starts).
+            let mut c = 0;
+            while c < kb {
+                for u in 0..T {
+                    // SAFETY: as above (c + CG <= kb).
+                    let xu = unsafe { x.add(u * plen + c * 32) };
+                    for r in 0..R {
+                        // SAFETY: as above.
+                        let mut p = _mm256_maddubs_epi16(panel.codes[c][r], unsafe { load_x(xu) });
+                        for j in 1..CG {
+                            // SAFETY: as above.
+                            let xv = unsafe { load_x(xu.add(j * 32)) };
+                            p = _mm256_add_epi16(
+                                p,
+                                _mm256_maddubs_epi16(panel.codes[c + j][r], xv),
+                            );
+                        }
+                        acc[r][u] =
+                            _mm256_add_epi32(acc[r][u], _mm256_madd_epi16(p, panel.gsv[c][r]));
+                    }
+                }
+                c += CG;
+            }
+        } else {
+            for c in 0..kb {
+                let (cv, gv) = (panel.codes[c], panel.gsv[c]);
+                for u in 0..T {
+                    // SAFETY: as above.
+                    let xv = unsafe { load_x(x.add(u * plen + c * 32)) };
+                    for r in 0..R {
+                        acc[r][u] = _mm256_add_epi32(acc[r][u], fold_dot_pre(cv[r], xv, gv[r]));
+                    }
                 }
             }
         }
