@@ -14,15 +14,34 @@
 //!   (horizontal sums of eight groups at once, `hsum8`), then `gscale * G` in `i64`
 //!   (`scale8`) added with saturation after every group in ascending order (N13); the only
 //!   path for rows whose `row_bound` exceeds the accumulator range.
-//! - *folded* (`row_fold`, `rows_fold_m`), for rows whose bound proves no saturation:
+//! - *folded* (`row_fold` GEMV, `fold_rows` GEMM), for rows whose bound proves no saturation:
 //!   `vpmaddwd(vpmaddubsw(codes, x), gscale)` gives `i32` lanes of `gscale * P_code` pieces,
 //!   summed over up to `fold_span` chunks (32 W2, 8 W4: a lane is at most
 //!   `2^15 * 4 * cmax * 128 = cmax * 2^24`) and then widened to `i64`; per row and token the
-//!   lattice shift is applied once and `sum_g gscale * zero * S` (`zero_term`, exact `i64`)
+//!   lattice shift is applied and `sum_g gscale * zero * S` (the zero term, exact `i64`)
 //!   subtracted. `gscale = 2^15` does not fit `i16`: it is stored as `-32768` and the
 //!   `vpmaddubsw` output is negated first (`vpsignw` with the same vector, GEMV), or, in the
-//!   GEMM where a decoded chunk serves up to 16 tokens, the chunk's codes are doubled and the
+//!   GEMM where a decoded chunk serves all the tokens, the chunk's codes are doubled and the
 //!   multiplier halved to `2^14` once per chunk (`fold_pre`). `gscale = 0` gives 0 either way.
+//!
+//! The folded GEMM is register-tiled, two rows by four tokens. `rows_m_b` pairs the folded
+//! rows of its 16-row sub-block (not necessarily adjacent: ordered rows in between keep their
+//! path; a last odd row runs alone, `R = 1`). `fold_rows` walks k-blocks of `fold_span`
+//! chunks: the pair's chunks of the block are decoded and `fold_pre`'d once into a `Panel`
+//! (codes and multiplier vectors, and `gscale * zero` of the groups whose first chunk is in
+//! the block), then `fold_tile` runs every tile of four tokens (the `m % 4` tail as one tile
+//! of 1-3) with its 2 x 4 `i32x8` accumulators in registers: per chunk the two rows' codes
+//! and multipliers are loaded once and each token's 32 activations once, then `vpmaddubsw`,
+//! `vpmaddwd`, `vpaddd` per (row, token), no spills. For 2 or 4 chunks per group (g64,
+//! g128) the group's `vpmaddubsw` pairs are first summed in `i16` (exact: at most
+//! `4 * 2 * 30 * 128 = 30720` with doubled W4 codes), one `vpmaddwd` per group. At the end of
+//! the block each accumulator is widened to `i64` and reduced, four tokens per vector
+//! (`hsum64x4`), shifted by the lattice, and the block's zero term subtracted, computed for
+//! four tokens at once: `vpmuldq` of the `gscale * zero` broadcast by `S` transposed to
+//! `[g][t]` (`s_tr`, filled once per call by `weights.rs`; `|gscale * zero| < 2^24`,
+//! `|S| < 2^31`, the products exact in `i64`). The blocks' `i64` results are added into the
+//! `[row][t]` output. Each step regroups the same exact sum (no saturation, by the row
+//! bound), so the output is the N13 accumulator.
 //!
 //! W8 GEMV (`dot8_mem`) widens codes (`vpmovzxbw`) and activations (`vpmovsxbw`) to `i16` and
 //! uses `vpmaddwd` directly (pairs `<= 2 * 255 * 128`), two multiplies per chunk instead of the
