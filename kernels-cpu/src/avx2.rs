@@ -937,7 +937,8 @@ mod imp {
     /// AVX2 present; `x` is token 0's padded row (tokens `0..T` at stride `plen`, each with
     /// chunks `c0..c0 + kb`); `st + g * stride` has four readable elements for the block's
     /// groups; `outs[r]` has `T` writable elements.
-    #[allow(clippy::too_many_arguments)]
+    // (row, token) index the accumulators, the panel and the activations alike.
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn fold_tile<const CG: usize, const R: usize, const T: usize>(
