@@ -518,6 +518,13 @@ mod imp {
         let one = ctx.chunks_per_group == 1;
         let rows = out.len() / m;
         let o = out.as_mut_ptr();
+        // One panel for the block's folded rows (zeroed once per call, not per row pair).
+        let z = _mm256_setzero_si256();
+        let mut panel = Panel {
+            codes: [[z; 2]; PANEL],
+            gsv: [[z; 2]; PANEL],
+            gz: [[z; 2]; PANEL],
+        };
         // A folded row waiting for a partner (its index in the block).
         let mut pending: Option<usize> = None;
         for i in 0..rows {
@@ -528,6 +535,7 @@ mod imp {
                 if B != 8 && ctx.no_saturation(row) {
                     match pending.take() {
                         Some(j) => fold_rows::<B, 2>(
+                            &mut panel,
                             ctx,
                             [row0 + j, row],
                             m,
@@ -549,7 +557,7 @@ mod imp {
         }
         if let Some(j) = pending {
             // SAFETY: as above.
-            unsafe { fold_rows::<B, 1>(ctx, [row0 + j], m, xp, s_tr, [o.add(j * m)]) };
+            unsafe { fold_rows::<B, 1>(&mut panel, ctx, [row0 + j], m, xp, s_tr, [o.add(j * m)]) };
         }
     }
 
@@ -786,12 +794,13 @@ mod imp {
     /// Chunks per k-block of the tiled path: the largest [`fold_span`].
     const PANEL: usize = 32;
 
-    /// `R` rows' chunks of one k-block, decoded and [`fold_pre`]'d once for all tokens, and
-    /// the `gscale * zero` of the groups starting in the block (as `i64x4` broadcasts).
-    struct Panel<const R: usize> {
-        codes: [[__m256i; R]; PANEL],
-        gsv: [[__m256i; R]; PANEL],
-        gz: [[__m256i; R]; PANEL],
+    /// The chunks of one k-block of a tile's rows (`[chunk][row]`, up to two rows), decoded
+    /// and [`fold_pre`]'d once for all tokens, and the `gscale * zero` of the groups starting
+    /// in the block (`[group - first][row]`, as `i64x4` broadcasts).
+    struct Panel {
+        codes: [[__m256i; 2]; PANEL],
+        gsv: [[__m256i; 2]; PANEL],
+        gz: [[__m256i; 2]; PANEL],
     }
 
     /// `R` rows (`R <= 2`, the row numbers need not be adjacent) for `m` tokens on the folded
@@ -804,6 +813,7 @@ mod imp {
     /// each `outs[r]` has `m` writable elements, not aliased.
     #[target_feature(enable = "avx2")]
     unsafe fn fold_rows<const B: u32, const R: usize>(
+        panel: &mut Panel,
         ctx: &RowCtx<'_>,
         rows: [usize; R],
         m: usize,
@@ -814,10 +824,10 @@ mod imp {
         // SAFETY: forwarded from the caller's contract.
         unsafe {
             match ctx.chunks_per_group {
-                1 => fold_rows_cg::<B, 1, R>(ctx, rows, m, xp, s_tr, outs),
-                2 => fold_rows_cg::<B, 2, R>(ctx, rows, m, xp, s_tr, outs),
-                4 => fold_rows_cg::<B, 4, R>(ctx, rows, m, xp, s_tr, outs),
-                _ => fold_rows_cg::<B, 0, R>(ctx, rows, m, xp, s_tr, outs),
+                1 => fold_rows_cg::<B, 1, R>(panel, ctx, rows, m, xp, s_tr, outs),
+                2 => fold_rows_cg::<B, 2, R>(panel, ctx, rows, m, xp, s_tr, outs),
+                4 => fold_rows_cg::<B, 4, R>(panel, ctx, rows, m, xp, s_tr, outs),
+                _ => fold_rows_cg::<B, 0, R>(panel, ctx, rows, m, xp, s_tr, outs),
             }
         }
     }
@@ -825,6 +835,7 @@ mod imp {
     /// [`fold_rows`] for `CG` chunks per group (`0`: any, `ctx.chunks_per_group`).
     #[target_feature(enable = "avx2")]
     unsafe fn fold_rows_cg<const B: u32, const CG: usize, const R: usize>(
+        panel: &mut Panel,
         ctx: &RowCtx<'_>,
         rows: [usize; R],
         m: usize,
@@ -847,12 +858,6 @@ mod imp {
             // SAFETY: m writable elements at o (caller).
             unsafe { std::ptr::write_bytes(o, 0, m) };
         }
-        let z = _mm256_setzero_si256();
-        let mut panel = Panel::<R> {
-            codes: [[z; R]; PANEL],
-            gsv: [[z; R]; PANEL],
-            gz: [[z; R]; PANEL],
-        };
         let mut c0 = 0;
         while c0 < n_chunks {
             let kb = fold_span(B).min(n_chunks - c0);
@@ -883,7 +888,7 @@ mod imp {
             unsafe {
                 while t + 4 <= m {
                     fold_tile::<CG, R, 4>(
-                        &panel,
+                        panel,
                         blk,
                         x.add(t * plen),
                         plen,
@@ -897,9 +902,9 @@ mod imp {
                 let rest = outs.map(|o| o.add(t));
                 let (xt, stt) = (x.add(t * plen), st.add(t));
                 match m - t {
-                    1 => fold_tile::<CG, R, 1>(&panel, blk, xt, plen, stt, stride, ls, rest),
-                    2 => fold_tile::<CG, R, 2>(&panel, blk, xt, plen, stt, stride, ls, rest),
-                    3 => fold_tile::<CG, R, 3>(&panel, blk, xt, plen, stt, stride, ls, rest),
+                    1 => fold_tile::<CG, R, 1>(panel, blk, xt, plen, stt, stride, ls, rest),
+                    2 => fold_tile::<CG, R, 2>(panel, blk, xt, plen, stt, stride, ls, rest),
+                    3 => fold_tile::<CG, R, 3>(panel, blk, xt, plen, stt, stride, ls, rest),
                     _ => {}
                 }
             }
@@ -942,7 +947,7 @@ mod imp {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn fold_tile<const CG: usize, const R: usize, const T: usize>(
-        panel: &Panel<R>,
+        panel: &Panel,
         blk: (usize, usize, usize, usize),
         x: *const i8,
         plen: usize,
