@@ -30,20 +30,31 @@
 //! the token block, the activations would have to be widened per row).
 #![allow(unsafe_code)]
 
-use crate::weights::RowCtx;
+use crate::weights::{QuadX, RowCtx};
 
-/// Rows `row0..row0 + out.len()` for one padded token `xp` with group sums `s`.
-pub(crate) fn rows_one_token(ctx: &RowCtx<'_>, row0: usize, xp: &[i8], s: &[i32], out: &mut [i64]) {
+/// Rows `row0..row0 + out.len()` for one padded token `xp` with group sums `s` (and `qx`, the
+/// token in the GEMV quad layout, for tensors that have one).
+pub(crate) fn rows_one_token(
+    ctx: &RowCtx<'_>,
+    row0: usize,
+    xp: &[i8],
+    s: &[i32],
+    qx: Option<QuadX<'_>>,
+    out: &mut [i64],
+) {
     check_bounds(ctx, row0, out.len(), 1, xp.len(), s.len());
+    if let Some(qx) = qx {
+        check_quad_bounds(ctx, row0, out.len(), qx);
+    }
     #[cfg(target_arch = "x86_64")]
     {
         assert!(
             std::arch::is_x86_feature_detected!("avx2"),
             "AVX2 path on a CPU without AVX2"
         );
-        // SAFETY: AVX2 is present (checked just above) and check_bounds asserted every slice
-        // length the raw loads in `imp` rely on.
-        unsafe { imp::rows_one_token(ctx, row0, xp, s, out) }
+        // SAFETY: AVX2 is present (checked just above) and check_bounds (and check_quad_bounds
+        // when qx is given) asserted every slice length the raw loads in `imp` rely on.
+        unsafe { imp::rows_one_token(ctx, row0, xp, s, qx, out) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("Isa::Avx2 is never available off x86_64");
@@ -96,11 +107,21 @@ fn check_bounds(ctx: &RowCtx<'_>, row0: usize, rows: usize, m: usize, xp_len: us
     assert!(s_len >= m * ctx.groups, "group sums too short");
 }
 
+fn check_quad_bounds(ctx: &RowCtx<'_>, row0: usize, rows: usize, qx: QuadX<'_>) {
+    assert!(ctx.bits == 2 && ctx.chunks_per_group == 1 && ctx.quads > 0);
+    assert_eq!(ctx.quads, ctx.groups.div_ceil(4));
+    assert!(ctx.quad_meta % 8 == 0 && ctx.quad_meta >= 4 * ctx.quads);
+    assert!(ctx.quad_data.len() >= (row0 + rows) * ctx.quads * 32);
+    assert!(ctx.quad_gscale.len() >= (row0 + rows) * ctx.quad_meta);
+    assert!(ctx.quad_zero.len() >= (row0 + rows) * ctx.quad_meta);
+    assert!(qx.x.len() >= 128 * ctx.quads && qx.s.len() >= ctx.quad_meta);
+}
+
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use std::arch::x86_64::*;
 
-    use crate::weights::RowCtx;
+    use crate::weights::{QuadX, RowCtx};
 
     /// Expands one chunk into (codes or low nibbles, high nibbles); for B < 8 the second is unused.
     #[inline]
@@ -270,10 +291,14 @@ mod imp {
         row0: usize,
         xp: &[i8],
         s: &[i32],
+        qx: Option<QuadX<'_>>,
         out: &mut [i64],
     ) {
         // SAFETY: forwarded from the caller's contract.
         unsafe {
+            if let Some(qx) = qx {
+                return rows_quad(ctx, row0, xp, s, qx, out);
+            }
             match ctx.bits {
                 2 => rows1::<2>(ctx, row0, xp, s, out),
                 4 => rows1::<4>(ctx, row0, xp, s, out),
@@ -706,6 +731,144 @@ mod imp {
         // SAFETY: the row's groups of metadata and the token's groups of s are in range.
         let z = unsafe { zero_term(zero, gscale, s[..groups].as_ptr(), groups) };
         (p << ctx.lattice_shift) - z
+    }
+
+    // ---- The GEMV quad path (W2 / ternary, one chunk a group; see the module docs) ----
+
+    /// Quads whose [`row_quad`] lanes may be added in `i32` before widening: a quad's lane is
+    /// at most `2 * 4 * 768 * 2^15 < 2^28` (an `i16` lane of the quad's four `vpmaddubsw`
+    /// sums is at most `4 * 2 * 3 * 128 = 3072`), so 8 quads stay below `2^31`.
+    const QUAD_SPAN: usize = 8;
+
+    /// Rows on the GEMV quad path where the bound proves no saturation, the others on the
+    /// ordered path of the group layout.
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows_quad(
+        ctx: &RowCtx<'_>,
+        row0: usize,
+        xp: &[i8],
+        s: &[i32],
+        qx: QuadX<'_>,
+        out: &mut [i64],
+    ) {
+        for (i, o) in out.iter_mut().enumerate() {
+            let row = row0 + i;
+            // SAFETY: forwarded from the caller's contract (row0 + i is a checked row of both
+            // layouts).
+            *o = unsafe {
+                if ctx.no_saturation(row) {
+                    row_quad(ctx, row, qx)
+                } else {
+                    row1::<2, true>(ctx, row, xp, s)
+                }
+            };
+        }
+    }
+
+    /// One row on the GEMV quad path (the row's bound must prove no saturation): per quad of
+    /// four groups, the four chunks' `vpmaddubsw` pairs summed in `i16` (exact, `<= 3072`),
+    /// negated where the scale is `2^15` (`vpsignw`, as in [`fold_dot`]) and multiplied by the
+    /// four group scales in one `vpmaddwd` (lane `j` holds group `j % 4`); then the lattice
+    /// shift and [`zero_term_quad`].
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn row_quad(ctx: &RowCtx<'_>, row: usize, qx: QuadX<'_>) -> i64 {
+        let (quads, meta) = (ctx.quads, ctx.quad_meta);
+        // SAFETY (all raw reads below): check_quad_bounds asserted that row `row` has `quads`
+        // blocks of 32 bytes in quad_data and `meta >= 4 * quads` groups of metadata, and the
+        // token `128 * quads` codes and `meta` sums.
+        let w = unsafe { ctx.quad_data.as_ptr().add(row * quads * 32) };
+        let gs = unsafe { ctx.quad_gscale.as_ptr().add(row * meta) };
+        let zero = unsafe { ctx.quad_zero.as_ptr().add(row * meta) };
+        let x = qx.x.as_ptr();
+        let m3 = _mm256_set1_epi8(3);
+        let (mut acc64, mut acc32) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        let mut since = 0;
+        for q in 0..quads {
+            // SAFETY: quad q < quads of the row and of the token (see above).
+            unsafe {
+                let v = _mm256_loadu_si256(w.add(q * 32).cast::<__m256i>());
+                let xq = x.add(q * 128);
+                let c0 = _mm256_and_si256(v, m3);
+                let c1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3);
+                let c2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3);
+                let c3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3);
+                let m01 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(c0, load_x(xq)),
+                    _mm256_maddubs_epi16(c1, load_x(xq.add(32))),
+                );
+                let m23 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(c2, load_x(xq.add(64))),
+                    _mm256_maddubs_epi16(c3, load_x(xq.add(96))),
+                );
+                let m = _mm256_add_epi16(m01, m23);
+                let gsv =
+                    _mm256_set1_epi64x(std::ptr::read_unaligned(gs.add(4 * q).cast::<i64>()));
+                acc32 = _mm256_add_epi32(acc32, _mm256_madd_epi16(_mm256_sign_epi16(m, gsv), gsv));
+            }
+            since += 1;
+            if since == QUAD_SPAN {
+                acc64 = widen_add(acc64, acc32);
+                acc32 = _mm256_setzero_si256();
+                since = 0;
+            }
+        }
+        let p = hsum64(widen_add(acc64, acc32));
+        // SAFETY: meta groups of the row's metadata and of the token's sums (see above).
+        let z = unsafe { zero_term_quad(zero, gs, qx.s.as_ptr(), meta) };
+        (p << ctx.lattice_shift) - z
+    }
+
+    /// `sum_g gscale_g * zero_g * S_g` over `n` groups (a multiple of 8) with `vpmaddwd`:
+    /// `gz = gscale * zero < 2^23` is formed exactly as 16-bit halves (`vpmullw`, `vpmulhuw`)
+    /// and split as `gz = hi * 2^15 + lo` (`lo < 2^15`, `hi < 2^8`, both non-negative `i16`),
+    /// `S` is `i16` (`|S| <= 4096`): a `lo` pair is below `2 * 2^15 * 2^12 = 2^28` (the `i32`
+    /// lanes are widened every 4 blocks of 16 groups), a `hi` pair below `2^21`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn zero_term_quad(zero: *const u8, gs: *const u16, s: *const i16, n: usize) -> i64 {
+        let mask = _mm256_set1_epi16(0x7FFF);
+        let (mut lo64, mut lo, mut hi) = (
+            _mm256_setzero_si256(),
+            _mm256_setzero_si256(),
+            _mm256_setzero_si256(),
+        );
+        let mut g = 0;
+        let mut since = 0;
+        while g < n {
+            // SAFETY (caller): n elements readable at zero, gs and s; n is a multiple of 8, so
+            // a block of 16 is read whole or, for the last 8, as half vectors.
+            let (z, gsv, sv) = unsafe {
+                if g + 16 <= n {
+                    (
+                        _mm256_cvtepu8_epi16(_mm_loadu_si128(zero.add(g).cast::<__m128i>())),
+                        _mm256_loadu_si256(gs.add(g).cast::<__m256i>()),
+                        _mm256_loadu_si256(s.add(g).cast::<__m256i>()),
+                    )
+                } else {
+                    (
+                        _mm256_cvtepu8_epi16(_mm_loadl_epi64(zero.add(g).cast::<__m128i>())),
+                        _mm256_zextsi128_si256(_mm_loadu_si128(gs.add(g).cast::<__m128i>())),
+                        _mm256_zextsi128_si256(_mm_loadu_si128(s.add(g).cast::<__m128i>())),
+                    )
+                }
+            };
+            let pl = _mm256_mullo_epi16(gsv, z);
+            let ph = _mm256_mulhi_epu16(gsv, z);
+            let l15 = _mm256_and_si256(pl, mask);
+            let h15 = _mm256_or_si256(_mm256_slli_epi16(ph, 1), _mm256_srli_epi16(pl, 15));
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(l15, sv));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(h15, sv));
+            g += 16;
+            since += 1;
+            if since == 4 {
+                lo64 = widen_add(lo64, lo);
+                lo = _mm256_setzero_si256();
+                since = 0;
+            }
+        }
+        let hi = hsum64(widen_add(_mm256_setzero_si256(), hi));
+        hsum64(widen_add(lo64, lo)) + (hi << 15)
     }
 
     /// For GEMM, where a decoded chunk serves many tokens: moves the `gscale = 2^15` case from

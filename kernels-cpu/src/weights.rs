@@ -102,6 +102,20 @@ pub struct PreparedWeights {
     zero_u8: Vec<u8>,
     row_scale: Vec<f32>,
     row_bound: Vec<u64>,
+    /// The GEMV quad copy (W2 / ternary with one chunk a group, else empty; module docs).
+    quad: QuadWeights,
+}
+
+/// W2 / ternary rows with `chunks_per_group == 1` re-packed for the GEMV (see "GEMV quads" in
+/// the module docs): per row `quads` blocks of 32 bytes, and the group scales and zero points
+/// padded with zeros to `meta` groups (a multiple of 8, at least `4 * quads`).
+#[derive(Debug, Clone, Default)]
+struct QuadWeights {
+    quads: usize,
+    meta: usize,
+    data: Vec<u8>,
+    gscale: Vec<u16>,
+    zero: Vec<u8>,
 }
 
 /// Caller-owned buffers of a weight operation. Sized once ([`Scratch::for_weights`]) they are
@@ -111,6 +125,9 @@ pub struct Scratch {
     x_pad: Vec<i8>,
     s_sum: Vec<i32>,
     acc_nt: Vec<i64>,
+    /// The GEMV quad layout's activations and `i16` group sums (one token).
+    x_quad: Vec<i8>,
+    s_quad: Vec<i16>,
 }
 
 impl Scratch {
@@ -140,6 +157,12 @@ impl Scratch {
         if m_tokens > 1 && self.acc_nt.len() < m_tokens * w.n_rows {
             self.acc_nt.resize(m_tokens * w.n_rows, 0);
         }
+        if self.x_quad.len() < 128 * w.quad.quads {
+            self.x_quad.resize(128 * w.quad.quads, 0);
+        }
+        if self.s_quad.len() < w.quad.meta {
+            self.s_quad.resize(w.quad.meta, 0);
+        }
     }
 }
 
@@ -161,6 +184,21 @@ pub(crate) struct RowCtx<'a> {
     /// row; when it is `<= acc_hi` no group addition can saturate and the SIMD path may add
     /// the groups in any order (the result is the same exact sum).
     pub row_bound: &'a [u64],
+    /// The GEMV quad copy: blocks per row (0 when there is none), metadata groups per row,
+    /// `[row][quad][32]` codes, `[row][meta]` group scales and zero points.
+    pub quads: usize,
+    pub quad_meta: usize,
+    pub quad_data: &'a [u8],
+    pub quad_gscale: &'a [u16],
+    pub quad_zero: &'a [u8],
+}
+
+/// One token's activations in the GEMV quad layout (`128 * quads` codes) and its group sums
+/// as `i16` (`|S| <= 32 * 128`), zero-padded to the tensor's `quad_meta` groups.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QuadX<'a> {
+    pub x: &'a [i8],
+    pub s: &'a [i16],
 }
 
 impl RowCtx<'_> {
@@ -194,6 +232,19 @@ impl From<&QuantWeights> for PreparedWeights {
         let mut data = vec![0u8; n_rows * row_bytes];
         let n_chunks = groups * chunks_per_group;
         let mut chunks = vec![[0u8; CHUNK]; n_chunks];
+        let mut quad = QuadWeights::default();
+        if bits == 2 && chunks_per_group == 1 && groups > 0 {
+            quad.quads = groups.div_ceil(4);
+            quad.meta = groups.next_multiple_of(8);
+            quad.data = vec![0u8; n_rows * quad.quads * 32];
+            quad.gscale = vec![0u16; n_rows * quad.meta];
+            quad.zero = vec![0u8; n_rows * quad.meta];
+            for row in 0..n_rows {
+                let (src, dst) = (row * groups, row * quad.meta);
+                quad.gscale[dst..dst + groups].copy_from_slice(&w.gscale_q()[src..src + groups]);
+                quad.zero[dst..dst + groups].copy_from_slice(&w.zero_u8()[src..src + groups]);
+            }
+        }
         for (row, out_row) in data.chunks_exact_mut(row_bytes.max(1)).enumerate() {
             let codes_row = &codes[row * k..(row + 1) * k];
             for g in 0..groups {
@@ -224,6 +275,21 @@ impl From<&QuantWeights> for PreparedWeights {
                 let at = ci * chunk_bytes;
                 encode_chunk(chunk, bits, &mut out_row[at..at + chunk_bytes]);
             }
+            if quad.quads > 0 {
+                let at = row * quad.quads * 32;
+                for (q, out) in quad.data[at..at + quad.quads * 32]
+                    .chunks_exact_mut(32)
+                    .enumerate()
+                {
+                    for (i, o) in out.iter_mut().enumerate() {
+                        for c in 0..4 {
+                            let (gq, e) = quad_source(c, i);
+                            let code = chunks.get(4 * q + gq).map_or(0, |ch| ch[e]);
+                            *o |= code << (2 * c);
+                        }
+                    }
+                }
+            }
         }
         let row_bound = (0..n_rows)
             .map(|row| {
@@ -250,8 +316,18 @@ impl From<&QuantWeights> for PreparedWeights {
             gscale_q: w.gscale_q().to_vec(),
             zero_u8: w.zero_u8().to_vec(),
             row_scale: w.row_scale().to_vec(),
+            quad,
         }
     }
+}
+
+/// The GEMV quad layout (module docs): byte `i` of virtual chunk `c` (0..4) of a quad holds
+/// element `e` of the quad's group `gq` (0..4), returned as `(gq, e)`. Byte pairs (`i16` lanes
+/// of `vpmaddubsw`) stay within one group: lane `j = i / 2` belongs to group `j % 4`.
+#[inline]
+pub(crate) fn quad_source(c: usize, i: usize) -> (usize, usize) {
+    let j = i / 2;
+    (j % 4, 8 * c + 2 * (j / 4) + i % 2)
 }
 
 /// W2 and ternary: how many of a row's `n_chunks` chunks are stored in blocks of four (the
@@ -301,6 +377,10 @@ impl PreparedWeights {
             out.zero_u8.extend_from_slice(&p.zero_u8);
             out.row_scale.extend_from_slice(&p.row_scale);
             out.row_bound.extend_from_slice(&p.row_bound);
+            // Same format, k and group length, so the same quad shape.
+            out.quad.data.extend_from_slice(&p.quad.data);
+            out.quad.gscale.extend_from_slice(&p.quad.gscale);
+            out.quad.zero.extend_from_slice(&p.quad.zero);
         }
         Some(out)
     }
@@ -351,6 +431,38 @@ impl PreparedWeights {
             acc_lo: min_signed(acc_bits),
             acc_hi: max_signed(acc_bits),
             row_bound: &self.row_bound,
+            quads: self.quad.quads,
+            quad_meta: self.quad.meta,
+            quad_data: &self.quad.data,
+            quad_gscale: &self.quad.gscale,
+            quad_zero: &self.quad.zero,
+        }
+    }
+
+    /// One padded token `xp` with group sums `s` in the GEMV quad layout (`scratch.x_quad`,
+    /// `scratch.s_quad`): pair `j` of virtual chunk `c` of quad `q` is pair `4c + j / 4` of group
+    /// `4q + j % 4` ([`quad_source`]); groups past the row are zeros.
+    fn quad_activations(&self, scratch: &mut Scratch) {
+        let (groups, quads) = (self.groups, self.quad.quads);
+        let (xp, sp) = (&scratch.x_pad, &scratch.s_sum);
+        let xq = &mut scratch.x_quad[..128 * quads];
+        for (q, xq) in xq.chunks_exact_mut(128).enumerate() {
+            for (c, xc) in xq.chunks_exact_mut(32).enumerate() {
+                for (j, pair) in xc.chunks_exact_mut(2).enumerate() {
+                    let g = 4 * q + j % 4;
+                    if g < groups {
+                        let e = g * CHUNK + 8 * c + 2 * (j / 4);
+                        pair.copy_from_slice(&xp[e..e + 2]);
+                    } else {
+                        pair.fill(0);
+                    }
+                }
+            }
+        }
+        let sq = &mut scratch.s_quad[..self.quad.meta];
+        for (g, v) in sq.iter_mut().enumerate() {
+            // |S| <= 32 * 128 (one chunk a group): exact in i16.
+            *v = if g < groups { sp[g] as i16 } else { 0 };
         }
     }
 
@@ -461,10 +573,18 @@ impl PreparedWeights {
         // Small operations run on the calling thread: splitting them costs more than it saves.
         let sequential = self.n_rows * plen * m_tokens < PAR_MIN_MACS;
         if m_tokens == 1 {
+            let use_quad = isa == Isa::Avx2 && self.quad.quads > 0;
+            if use_quad {
+                self.quad_activations(scratch);
+            }
+            let qx = use_quad.then(|| QuadX {
+                x: &scratch.x_quad[..128 * self.quad.quads],
+                s: &scratch.s_quad[..self.quad.meta],
+            });
             let xp = &scratch.x_pad[..plen];
             let s = &scratch.s_sum[..groups];
             if sequential {
-                rows_one_token(isa, &ctx, 0, xp, s, acc_out);
+                rows_one_token(isa, &ctx, 0, xp, s, qx, acc_out);
                 return Ok(());
             }
             if let Some(team) = team.filter(|t| t.is_leading() && t.threads() > 1) {
@@ -473,7 +593,7 @@ impl PreparedWeights {
                     .div_ceil(TEAM_TASKS_PER_THREAD * team.threads())
                     .next_multiple_of(TEAM_ROW_ALIGN);
                 team.for_each_chunk_mut(acc_out, rows, |task, out, _| {
-                    rows_one_token(isa, &ctx, task * rows, xp, s, out);
+                    rows_one_token(isa, &ctx, task * rows, xp, s, qx, out);
                 });
                 return Ok(());
             }
@@ -481,7 +601,7 @@ impl PreparedWeights {
                 .par_chunks_mut(rows_per_task)
                 .enumerate()
                 .for_each(|(task, out)| {
-                    rows_one_token(isa, &ctx, task * rows_per_task, xp, s, out);
+                    rows_one_token(isa, &ctx, task * rows_per_task, xp, s, qx, out);
                 });
             return Ok(());
         }
@@ -608,10 +728,19 @@ pub fn apply_stage(stage: &OutputStage, acc: &[i64], y_out: &mut [i32]) -> Resul
     Ok(())
 }
 
-/// Rows `row0..row0 + out.len()` for one token.
-fn rows_one_token(isa: Isa, ctx: &RowCtx<'_>, row0: usize, xp: &[i8], s: &[i32], out: &mut [i64]) {
+/// Rows `row0..row0 + out.len()` for one token (`qx`: the token in the GEMV quad layout, when
+/// the tensor has one and the path uses it).
+fn rows_one_token(
+    isa: Isa,
+    ctx: &RowCtx<'_>,
+    row0: usize,
+    xp: &[i8],
+    s: &[i32],
+    qx: Option<QuadX<'_>>,
+    out: &mut [i64],
+) {
     match isa {
-        Isa::Avx2 => crate::avx2::rows_one_token(ctx, row0, xp, s, out),
+        Isa::Avx2 => crate::avx2::rows_one_token(ctx, row0, xp, s, qx, out),
         _ => {
             for (i, o) in out.iter_mut().enumerate() {
                 *o = row_acc_scalar(ctx, row0 + i, xp, s);
