@@ -113,7 +113,8 @@ fn check_quad_bounds(ctx: &RowCtx<'_>, row0: usize, rows: usize, qx: QuadX<'_>) 
     assert!(ctx.quad_meta % 8 == 0 && ctx.quad_meta >= 4 * ctx.quads);
     assert!(ctx.quad_data.len() >= (row0 + rows) * ctx.quads * 32);
     assert!(ctx.quad_gscale.len() >= (row0 + rows) * ctx.quad_meta);
-    assert!(ctx.quad_zero.len() >= (row0 + rows) * ctx.quad_meta);
+    assert!(ctx.quad_gz_lo.len() >= (row0 + rows) * ctx.quad_meta);
+    assert!(ctx.quad_gz_hi.len() >= (row0 + rows) * ctx.quad_meta);
     assert!(qx.x.len() >= 128 * ctx.quads && qx.s.len() >= ctx.quad_meta);
 }
 
@@ -779,7 +780,12 @@ mod imp {
         // token `128 * quads` codes and `meta` sums.
         let w = unsafe { ctx.quad_data.as_ptr().add(row * quads * 32) };
         let gs = unsafe { ctx.quad_gscale.as_ptr().add(row * meta) };
-        let zero = unsafe { ctx.quad_zero.as_ptr().add(row * meta) };
+        let (gz_lo, gz_hi) = unsafe {
+            (
+                ctx.quad_gz_lo.as_ptr().add(row * meta),
+                ctx.quad_gz_hi.as_ptr().add(row * meta),
+            )
+        };
         let x = qx.x.as_ptr();
         let m3 = _mm256_set1_epi8(3);
         let (mut acc64, mut acc32) = (_mm256_setzero_si256(), _mm256_setzero_si256());
@@ -813,62 +819,65 @@ mod imp {
                 since = 0;
             }
         }
-        let p = hsum64(widen_add(acc64, acc32));
         // SAFETY: meta groups of the row's metadata and of the token's sums (see above).
-        let z = unsafe { zero_term_quad(zero, gs, qx.s.as_ptr(), meta) };
-        (p << ctx.lattice_shift) - z
+        let (z_lo, z_hi) = unsafe { zero_term_quad(gz_lo, gz_hi, qx.s.as_ptr(), meta) };
+        // (sum of the lanes) << ls - z_lo - z_hi << 15, lane by lane in i64 (exact: every
+        // partial sum is bounded by the row's bound).
+        let p = _mm256_sll_epi64(
+            widen_add(acc64, acc32),
+            _mm_cvtsi32_si128(ctx.lattice_shift as i32),
+        );
+        let z = _mm256_add_epi64(z_lo, _mm256_slli_epi64(z_hi, 15));
+        hsum64(_mm256_sub_epi64(p, z))
     }
 
-    /// `sum_g gscale_g * zero_g * S_g` over `n` groups (a multiple of 8) with `vpmaddwd`:
-    /// `gz = gscale * zero < 2^23` is formed exactly as 16-bit halves (`vpmullw`, `vpmulhuw`)
-    /// and split as `gz = hi * 2^15 + lo` (`lo < 2^15`, `hi < 2^8`, both non-negative `i16`),
-    /// `S` is `i16` (`|S| <= 4096`): a `lo` pair is below `2 * 2^15 * 2^12 = 2^28` (the `i32`
-    /// lanes are widened every 4 blocks of 16 groups), a `hi` pair below `2^21`.
+    /// `sum_g gscale_g * zero_g * S_g` over `n` groups (a multiple of 8) with `vpmaddwd`, as
+    /// two `i64x4` whose lanes sum to `Z_lo` and `Z_hi` with the sum `Z_lo + Z_hi * 2^15`: the
+    /// load-time halves `gz_lo < 2^15` and `gz_hi < 2^8` of `gz = gscale * zero` are
+    /// non-negative `i16`, `S` is `i16` (`|S| <= 32 * 128`), so a `gz_lo` pair is below
+    /// `2 * 2^15 * 2^12 = 2^28` (its `i32` lanes are widened every 4 blocks of 16 groups) and a
+    /// `gz_hi` pair below `2^21` (widened at the end).
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn zero_term_quad(zero: *const u8, gs: *const u16, s: *const i16, n: usize) -> i64 {
-        let mask = _mm256_set1_epi16(0x7FFF);
-        let (mut lo64, mut lo, mut hi) = (
-            _mm256_setzero_si256(),
-            _mm256_setzero_si256(),
-            _mm256_setzero_si256(),
-        );
+    unsafe fn zero_term_quad(
+        gz_lo: *const u16,
+        gz_hi: *const u8,
+        s: *const i16,
+        n: usize,
+    ) -> (__m256i, __m256i) {
+        let zero = _mm256_setzero_si256();
+        let (mut lo64, mut lo, mut hi) = (zero, zero, zero);
         let mut g = 0;
         let mut since = 0;
         while g < n {
-            // SAFETY (caller): n elements readable at zero, gs and s; n is a multiple of 8, so
-            // a block of 16 is read whole or, for the last 8, as half vectors.
-            let (z, gsv, sv) = unsafe {
+            // SAFETY (caller): n elements readable at gz_lo, gz_hi and s; n is a multiple of
+            // 8, so a block of 16 is read whole or, for the last 8, as half vectors.
+            let (l, h, sv) = unsafe {
                 if g + 16 <= n {
                     (
-                        _mm256_cvtepu8_epi16(_mm_loadu_si128(zero.add(g).cast::<__m128i>())),
-                        _mm256_loadu_si256(gs.add(g).cast::<__m256i>()),
+                        _mm256_loadu_si256(gz_lo.add(g).cast::<__m256i>()),
+                        _mm256_cvtepu8_epi16(_mm_loadu_si128(gz_hi.add(g).cast::<__m128i>())),
                         _mm256_loadu_si256(s.add(g).cast::<__m256i>()),
                     )
                 } else {
                     (
-                        _mm256_cvtepu8_epi16(_mm_loadl_epi64(zero.add(g).cast::<__m128i>())),
-                        _mm256_zextsi128_si256(_mm_loadu_si128(gs.add(g).cast::<__m128i>())),
+                        _mm256_zextsi128_si256(_mm_loadu_si128(gz_lo.add(g).cast::<__m128i>())),
+                        _mm256_cvtepu8_epi16(_mm_loadl_epi64(gz_hi.add(g).cast::<__m128i>())),
                         _mm256_zextsi128_si256(_mm_loadu_si128(s.add(g).cast::<__m128i>())),
                     )
                 }
             };
-            let pl = _mm256_mullo_epi16(gsv, z);
-            let ph = _mm256_mulhi_epu16(gsv, z);
-            let l15 = _mm256_and_si256(pl, mask);
-            let h15 = _mm256_or_si256(_mm256_slli_epi16(ph, 1), _mm256_srli_epi16(pl, 15));
-            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(l15, sv));
-            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(h15, sv));
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(l, sv));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(h, sv));
             g += 16;
             since += 1;
             if since == 4 {
                 lo64 = widen_add(lo64, lo);
-                lo = _mm256_setzero_si256();
+                lo = zero;
                 since = 0;
             }
         }
-        let hi = hsum64(widen_add(_mm256_setzero_si256(), hi));
-        hsum64(widen_add(lo64, lo)) + (hi << 15)
+        (widen_add(lo64, lo), widen_add(zero, hi))
     }
 
     /// For GEMM, where a decoded chunk serves many tokens: moves the `gscale = 2^15` case from

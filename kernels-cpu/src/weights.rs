@@ -41,6 +41,9 @@ use tessera_golden::quant::QuantWeights;
 use crate::isa::Isa;
 use crate::team::Team;
 
+#[doc(hidden)]
+pub static AB_NEW: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 /// Elements per chunk (one AVX2 register of `u8` codes).
 pub const CHUNK: usize = 32;
 
@@ -107,15 +110,17 @@ pub struct PreparedWeights {
 }
 
 /// W2 / ternary rows with `chunks_per_group == 1` re-packed for the GEMV (see "GEMV quads" in
-/// the module docs): per row `quads` blocks of 32 bytes, and the group scales and zero points
-/// padded with zeros to `meta` groups (a multiple of 8, at least `4 * quads`).
+/// the module docs): per row `quads` blocks of 32 bytes, and the group scales and
+/// `gz = gscale * zero < 2^23` as `gz_lo = gz % 2^15`, `gz_hi = gz >> 15`, padded with zeros
+/// to `meta` groups (a multiple of 8, at least `4 * quads`).
 #[derive(Debug, Clone, Default)]
 struct QuadWeights {
     quads: usize,
     meta: usize,
     data: Vec<u8>,
     gscale: Vec<u16>,
-    zero: Vec<u8>,
+    gz_lo: Vec<u16>,
+    gz_hi: Vec<u8>,
 }
 
 /// Caller-owned buffers of a weight operation. Sized once ([`Scratch::for_weights`]) they are
@@ -185,12 +190,13 @@ pub(crate) struct RowCtx<'a> {
     /// the groups in any order (the result is the same exact sum).
     pub row_bound: &'a [u64],
     /// The GEMV quad copy: blocks per row (0 when there is none), metadata groups per row,
-    /// `[row][quad][32]` codes, `[row][meta]` group scales and zero points.
+    /// `[row][quad][32]` codes, `[row][meta]` group scales and `gscale * zero` halves.
     pub quads: usize,
     pub quad_meta: usize,
     pub quad_data: &'a [u8],
     pub quad_gscale: &'a [u16],
-    pub quad_zero: &'a [u8],
+    pub quad_gz_lo: &'a [u16],
+    pub quad_gz_hi: &'a [u8],
 }
 
 /// One token's activations in the GEMV quad layout (`128 * quads` codes) and its group sums
@@ -238,11 +244,18 @@ impl From<&QuantWeights> for PreparedWeights {
             quad.meta = groups.next_multiple_of(8);
             quad.data = vec![0u8; n_rows * quad.quads * 32];
             quad.gscale = vec![0u16; n_rows * quad.meta];
-            quad.zero = vec![0u8; n_rows * quad.meta];
+            quad.gz_lo = vec![0u16; n_rows * quad.meta];
+            quad.gz_hi = vec![0u8; n_rows * quad.meta];
             for row in 0..n_rows {
-                let (src, dst) = (row * groups, row * quad.meta);
-                quad.gscale[dst..dst + groups].copy_from_slice(&w.gscale_q()[src..src + groups]);
-                quad.zero[dst..dst + groups].copy_from_slice(&w.zero_u8()[src..src + groups]);
+                for g in 0..groups {
+                    let (src, dst) = (row * groups + g, row * quad.meta + g);
+                    let gs = w.gscale_q()[src];
+                    // gscale <= 2^15, zero <= 255: gz < 2^23, gz >> 15 < 2^8.
+                    let gz = u32::from(gs) * u32::from(w.zero_u8()[src]);
+                    quad.gscale[dst] = gs;
+                    quad.gz_lo[dst] = (gz & 0x7FFF) as u16;
+                    quad.gz_hi[dst] = (gz >> 15) as u8;
+                }
             }
         }
         for (row, out_row) in data.chunks_exact_mut(row_bytes.max(1)).enumerate() {
@@ -380,7 +393,8 @@ impl PreparedWeights {
             // Same format, k and group length, so the same quad shape.
             out.quad.data.extend_from_slice(&p.quad.data);
             out.quad.gscale.extend_from_slice(&p.quad.gscale);
-            out.quad.zero.extend_from_slice(&p.quad.zero);
+            out.quad.gz_lo.extend_from_slice(&p.quad.gz_lo);
+            out.quad.gz_hi.extend_from_slice(&p.quad.gz_hi);
         }
         Some(out)
     }
@@ -435,7 +449,8 @@ impl PreparedWeights {
             quad_meta: self.quad.meta,
             quad_data: &self.quad.data,
             quad_gscale: &self.quad.gscale,
-            quad_zero: &self.quad.zero,
+            quad_gz_lo: &self.quad.gz_lo,
+            quad_gz_hi: &self.quad.gz_hi,
         }
     }
 
@@ -573,7 +588,9 @@ impl PreparedWeights {
         // Small operations run on the calling thread: splitting them costs more than it saves.
         let sequential = self.n_rows * plen * m_tokens < PAR_MIN_MACS;
         if m_tokens == 1 {
-            let use_quad = isa == Isa::Avx2 && self.quad.quads > 0;
+            let use_quad = isa == Isa::Avx2
+                && self.quad.quads > 0
+                && AB_NEW.load(std::sync::atomic::Ordering::Relaxed);
             if use_quad {
                 self.quad_activations(scratch);
             }
