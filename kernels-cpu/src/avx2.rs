@@ -30,7 +30,7 @@
 //! the token block, the activations would have to be widened per row).
 #![allow(unsafe_code)]
 
-use crate::weights::{QuadX, RowCtx};
+use crate::weights::{QuadX, RowCtx, QUAD_SLACK};
 
 /// Rows `row0..row0 + out.len()` for one padded token `xp` with group sums `s` (and `qx`, the
 /// token in the GEMV quad layout, for tensors that have one).
@@ -110,12 +110,16 @@ fn check_bounds(ctx: &RowCtx<'_>, row0: usize, rows: usize, m: usize, xp_len: us
 fn check_quad_bounds(ctx: &RowCtx<'_>, row0: usize, rows: usize, qx: QuadX<'_>) {
     assert!(ctx.bits == 2 && ctx.chunks_per_group == 1 && ctx.quads > 0);
     assert_eq!(ctx.quads, ctx.groups.div_ceil(4));
-    assert!(ctx.quad_meta % 8 == 0 && ctx.quad_meta >= 4 * ctx.quads);
+    assert_eq!(ctx.quad_meta, 4 * ctx.quads);
+    assert!(ctx.quad_meta < 16 << 10, "zero_term_quad's hi lanes");
     assert!(ctx.quad_data.len() >= (row0 + rows) * ctx.quads * 32);
-    assert!(ctx.quad_gscale.len() >= (row0 + rows) * ctx.quad_meta);
-    assert!(ctx.quad_gz_lo.len() >= (row0 + rows) * ctx.quad_meta);
-    assert!(ctx.quad_gz_hi.len() >= (row0 + rows) * ctx.quad_meta);
-    assert!(qx.x.len() >= 128 * ctx.quads && qx.s.len() >= ctx.quad_meta);
+    // Whole blocks of 16 groups are read: the padded metadata of the last row reaches up to
+    // QUAD_SLACK elements past it, the token's sums as far (zeros there).
+    let meta16 = ctx.quad_meta.next_multiple_of(16);
+    assert!(meta16 - ctx.quad_meta <= QUAD_SLACK);
+    assert!(ctx.quad_gscale.len() >= (row0 + rows) * ctx.quad_meta + QUAD_SLACK);
+    assert!(ctx.quad_zero.len() >= (row0 + rows) * ctx.quad_meta + QUAD_SLACK);
+    assert!(qx.x.len() >= 128 * ctx.quads && qx.s.len() >= meta16);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -780,12 +784,7 @@ mod imp {
         // token `128 * quads` codes and `meta` sums.
         let w = unsafe { ctx.quad_data.as_ptr().add(row * quads * 32) };
         let gs = unsafe { ctx.quad_gscale.as_ptr().add(row * meta) };
-        let (gz_lo, gz_hi) = unsafe {
-            (
-                ctx.quad_gz_lo.as_ptr().add(row * meta),
-                ctx.quad_gz_hi.as_ptr().add(row * meta),
-            )
-        };
+        let zero = unsafe { ctx.quad_zero.as_ptr().add(row * meta) };
         let x = qx.x.as_ptr();
         let m3 = _mm256_set1_epi8(3);
         let (mut acc64, mut acc32) = (_mm256_setzero_si256(), _mm256_setzero_si256());
@@ -820,7 +819,7 @@ mod imp {
             }
         }
         // SAFETY: meta groups of the row's metadata and of the token's sums (see above).
-        let (z_lo, z_hi) = unsafe { zero_term_quad(gz_lo, gz_hi, qx.s.as_ptr(), meta) };
+        let (z_lo, z_hi) = unsafe { zero_term_quad(gs, zero, qx.s.as_ptr(), meta) };
         // (sum of the lanes) << ls - z_lo - z_hi << 15, lane by lane in i64 (exact: every
         // partial sum is bounded by the row's bound).
         let p = _mm256_sll_epi64(
@@ -831,53 +830,49 @@ mod imp {
         hsum64(_mm256_sub_epi64(p, z))
     }
 
-    /// `sum_g gscale_g * zero_g * S_g` over `n` groups (a multiple of 8) with `vpmaddwd`, as
-    /// two `i64x4` whose lanes sum to `Z_lo` and `Z_hi` with the sum `Z_lo + Z_hi * 2^15`: the
-    /// load-time halves `gz_lo < 2^15` and `gz_hi < 2^8` of `gz = gscale * zero` are
-    /// non-negative `i16`, `S` is `i16` (`|S| <= 32 * 128`), so a `gz_lo` pair is below
-    /// `2 * 2^15 * 2^12 = 2^28` (its `i32` lanes are widened every 4 blocks of 16 groups) and a
-    /// `gz_hi` pair below `2^21` (widened at the end).
+    /// `sum_g gscale_g * zero_g * S_g` over `n` groups with `vpmaddwd`, in whole blocks of 16
+    /// groups (past `n` the sums `S` are 0), as two `i64x4` whose lanes sum to `Z_lo` and
+    /// `Z_hi`, the sum being `Z_lo + Z_hi * 2^15`. `gz = gscale * zero` (`< 2^23`: every stored scale is at
+    /// most `2^15`) is split as `gz = hi * 2^15 + lo`: `lo` is the low 16-bit product
+    /// (`vpmullw`) masked to 15 bits, `hi = (gscale * 2 zero) >> 16` (`vpmulhuw`, `< 2^8`),
+    /// both non-negative `i16`; `S` is `i16` (`|S| <= 32 * 128`). A `lo` pair is below
+    /// `2 * 2^15 * 2^12 = 2^28` (its `i32` lanes are widened every 4 blocks), a `hi` pair below
+    /// `2^21` (widened at the end: exact for fewer than `2^10` blocks, asserted).
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn zero_term_quad(
-        gz_lo: *const u16,
-        gz_hi: *const u8,
+        gs: *const u16,
+        zero: *const u8,
         s: *const i16,
         n: usize,
     ) -> (__m256i, __m256i) {
-        let zero = _mm256_setzero_si256();
-        let (mut lo64, mut lo, mut hi) = (zero, zero, zero);
+        let z0 = _mm256_setzero_si256();
+        let mask = _mm256_set1_epi16(0x7FFF);
+        let (mut lo64, mut lo, mut hi) = (z0, z0, z0);
         let mut g = 0;
         let mut since = 0;
         while g < n {
-            // SAFETY (caller): n elements readable at gz_lo, gz_hi and s; n is a multiple of
-            // 8, so a block of 16 is read whole or, for the last 8, as half vectors.
-            let (l, h, sv) = unsafe {
-                if g + 16 <= n {
-                    (
-                        _mm256_loadu_si256(gz_lo.add(g).cast::<__m256i>()),
-                        _mm256_cvtepu8_epi16(_mm_loadu_si128(gz_hi.add(g).cast::<__m128i>())),
-                        _mm256_loadu_si256(s.add(g).cast::<__m256i>()),
-                    )
-                } else {
-                    (
-                        _mm256_zextsi128_si256(_mm_loadu_si128(gz_lo.add(g).cast::<__m128i>())),
-                        _mm256_cvtepu8_epi16(_mm_loadl_epi64(gz_hi.add(g).cast::<__m128i>())),
-                        _mm256_zextsi128_si256(_mm_loadu_si128(s.add(g).cast::<__m128i>())),
-                    )
-                }
+            // SAFETY (caller): 16 elements readable at gs + g, zero + g and s + g for g < n.
+            let (gsv, z, sv) = unsafe {
+                (
+                    _mm256_loadu_si256(gs.add(g).cast::<__m256i>()),
+                    _mm256_cvtepu8_epi16(_mm_loadu_si128(zero.add(g).cast::<__m128i>())),
+                    _mm256_loadu_si256(s.add(g).cast::<__m256i>()),
+                )
             };
+            let l = _mm256_and_si256(_mm256_mullo_epi16(gsv, z), mask);
+            let h = _mm256_mulhi_epu16(gsv, _mm256_add_epi16(z, z));
             lo = _mm256_add_epi32(lo, _mm256_madd_epi16(l, sv));
             hi = _mm256_add_epi32(hi, _mm256_madd_epi16(h, sv));
             g += 16;
             since += 1;
             if since == 4 {
                 lo64 = widen_add(lo64, lo);
-                lo = zero;
+                lo = z0;
                 since = 0;
             }
         }
-        (widen_add(lo64, lo), widen_add(zero, hi))
+        (widen_add(lo64, lo), widen_add(z0, hi))
     }
 
     /// For GEMM, where a decoded chunk serves many tokens: moves the `gscale = 2^15` case from

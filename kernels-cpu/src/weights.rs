@@ -110,18 +110,21 @@ pub struct PreparedWeights {
 }
 
 /// W2 / ternary rows with `chunks_per_group == 1` re-packed for the GEMV (see "GEMV quads" in
-/// the module docs): per row `quads` blocks of 32 bytes, and the group scales and
-/// `gz = gscale * zero < 2^23` as `gz_lo = gz % 2^15`, `gz_hi = gz >> 15`, padded with zeros
-/// to `meta` groups (a multiple of 8, at least `4 * quads`).
+/// the module docs): per row `quads` blocks of 32 bytes, and the group scales and zero points
+/// padded with zeros to `meta = 4 * quads` groups, plus [`QUAD_SLACK`] zeros at the end (the
+/// zero term reads whole blocks of 16 groups; past the row the sums it multiplies are 0).
 #[derive(Debug, Clone, Default)]
 struct QuadWeights {
     quads: usize,
     meta: usize,
     data: Vec<u8>,
     gscale: Vec<u16>,
-    gz_lo: Vec<u16>,
-    gz_hi: Vec<u8>,
+    zero: Vec<u8>,
 }
+
+/// Readable metadata past the last row of [`QuadWeights`], and `i16` group sums past a token's
+/// `meta` groups (zeros).
+pub(crate) const QUAD_SLACK: usize = 16;
 
 /// Caller-owned buffers of a weight operation. Sized once ([`Scratch::for_weights`]) they are
 /// reused: a call allocates nothing unless a larger shape than before is used.
@@ -165,8 +168,8 @@ impl Scratch {
         if self.x_quad.len() < 128 * w.quad.quads {
             self.x_quad.resize(128 * w.quad.quads, 0);
         }
-        if self.s_quad.len() < w.quad.meta {
-            self.s_quad.resize(w.quad.meta, 0);
+        if self.s_quad.len() < w.quad.meta.next_multiple_of(16) {
+            self.s_quad.resize(w.quad.meta.next_multiple_of(16), 0);
         }
     }
 }
@@ -190,13 +193,13 @@ pub(crate) struct RowCtx<'a> {
     /// the groups in any order (the result is the same exact sum).
     pub row_bound: &'a [u64],
     /// The GEMV quad copy: blocks per row (0 when there is none), metadata groups per row,
-    /// `[row][quad][32]` codes, `[row][meta]` group scales and `gscale * zero` halves.
+    /// `[row][quad][32]` codes, `[row][meta]` group scales and zero points (then
+    /// [`QUAD_SLACK`] zeros).
     pub quads: usize,
     pub quad_meta: usize,
     pub quad_data: &'a [u8],
     pub quad_gscale: &'a [u16],
-    pub quad_gz_lo: &'a [u16],
-    pub quad_gz_hi: &'a [u8],
+    pub quad_zero: &'a [u8],
 }
 
 /// One token's activations in the GEMV quad layout (`128 * quads` codes) and its group sums
@@ -241,21 +244,14 @@ impl From<&QuantWeights> for PreparedWeights {
         let mut quad = QuadWeights::default();
         if bits == 2 && chunks_per_group == 1 && groups > 0 {
             quad.quads = groups.div_ceil(4);
-            quad.meta = groups.next_multiple_of(8);
+            quad.meta = 4 * quad.quads;
             quad.data = vec![0u8; n_rows * quad.quads * 32];
-            quad.gscale = vec![0u16; n_rows * quad.meta];
-            quad.gz_lo = vec![0u16; n_rows * quad.meta];
-            quad.gz_hi = vec![0u8; n_rows * quad.meta];
+            quad.gscale = vec![0u16; n_rows * quad.meta + QUAD_SLACK];
+            quad.zero = vec![0u8; n_rows * quad.meta + QUAD_SLACK];
             for row in 0..n_rows {
-                for g in 0..groups {
-                    let (src, dst) = (row * groups + g, row * quad.meta + g);
-                    let gs = w.gscale_q()[src];
-                    // gscale <= 2^15, zero <= 255: gz < 2^23, gz >> 15 < 2^8.
-                    let gz = u32::from(gs) * u32::from(w.zero_u8()[src]);
-                    quad.gscale[dst] = gs;
-                    quad.gz_lo[dst] = (gz & 0x7FFF) as u16;
-                    quad.gz_hi[dst] = (gz >> 15) as u8;
-                }
+                let (src, dst) = (row * groups, row * quad.meta);
+                quad.gscale[dst..dst + groups].copy_from_slice(&w.gscale_q()[src..src + groups]);
+                quad.zero[dst..dst + groups].copy_from_slice(&w.zero_u8()[src..src + groups]);
             }
         }
         for (row, out_row) in data.chunks_exact_mut(row_bytes.max(1)).enumerate() {
@@ -390,11 +386,15 @@ impl PreparedWeights {
             out.zero_u8.extend_from_slice(&p.zero_u8);
             out.row_scale.extend_from_slice(&p.row_scale);
             out.row_bound.extend_from_slice(&p.row_bound);
-            // Same format, k and group length, so the same quad shape.
-            out.quad.data.extend_from_slice(&p.quad.data);
-            out.quad.gscale.extend_from_slice(&p.quad.gscale);
-            out.quad.gz_lo.extend_from_slice(&p.quad.gz_lo);
-            out.quad.gz_hi.extend_from_slice(&p.quad.gz_hi);
+            // Same format, k and group length, so the same quad shape; the slack stays at the
+            // end.
+            if out.quad.quads > 0 {
+                out.quad.data.extend_from_slice(&p.quad.data);
+                out.quad.gscale.truncate((out.n_rows - p.n_rows) * out.quad.meta);
+                out.quad.gscale.extend_from_slice(&p.quad.gscale);
+                out.quad.zero.truncate((out.n_rows - p.n_rows) * out.quad.meta);
+                out.quad.zero.extend_from_slice(&p.quad.zero);
+            }
         }
         Some(out)
     }
@@ -449,8 +449,7 @@ impl PreparedWeights {
             quad_meta: self.quad.meta,
             quad_data: &self.quad.data,
             quad_gscale: &self.quad.gscale,
-            quad_gz_lo: &self.quad.gz_lo,
-            quad_gz_hi: &self.quad.gz_hi,
+            quad_zero: &self.quad.zero,
         }
     }
 
@@ -474,7 +473,7 @@ impl PreparedWeights {
                 }
             }
         }
-        let sq = &mut scratch.s_quad[..self.quad.meta];
+        let sq = &mut scratch.s_quad[..self.quad.meta.next_multiple_of(16)];
         for (g, v) in sq.iter_mut().enumerate() {
             // |S| <= 32 * 128 (one chunk a group): exact in i16.
             *v = if g < groups { sp[g] as i16 } else { 0 };
@@ -596,7 +595,7 @@ impl PreparedWeights {
             }
             let qx = use_quad.then(|| QuadX {
                 x: &scratch.x_quad[..128 * self.quad.quads],
-                s: &scratch.s_quad[..self.quad.meta],
+                s: &scratch.s_quad[..self.quad.meta.next_multiple_of(16)],
             });
             let xp = &scratch.x_pad[..plen];
             let s = &scratch.s_sum[..groups];
