@@ -13,7 +13,7 @@ use tessera_golden::numerics::Datapath;
 use tessera_golden::ops::OutputStage;
 use tessera_golden::pack::WeightFormat;
 use tessera_golden::quant::{QuantWeights, TERNARY_ZERO_U8};
-use tessera_kernels_cpu::{Isa, KvHeadCpu, KvScratch, PreparedWeights, Scratch, AB_NEW};
+use tessera_kernels_cpu::{Isa, KvHeadCpu, KvScratch, PreparedWeights, Scratch};
 
 const GROUP: usize = 32;
 const SCALE_BITS: u32 = 16;
@@ -617,64 +617,11 @@ fn min_table() {
     }
 }
 
-/// Temporary: old vs new GEMV paths alternately (min over rounds), 1 thread.
-fn ab_table() {
-    use std::sync::atomic::Ordering;
-    let one = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .expect("1-thread pool");
-    let cases = [
-        (WeightFormat::W2, 1536usize, 576usize, 32usize),
-        (WeightFormat::W2, 576, 1536, 32),
-        (WeightFormat::W2, 576, 576, 32),
-        (WeightFormat::W8, 49152, 576, 32),
-    ];
-    for (format, n, k, group) in cases {
-        let w = weights_g(format, n, k, group);
-        let d = Datapath {
-            w_group_len: group,
-            ..dp()
-        };
-        let x: Vec<i8> = rng_bytes(k, 9).into_iter().map(|b| b as i8).collect();
-        let mut scratch = Scratch::for_weights(&w, 1);
-        let mut acc = vec![0i64; n];
-        let mut best = [f64::INFINITY; 2];
-        for _round in 0..6 {
-            for (v, b) in best.iter_mut().enumerate() {
-                AB_NEW.store(v == 1, Ordering::Relaxed);
-                let t = one.install(|| {
-                    time_min(|| {
-                        w.gemm_acc(Isa::Avx2, &d, &x, 1, &mut scratch, &mut acc)
-                            .expect("k");
-                    })
-                });
-                *b = b.min(t);
-            }
-        }
-        AB_NEW.store(true, Ordering::Relaxed);
-        println!(
-            "{:<8} {:>5}x{:<5} g{:<3}: old {:>8.1} us  new {:>8.1} us  x{:.2}",
-            format.to_string(),
-            n,
-            k,
-            group,
-            best[0] * 1e6,
-            best[1] * 1e6,
-            best[0] / best[1]
-        );
-    }
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let bench_mode = args.iter().any(|a| a == "--bench");
     let quick_table = args.iter().any(|a| a == "--quick-table");
     println!("cpu: {}", Isa::cpu_features());
-    if args.iter().any(|a| a == "--ab") {
-        ab_table();
-        return;
-    }
     if args.iter().any(|a| a == "--min-table") {
         min_table();
         return;

@@ -112,13 +112,12 @@ fn check_quad_bounds(ctx: &RowCtx<'_>, row0: usize, rows: usize, qx: QuadX<'_>) 
     assert_eq!(ctx.quads, ctx.groups.div_ceil(4));
     assert_eq!(ctx.quad_meta, 4 * ctx.quads);
     assert!(ctx.quad_meta < 16 << 10, "zero_term_quad's hi lanes");
-    assert!(ctx.quad_data.len() >= (row0 + rows) * ctx.quads * 32);
-    // Whole blocks of 16 groups are read: the padded metadata of the last row reaches up to
-    // QUAD_SLACK elements past it, the token's sums as far (zeros there).
+    assert_eq!(ctx.quad_stride, 32 * ctx.quads + 3 * ctx.quad_meta);
+    // Whole blocks of 16 groups are read: the scales up to 2 * 12 bytes past the row's, the
+    // zero points up to 12 bytes past the row (inside the slack for the last row); the
+    // token's sums as far (zeros there).
     let meta16 = ctx.quad_meta.next_multiple_of(16);
-    assert!(meta16 - ctx.quad_meta <= QUAD_SLACK);
-    assert!(ctx.quad_gscale.len() >= (row0 + rows) * ctx.quad_meta + QUAD_SLACK);
-    assert!(ctx.quad_zero.len() >= (row0 + rows) * ctx.quad_meta + QUAD_SLACK);
+    assert!(ctx.quad_data.len() >= (row0 + rows) * ctx.quad_stride + QUAD_SLACK);
     assert!(qx.x.len() >= 128 * ctx.quads && qx.s.len() >= meta16);
 }
 
@@ -453,6 +452,30 @@ mod imp {
         acc
     }
 
+    /// How far ahead of the row being computed the GEMV prefetches its weights (W8 rows and
+    /// the quad copy): a 4 KiB page, so the stream is requested across page boundaries, where
+    /// the hardware prefetchers stop, and a task's first row requests the whole distance at
+    /// once (the weights of a decode step come from DRAM, each tensor once per token).
+    const PREFETCH: usize = 4096;
+
+    /// Prefetches (into L1) the cache lines of `data[from..to]` (clipped to `data`) and returns
+    /// where the next call should start: called once per row with `to` a fixed distance past
+    /// the row's end, each line is prefetched once, and the first row of a task issues a burst
+    /// covering the whole distance.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn prefetch_to(data: &[u8], from: usize, to: usize) -> usize {
+        let to = to.min(data.len());
+        let mut at = from;
+        while at < to {
+            // SAFETY: at < data.len(): the address is inside the slice (a prefetch never
+            // faults anyway).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(at).cast::<i8>()) };
+            at += 64;
+        }
+        at.max(from)
+    }
+
     #[target_feature(enable = "avx2")]
     unsafe fn rows1<const B: u32>(
         ctx: &RowCtx<'_>,
@@ -462,8 +485,12 @@ mod imp {
         out: &mut [i64],
     ) {
         let one = ctx.chunks_per_group == 1;
+        let mut pf_next = row0 * ctx.row_bytes;
         for (i, o) in out.iter_mut().enumerate() {
             let row = row0 + i;
+            if B == 8 {
+                pf_next = prefetch_to(ctx.data, pf_next, (row + 1) * ctx.row_bytes + PREFETCH);
+            }
             // SAFETY: forwarded from the caller's contract (row0 + i is a checked row).
             *o = unsafe {
                 if B != 8 && ctx.no_saturation(row) {
@@ -756,8 +783,11 @@ mod imp {
         qx: QuadX<'_>,
         out: &mut [i64],
     ) {
+        let qb = ctx.quad_stride;
+        let mut pf_next = row0 * qb;
         for (i, o) in out.iter_mut().enumerate() {
             let row = row0 + i;
+            pf_next = prefetch_to(ctx.quad_data, pf_next, (row + 1) * qb + PREFETCH);
             // SAFETY: forwarded from the caller's contract (row0 + i is a checked row of both
             // layouts).
             *o = unsafe {
@@ -782,9 +812,9 @@ mod imp {
         // SAFETY (all raw reads below): check_quad_bounds asserted that row `row` has `quads`
         // blocks of 32 bytes in quad_data and `meta >= 4 * quads` groups of metadata, and the
         // token `128 * quads` codes and `meta` sums.
-        let w = unsafe { ctx.quad_data.as_ptr().add(row * quads * 32) };
-        let gs = unsafe { ctx.quad_gscale.as_ptr().add(row * meta) };
-        let zero = unsafe { ctx.quad_zero.as_ptr().add(row * meta) };
+        let w = unsafe { ctx.quad_data.as_ptr().add(row * ctx.quad_stride) };
+        let gs = unsafe { w.add(quads * 32) };
+        let zero = unsafe { gs.add(2 * meta) };
         let x = qx.x.as_ptr();
         let m3 = _mm256_set1_epi8(3);
         let (mut acc64, mut acc32) = (_mm256_setzero_si256(), _mm256_setzero_si256());
@@ -808,7 +838,7 @@ mod imp {
                 );
                 let m = _mm256_add_epi16(m01, m23);
                 let gsv =
-                    _mm256_set1_epi64x(std::ptr::read_unaligned(gs.add(4 * q).cast::<i64>()));
+                    _mm256_set1_epi64x(std::ptr::read_unaligned(gs.add(8 * q).cast::<i64>()));
                 acc32 = _mm256_add_epi32(acc32, _mm256_madd_epi16(_mm256_sign_epi16(m, gsv), gsv));
             }
             since += 1;
@@ -841,7 +871,7 @@ mod imp {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn zero_term_quad(
-        gs: *const u16,
+        gs: *const u8,
         zero: *const u8,
         s: *const i16,
         n: usize,
@@ -852,10 +882,10 @@ mod imp {
         let mut g = 0;
         let mut since = 0;
         while g < n {
-            // SAFETY (caller): 16 elements readable at gs + g, zero + g and s + g for g < n.
+            // SAFETY (caller): 16 scales at gs + 2g, 16 bytes at zero + g, 16 sums at s + g.
             let (gsv, z, sv) = unsafe {
                 (
-                    _mm256_loadu_si256(gs.add(g).cast::<__m256i>()),
+                    _mm256_loadu_si256(gs.add(2 * g).cast::<__m256i>()),
                     _mm256_cvtepu8_epi16(_mm_loadu_si128(zero.add(g).cast::<__m128i>())),
                     _mm256_loadu_si256(s.add(g).cast::<__m256i>()),
                 )

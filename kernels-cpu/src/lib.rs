@@ -45,4 +45,4 @@ pub mod weights;
 pub use isa::{Isa, IsaError};
 pub use kv::{KvHeadCpu, KvKernelError, KvScratch, Pv2Out, ValueFolds};
 pub use team::Team;
-pub use weights::{apply_stage, PreparedWeights, Scratch, AB_NEW};
+pub use weights::{apply_stage, PreparedWeights, Scratch};

@@ -41,9 +41,6 @@ use tessera_golden::quant::QuantWeights;
 use crate::isa::Isa;
 use crate::team::Team;
 
-#[doc(hidden)]
-pub static AB_NEW: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
 /// Elements per chunk (one AVX2 register of `u8` codes).
 pub const CHUNK: usize = 32;
 
@@ -110,21 +107,21 @@ pub struct PreparedWeights {
 }
 
 /// W2 / ternary rows with `chunks_per_group == 1` re-packed for the GEMV (see "GEMV quads" in
-/// the module docs): per row `quads` blocks of 32 bytes, and the group scales and zero points
-/// padded with zeros to `meta = 4 * quads` groups, plus [`QUAD_SLACK`] zeros at the end (the
-/// zero term reads whole blocks of 16 groups; past the row the sums it multiplies are 0).
+/// the module docs): each row is one run of `stride = 32 quads + 3 meta` bytes (one stream for
+/// the prefetchers): `quads` blocks of 32 bytes, then the group scales (`u16`, little endian)
+/// and the zero points padded with zeros to `meta = 4 * quads` groups; [`QUAD_SLACK`] zero
+/// bytes follow the last row (the zero term reads whole blocks of 16 groups; past the row the
+/// sums it multiplies are 0).
 #[derive(Debug, Clone, Default)]
 struct QuadWeights {
     quads: usize,
     meta: usize,
+    stride: usize,
     data: Vec<u8>,
-    gscale: Vec<u16>,
-    zero: Vec<u8>,
 }
 
-/// Readable metadata past the last row of [`QuadWeights`], and `i16` group sums past a token's
-/// `meta` groups (zeros).
-pub(crate) const QUAD_SLACK: usize = 16;
+/// Readable bytes past the last row of [`QuadWeights`].
+pub(crate) const QUAD_SLACK: usize = 64;
 
 /// Caller-owned buffers of a weight operation. Sized once ([`Scratch::for_weights`]) they are
 /// reused: a call allocates nothing unless a larger shape than before is used.
@@ -193,13 +190,11 @@ pub(crate) struct RowCtx<'a> {
     /// the groups in any order (the result is the same exact sum).
     pub row_bound: &'a [u64],
     /// The GEMV quad copy: blocks per row (0 when there is none), metadata groups per row,
-    /// `[row][quad][32]` codes, `[row][meta]` group scales and zero points (then
-    /// [`QUAD_SLACK`] zeros).
+    /// bytes per row, the rows (then [`QUAD_SLACK`] zeros).
     pub quads: usize,
     pub quad_meta: usize,
+    pub quad_stride: usize,
     pub quad_data: &'a [u8],
-    pub quad_gscale: &'a [u16],
-    pub quad_zero: &'a [u8],
 }
 
 /// One token's activations in the GEMV quad layout (`128 * quads` codes) and its group sums
@@ -245,13 +240,16 @@ impl From<&QuantWeights> for PreparedWeights {
         if bits == 2 && chunks_per_group == 1 && groups > 0 {
             quad.quads = groups.div_ceil(4);
             quad.meta = 4 * quad.quads;
-            quad.data = vec![0u8; n_rows * quad.quads * 32];
-            quad.gscale = vec![0u16; n_rows * quad.meta + QUAD_SLACK];
-            quad.zero = vec![0u8; n_rows * quad.meta + QUAD_SLACK];
+            quad.stride = 32 * quad.quads + 3 * quad.meta;
+            quad.data = vec![0u8; n_rows * quad.stride + QUAD_SLACK];
             for row in 0..n_rows {
-                let (src, dst) = (row * groups, row * quad.meta);
-                quad.gscale[dst..dst + groups].copy_from_slice(&w.gscale_q()[src..src + groups]);
-                quad.zero[dst..dst + groups].copy_from_slice(&w.zero_u8()[src..src + groups]);
+                let at = row * quad.stride + 32 * quad.quads;
+                let (gs, zero) = quad.data[at..at + 3 * quad.meta].split_at_mut(2 * quad.meta);
+                for g in 0..groups {
+                    gs[2 * g..2 * g + 2]
+                        .copy_from_slice(&w.gscale_q()[row * groups + g].to_le_bytes());
+                    zero[g] = w.zero_u8()[row * groups + g];
+                }
             }
         }
         for (row, out_row) in data.chunks_exact_mut(row_bytes.max(1)).enumerate() {
@@ -285,7 +283,7 @@ impl From<&QuantWeights> for PreparedWeights {
                 encode_chunk(chunk, bits, &mut out_row[at..at + chunk_bytes]);
             }
             if quad.quads > 0 {
-                let at = row * quad.quads * 32;
+                let at = row * quad.stride;
                 for (q, out) in quad.data[at..at + quad.quads * 32]
                     .chunks_exact_mut(32)
                     .enumerate()
@@ -389,11 +387,10 @@ impl PreparedWeights {
             // Same format, k and group length, so the same quad shape; the slack stays at the
             // end.
             if out.quad.quads > 0 {
+                out.quad
+                    .data
+                    .truncate((out.n_rows - p.n_rows) * out.quad.stride);
                 out.quad.data.extend_from_slice(&p.quad.data);
-                out.quad.gscale.truncate((out.n_rows - p.n_rows) * out.quad.meta);
-                out.quad.gscale.extend_from_slice(&p.quad.gscale);
-                out.quad.zero.truncate((out.n_rows - p.n_rows) * out.quad.meta);
-                out.quad.zero.extend_from_slice(&p.quad.zero);
             }
         }
         Some(out)
@@ -447,9 +444,8 @@ impl PreparedWeights {
             row_bound: &self.row_bound,
             quads: self.quad.quads,
             quad_meta: self.quad.meta,
+            quad_stride: self.quad.stride,
             quad_data: &self.quad.data,
-            quad_gscale: &self.quad.gscale,
-            quad_zero: &self.quad.zero,
         }
     }
 
@@ -587,9 +583,7 @@ impl PreparedWeights {
         // Small operations run on the calling thread: splitting them costs more than it saves.
         let sequential = self.n_rows * plen * m_tokens < PAR_MIN_MACS;
         if m_tokens == 1 {
-            let use_quad = isa == Isa::Avx2
-                && self.quad.quads > 0
-                && AB_NEW.load(std::sync::atomic::Ordering::Relaxed);
+            let use_quad = isa == Isa::Avx2 && self.quad.quads > 0;
             if use_quad {
                 self.quad_activations(scratch);
             }
