@@ -24,6 +24,30 @@
 //!   GEMM where a decoded chunk serves up to 16 tokens, the chunk's codes are doubled and the
 //!   multiplier halved to `2^14` once per chunk (`fold_pre`). `gscale = 0` gives 0 either way.
 //!
+//! GEMV quad path (`rows_quad`, `row_quad`; W2 and ternary with one chunk a group, i.e.
+//! `L <= 32`, the decode step's layers): the tensor keeps a second copy of its rows in the
+//! *quad layout* (`weights.rs`), where a block of 32 bytes holds four virtual chunks whose
+//! `i16` lane `j` (byte pair `2j, 2j + 1`) belongs to group `j % 4` of the quad's four groups,
+//! and the token's activations are permuted the same way once per call. Per quad:
+//! - the four chunks' `vpmaddubsw` outputs are added in `i16`: a lane sums four pairs of one
+//!   group, `|.| <= 4 * 2 * 3 * 128 = 3072`, exact;
+//! - one `vpsignw` (the `2^15 -> -32768` case, as in the folded path) and one `vpmaddwd` with
+//!   the four group scales broadcast as one `u64` (a plain load, no shuffle): a lane is at most
+//!   `2 * 3072 * 2^15 < 2^28`, so `i32` lanes take 8 quads (`QUAD_SPAN`) before widening;
+//! - so per chunk about 4 vector uops instead of the folded path's 7-8 (no per-chunk scale
+//!   broadcast or `vpsignw`, one multiply per quad instead of one per chunk).
+//!
+//! The zero term `sum_g gscale * zero * S` (`zero_term_quad`) is also `vpmaddwd`: `gz =
+//! gscale * zero < 2^23` is formed from `vpmullw` / `vpmulhuw` as `lo = gz mod 2^15` and
+//! `hi = gz >> 15`, both non-negative `i16`, against `S` as `i16` (`|S| <= 4096`); its lanes, the
+//! lattice shift and the main lanes are combined in `i64` lanes and reduced once per row. Rows
+//! whose bound does not prove no saturation take the ordered path (`row1`) on the group layout.
+//!
+//! GEMV prefetch (`prefetch_to`): the quad rows and the W8 rows are prefetched 4 KiB ahead of
+//! the row being computed (each line once; a task's first row requests the whole distance):
+//! a decode step streams every tensor from DRAM once, and the hardware prefetchers stop at
+//! page boundaries.
+//!
 //! W8 GEMV (`dot8_mem`) widens codes (`vpmovzxbw`) and activations (`vpmovsxbw`) to `i16` and
 //! uses `vpmaddwd` directly (pairs `<= 2 * 255 * 128`), two multiplies per chunk instead of the
 //! nibble split's four; the W8 GEMM keeps the nibble split (its decoded nibbles are shared by
@@ -837,8 +861,7 @@ mod imp {
                     _mm256_maddubs_epi16(c3, load_x(xq.add(96))),
                 );
                 let m = _mm256_add_epi16(m01, m23);
-                let gsv =
-                    _mm256_set1_epi64x(std::ptr::read_unaligned(gs.add(8 * q).cast::<i64>()));
+                let gsv = _mm256_set1_epi64x(std::ptr::read_unaligned(gs.add(8 * q).cast::<i64>()));
                 acc32 = _mm256_add_epi32(acc32, _mm256_madd_epi16(_mm256_sign_epi16(m, gsv), gsv));
             }
             since += 1;

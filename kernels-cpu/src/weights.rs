@@ -14,6 +14,15 @@
 //!   byte `i` (0..8) holds `c[i] | c[8+i] << 2 | c[16+i] << 4 | c[24+i] << 6`. Either way chunk
 //!   `ci` of a row starts at byte `8 ci` (of its block when it is in one).
 //!
+//! *GEMV quads* (W2 and ternary with `chunks_per_group == 1`): a second copy of the rows for the
+//! one-token product (`avx2.rs`). A row's groups go by quads of four (the last one padded with
+//! zero groups); quad `q` is 32 bytes holding four virtual chunks `c` (2 bits each, chunk `c` at
+//! bits `2c`), whose byte `i` is element `8c + 2 (j / 4) + i % 2` of group `4q + j % 4` with
+//! `j = i / 2` ([`quad_source`]): every byte pair, an `i16` lane of `vpmaddubsw`, lies in one
+//! group, lane `j` in group `j % 4`. The row's quads are followed by its group scales and zero
+//! points (padded to `4 * quads` groups) in one run of bytes. The token is permuted the same
+//! way once per call (`Scratch`), with its group sums as `i16`.
+//!
 //! Activations are copied once per call into the same padded layout (zeros in the padding, so
 //! padding adds nothing, as in N12) and the per-group sums `S` are computed once per token.
 //!
