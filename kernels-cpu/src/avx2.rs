@@ -401,7 +401,7 @@ mod imp {
         let gscale = ctx.gscale_q[meta..meta + groups].as_ptr();
         let sp = s[..groups].as_ptr();
         let ls = ctx.lattice_shift as i32;
-        let fast = ctx.no_saturation(row);
+        let fast = ctx.no_saturation_all() || ctx.no_saturation(row);
         let mut acc = 0i64;
         let mut acc_v = _mm256_setzero_si256();
         let mut g = 0;
@@ -510,6 +510,7 @@ mod imp {
     ) {
         let one = ctx.chunks_per_group == 1;
         let mut pf_next = row0 * ctx.row_bytes;
+        let all_fast = ctx.no_saturation_all();
         for (i, o) in out.iter_mut().enumerate() {
             let row = row0 + i;
             if B == 8 {
@@ -517,7 +518,7 @@ mod imp {
             }
             // SAFETY: forwarded from the caller's contract (row0 + i is a checked row).
             *o = unsafe {
-                if B != 8 && ctx.no_saturation(row) {
+                if B != 8 && (all_fast || ctx.no_saturation(row)) {
                     match ctx.chunks_per_group {
                         1 => row_fold::<B, 1>(ctx, row, xp, s),
                         2 => row_fold::<B, 2>(ctx, row, xp, s),
@@ -809,13 +810,14 @@ mod imp {
     ) {
         let qb = ctx.quad_stride;
         let mut pf_next = row0 * qb;
+        let all_fast = ctx.no_saturation_all();
         for (i, o) in out.iter_mut().enumerate() {
             let row = row0 + i;
             pf_next = prefetch_to(ctx.quad_data, pf_next, (row + 1) * qb + PREFETCH);
             // SAFETY: forwarded from the caller's contract (row0 + i is a checked row of both
             // layouts).
             *o = unsafe {
-                if ctx.no_saturation(row) {
+                if all_fast || ctx.no_saturation(row) {
                     row_quad(ctx, row, qx)
                 } else {
                     row1::<2, true>(ctx, row, xp, s)

@@ -111,6 +111,8 @@ pub struct PreparedWeights {
     zero_u8: Vec<u8>,
     row_scale: Vec<f32>,
     row_bound: Vec<u64>,
+    /// The largest `row_bound` (0 for no rows).
+    max_row_bound: u64,
     /// The GEMV quad copy (W2 / ternary with one chunk a group, else empty; module docs).
     quad: QuadWeights,
 }
@@ -198,6 +200,9 @@ pub(crate) struct RowCtx<'a> {
     /// row; when it is `<= acc_hi` no group addition can saturate and the SIMD path may add
     /// the groups in any order (the result is the same exact sum).
     pub row_bound: &'a [u64],
+    /// The largest of `row_bound`: when it proves no saturation, every row does (the GEMV
+    /// then skips the per-row check and its stream).
+    pub max_row_bound: u64,
     /// The GEMV quad copy: blocks per row (0 when there is none), metadata groups per row,
     /// bytes per row, the rows (then [`QUAD_SLACK`] zeros).
     pub quads: usize,
@@ -219,6 +224,12 @@ impl RowCtx<'_> {
     #[inline]
     pub fn no_saturation(&self, row: usize) -> bool {
         self.row_bound[row] <= self.acc_hi.unsigned_abs()
+    }
+
+    /// Whether no row can reach the saturation range ([`Self::no_saturation`] for every row).
+    #[inline]
+    pub fn no_saturation_all(&self) -> bool {
+        self.max_row_bound <= self.acc_hi.unsigned_abs()
     }
 }
 
@@ -307,7 +318,7 @@ impl From<&QuantWeights> for PreparedWeights {
                 }
             }
         }
-        let row_bound = (0..n_rows)
+        let row_bound: Vec<u64> = (0..n_rows)
             .map(|row| {
                 (0..groups)
                     .map(|g| {
@@ -318,6 +329,7 @@ impl From<&QuantWeights> for PreparedWeights {
             })
             .collect();
         PreparedWeights {
+            max_row_bound: row_bound.iter().copied().max().unwrap_or(0),
             row_bound,
             format,
             n_rows,
@@ -393,6 +405,7 @@ impl PreparedWeights {
             out.zero_u8.extend_from_slice(&p.zero_u8);
             out.row_scale.extend_from_slice(&p.row_scale);
             out.row_bound.extend_from_slice(&p.row_bound);
+            out.max_row_bound = out.max_row_bound.max(p.max_row_bound);
             // Same format, k and group length, so the same quad shape; the slack stays at the
             // end.
             if out.quad.quads > 0 {
@@ -451,6 +464,7 @@ impl PreparedWeights {
             acc_lo: min_signed(acc_bits),
             acc_hi: max_signed(acc_bits),
             row_bound: &self.row_bound,
+            max_row_bound: self.max_row_bound,
             quads: self.quad.quads,
             quad_meta: self.quad.meta,
             quad_stride: self.quad.stride,
