@@ -43,8 +43,8 @@
 //! lattice shift and the main lanes are combined in `i64` lanes and reduced once per row. Rows
 //! whose bound does not prove no saturation take the ordered path (`row1`) on the group layout.
 //!
-//! GEMV prefetch (`prefetch_to`): the quad rows and the W8 rows are prefetched 4 KiB ahead of
-//! the row being computed (each line once; a task's first row requests the whole distance):
+//! GEMV prefetch (`prefetch_span`, `prefetch_lines`): the quad rows and the W8 rows are
+//! prefetched 4 KiB ahead of the row being computed (a task first requests the whole distance):
 //! a decode step streams every tensor from DRAM once, and the hardware prefetchers stop at
 //! page boundaries.
 //!
@@ -482,22 +482,30 @@ mod imp {
     /// once (the weights of a decode step come from DRAM, each tensor once per token).
     const PREFETCH: usize = 4096;
 
-    /// Prefetches (into L1) the cache lines of `data[from..to]` (clipped to `data`) and returns
-    /// where the next call should start: called once per row with `to` a fixed distance past
-    /// the row's end, each line is prefetched once, and the first row of a task issues a burst
-    /// covering the whole distance.
+    /// Prefetches (into L1) the cache lines of `data[from..to]` (clipped to `data`): a task's
+    /// first `PREFETCH` bytes, requested at once.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn prefetch_to(data: &[u8], from: usize, to: usize) -> usize {
-        let to = to.min(data.len());
+    fn prefetch_span(data: &[u8], from: usize, to: usize) {
         let mut at = from;
-        while at < to {
-            // SAFETY: at < data.len(): the address is inside the slice (a prefetch never
-            // faults anyway).
+        while at < to.min(data.len()) {
+            // SAFETY: at < data.len(): the address is inside the slice.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(at).cast::<i8>()) };
             at += 64;
         }
-        at.max(from)
+    }
+
+    /// Prefetches the `lines` cache lines from `data[at]` on, `PREFETCH` bytes past a row's end:
+    /// the same number every row (a loop the branch predictor learns; a line is sometimes
+    /// requested twice). The addresses may lie past the slice: a prefetch never faults and
+    /// nothing is read through them.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn prefetch_lines(data: &[u8], at: usize, lines: usize) {
+        let p = data.as_ptr().wrapping_add(at);
+        for l in 0..lines {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l).cast::<i8>());
+        }
     }
 
     #[target_feature(enable = "avx2")]
@@ -509,12 +517,19 @@ mod imp {
         out: &mut [i64],
     ) {
         let one = ctx.chunks_per_group == 1;
-        let mut pf_next = row0 * ctx.row_bytes;
+        if B == 8 {
+            prefetch_span(
+                ctx.data,
+                row0 * ctx.row_bytes,
+                row0 * ctx.row_bytes + PREFETCH,
+            );
+        }
+        let pf_lines = ctx.row_bytes.div_ceil(64) + 1;
         let all_fast = ctx.no_saturation_all();
         for (i, o) in out.iter_mut().enumerate() {
             let row = row0 + i;
             if B == 8 {
-                pf_next = prefetch_to(ctx.data, pf_next, (row + 1) * ctx.row_bytes + PREFETCH);
+                prefetch_lines(ctx.data, row * ctx.row_bytes + PREFETCH, pf_lines);
             }
             // SAFETY: forwarded from the caller's contract (row0 + i is a checked row).
             *o = unsafe {
@@ -809,11 +824,12 @@ mod imp {
         out: &mut [i64],
     ) {
         let qb = ctx.quad_stride;
-        let mut pf_next = row0 * qb;
+        prefetch_span(ctx.quad_data, row0 * qb, row0 * qb + PREFETCH);
+        let pf_lines = qb.div_ceil(64) + 1;
         let all_fast = ctx.no_saturation_all();
         for (i, o) in out.iter_mut().enumerate() {
             let row = row0 + i;
-            pf_next = prefetch_to(ctx.quad_data, pf_next, (row + 1) * qb + PREFETCH);
+            prefetch_lines(ctx.quad_data, row * qb + PREFETCH, pf_lines);
             // SAFETY: forwarded from the caller's contract (row0 + i is a checked row of both
             // layouts).
             *o = unsafe {
