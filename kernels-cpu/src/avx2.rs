@@ -902,13 +902,15 @@ mod imp {
     }
 
     /// `sum_g gscale_g * zero_g * S_g` over `n` groups with `vpmaddwd`, in whole blocks of 16
-    /// groups (past `n` the sums `S` are 0), as two `i64x4` whose lanes sum to `Z_lo` and
-    /// `Z_hi`, the sum being `Z_lo + Z_hi * 2^15`. `gz = gscale * zero` (`< 2^23`: every stored scale is at
-    /// most `2^15`) is split as `gz = hi * 2^15 + lo`: `lo` is the low 16-bit product
-    /// (`vpmullw`) masked to 15 bits, `hi = (gscale * 2 zero) >> 16` (`vpmulhuw`, `< 2^8`),
-    /// both non-negative `i16`; `S` is `i16` (`|S| <= 32 * 128`). A `lo` pair is below
-    /// `2 * 2^15 * 2^12 = 2^28` (its `i32` lanes are widened every 4 blocks), a `hi` pair below
-    /// `2^21` (widened at the end: exact for fewer than `2^10` blocks, asserted).
+    /// groups, as two `i64x4` whose lanes sum to `Z_lo` and `Z_hi`, the sum being
+    /// `Z_lo + Z_hi * 2^15`. `gz = gscale * zero < 2^23` (scales are at most `2^15`) is split
+    /// as `gz = hi * 2^15 + lo`: `lo` is the low 16-bit product (`vpmullw`) masked to 15 bits,
+    /// `hi = (gscale * 2 zero) >> 16` (`vpmulhuw`, `< 2^8`), both non-negative `i16`; `S` is
+    /// `i16` (`|S| <= 32 * 128`). A `lo` pair is below `2 * 2^15 * 2^12 = 2^28` (its `i32`
+    /// lanes are widened every 4 blocks), a `hi` pair below `2^21` (widened at the end: exact
+    /// for fewer than `2^10` blocks, asserted). Past the `n` groups the block reads the bytes
+    /// that follow (the zero points, the next row, the slack) as scales and zero points: any
+    /// such lane still gives `0 <= lo < 2^15` and `0 <= hi <= 510`, and its sum `S` is 0.
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn zero_term_quad(
