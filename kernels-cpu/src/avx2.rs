@@ -37,6 +37,9 @@
 //! - so per chunk about 4 vector uops instead of the folded path's 7-8 (no per-chunk scale
 //!   broadcast or `vpsignw`, one multiply per quad instead of one per chunk).
 //!
+//! The last `groups % 4` groups of a row (e.g. 2 of the 18 of `k = 576`) are single chunks
+//! taken as on the folded path (`fold_dot`, added to the same `i32` lanes), not a padded quad.
+//!
 //! The zero term `sum_g gscale * zero * S` (`zero_term_quad`) is also `vpmaddwd`: `gz =
 //! gscale * zero < 2^23` is formed from `vpmullw` / `vpmulhuw` as `lo = gz mod 2^15` and
 //! `hi = gz >> 15`, both non-negative `i16`, against `S` as `i16` (`|S| <= 4096`); its lanes, the
@@ -132,17 +135,20 @@ fn check_bounds(ctx: &RowCtx<'_>, row0: usize, rows: usize, m: usize, xp_len: us
 }
 
 fn check_quad_bounds(ctx: &RowCtx<'_>, row0: usize, rows: usize, qx: QuadX<'_>) {
-    assert!(ctx.bits == 2 && ctx.chunks_per_group == 1 && ctx.quads > 0);
-    assert_eq!(ctx.quads, ctx.groups.div_ceil(4));
-    assert_eq!(ctx.quad_meta, 4 * ctx.quads);
+    assert!(ctx.bits == 2 && ctx.chunks_per_group == 1 && ctx.groups > 0);
+    assert_eq!((ctx.quads, ctx.quad_tail), (ctx.groups / 4, ctx.groups % 4));
+    assert_eq!(ctx.quad_meta, ctx.groups.next_multiple_of(4));
     assert!(ctx.quad_meta < 16 << 10, "zero_term_quad's hi lanes");
-    assert_eq!(ctx.quad_stride, 32 * ctx.quads + 3 * ctx.quad_meta);
+    assert_eq!(
+        ctx.quad_stride,
+        32 * ctx.quads + 8 * ctx.quad_tail + 3 * ctx.quad_meta
+    );
     // Whole blocks of 16 groups are read: the scales up to 2 * 12 bytes past the row's, the
     // zero points up to 12 bytes past the row (inside the slack for the last row); the
     // token's sums as far (zeros there).
     let meta16 = ctx.quad_meta.next_multiple_of(16);
     assert!(ctx.quad_data.len() >= (row0 + rows) * ctx.quad_stride + QUAD_SLACK);
-    assert!(qx.x.len() >= 128 * ctx.quads && qx.s.len() >= meta16);
+    assert!(qx.x.len() >= 128 * ctx.quads + 32 * ctx.quad_tail && qx.s.len() >= meta16);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -850,12 +856,13 @@ mod imp {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn row_quad(ctx: &RowCtx<'_>, row: usize, qx: QuadX<'_>) -> i64 {
-        let (quads, meta) = (ctx.quads, ctx.quad_meta);
+        let (quads, tail, meta) = (ctx.quads, ctx.quad_tail, ctx.quad_meta);
         // SAFETY (all raw reads below): check_quad_bounds asserted that row `row` has `quads`
-        // blocks of 32 bytes in quad_data and `meta >= 4 * quads` groups of metadata, and the
-        // token `128 * quads` codes and `meta` sums.
+        // blocks of 32 bytes and `tail` chunks of 8 in quad_data, then `meta = 4 quads + 4`
+        // (or `4 quads` without a tail) groups of metadata, and the token `128 * quads + 32 *
+        // tail` codes and `meta` sums.
         let w = unsafe { ctx.quad_data.as_ptr().add(row * ctx.quad_stride) };
-        let gs = unsafe { w.add(quads * 32) };
+        let gs = unsafe { w.add(quads * 32 + tail * 8) };
         let zero = unsafe { gs.add(2 * meta) };
         let x = qx.x.as_ptr();
         let m3 = _mm256_set1_epi8(3);
@@ -887,6 +894,18 @@ mod imp {
                 acc64 = widen_add(acc64, acc32);
                 acc32 = _mm256_setzero_si256();
                 since = 0;
+            }
+        }
+        for t in 0..tail {
+            // SAFETY: tail chunk t of the row and of the token, its group's scale (see above).
+            // The quads leave at most 7 quads' lanes in acc32 (below 7 * 2^27.6), a tail chunk
+            // adds at most 2 * 768 * 2^15 < 2^25.6 (as in the folded path): still below 2^31.
+            unsafe {
+                let g = 4 * quads + t;
+                let codes = decode::<2>(w.add(quads * 32 + 8 * t)).0;
+                let xv = load_x(x.add(32 * g));
+                let gsv = _mm256_set1_epi16(std::ptr::read_unaligned(gs.add(2 * g).cast::<i16>()));
+                acc32 = _mm256_add_epi32(acc32, fold_dot(codes, xv, gsv));
             }
         }
         // SAFETY: meta groups of the row's metadata and of the token's sums (see above).

@@ -15,12 +15,12 @@
 //!   `ci` of a row starts at byte `8 ci` (of its block when it is in one).
 //!
 //! *GEMV quads* (W2 and ternary with `chunks_per_group == 1`): a second copy of the rows for the
-//! one-token product (`avx2.rs`). A row's groups go by quads of four (the last one padded with
-//! zero groups); quad `q` is 32 bytes holding four virtual chunks `c` (2 bits each, chunk `c` at
+//! one-token product (`avx2.rs`). A row's groups go by quads of four (the last `groups % 4`
+//! groups stay single 8-byte chunks in their own order); quad `q` is 32 bytes holding four virtual chunks `c` (2 bits each, chunk `c` at
 //! bits `2c`), whose byte `i` is element `8c + 2 (j / 4) + i % 2` of group `4q + j % 4` with
 //! `j = i / 2` ([`quad_source`]): every byte pair, an `i16` lane of `vpmaddubsw`, lies in one
-//! group, lane `j` in group `j % 4`. The row's quads are followed by its group scales and zero
-//! points (padded to `4 * quads` groups) in one run of bytes. The token is permuted the same
+//! group, lane `j` in group `j % 4`. The row's quads and tail chunks are followed by its group
+//! scales and zero points (padded to a multiple of 4 groups) in one run of bytes. The token is permuted the same
 //! way once per call (`Scratch`), with its group sums as `i16`.
 //!
 //! Activations are copied once per call into the same padded layout (zeros in the padding, so
@@ -118,17 +118,26 @@ pub struct PreparedWeights {
 }
 
 /// W2 / ternary rows with `chunks_per_group == 1` re-packed for the GEMV (see "GEMV quads" in
-/// the module docs): each row is one run of `stride = 32 quads + 3 meta` bytes (one stream for
-/// the prefetchers): `quads` blocks of 32 bytes, then the group scales (`u16`, little endian)
-/// and the zero points padded with zeros to `meta = 4 * quads` groups; [`QUAD_SLACK`] zero
-/// bytes follow the last row (the zero term reads whole blocks of 16 groups; past the row the
-/// sums it multiplies are 0).
+/// the module docs): each row is one run of `stride = 32 quads + 8 tail + 3 meta` bytes (one
+/// stream for the prefetchers): `quads = groups / 4` blocks of 32 bytes, the `tail = groups % 4`
+/// last groups as single 8-byte chunks (the group layout's format), then the group scales
+/// (`u16`, little endian) and the zero points padded with zeros to `meta = 4 ceil(groups / 4)`
+/// groups; [`QUAD_SLACK`] zero bytes follow the last row (the zero term reads whole blocks of
+/// 16 groups; past the row the sums it multiplies are 0).
 #[derive(Debug, Clone, Default)]
 struct QuadWeights {
     quads: usize,
+    tail: usize,
     meta: usize,
     stride: usize,
     data: Vec<u8>,
+}
+
+impl QuadWeights {
+    /// Activations of one token in this layout: `128 * quads + 32 * tail`.
+    fn x_len(&self) -> usize {
+        128 * self.quads + 32 * self.tail
+    }
 }
 
 /// Readable bytes past the last row of [`QuadWeights`].
@@ -173,8 +182,8 @@ impl Scratch {
         if m_tokens > 1 && self.acc_nt.len() < m_tokens * w.n_rows {
             self.acc_nt.resize(m_tokens * w.n_rows, 0);
         }
-        if self.x_quad.len() < 128 * w.quad.quads {
-            self.x_quad.resize(128 * w.quad.quads, 0);
+        if self.x_quad.len() < w.quad.x_len() {
+            self.x_quad.resize(w.quad.x_len(), 0);
         }
         if self.s_quad.len() < w.quad.meta.next_multiple_of(16) {
             self.s_quad.resize(w.quad.meta.next_multiple_of(16), 0);
@@ -206,6 +215,7 @@ pub(crate) struct RowCtx<'a> {
     /// The GEMV quad copy: blocks per row (0 when there is none), metadata groups per row,
     /// bytes per row, the rows (then [`QUAD_SLACK`] zeros).
     pub quads: usize,
+    pub quad_tail: usize,
     pub quad_meta: usize,
     pub quad_stride: usize,
     pub quad_data: &'a [u8],
@@ -258,12 +268,13 @@ impl From<&QuantWeights> for PreparedWeights {
         let mut chunks = vec![[0u8; CHUNK]; n_chunks];
         let mut quad = QuadWeights::default();
         if bits == 2 && chunks_per_group == 1 && groups > 0 {
-            quad.quads = groups.div_ceil(4);
-            quad.meta = 4 * quad.quads;
-            quad.stride = 32 * quad.quads + 3 * quad.meta;
+            quad.quads = groups / 4;
+            quad.tail = groups % 4;
+            quad.meta = groups.next_multiple_of(4);
+            quad.stride = 32 * quad.quads + 8 * quad.tail + 3 * quad.meta;
             quad.data = vec![0u8; n_rows * quad.stride + QUAD_SLACK];
             for row in 0..n_rows {
-                let at = row * quad.stride + 32 * quad.quads;
+                let at = row * quad.stride + 32 * quad.quads + 8 * quad.tail;
                 let (gs, zero) = quad.data[at..at + 3 * quad.meta].split_at_mut(2 * quad.meta);
                 for g in 0..groups {
                     gs[2 * g..2 * g + 2]
@@ -302,19 +313,20 @@ impl From<&QuantWeights> for PreparedWeights {
                 let at = ci * chunk_bytes;
                 encode_chunk(chunk, bits, &mut out_row[at..at + chunk_bytes]);
             }
-            if quad.quads > 0 {
+            if quad.stride > 0 {
                 let at = row * quad.stride;
-                for (q, out) in quad.data[at..at + quad.quads * 32]
-                    .chunks_exact_mut(32)
-                    .enumerate()
-                {
+                let (quads, tail) = quad.data[at..at + 32 * quad.quads + 8 * quad.tail]
+                    .split_at_mut(32 * quad.quads);
+                for (q, out) in quads.chunks_exact_mut(32).enumerate() {
                     for (i, o) in out.iter_mut().enumerate() {
                         for c in 0..4 {
                             let (gq, e) = quad_source(c, i);
-                            let code = chunks.get(4 * q + gq).map_or(0, |ch| ch[e]);
-                            *o |= code << (2 * c);
+                            *o |= chunks[4 * q + gq][e] << (2 * c);
                         }
                     }
+                }
+                for (t, out) in tail.chunks_exact_mut(8).enumerate() {
+                    encode_chunk(&chunks[4 * quad.quads + t], 2, out);
                 }
             }
         }
@@ -408,7 +420,7 @@ impl PreparedWeights {
             out.max_row_bound = out.max_row_bound.max(p.max_row_bound);
             // Same format, k and group length, so the same quad shape; the slack stays at the
             // end.
-            if out.quad.quads > 0 {
+            if out.quad.stride > 0 {
                 out.quad
                     .data
                     .truncate((out.n_rows - p.n_rows) * out.quad.stride);
@@ -466,6 +478,7 @@ impl PreparedWeights {
             row_bound: &self.row_bound,
             max_row_bound: self.max_row_bound,
             quads: self.quad.quads,
+            quad_tail: self.quad.tail,
             quad_meta: self.quad.meta,
             quad_stride: self.quad.stride,
             quad_data: &self.quad.data,
@@ -478,20 +491,17 @@ impl PreparedWeights {
     fn quad_activations(&self, scratch: &mut Scratch) {
         let (groups, quads) = (self.groups, self.quad.quads);
         let (xp, sp) = (&scratch.x_pad, &scratch.s_sum);
-        let xq = &mut scratch.x_quad[..128 * quads];
+        let (xq, xt) = scratch.x_quad[..self.quad.x_len()].split_at_mut(128 * quads);
         for (q, xq) in xq.chunks_exact_mut(128).enumerate() {
             for (c, xc) in xq.chunks_exact_mut(32).enumerate() {
                 for (j, pair) in xc.chunks_exact_mut(2).enumerate() {
-                    let g = 4 * q + j % 4;
-                    if g < groups {
-                        let e = g * CHUNK + 8 * c + 2 * (j / 4);
-                        pair.copy_from_slice(&xp[e..e + 2]);
-                    } else {
-                        pair.fill(0);
-                    }
+                    let e = (4 * q + j % 4) * CHUNK + 8 * c + 2 * (j / 4);
+                    pair.copy_from_slice(&xp[e..e + 2]);
                 }
             }
         }
+        // The tail groups' chunks in their own order.
+        xt.copy_from_slice(&xp[128 * quads..groups * CHUNK]);
         let sq = &mut scratch.s_quad[..self.quad.meta.next_multiple_of(16)];
         for (g, v) in sq.iter_mut().enumerate() {
             // |S| <= 32 * 128 (one chunk a group): exact in i16.
@@ -606,12 +616,12 @@ impl PreparedWeights {
         // Small operations run on the calling thread: splitting them costs more than it saves.
         let sequential = self.n_rows * plen * m_tokens < PAR_MIN_MACS;
         if m_tokens == 1 {
-            let use_quad = isa == Isa::Avx2 && self.quad.quads > 0;
+            let use_quad = isa == Isa::Avx2 && self.quad.stride > 0;
             if use_quad {
                 self.quad_activations(scratch);
             }
             let qx = use_quad.then(|| QuadX {
-                x: &scratch.x_quad[..128 * self.quad.quads],
+                x: &scratch.x_quad[..self.quad.x_len()],
                 s: &scratch.s_quad[..self.quad.meta.next_multiple_of(16)],
             });
             let xp = &scratch.x_pad[..plen];
