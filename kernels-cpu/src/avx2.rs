@@ -43,26 +43,64 @@
 //! `[row][t]` output. Each step regroups the same exact sum (no saturation, by the row
 //! bound), so the output is the N13 accumulator.
 //!
+//! GEMV quad path (`rows_quad`, `row_quad`; W2 and ternary with one chunk a group, i.e.
+//! `L <= 32`, the decode step's layers): the tensor keeps a second copy of its rows in the
+//! *quad layout* (`weights.rs`), where a block of 32 bytes holds four virtual chunks whose
+//! `i16` lane `j` (byte pair `2j, 2j + 1`) belongs to group `j % 4` of the quad's four groups,
+//! and the token's activations are permuted the same way once per call. Per quad:
+//! - the four chunks' `vpmaddubsw` outputs are added in `i16`: a lane sums four pairs of one
+//!   group, `|.| <= 4 * 2 * 3 * 128 = 3072`, exact;
+//! - one `vpsignw` (the `2^15 -> -32768` case, as in the folded path) and one `vpmaddwd` with
+//!   the four group scales broadcast as one `u64` (a plain load, no shuffle): a lane is at most
+//!   `2 * 3072 * 2^15 < 2^28`, so `i32` lanes take 8 quads (`QUAD_SPAN`) before widening;
+//! - so per chunk about 4 vector uops instead of the folded path's 7-8 (no per-chunk scale
+//!   broadcast or `vpsignw`, one multiply per quad instead of one per chunk).
+//!
+//! The last `groups % 4` groups of a row (e.g. 2 of the 18 of `k = 576`) are single chunks
+//! taken as on the folded path (`fold_dot`, added to the same `i32` lanes), not a padded quad.
+//!
+//! The zero term `sum_g gscale * zero * S` (`zero_term_quad`) is also `vpmaddwd`: `gz =
+//! gscale * zero < 2^23` is formed from `vpmullw` / `vpmulhuw` as `lo = gz mod 2^15` and
+//! `hi = gz >> 15`, both non-negative `i16`, against `S` as `i16` (`|S| <= 4096`); its lanes, the
+//! lattice shift and the main lanes are combined in `i64` lanes and reduced once per row. Rows
+//! whose bound does not prove no saturation take the ordered path (`row1`) on the group layout.
+//!
+//! GEMV prefetch (`prefetch_span`, `prefetch_lines`): the quad rows and the W8 rows are
+//! prefetched 4 KiB ahead of the row being computed (a task first requests the whole distance):
+//! a decode step streams every tensor from DRAM once, and the hardware prefetchers stop at
+//! page boundaries.
+//!
 //! W8 GEMV (`dot8_mem`) widens codes (`vpmovzxbw`) and activations (`vpmovsxbw`) to `i16` and
 //! uses `vpmaddwd` directly (pairs `<= 2 * 255 * 128`), two multiplies per chunk instead of the
 //! nibble split's four; the W8 GEMM keeps the nibble split (its decoded nibbles are shared by
 //! the token block, the activations would have to be widened per row).
 #![allow(unsafe_code)]
 
-use crate::weights::RowCtx;
+use crate::weights::{QuadX, RowCtx, QUAD_SLACK};
 
-/// Rows `row0..row0 + out.len()` for one padded token `xp` with group sums `s`.
-pub(crate) fn rows_one_token(ctx: &RowCtx<'_>, row0: usize, xp: &[i8], s: &[i32], out: &mut [i64]) {
+/// Rows `row0..row0 + out.len()` for one padded token `xp` with group sums `s` (and `qx`, the
+/// token in the GEMV quad layout, for tensors that have one).
+pub(crate) fn rows_one_token(
+    ctx: &RowCtx<'_>,
+    row0: usize,
+    xp: &[i8],
+    s: &[i32],
+    qx: Option<QuadX<'_>>,
+    out: &mut [i64],
+) {
     check_bounds(ctx, row0, out.len(), 1, xp.len(), s.len());
+    if let Some(qx) = qx {
+        check_quad_bounds(ctx, row0, out.len(), qx);
+    }
     #[cfg(target_arch = "x86_64")]
     {
         assert!(
             std::arch::is_x86_feature_detected!("avx2"),
             "AVX2 path on a CPU without AVX2"
         );
-        // SAFETY: AVX2 is present (checked just above) and check_bounds asserted every slice
-        // length the raw loads in `imp` rely on.
-        unsafe { imp::rows_one_token(ctx, row0, xp, s, out) }
+        // SAFETY: AVX2 is present (checked just above) and check_bounds (and check_quad_bounds
+        // when qx is given) asserted every slice length the raw loads in `imp` rely on.
+        unsafe { imp::rows_one_token(ctx, row0, xp, s, qx, out) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("Isa::Avx2 is never available off x86_64");
@@ -123,11 +161,28 @@ fn check_bounds(ctx: &RowCtx<'_>, row0: usize, rows: usize, m: usize, xp_len: us
     assert!(s_len >= m * ctx.groups, "group sums too short");
 }
 
+fn check_quad_bounds(ctx: &RowCtx<'_>, row0: usize, rows: usize, qx: QuadX<'_>) {
+    assert!(ctx.bits == 2 && ctx.chunks_per_group == 1 && ctx.groups > 0);
+    assert_eq!((ctx.quads, ctx.quad_tail), (ctx.groups / 4, ctx.groups % 4));
+    assert_eq!(ctx.quad_meta, ctx.groups.next_multiple_of(4));
+    assert!(ctx.quad_meta < 16 << 10, "zero_term_quad's hi lanes");
+    assert_eq!(
+        ctx.quad_stride,
+        32 * ctx.quads + 8 * ctx.quad_tail + 3 * ctx.quad_meta
+    );
+    // Whole blocks of 16 groups are read: the scales up to 2 * 12 bytes past the row's, the
+    // zero points up to 12 bytes past the row (inside the slack for the last row); the
+    // token's sums as far (zeros there).
+    let meta16 = ctx.quad_meta.next_multiple_of(16);
+    assert!(ctx.quad_data.len() >= (row0 + rows) * ctx.quad_stride + QUAD_SLACK);
+    assert!(qx.x.len() >= 128 * ctx.quads + 32 * ctx.quad_tail && qx.s.len() >= meta16);
+}
+
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use std::arch::x86_64::*;
 
-    use crate::weights::RowCtx;
+    use crate::weights::{QuadX, RowCtx};
 
     /// Expands one chunk into (codes or low nibbles, high nibbles); for B < 8 the second is unused.
     #[inline]
@@ -297,10 +352,14 @@ mod imp {
         row0: usize,
         xp: &[i8],
         s: &[i32],
+        qx: Option<QuadX<'_>>,
         out: &mut [i64],
     ) {
         // SAFETY: forwarded from the caller's contract.
         unsafe {
+            if let Some(qx) = qx {
+                return rows_quad(ctx, row0, xp, s, qx, out);
+            }
             match ctx.bits {
                 2 => rows1::<2>(ctx, row0, xp, s, out),
                 4 => rows1::<4>(ctx, row0, xp, s, out),
@@ -375,7 +434,7 @@ mod imp {
         let gscale = ctx.gscale_q[meta..meta + groups].as_ptr();
         let sp = s[..groups].as_ptr();
         let ls = ctx.lattice_shift as i32;
-        let fast = ctx.no_saturation(row);
+        let fast = ctx.no_saturation_all() || ctx.no_saturation(row);
         let mut acc = 0i64;
         let mut acc_v = _mm256_setzero_si256();
         let mut g = 0;
@@ -450,6 +509,38 @@ mod imp {
         acc
     }
 
+    /// How far ahead of the row being computed the GEMV prefetches its weights (W8 rows and
+    /// the quad copy): a 4 KiB page, so the stream is requested across page boundaries, where
+    /// the hardware prefetchers stop, and a task's first row requests the whole distance at
+    /// once (the weights of a decode step come from DRAM, each tensor once per token).
+    const PREFETCH: usize = 4096;
+
+    /// Prefetches (into L1) the cache lines of `data[from..to]` (clipped to `data`): a task's
+    /// first `PREFETCH` bytes, requested at once.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn prefetch_span(data: &[u8], from: usize, to: usize) {
+        let mut at = from;
+        while at < to.min(data.len()) {
+            // SAFETY: at < data.len(): the address is inside the slice.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(at).cast::<i8>()) };
+            at += 64;
+        }
+    }
+
+    /// Prefetches the `lines` cache lines from `data[at]` on, `PREFETCH` bytes past a row's end:
+    /// the same number every row (a loop the branch predictor learns; a line is sometimes
+    /// requested twice). The addresses may lie past the slice: a prefetch never faults and
+    /// nothing is read through them.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn prefetch_lines(data: &[u8], at: usize, lines: usize) {
+        let p = data.as_ptr().wrapping_add(at);
+        for l in 0..lines {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l).cast::<i8>());
+        }
+    }
+
     #[target_feature(enable = "avx2")]
     unsafe fn rows1<const B: u32>(
         ctx: &RowCtx<'_>,
@@ -459,11 +550,23 @@ mod imp {
         out: &mut [i64],
     ) {
         let one = ctx.chunks_per_group == 1;
+        if B == 8 {
+            prefetch_span(
+                ctx.data,
+                row0 * ctx.row_bytes,
+                row0 * ctx.row_bytes + PREFETCH,
+            );
+        }
+        let pf_lines = ctx.row_bytes.div_ceil(64) + 1;
+        let all_fast = ctx.no_saturation_all();
         for (i, o) in out.iter_mut().enumerate() {
             let row = row0 + i;
+            if B == 8 {
+                prefetch_lines(ctx.data, row * ctx.row_bytes + PREFETCH, pf_lines);
+            }
             // SAFETY: forwarded from the caller's contract (row0 + i is a checked row).
             *o = unsafe {
-                if B != 8 && ctx.no_saturation(row) {
+                if B != 8 && (all_fast || ctx.no_saturation(row)) {
                     match ctx.chunks_per_group {
                         1 => row_fold::<B, 1>(ctx, row, xp, s),
                         2 => row_fold::<B, 2>(ctx, row, xp, s),
@@ -762,6 +865,162 @@ mod imp {
         // SAFETY: the row's groups of metadata and the token's groups of s are in range.
         let z = unsafe { zero_term(zero, gscale, s[..groups].as_ptr(), groups) };
         (p << ctx.lattice_shift) - z
+    }
+
+    // ---- The GEMV quad path (W2 / ternary, one chunk a group; see the module docs) ----
+
+    /// Quads whose [`row_quad`] lanes may be added in `i32` before widening: a quad's lane is
+    /// at most `2 * 4 * 768 * 2^15 < 2^28` (an `i16` lane of the quad's four `vpmaddubsw`
+    /// sums is at most `4 * 2 * 3 * 128 = 3072`), so 8 quads stay below `2^31`.
+    const QUAD_SPAN: usize = 8;
+
+    /// Rows on the GEMV quad path where the bound proves no saturation, the others on the
+    /// ordered path of the group layout.
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows_quad(
+        ctx: &RowCtx<'_>,
+        row0: usize,
+        xp: &[i8],
+        s: &[i32],
+        qx: QuadX<'_>,
+        out: &mut [i64],
+    ) {
+        let qb = ctx.quad_stride;
+        prefetch_span(ctx.quad_data, row0 * qb, row0 * qb + PREFETCH);
+        let pf_lines = qb.div_ceil(64) + 1;
+        let all_fast = ctx.no_saturation_all();
+        for (i, o) in out.iter_mut().enumerate() {
+            let row = row0 + i;
+            prefetch_lines(ctx.quad_data, row * qb + PREFETCH, pf_lines);
+            // SAFETY: forwarded from the caller's contract (row0 + i is a checked row of both
+            // layouts).
+            *o = unsafe {
+                if all_fast || ctx.no_saturation(row) {
+                    row_quad(ctx, row, qx)
+                } else {
+                    row1::<2, true>(ctx, row, xp, s)
+                }
+            };
+        }
+    }
+
+    /// One row on the GEMV quad path (the row's bound must prove no saturation): per quad of
+    /// four groups, the four chunks' `vpmaddubsw` pairs summed in `i16` (exact, `<= 3072`),
+    /// negated where the scale is `2^15` (`vpsignw`, as in [`fold_dot`]) and multiplied by the
+    /// four group scales in one `vpmaddwd` (lane `j` holds group `j % 4`); then the lattice
+    /// shift and [`zero_term_quad`].
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn row_quad(ctx: &RowCtx<'_>, row: usize, qx: QuadX<'_>) -> i64 {
+        let (quads, tail, meta) = (ctx.quads, ctx.quad_tail, ctx.quad_meta);
+        // SAFETY (all raw reads below): check_quad_bounds asserted that row `row` has `quads`
+        // blocks of 32 bytes and `tail` chunks of 8 in quad_data, then `meta = 4 quads + 4`
+        // (or `4 quads` without a tail) groups of metadata, and the token `128 * quads + 32 *
+        // tail` codes and `meta` sums.
+        let w = unsafe { ctx.quad_data.as_ptr().add(row * ctx.quad_stride) };
+        let gs = unsafe { w.add(quads * 32 + tail * 8) };
+        let zero = unsafe { gs.add(2 * meta) };
+        let x = qx.x.as_ptr();
+        let m3 = _mm256_set1_epi8(3);
+        let (mut acc64, mut acc32) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        let mut since = 0;
+        for q in 0..quads {
+            // SAFETY: quad q < quads of the row and of the token (see above).
+            unsafe {
+                let v = _mm256_loadu_si256(w.add(q * 32).cast::<__m256i>());
+                let xq = x.add(q * 128);
+                let c0 = _mm256_and_si256(v, m3);
+                let c1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3);
+                let c2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3);
+                let c3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3);
+                let m01 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(c0, load_x(xq)),
+                    _mm256_maddubs_epi16(c1, load_x(xq.add(32))),
+                );
+                let m23 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(c2, load_x(xq.add(64))),
+                    _mm256_maddubs_epi16(c3, load_x(xq.add(96))),
+                );
+                let m = _mm256_add_epi16(m01, m23);
+                let gsv = _mm256_set1_epi64x(std::ptr::read_unaligned(gs.add(8 * q).cast::<i64>()));
+                acc32 = _mm256_add_epi32(acc32, _mm256_madd_epi16(_mm256_sign_epi16(m, gsv), gsv));
+            }
+            since += 1;
+            if since == QUAD_SPAN {
+                acc64 = widen_add(acc64, acc32);
+                acc32 = _mm256_setzero_si256();
+                since = 0;
+            }
+        }
+        for t in 0..tail {
+            // SAFETY: tail chunk t of the row and of the token, its group's scale (see above).
+            // The quads leave at most 7 quads' lanes in acc32 (below 7 * 2^27.6), a tail chunk
+            // adds at most 2 * 768 * 2^15 < 2^25.6 (as in the folded path): still below 2^31.
+            unsafe {
+                let g = 4 * quads + t;
+                let codes = decode::<2>(w.add(quads * 32 + 8 * t)).0;
+                let xv = load_x(x.add(32 * g));
+                let gsv = _mm256_set1_epi16(std::ptr::read_unaligned(gs.add(2 * g).cast::<i16>()));
+                acc32 = _mm256_add_epi32(acc32, fold_dot(codes, xv, gsv));
+            }
+        }
+        // SAFETY: meta groups of the row's metadata and of the token's sums (see above).
+        let (z_lo, z_hi) = unsafe { zero_term_quad(gs, zero, qx.s.as_ptr(), meta) };
+        // (sum of the lanes) << ls - z_lo - z_hi << 15, lane by lane in i64 (exact: every
+        // partial sum is bounded by the row's bound).
+        let p = _mm256_sll_epi64(
+            widen_add(acc64, acc32),
+            _mm_cvtsi32_si128(ctx.lattice_shift as i32),
+        );
+        let z = _mm256_add_epi64(z_lo, _mm256_slli_epi64(z_hi, 15));
+        hsum64(_mm256_sub_epi64(p, z))
+    }
+
+    /// `sum_g gscale_g * zero_g * S_g` over `n` groups with `vpmaddwd`, in whole blocks of 16
+    /// groups, as two `i64x4` whose lanes sum to `Z_lo` and `Z_hi`, the sum being
+    /// `Z_lo + Z_hi * 2^15`. `gz = gscale * zero < 2^23` (scales are at most `2^15`) is split
+    /// as `gz = hi * 2^15 + lo`: `lo` is the low 16-bit product (`vpmullw`) masked to 15 bits,
+    /// `hi = (gscale * 2 zero) >> 16` (`vpmulhuw`, `< 2^8`), both non-negative `i16`; `S` is
+    /// `i16` (`|S| <= 32 * 128`). A `lo` pair is below `2 * 2^15 * 2^12 = 2^28` (its `i32`
+    /// lanes are widened every 4 blocks), a `hi` pair below `2^21` (widened at the end: exact
+    /// for fewer than `2^10` blocks, asserted). Past the `n` groups the block reads the bytes
+    /// that follow (the zero points, the next row, the slack) as scales and zero points: any
+    /// such lane still gives `0 <= lo < 2^15` and `0 <= hi <= 510`, and its sum `S` is 0.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn zero_term_quad(
+        gs: *const u8,
+        zero: *const u8,
+        s: *const i16,
+        n: usize,
+    ) -> (__m256i, __m256i) {
+        let z0 = _mm256_setzero_si256();
+        let mask = _mm256_set1_epi16(0x7FFF);
+        let (mut lo64, mut lo, mut hi) = (z0, z0, z0);
+        let mut g = 0;
+        let mut since = 0;
+        while g < n {
+            // SAFETY (caller): 16 scales at gs + 2g, 16 bytes at zero + g, 16 sums at s + g.
+            let (gsv, z, sv) = unsafe {
+                (
+                    _mm256_loadu_si256(gs.add(2 * g).cast::<__m256i>()),
+                    _mm256_cvtepu8_epi16(_mm_loadu_si128(zero.add(g).cast::<__m128i>())),
+                    _mm256_loadu_si256(s.add(g).cast::<__m256i>()),
+                )
+            };
+            let l = _mm256_and_si256(_mm256_mullo_epi16(gsv, z), mask);
+            let h = _mm256_mulhi_epu16(gsv, _mm256_add_epi16(z, z));
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(l, sv));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(h, sv));
+            g += 16;
+            since += 1;
+            if since == 4 {
+                lo64 = widen_add(lo64, lo);
+                lo = z0;
+                since = 0;
+            }
+        }
+        (widen_add(lo64, lo), widen_add(z0, hi))
     }
 
     /// For GEMM, where a decoded chunk serves many tokens: moves the `gscale = 2^15` case from

@@ -14,6 +14,15 @@
 //!   byte `i` (0..8) holds `c[i] | c[8+i] << 2 | c[16+i] << 4 | c[24+i] << 6`. Either way chunk
 //!   `ci` of a row starts at byte `8 ci` (of its block when it is in one).
 //!
+//! *GEMV quads* (W2 and ternary with `chunks_per_group == 1`): a second copy of the rows for the
+//! one-token product (`avx2.rs`). A row's groups go by quads of four (the last `groups % 4`
+//! groups stay single 8-byte chunks in their own order); quad `q` is 32 bytes holding four virtual chunks `c` (2 bits each, chunk `c` at
+//! bits `2c`), whose byte `i` is element `8c + 2 (j / 4) + i % 2` of group `4q + j % 4` with
+//! `j = i / 2` ([`quad_source`]): every byte pair, an `i16` lane of `vpmaddubsw`, lies in one
+//! group, lane `j` in group `j % 4`. The row's quads and tail chunks are followed by its group
+//! scales and zero points (padded to a multiple of 4 groups) in one run of bytes. The token is permuted the same
+//! way once per call (`Scratch`), with its group sums as `i16`.
+//!
 //! Activations are copied once per call into the same padded layout (zeros in the padding, so
 //! padding adds nothing, as in N12) and the per-group sums `S` are computed once per token.
 //!
@@ -102,7 +111,37 @@ pub struct PreparedWeights {
     zero_u8: Vec<u8>,
     row_scale: Vec<f32>,
     row_bound: Vec<u64>,
+    /// The largest `row_bound` (0 for no rows).
+    max_row_bound: u64,
+    /// The GEMV quad copy (W2 / ternary with one chunk a group, else empty; module docs).
+    quad: QuadWeights,
 }
+
+/// W2 / ternary rows with `chunks_per_group == 1` re-packed for the GEMV (see "GEMV quads" in
+/// the module docs): each row is one run of `stride = 32 quads + 8 tail + 3 meta` bytes (one
+/// stream for the prefetchers): `quads = groups / 4` blocks of 32 bytes, the `tail = groups % 4`
+/// last groups as single 8-byte chunks (the group layout's format), then the group scales
+/// (`u16`, little endian) and the zero points padded with zeros to `meta = 4 ceil(groups / 4)`
+/// groups; [`QUAD_SLACK`] zero bytes follow the last row (the zero term reads whole blocks of
+/// 16 groups; past the row the sums it multiplies are 0).
+#[derive(Debug, Clone, Default)]
+struct QuadWeights {
+    quads: usize,
+    tail: usize,
+    meta: usize,
+    stride: usize,
+    data: Vec<u8>,
+}
+
+impl QuadWeights {
+    /// Activations of one token in this layout: `128 * quads + 32 * tail`.
+    fn x_len(&self) -> usize {
+        128 * self.quads + 32 * self.tail
+    }
+}
+
+/// Readable bytes past the last row of [`QuadWeights`].
+pub(crate) const QUAD_SLACK: usize = 64;
 
 /// Caller-owned buffers of a weight operation. Sized once ([`Scratch::for_weights`]) they are
 /// reused: a call allocates nothing unless a larger shape than before is used.
@@ -114,6 +153,9 @@ pub struct Scratch {
     /// padding zero), as `i64` (see `avx2.rs`, the tiled folded path).
     s_tr: Vec<i64>,
     acc_nt: Vec<i64>,
+    /// The GEMV quad layout's activations and `i16` group sums (one token).
+    x_quad: Vec<i8>,
+    s_quad: Vec<i16>,
 }
 
 impl Scratch {
@@ -147,6 +189,12 @@ impl Scratch {
         if m_tokens > 1 && self.s_tr.len() < st {
             self.s_tr.resize(st, 0);
         }
+        if self.x_quad.len() < w.quad.x_len() {
+            self.x_quad.resize(w.quad.x_len(), 0);
+        }
+        if self.s_quad.len() < w.quad.meta.next_multiple_of(16) {
+            self.s_quad.resize(w.quad.meta.next_multiple_of(16), 0);
+        }
     }
 }
 
@@ -168,6 +216,24 @@ pub(crate) struct RowCtx<'a> {
     /// row; when it is `<= acc_hi` no group addition can saturate and the SIMD path may add
     /// the groups in any order (the result is the same exact sum).
     pub row_bound: &'a [u64],
+    /// The largest of `row_bound`: when it proves no saturation, every row does (the GEMV
+    /// then skips the per-row check and its stream).
+    pub max_row_bound: u64,
+    /// The GEMV quad copy: blocks per row (0 when there is none), metadata groups per row,
+    /// bytes per row, the rows (then [`QUAD_SLACK`] zeros).
+    pub quads: usize,
+    pub quad_tail: usize,
+    pub quad_meta: usize,
+    pub quad_stride: usize,
+    pub quad_data: &'a [u8],
+}
+
+/// One token's activations in the GEMV quad layout (`128 * quads` codes) and its group sums
+/// as `i16` (`|S| <= 32 * 128`), zero-padded to the tensor's `quad_meta` groups.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QuadX<'a> {
+    pub x: &'a [i8],
+    pub s: &'a [i16],
 }
 
 impl RowCtx<'_> {
@@ -175,6 +241,12 @@ impl RowCtx<'_> {
     #[inline]
     pub fn no_saturation(&self, row: usize) -> bool {
         self.row_bound[row] <= self.acc_hi.unsigned_abs()
+    }
+
+    /// Whether no row can reach the saturation range ([`Self::no_saturation`] for every row).
+    #[inline]
+    pub fn no_saturation_all(&self) -> bool {
+        self.max_row_bound <= self.acc_hi.unsigned_abs()
     }
 }
 
@@ -201,6 +273,23 @@ impl From<&QuantWeights> for PreparedWeights {
         let mut data = vec![0u8; n_rows * row_bytes];
         let n_chunks = groups * chunks_per_group;
         let mut chunks = vec![[0u8; CHUNK]; n_chunks];
+        let mut quad = QuadWeights::default();
+        if bits == 2 && chunks_per_group == 1 && groups > 0 {
+            quad.quads = groups / 4;
+            quad.tail = groups % 4;
+            quad.meta = groups.next_multiple_of(4);
+            quad.stride = 32 * quad.quads + 8 * quad.tail + 3 * quad.meta;
+            quad.data = vec![0u8; n_rows * quad.stride + QUAD_SLACK];
+            for row in 0..n_rows {
+                let at = row * quad.stride + 32 * quad.quads + 8 * quad.tail;
+                let (gs, zero) = quad.data[at..at + 3 * quad.meta].split_at_mut(2 * quad.meta);
+                for g in 0..groups {
+                    gs[2 * g..2 * g + 2]
+                        .copy_from_slice(&w.gscale_q()[row * groups + g].to_le_bytes());
+                    zero[g] = w.zero_u8()[row * groups + g];
+                }
+            }
+        }
         for (row, out_row) in data.chunks_exact_mut(row_bytes.max(1)).enumerate() {
             let codes_row = &codes[row * k..(row + 1) * k];
             for g in 0..groups {
@@ -231,8 +320,24 @@ impl From<&QuantWeights> for PreparedWeights {
                 let at = ci * chunk_bytes;
                 encode_chunk(chunk, bits, &mut out_row[at..at + chunk_bytes]);
             }
+            if quad.stride > 0 {
+                let at = row * quad.stride;
+                let (quads, tail) = quad.data[at..at + 32 * quad.quads + 8 * quad.tail]
+                    .split_at_mut(32 * quad.quads);
+                for (q, out) in quads.chunks_exact_mut(32).enumerate() {
+                    for (i, o) in out.iter_mut().enumerate() {
+                        for c in 0..4 {
+                            let (gq, e) = quad_source(c, i);
+                            *o |= chunks[4 * q + gq][e] << (2 * c);
+                        }
+                    }
+                }
+                for (t, out) in tail.chunks_exact_mut(8).enumerate() {
+                    encode_chunk(&chunks[4 * quad.quads + t], 2, out);
+                }
+            }
         }
-        let row_bound = (0..n_rows)
+        let row_bound: Vec<u64> = (0..n_rows)
             .map(|row| {
                 (0..groups)
                     .map(|g| {
@@ -243,6 +348,7 @@ impl From<&QuantWeights> for PreparedWeights {
             })
             .collect();
         PreparedWeights {
+            max_row_bound: row_bound.iter().copied().max().unwrap_or(0),
             row_bound,
             format,
             n_rows,
@@ -257,6 +363,7 @@ impl From<&QuantWeights> for PreparedWeights {
             gscale_q: w.gscale_q().to_vec(),
             zero_u8: w.zero_u8().to_vec(),
             row_scale: w.row_scale().to_vec(),
+            quad,
         }
     }
 }
@@ -266,6 +373,15 @@ impl From<&QuantWeights> for PreparedWeights {
 #[inline]
 pub(crate) fn s_tr_stride(m_tokens: usize) -> usize {
     m_tokens.next_multiple_of(4)
+}
+
+/// The GEMV quad layout (module docs): byte `i` of virtual chunk `c` (0..4) of a quad holds
+/// element `e` of the quad's group `gq` (0..4), returned as `(gq, e)`. Byte pairs (`i16` lanes
+/// of `vpmaddubsw`) stay within one group: lane `j = i / 2` belongs to group `j % 4`.
+#[inline]
+pub(crate) fn quad_source(c: usize, i: usize) -> (usize, usize) {
+    let j = i / 2;
+    (j % 4, 8 * c + 2 * (j / 4) + i % 2)
 }
 
 /// W2 and ternary: how many of a row's `n_chunks` chunks are stored in blocks of four (the
@@ -315,6 +431,15 @@ impl PreparedWeights {
             out.zero_u8.extend_from_slice(&p.zero_u8);
             out.row_scale.extend_from_slice(&p.row_scale);
             out.row_bound.extend_from_slice(&p.row_bound);
+            out.max_row_bound = out.max_row_bound.max(p.max_row_bound);
+            // Same format, k and group length, so the same quad shape; the slack stays at the
+            // end.
+            if out.quad.stride > 0 {
+                out.quad
+                    .data
+                    .truncate((out.n_rows - p.n_rows) * out.quad.stride);
+                out.quad.data.extend_from_slice(&p.quad.data);
+            }
         }
         Some(out)
     }
@@ -365,6 +490,36 @@ impl PreparedWeights {
             acc_lo: min_signed(acc_bits),
             acc_hi: max_signed(acc_bits),
             row_bound: &self.row_bound,
+            max_row_bound: self.max_row_bound,
+            quads: self.quad.quads,
+            quad_tail: self.quad.tail,
+            quad_meta: self.quad.meta,
+            quad_stride: self.quad.stride,
+            quad_data: &self.quad.data,
+        }
+    }
+
+    /// One padded token `xp` with group sums `s` in the GEMV quad layout (`scratch.x_quad`,
+    /// `scratch.s_quad`): pair `j` of virtual chunk `c` of quad `q` is pair `4c + j / 4` of group
+    /// `4q + j % 4` ([`quad_source`]); groups past the row are zeros.
+    fn quad_activations(&self, scratch: &mut Scratch) {
+        let (groups, quads) = (self.groups, self.quad.quads);
+        let (xp, sp) = (&scratch.x_pad, &scratch.s_sum);
+        let (xq, xt) = scratch.x_quad[..self.quad.x_len()].split_at_mut(128 * quads);
+        for (q, xq) in xq.chunks_exact_mut(128).enumerate() {
+            for (c, xc) in xq.chunks_exact_mut(32).enumerate() {
+                for (j, pair) in xc.chunks_exact_mut(2).enumerate() {
+                    let e = (4 * q + j % 4) * CHUNK + 8 * c + 2 * (j / 4);
+                    pair.copy_from_slice(&xp[e..e + 2]);
+                }
+            }
+        }
+        // The tail groups' chunks in their own order.
+        xt.copy_from_slice(&xp[128 * quads..groups * CHUNK]);
+        let sq = &mut scratch.s_quad[..self.quad.meta.next_multiple_of(16)];
+        for (g, v) in sq.iter_mut().enumerate() {
+            // |S| <= 32 * 128 (one chunk a group): exact in i16.
+            *v = if g < groups { sp[g] as i16 } else { 0 };
         }
     }
 
@@ -488,10 +643,18 @@ impl PreparedWeights {
         // Small operations run on the calling thread: splitting them costs more than it saves.
         let sequential = self.n_rows * plen * m_tokens < PAR_MIN_MACS;
         if m_tokens == 1 {
+            let use_quad = isa == Isa::Avx2 && self.quad.stride > 0;
+            if use_quad {
+                self.quad_activations(scratch);
+            }
+            let qx = use_quad.then(|| QuadX {
+                x: &scratch.x_quad[..self.quad.x_len()],
+                s: &scratch.s_quad[..self.quad.meta.next_multiple_of(16)],
+            });
             let xp = &scratch.x_pad[..plen];
             let s = &scratch.s_sum[..groups];
             if sequential {
-                rows_one_token(isa, &ctx, 0, xp, s, acc_out);
+                rows_one_token(isa, &ctx, 0, xp, s, qx, acc_out);
                 return Ok(());
             }
             if let Some(team) = team.filter(|t| t.is_leading() && t.threads() > 1) {
@@ -500,7 +663,7 @@ impl PreparedWeights {
                     .div_ceil(TEAM_TASKS_PER_THREAD * team.threads())
                     .next_multiple_of(TEAM_ROW_ALIGN);
                 team.for_each_chunk_mut(acc_out, rows, |task, out, _| {
-                    rows_one_token(isa, &ctx, task * rows, xp, s, out);
+                    rows_one_token(isa, &ctx, task * rows, xp, s, qx, out);
                 });
                 return Ok(());
             }
@@ -508,7 +671,7 @@ impl PreparedWeights {
                 .par_chunks_mut(rows_per_task)
                 .enumerate()
                 .for_each(|(task, out)| {
-                    rows_one_token(isa, &ctx, task * rows_per_task, xp, s, out);
+                    rows_one_token(isa, &ctx, task * rows_per_task, xp, s, qx, out);
                 });
             return Ok(());
         }
@@ -636,10 +799,19 @@ pub fn apply_stage(stage: &OutputStage, acc: &[i64], y_out: &mut [i32]) -> Resul
     Ok(())
 }
 
-/// Rows `row0..row0 + out.len()` for one token.
-fn rows_one_token(isa: Isa, ctx: &RowCtx<'_>, row0: usize, xp: &[i8], s: &[i32], out: &mut [i64]) {
+/// Rows `row0..row0 + out.len()` for one token (`qx`: the token in the GEMV quad layout, when
+/// the tensor has one and the path uses it).
+fn rows_one_token(
+    isa: Isa,
+    ctx: &RowCtx<'_>,
+    row0: usize,
+    xp: &[i8],
+    s: &[i32],
+    qx: Option<QuadX<'_>>,
+    out: &mut [i64],
+) {
     match isa {
-        Isa::Avx2 => crate::avx2::rows_one_token(ctx, row0, xp, s, out),
+        Isa::Avx2 => crate::avx2::rows_one_token(ctx, row0, xp, s, qx, out),
         _ => {
             for (i, o) in out.iter_mut().enumerate() {
                 *o = row_acc_scalar(ctx, row0 + i, xp, s);

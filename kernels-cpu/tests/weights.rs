@@ -537,3 +537,103 @@ fn apply_stage_equals_golden_n14() {
         }
     }
 }
+
+/// The GEMV quad path (W2 / ternary with one chunk a group; `avx2.rs`): group counts with every
+/// remainder mod 4 (the padded last quad), more than 8 quads (the `i32` widening) and more than
+/// 64 groups (the zero term's widening), short groups (`L < 32`, padded chunks), scales of
+/// exactly `2^15` and 0, codes at max with activations -128 (the largest lanes), and at small
+/// `acc_bits` rows that may saturate (the ordered path) next to folded ones in one call.
+#[test]
+fn gemv_quads_tails_scales_and_saturating_rows() {
+    let mut rng = Rng(29);
+    for format in [WeightFormat::W2, WeightFormat::Ternary] {
+        for &(k, l) in &[
+            (32 * 4 * 9usize, 32usize),
+            (32 * 4 * 9 + 32 * 3, 32),
+            (4100, 32),
+            (33, 32),
+            (97, 32),
+            (64 + 1, 32),
+            (1000, 16),
+            (515, 8),
+            (301, 5),
+            (200, 31),
+            (7, 1),
+        ] {
+            let n = 21;
+            let groups = k.div_ceil(l);
+            for fill in [Fill::Random, Fill::Max, Fill::MinCode] {
+                let q = make_weights(format, n, k, l, 16, fill, &mut rng);
+                // Row r: scales 2^15 >> (r % 12) with some exactly 2^15 and some 0 (random
+                // fill), or as generated.
+                let gscale: Vec<u16> = (0..n * groups)
+                    .map(|i| {
+                        let (r, g) = (i / groups, i % groups);
+                        let full = 1u16 << 15 >> (r % 12);
+                        match (fill, g % 5, rng.below(3)) {
+                            (Fill::Random, 0, _) => full,
+                            (Fill::Random, 1, 0) => 0,
+                            (Fill::Random, _, _) => rng.below(u64::from(full) + 1) as u16,
+                            _ => q.gscale_q()[i],
+                        }
+                    })
+                    .collect();
+                let w = QuantWeights::from_codes(
+                    format,
+                    n,
+                    k,
+                    l,
+                    16,
+                    &q.codes(),
+                    gscale,
+                    q.zero_u8().to_vec(),
+                    vec![1.0; n],
+                )
+                .expect("tensor");
+                let xs: [Vec<i8>; 3] = [
+                    (0..k)
+                        .map(|j| if j % 3 == 0 { -128 } else { rng.next() as i8 })
+                        .collect(),
+                    vec![-128i8; k],
+                    vec![127i8; k],
+                ];
+                for x in &xs {
+                    for acc_bits in [48u32, 40, 36, 32] {
+                        check_all_paths(&w, &dp(l, 16, acc_bits), x, 1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Stacked tensors ([`PreparedWeights::concat_rows`], e.g. Q, K and V) keep every part's rows
+/// on every GEMV path, the quad copy included.
+#[test]
+fn concat_rows_gemv_equals_parts() {
+    let mut rng = Rng(31);
+    for format in FORMATS {
+        for &(k, l) in &[(576usize, 32usize), (1000, 16), (97, 32), (130, 64)] {
+            let parts: Vec<QuantWeights> = [7usize, 3, 12]
+                .iter()
+                .map(|&n| make_weights(format, n, k, l, 16, Fill::Random, &mut rng))
+                .collect();
+            let prepared: Vec<PreparedWeights> = parts.iter().map(PreparedWeights::from).collect();
+            let refs: Vec<&PreparedWeights> = prepared.iter().collect();
+            let cat = PreparedWeights::concat_rows(&refs).expect("same shape");
+            let d = dp(l, 16, 48);
+            let x: Vec<i8> = (0..k).map(|_| rng.next() as i8).collect();
+            let want: Vec<i64> = parts
+                .iter()
+                .flat_map(|p| weight_acc(&d, &x, 1, p).expect("golden")[0].clone())
+                .collect();
+            let mut scratch = Scratch::new();
+            for isa in Isa::available() {
+                let mut acc = vec![0i64; want.len()];
+                cat.gemm_acc(isa, &d, &x, 1, &mut scratch, &mut acc)
+                    .expect("gemv");
+                assert_eq!(acc, want, "isa {isa}, format {format}, k {k}, L {l}");
+            }
+        }
+    }
+}
