@@ -24,7 +24,13 @@ use tessera::runtime::sampler::argmax;
 use tessera_golden::config::EngineConfig;
 
 fn tiny_model(seed: u64) -> Model {
-    let (d, ff, n_head, n_kv, hd, vocab) = (64, 112, 4, 2, 16, 50);
+    tiny_model_heads(seed, 4, 2)
+}
+
+/// [`tiny_model`] with `n_head` query heads of 16 over `n_kv` KV heads.
+fn tiny_model_heads(seed: u64, n_head: usize, n_kv: usize) -> Model {
+    let (ff, hd, vocab) = (112, 16, 50);
+    let d = n_head * hd;
     let cfg = LlamaConfig {
         n_layer: 2,
         d_model: d,
@@ -132,6 +138,26 @@ fn random_model_cpu_backend_equals_golden_bit_for_bit() {
             apply_mode(&mut m, mode, &DP, head_bits, &|_, _| {}).unwrap();
             let what = format!("random model {} head W{head_bits}", mode.name());
             assert_backends_agree(&what, &m, &prompt, 30);
+        }
+    }
+}
+
+/// The decode team splits a step's attention into one task per KV head (push) and one per query
+/// head: head counts that the team's threads do not divide (3 KV heads, 9 or 6 query heads, as
+/// SmolLM2's 9 / 3) on pools of 2 and 3 threads give golden's bits.
+#[test]
+fn decode_team_head_split_equals_golden() {
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 5 + 1) % 50).collect();
+    for (n_head, n_kv) in [(9, 3), (6, 3), (3, 1)] {
+        let mut m = tiny_model_heads(5, n_head, n_kv);
+        apply_mode(&mut m, Mode::W2a8kv4, &DP, 8, &|_, _| {}).unwrap();
+        for threads in [2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let what = format!("{n_head} heads / {n_kv} KV heads, {threads} threads");
+            pool.install(|| assert_backends_agree(&what, &m, &prompt, 40));
         }
     }
 }

@@ -22,7 +22,8 @@
 //! Both backends quantize activations with N5 and dequantize with N20 the same way, in the same
 //! order of `f32`/`f64` operations (tests/runtime_backends.rs compares logits bit for bit).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use rayon::prelude::*;
 use tessera_golden::kv::{quantize_probs, KvCache as GoldenKvCache, P_PLANE_BITS};
@@ -540,6 +541,10 @@ fn dequant_rows(
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) {
     if v.len() < len {
         v.resize(len, T::default());
@@ -671,6 +676,18 @@ struct KvCpu {
     isa: Isa,
     mirrors: Vec<KvHeadCpu>,
     bufs: AttnBufs,
+    /// One set of buffers per member of the decode team ([`KvCache::attend_decode`]).
+    members: MemberBufs,
+}
+
+/// Per-member buffers (scratch only: a clone starts empty).
+#[derive(Debug, Default)]
+struct MemberBufs(Vec<Mutex<AttnBufs>>);
+
+impl Clone for MemberBufs {
+    fn clone(&self) -> Self {
+        MemberBufs::default()
+    }
 }
 
 /// Buffers of one query's attention products on the CPU backend (one set per thread).
@@ -684,8 +701,10 @@ struct AttnBufs {
     y: Vec<i32>,
     /// `P x V` outputs of both planes (N22).
     pv2: Pv2Out,
-    /// Scores / probabilities of the batched prefill.
+    /// Scores / probabilities of the batched prefill and of [`KvCache::attend_decode`].
     scores: Vec<f32>,
+    /// Seconds in q.K scores, softmax and p.V of [`KvCache::attend_decode`] tasks (profiling).
+    secs: [f64; 3],
 }
 
 impl AttnBufs {
@@ -752,6 +771,7 @@ impl KvCache {
                             .map(|_| KvHeadCpu::new(&dp, head_dim))
                             .collect(),
                         bufs: AttnBufs::new(head_dim),
+                        members: MemberBufs::default(),
                     })
                 });
                 Ok(KvCache::Engine(KvEngine {
@@ -822,6 +842,123 @@ impl KvCache {
                 }
             }
         }
+    }
+
+    /// As [`Self::push`] (one position's keys and values, `n_kv_head * head_dim` each, RoPE
+    /// applied to `k`); on the CPU backend one task per KV head on the decode `team` (golden's
+    /// push, then the mirror's sync), when the caller leads it.
+    pub fn push_decode(&mut self, team: &Team, k: &[f32], v: &[f32]) {
+        let KvCache::Engine(KvEngine {
+            heads,
+            head_dim,
+            poisoned,
+            cpu: Some(cpu),
+        }) = self
+        else {
+            self.push(k, v);
+            return;
+        };
+        let (hd, n_kv) = (*head_dim, heads.len());
+        assert_eq!(k.len(), n_kv * hd, "k size");
+        assert_eq!(v.len(), n_kv * hd, "v size");
+        // As `push_retaining` without `retain`, the heads in any order.
+        let finite = k.iter().chain(v).all(|x| x.is_finite());
+        *poisoned |= !finite;
+        let zeros = if finite { Vec::new() } else { vec![0f32; hd] };
+        let failed = AtomicBool::new(false);
+        let pairs = Mutex::new(heads.iter_mut().zip(cpu.mirrors.iter_mut()).enumerate());
+        team.for_each(n_kv, |_, _| {
+            let next = lock(&pairs).next();
+            if let Some((h, (cache, mirror))) = next {
+                let (kh, vh) = if finite {
+                    (&k[h * hd..(h + 1) * hd], &v[h * hd..(h + 1) * hd])
+                } else {
+                    (&zeros[..], &zeros[..])
+                };
+                // Shapes are checked above and inputs are finite: push cannot fail; the mirror
+                // follows the cache it was built for: sync cannot fail.
+                let bad = cache.push(kh, vh).is_err() | mirror.sync(cache).is_err();
+                if bad {
+                    failed.store(true, Ordering::Relaxed);
+                }
+            }
+        });
+        *poisoned |= failed.into_inner();
+    }
+
+    /// The attention of the last position pushed (a decode step) on the CPU backend, on the
+    /// decode `team` (when the caller leads it, else in order on the calling thread): every
+    /// query head's output into `att` (`n_head * head_dim`) from `q` (RoPE applied), one task
+    /// per query head (scores, softmax, `P x V` with the buffers of the member that runs it):
+    /// the same integers and `f32` operations as [`Self::scores`], softmax and
+    /// [`Self::weighted_sum`] head after head. With `secs`, adds the seconds the tasks spent in
+    /// scores, softmax and `P x V` (summed over threads). Returns false, doing nothing, when the
+    /// cache is not a CPU-backend engine cache.
+    pub fn attend_decode(
+        &mut self,
+        team: &Team,
+        q: &[f32],
+        n_head: usize,
+        scale: f32,
+        att: &mut [f32],
+        secs: Option<&mut [f64; 3]>,
+    ) -> bool {
+        let KvCache::Engine(KvEngine {
+            head_dim,
+            poisoned,
+            cpu: Some(cpu),
+            ..
+        }) = self
+        else {
+            return false;
+        };
+        let (hd, n_kv) = (*head_dim, cpu.mirrors.len());
+        assert_eq!(q.len(), n_head * hd, "q size");
+        assert_eq!(att.len(), n_head * hd, "attention output size");
+        assert!(
+            n_kv > 0 && n_head.is_multiple_of(n_kv),
+            "query heads are a multiple of KV heads"
+        );
+        // Every query head, one task each, with the buffers of the member that runs it.
+        let members = team.threads().max(1);
+        while cpu.members.0.len() < members {
+            cpu.members.0.push(Mutex::new(AttnBufs::new(hd)));
+        }
+        let (isa, mirrors, bufs, poisoned) = (cpu.isa, &cpu.mirrors, &cpu.members.0, *poisoned);
+        let group = n_head / n_kv;
+        let timed = secs.is_some();
+        team.for_each_chunk_mut(att, hd, |head, out, member| {
+            let mut guard = lock(&bufs[member.min(bufs.len() - 1)]);
+            let b = &mut *guard;
+            let m = &mirrors[head / group];
+            let len = m.len();
+            grow(&mut b.scores, len);
+            let mut sc = std::mem::take(&mut b.scores);
+            let s = &mut sc[..len];
+            let t0 = timed.then(std::time::Instant::now);
+            let qh = &q[head * hd..(head + 1) * hd];
+            attn_scores(m, isa, b, len, poisoned, qh, scale, s);
+            let t1 = timed.then(std::time::Instant::now);
+            super::model::softmax(s);
+            let t2 = timed.then(std::time::Instant::now);
+            attn_weighted_sum(m, isa, b, len, poisoned, None, s, out);
+            if let (Some(t0), Some(t1), Some(t2)) = (t0, t1, t2) {
+                let t3 = std::time::Instant::now();
+                b.secs[0] += (t1 - t0).as_secs_f64();
+                b.secs[1] += (t2 - t1).as_secs_f64();
+                b.secs[2] += (t3 - t2).as_secs_f64();
+            }
+            b.scores = sc;
+        });
+        if let Some(secs) = secs {
+            for b in bufs {
+                let mut b = lock(b);
+                for (s, bs) in secs.iter_mut().zip(&mut b.secs) {
+                    *s += std::mem::take(bs);
+                }
+            }
+        }
+        true
     }
 
     /// Whether [`Self::attend_prefill`] runs (an engine cache on the CPU backend).
