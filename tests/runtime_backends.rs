@@ -206,7 +206,8 @@ fn assert_bits_eq(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
 /// attention in parallel against the retained history) equals golden's token-by-token loop,
 /// for prompts that start mid-context and cross 4-bit group boundaries and window evictions,
 /// also with a zero-length recent window (each group quantized as soon as it is full); and
-/// equals the CPU backend fed one token at a time.
+/// equals the CPU backend fed one token at a time. The prompt chunks span several blocks of
+/// positions (the parallel tasks), and 3 KV heads do not divide among 2 threads.
 #[test]
 fn batched_prefill_attention_equals_token_by_token() {
     let p: Vec<u32> = (0..40).map(|i| (i * 13 + 5) % 50).collect();
@@ -216,9 +217,9 @@ fn batched_prefill_attention_equals_token_by_token() {
         kv_recent_window: 0,
         ..DP
     };
-    for dp in [DP, dp0] {
+    for (dp, (n_head, n_kv)) in [(DP, (4, 2)), (dp0, (4, 2)), (DP, (9, 3))] {
         for mode in [Mode::W2a8kv4, Mode::W8a8kv8] {
-            let mut m = tiny_model(5);
+            let mut m = tiny_model_heads(5, n_head, n_kv);
             apply_mode(&mut m, mode, &dp, 8, &|_, _| {}).unwrap();
             let mut golden = m.clone();
             golden.set_backend(Backend::Golden, Isa::Scalar);
@@ -226,7 +227,11 @@ fn batched_prefill_attention_equals_token_by_token() {
             for isa in Isa::available() {
                 let mut cpu = m.clone();
                 cpu.set_backend(Backend::Cpu, isa);
-                let what = format!("{} window {} {isa}", mode.name(), dp.kv_recent_window);
+                let what = format!(
+                    "{} window {} {isa}, {n_head} / {n_kv} heads",
+                    mode.name(),
+                    dp.kv_recent_window
+                );
                 assert_bits_eq(&what, &logits_by_chunks(&cpu, &chunks), &want);
                 // The last position of each chunk, fed token by token on the CPU backend.
                 let single = logits_by_chunks(&cpu, &one_by_one);

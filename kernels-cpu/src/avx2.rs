@@ -1264,6 +1264,72 @@ mod kv_imp {
     }
 }
 
+/// The elementwise loops of the KV products (`kv::quantize_probs_into`, `quantize_query_into`,
+/// `fold_into`) compiled for AVX2: the portable bodies, inlined into functions with the
+/// feature enabled so the compiler vectorizes them 8 lanes wide (the same IEEE `f32` and
+/// integer operations per element, so the same results).
+pub(crate) fn quantize_probs_into(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { elem_imp::quantize_probs(p, hi, lo) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX2 is never available off x86_64");
+}
+
+/// See [`quantize_probs_into`].
+pub(crate) fn quantize_query_into(x: &[f32], out: &mut [i8]) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { elem_imp::quantize_query(x, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX2 is never available off x86_64");
+}
+
+/// See [`quantize_probs_into`].
+pub(crate) fn fold_into(x_i8: &[i8], fscale_q: &[u16], sf: u32, out: &mut [i8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { elem_imp::fold(x_i8, fscale_q, sf, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX2 is never available off x86_64");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod elem_imp {
+    #[target_feature(enable = "avx2")]
+    pub(super) fn quantize_probs(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
+        crate::kv::quantize_probs_portable(p, hi, lo)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn quantize_query(x: &[f32], out: &mut [i8]) -> Option<f32> {
+        crate::kv::quantize_query_portable(x, out)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn fold(x_i8: &[i8], fscale_q: &[u16], sf: u32, out: &mut [i8]) {
+        crate::kv::fold_portable(x_i8, fscale_q, sf, out);
+    }
+}
+
 /// The 8-bit window products (N18) with explicit AVX2 (see [`window_qk`], [`window_pv2`]).
 ///
 /// `qk`: keys and the query are widened to `i16` (`vpmovsxbw`) and multiplied with `vpmaddwd`
@@ -1390,20 +1456,33 @@ mod win_imp {
         let mut t = 0;
         while t < nw {
             // Four tokens (a short last pass re-reads token t for the missing ones, whose
-            // activations are 0).
+            // activations are 0). The four activations of a full pass are one little-endian
+            // word: byte i is token t + i's.
             let k = (nw - t).min(4);
-            let tt = |i: usize| if i < k { t + i } else { t };
-            let xw = |x: &[i8]| -> i32 {
-                let mut w = 0u32;
-                for i in 0..k {
-                    w |= u32::from(x[t + i] as u8) << (8 * i);
-                }
-                w as i32
+            let (xa4, xb4, tt) = if k == 4 {
+                // SAFETY: bytes t..t + 4 of both activation rows are in bounds (t + 4 <= nw).
+                let w = unsafe {
+                    (
+                        std::ptr::read_unaligned(x_a.as_ptr().add(t).cast::<i32>()),
+                        std::ptr::read_unaligned(x_b.as_ptr().add(t).cast::<i32>()),
+                    )
+                };
+                (w.0, w.1, [t, t + 1, t + 2, t + 3])
+            } else {
+                let xw = |x: &[i8]| -> i32 {
+                    let mut w = 0u32;
+                    for i in 0..k {
+                        w |= u32::from(x[t + i] as u8) << (8 * i);
+                    }
+                    w as i32
+                };
+                let tt = std::array::from_fn(|i| if i < k { t + i } else { t });
+                (xw(x_a), xw(x_b), tt)
             };
-            let (xa4, xb4) = (_mm256_set1_epi32(xw(x_a)), _mm256_set1_epi32(xw(x_b)));
-            // SAFETY: tokens tt(i) < nw, channels c0..c0 + 32 <= hd (caller's contract).
+            let (xa4, xb4) = (_mm256_set1_epi32(xa4), _mm256_set1_epi32(xb4));
+            // SAFETY: tokens tt[i] < nw, channels c0..c0 + 32 <= hd (caller's contract).
             let v: [__m256i; 4] = std::array::from_fn(|i| unsafe {
-                _mm256_loadu_si256(vp.add(tt(i) * hd + c0).cast::<__m256i>())
+                _mm256_loadu_si256(vp.add(tt[i] * hd + c0).cast::<__m256i>())
             });
             // Per 128-bit lane, bytes of channels interleaved: [v0 v1 v2 v3] per channel.
             let l01 = _mm256_unpacklo_epi8(v[0], v[1]);
@@ -1500,6 +1579,40 @@ mod win_tests {
                 0 => -128,
                 1 => 127,
                 _ => self.next() as i8,
+            }
+        }
+    }
+
+    #[test]
+    fn elementwise_avx2_builds_match_portable() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut rng = Rng(11);
+        for n in [0usize, 1, 7, 8, 9, 31, 64, 65, 200] {
+            let p: Vec<f32> = (0..n)
+                .map(|i| match i % 7 {
+                    0 => 0.0,
+                    1 => 1.0,
+                    _ => (rng.next() >> 40) as f32 / (1u64 << 24) as f32,
+                })
+                .collect();
+            let (mut h1, mut l1, mut h2, mut l2) = (vec![0i8; n], vec![0i8; n], vec![0i8; n], vec![0i8; n]);
+            let a = super::quantize_probs_into(&p, &mut h1, &mut l1);
+            let b = crate::kv::quantize_probs_portable(&p, &mut h2, &mut l2);
+            assert_eq!((a.map(f32::to_bits), h1, l1), (b.map(f32::to_bits), h2, l2));
+            let x: Vec<f32> = (0..n).map(|i| (rng.i8() as f32) * 0.37 + if i % 5 == 0 { 0.5 } else { 0.0 }).collect();
+            let (mut c1, mut c2) = (vec![0i8; n], vec![0i8; n]);
+            let a = super::quantize_query_into(&x, &mut c1);
+            let b = crate::kv::quantize_query_portable(&x, &mut c2);
+            assert_eq!((a.map(f32::to_bits), c1), (b.map(f32::to_bits), c2));
+            let xi: Vec<i8> = (0..n).map(|_| rng.i8()).collect();
+            for sf in [1u32, 8, 15] {
+                let m: Vec<u16> = (0..n).map(|_| (rng.next() % ((1 << sf) + 1)) as u16).collect();
+                let (mut f1, mut f2) = (vec![0i8; n], vec![0i8; n]);
+                super::fold_into(&xi, &m, sf, &mut f1);
+                crate::kv::fold_portable(&xi, &m, sf, &mut f2);
+                assert_eq!(f1, f2, "fold n {n} sf {sf}");
             }
         }
     }

@@ -889,6 +889,16 @@ struct FoldsRef<'a> {
 /// # Panics
 /// If `hi` or `lo` is not as long as `p`.
 pub fn quantize_probs_into(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
+    if avx2_detected() {
+        return crate::avx2::quantize_probs_into(p, hi, lo);
+    }
+    quantize_probs_portable(p, hi, lo)
+}
+
+/// [`quantize_probs_into`]'s body (also compiled for AVX2 by `avx2::quantize_probs_into`: the
+/// same `f32` and integer operations, so the same codes).
+#[inline(always)]
+pub(crate) fn quantize_probs_portable(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
     assert!(
         hi.len() == p.len() && lo.len() == p.len(),
         "quantize_probs_into: one code per probability in each plane"
@@ -936,6 +946,15 @@ pub fn quantize_probs_into(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f3
 /// # Panics
 /// If `out` is not as long as `x`.
 pub fn quantize_query_into(x: &[f32], out: &mut [i8]) -> Option<f32> {
+    if avx2_detected() {
+        return crate::avx2::quantize_query_into(x, out);
+    }
+    quantize_query_portable(x, out)
+}
+
+/// [`quantize_query_into`]'s body (also compiled for AVX2, as [`quantize_probs_portable`]).
+#[inline(always)]
+pub(crate) fn quantize_query_portable(x: &[f32], out: &mut [i8]) -> Option<f32> {
     assert_eq!(
         x.len(),
         out.len(),
@@ -1031,6 +1050,29 @@ fn set_nibble(row: &mut [u8], i: usize, code: u8) {
 /// (tested exhaustively over `x` against it) without allocating. The N2 rounding shift is
 /// evaluated in `i32`, which is exact here: `|x * m| <= 128 * 2^15 = 2^22` (`m <= 2^SF`, N17).
 pub fn fold_into(x_i8: &[i8], fscale_q: &[u16], sf: u32, out: &mut [i8]) {
+    if avx2_detected() {
+        crate::avx2::fold_into(x_i8, fscale_q, sf, out);
+    } else {
+        fold_portable(x_i8, fscale_q, sf, out);
+    }
+}
+
+/// Whether the CPU has AVX2 (the elementwise loops above then run compiled for it).
+#[inline]
+fn avx2_detected() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`fold_into`]'s body (also compiled for AVX2, as [`quantize_probs_portable`]).
+#[inline(always)]
+pub(crate) fn fold_portable(x_i8: &[i8], fscale_q: &[u16], sf: u32, out: &mut [i8]) {
     assert_eq!(
         x_i8.len(),
         fscale_q.len(),

@@ -22,7 +22,7 @@
 //! Both backends quantize activations with N5 and dequantize with N20 the same way, in the same
 //! order of `f32`/`f64` operations (tests/runtime_backends.rs compares logits bit for bit).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use rayon::prelude::*;
@@ -42,6 +42,9 @@ use super::{Error, Result};
 
 /// Output rows computed per parallel task.
 const ROW_BLOCK: usize = 64;
+
+/// Positions per task of the batched prefill attention ([`KvCache::attend_prefill`]).
+const PREFILL_BLOCK: usize = 8;
 
 /// A dense f32 matrix of `n_out` rows by `n_in` columns, row-major (a GGUF weight dequantized).
 #[derive(Debug, Clone)]
@@ -541,6 +544,20 @@ fn dequant_rows(
     }
 }
 
+/// `task(i, member)` for every `i < n` of a decode step: on the decode `team` when the caller
+/// leads it (`member < team.threads()`), else forked on the current rayon pool (`member`: the
+/// worker's index, `< rayon::current_num_threads()`), as the step's weight products do. Tasks
+/// must not depend on which thread or in which order they run.
+fn step_tasks(team: &Team, n: usize, task: impl Fn(usize, usize) + Sync + Send) {
+    if team.threads() > 1 || rayon::current_num_threads() <= 1 {
+        team.for_each(n, task);
+    } else {
+        (0..n)
+            .into_par_iter()
+            .for_each(|i| task(i, rayon::current_thread_index().unwrap_or(0)));
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -845,8 +862,8 @@ impl KvCache {
     }
 
     /// As [`Self::push`] (one position's keys and values, `n_kv_head * head_dim` each, RoPE
-    /// applied to `k`); on the CPU backend one task per KV head on the decode `team` (golden's
-    /// push, then the mirror's sync), when the caller leads it.
+    /// applied to `k`); on the CPU backend one task per KV head (golden's push, then the
+    /// mirror's sync) on the decode `team` when the caller leads it, else on rayon.
     pub fn push_decode(&mut self, team: &Team, k: &[f32], v: &[f32]) {
         let KvCache::Engine(KvEngine {
             heads,
@@ -867,7 +884,7 @@ impl KvCache {
         let zeros = if finite { Vec::new() } else { vec![0f32; hd] };
         let failed = AtomicBool::new(false);
         let pairs = Mutex::new(heads.iter_mut().zip(cpu.mirrors.iter_mut()).enumerate());
-        team.for_each(n_kv, |_, _| {
+        step_tasks(team, n_kv, |_, _| {
             let next = lock(&pairs).next();
             if let Some((h, (cache, mirror))) = next {
                 let (kh, vh) = if finite {
@@ -887,7 +904,7 @@ impl KvCache {
     }
 
     /// The attention of the last position pushed (a decode step) on the CPU backend, on the
-    /// decode `team` (when the caller leads it, else in order on the calling thread): every
+    /// decode `team` (when the caller leads it, else on rayon): every
     /// query head's output into `att` (`n_head * head_dim`) from `q` (RoPE applied), one task
     /// per query head (scores, softmax, `P x V` with the buffers of the member that runs it):
     /// the same integers and `f32` operations as [`Self::scores`], softmax and
@@ -920,14 +937,18 @@ impl KvCache {
             "query heads are a multiple of KV heads"
         );
         // Every query head, one task each, with the buffers of the member that runs it.
-        let members = team.threads().max(1);
+        let members = team.threads().max(rayon::current_num_threads());
         while cpu.members.0.len() < members {
             cpu.members.0.push(Mutex::new(AttnBufs::new(hd)));
         }
         let (isa, mirrors, bufs, poisoned) = (cpu.isa, &cpu.mirrors, &cpu.members.0, *poisoned);
         let group = n_head / n_kv;
         let timed = secs.is_some();
-        team.for_each_chunk_mut(att, hd, |head, out, member| {
+        let chunks = Mutex::new(att.chunks_mut(hd).enumerate());
+        step_tasks(team, n_head, |_, member| {
+            let Some((head, out)) = lock(&chunks).next() else {
+                return;
+            };
             let mut guard = lock(&bufs[member.min(bufs.len() - 1)]);
             let b = &mut *guard;
             let m = &mirrors[head / group];
@@ -967,12 +988,18 @@ impl KvCache {
     }
 
     /// The attention of `n` new positions on the CPU backend, batched: pushes every position's
-    /// keys and values (`k`, `v`: `n * n_kv_head * head_dim`, RoPE applied), then computes the
-    /// output of every (position, query head) in parallel into `att` (`n * n_head * head_dim`)
-    /// from `q` (RoPE applied): position `i` attends to the cache as it was right after its own
-    /// push (the KV4 mirrors retain the 8-bit codes of tokens quantized meanwhile), the same
-    /// integers and `f32` operations as pushing and attending token by token. Returns false,
-    /// doing nothing, when the cache is not a CPU-backend engine cache.
+    /// keys and values (`k`, `v`: `n * n_kv_head * head_dim`, RoPE applied) and computes the
+    /// output of every (position, query head) into `att` (`n * n_head * head_dim`) from `q`
+    /// (RoPE applied): position `i` attends to the cache as it was right after its own push
+    /// (the KV4 mirrors retain the 8-bit codes of tokens quantized meanwhile), the same integers
+    /// and `f32` operations as pushing and attending token by token. Returns false, doing
+    /// nothing, when the cache is not a CPU-backend engine cache.
+    ///
+    /// Work on rayon: one task per KV head pushes all `n` positions into it (golden's push and
+    /// the mirror's sync; heads are independent), then spawns one task per block of
+    /// [`PREFILL_BLOCK`] positions for the query heads of its group (each with the value folds of
+    /// its positions). The pushes of one head thus overlap the attention of another, and work
+    /// stealing balances the blocks (later positions see more keys).
     #[allow(clippy::too_many_arguments)]
     pub fn attend_prefill(
         &mut self,
@@ -984,64 +1011,120 @@ impl KvCache {
         scale: f32,
         att: &mut [f32],
     ) -> bool {
-        let KvCache::Engine(e) = self else {
+        let KvCache::Engine(KvEngine {
+            heads,
+            head_dim,
+            poisoned,
+            cpu: Some(cpu),
+        }) = self
+        else {
             return false;
         };
-        if e.cpu.is_none() || n == 0 {
+        if n == 0 {
             return false;
         }
-        let hd = e.head_dim;
-        let kvd = e.heads.len() * hd;
+        let (hd, n_kv) = (*head_dim, heads.len());
+        let kvd = n_kv * hd;
         let qd = n_head * hd;
         assert_eq!(k.len(), n * kvd, "k size");
         assert_eq!(v.len(), n * kvd, "v size");
         assert_eq!(q.len(), n * qd, "q size");
         assert_eq!(att.len(), n * qd, "attention output size");
-        let pos0 = e.heads.first().map_or(0, GoldenKvCache::len);
-        // Whether the cache was poisoned right after each push (as a token-by-token run sees).
-        let mut poisoned_after = Vec::with_capacity(n);
-        for i in 0..n {
-            self.push_retaining(&k[i * kvd..(i + 1) * kvd], &v[i * kvd..(i + 1) * kvd], true);
-            if let KvCache::Engine(e) = self {
-                poisoned_after.push(e.poisoned);
+        assert!(
+            n_kv > 0 && n_head.is_multiple_of(n_kv),
+            "query heads are a multiple of KV heads"
+        );
+        let group = n_head / n_kv;
+        let pos0 = heads.first().map_or(0, GoldenKvCache::len);
+        // Whether each position's keys and values are finite (else zeros are pushed, as
+        // `push_retaining` does), and whether the cache was poisoned right after each push by a
+        // non-finite input (as a token-by-token run sees; push failures are applied below).
+        let finite: Vec<bool> = k
+            .chunks_exact(kvd)
+            .zip(v.chunks_exact(kvd))
+            .map(|(kr, vr)| kr.iter().chain(vr).all(|x| x.is_finite()))
+            .collect();
+        let poisoned_after: Vec<bool> = finite
+            .iter()
+            .scan(*poisoned, |p, &f| {
+                *p |= !f;
+                Some(*p)
+            })
+            .collect();
+        let zeros = vec![0f32; hd];
+        // The first position whose push or sync failed on any head (not reached: shapes are
+        // checked and inputs finite).
+        let first_failed = AtomicUsize::new(usize::MAX);
+        // Per KV head, per block of positions: each position's outputs of the head's group.
+        let mut outs: Vec<Vec<Vec<&mut [f32]>>> = (0..n_kv)
+            .map(|_| (0..n.div_ceil(PREFILL_BLOCK)).map(|_| Vec::new()).collect())
+            .collect();
+        for (i, row) in att.chunks_mut(qd).enumerate() {
+            for (h, part) in row.chunks_mut(group * hd).enumerate() {
+                outs[h][i / PREFILL_BLOCK].push(part);
             }
         }
-        let KvCache::Engine(KvEngine { cpu: Some(cpu), .. }) = self else {
-            unreachable!("checked above");
-        };
-        let group = n_head / cpu.mirrors.len();
-        let (isa, mirrors) = (cpu.isa, &cpu.mirrors);
-        att.par_chunks_mut(qd)
-            .zip(q.par_chunks(qd))
-            .enumerate()
-            .for_each_init(
-                || {
-                    let folds = vec![ValueFolds::default(); mirrors.len()];
-                    (AttnBufs::new(hd), folds)
-                },
-                |(b, folds), (i, (att_i, q_i))| {
-                    let len = pos0 + i + 1;
-                    grow(&mut b.scores, len);
-                    let mut sc = std::mem::take(&mut b.scores);
-                    let mut folds_ok = false;
-                    for head in 0..n_head {
-                        let (kvh, m) = (head / group, &mirrors[head / group]);
-                        // The value folds at this length, shared by the group's query heads
-                        // and both probability planes.
-                        if head % group == 0 {
-                            folds_ok = m.value_folds_at(len, &mut folds[kvh]).is_ok();
+        let members = rayon::current_num_threads().max(1);
+        while cpu.members.0.len() < members {
+            cpu.members.0.push(Mutex::new(AttnBufs::new(hd)));
+        }
+        let (isa, bufs) = (cpu.isa, &cpu.members.0);
+        let (finite, poisoned_after, zeros, first_failed) =
+            (&finite, &poisoned_after, &zeros, &first_failed);
+        rayon::scope(|s| {
+            let per_head = heads.iter_mut().zip(cpu.mirrors.iter_mut()).zip(outs);
+            for (h, ((cache, mirror), outs_h)) in per_head.enumerate() {
+                s.spawn(move |s| {
+                    for (i, &fin) in finite.iter().enumerate() {
+                        let (kh, vh) = if fin {
+                            let r = i * kvd + h * hd..i * kvd + (h + 1) * hd;
+                            (&k[r.clone()], &v[r])
+                        } else {
+                            (&zeros[..], &zeros[..])
+                        };
+                        let bad =
+                            cache.push(kh, vh).is_err() | mirror.sync_retaining(cache, true).is_err();
+                        if bad {
+                            first_failed.fetch_min(i, Ordering::Relaxed);
                         }
-                        let r = head * hd..(head + 1) * hd;
-                        let s = &mut sc[..len];
-                        let poisoned = poisoned_after[i] || !folds_ok;
-                        attn_scores(m, isa, b, len, poisoned, &q_i[r.clone()], scale, s);
-                        super::model::softmax(s);
-                        let out = &mut att_i[r];
-                        attn_weighted_sum(m, isa, b, len, poisoned, Some(&folds[kvh]), s, out);
                     }
-                    b.scores = sc;
-                },
-            );
+                    let m: &KvHeadCpu = mirror;
+                    for (blk, mut outs_b) in outs_h.into_iter().enumerate() {
+                        s.spawn(move |_| {
+                            let me = rayon::current_thread_index().unwrap_or(0);
+                            let mut guard = lock(&bufs[me.min(bufs.len() - 1)]);
+                            let b = &mut *guard;
+                            let mut folds = ValueFolds::default();
+                            for (j, out_i) in outs_b.iter_mut().enumerate() {
+                                let i = blk * PREFILL_BLOCK + j;
+                                let len = pos0 + i + 1;
+                                grow(&mut b.scores, len);
+                                let mut sc = std::mem::take(&mut b.scores);
+                                // The value folds at this length, shared by the group's query
+                                // heads and both probability planes.
+                                let folds_ok = m.value_folds_at(len, &mut folds).is_ok();
+                                let pz = poisoned_after[i] || !folds_ok;
+                                for (g, out) in out_i.chunks_mut(hd).enumerate() {
+                                    let head = h * group + g;
+                                    let qh = &q[i * qd + head * hd..i * qd + (head + 1) * hd];
+                                    let s = &mut sc[..len];
+                                    attn_scores(m, isa, b, len, pz, qh, scale, s);
+                                    super::model::softmax(s);
+                                    attn_weighted_sum(m, isa, b, len, pz, Some(&folds), s, out);
+                                }
+                                b.scores = sc;
+                            }
+                        });
+                    }
+                });
+            }
+        });
+        let failed = first_failed.load(Ordering::Relaxed);
+        if failed < n {
+            // A token-by-token run is poisoned from that push on: NaN outputs.
+            att[failed * qd..].fill(f32::NAN);
+        }
+        *poisoned |= poisoned_after[n - 1] || failed < n;
         for m in &mut cpu.mirrors {
             m.trim_history();
         }
