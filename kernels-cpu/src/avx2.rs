@@ -1078,7 +1078,10 @@ pub(crate) fn window_qk(q: &[i8], keys: &[i8], out: &mut [i64], lo: i64, hi: i64
             std::arch::is_x86_feature_detected!("avx2"),
             "AVX2 path on a CPU without AVX2"
         );
-        assert!(keys.len() >= out.len() * q.len(), "window_qk: keys of every token");
+        assert!(
+            keys.len() >= out.len() * q.len(),
+            "window_qk: keys of every token"
+        );
         // SAFETY: AVX2 is present (checked above); every token t < out.len() has q.len() keys
         // (asserted above).
         unsafe { win_imp::qk(q, keys, out, lo, hi) }
@@ -1179,8 +1182,14 @@ pub(crate) fn window_pv2(
             "AVX2 path on a CPU without AVX2"
         );
         let hd = pv_a.len();
-        assert!(pv_b.len() == hd && x_b.len() == x_a.len(), "window_pv2: shapes");
-        assert!(values.len() >= x_a.len() * hd, "window_pv2: values of every token");
+        assert!(
+            pv_b.len() == hd && x_b.len() == x_a.len(),
+            "window_pv2: shapes"
+        );
+        assert!(
+            values.len() >= x_a.len() * hd,
+            "window_pv2: values of every token"
+        );
         if x_a.iter().chain(x_b).all(|&x| x >= 0) {
             // SAFETY: AVX2 is present (checked above); bounds asserted above, and every
             // activation is in 0..=127 (checked just above), as `win_imp::pv2` requires.
@@ -1522,7 +1531,9 @@ mod win_imp {
         let o = out[..32].as_mut_ptr().cast::<__m256i>();
         for (i, v) in ordered.into_iter().enumerate() {
             // SAFETY: out[8i..8i + 8] is in bounds (the slice above is 32 long).
-            unsafe { _mm256_storeu_si256(o.add(i), _mm256_add_epi32(_mm256_loadu_si256(o.add(i)), v)) };
+            unsafe {
+                _mm256_storeu_si256(o.add(i), _mm256_add_epi32(_mm256_loadu_si256(o.add(i)), v))
+            };
         }
     }
 
@@ -1597,18 +1608,23 @@ mod win_tests {
                     _ => (rng.next() >> 40) as f32 / (1u64 << 24) as f32,
                 })
                 .collect();
-            let (mut h1, mut l1, mut h2, mut l2) = (vec![0i8; n], vec![0i8; n], vec![0i8; n], vec![0i8; n]);
+            let (mut h1, mut l1, mut h2, mut l2) =
+                (vec![0i8; n], vec![0i8; n], vec![0i8; n], vec![0i8; n]);
             let a = super::quantize_probs_into(&p, &mut h1, &mut l1);
             let b = crate::kv::quantize_probs_portable(&p, &mut h2, &mut l2);
             assert_eq!((a.map(f32::to_bits), h1, l1), (b.map(f32::to_bits), h2, l2));
-            let x: Vec<f32> = (0..n).map(|i| (rng.i8() as f32) * 0.37 + if i % 5 == 0 { 0.5 } else { 0.0 }).collect();
+            let x: Vec<f32> = (0..n)
+                .map(|i| (rng.i8() as f32) * 0.37 + if i % 5 == 0 { 0.5 } else { 0.0 })
+                .collect();
             let (mut c1, mut c2) = (vec![0i8; n], vec![0i8; n]);
             let a = super::quantize_query_into(&x, &mut c1);
             let b = crate::kv::quantize_query_portable(&x, &mut c2);
             assert_eq!((a.map(f32::to_bits), c1), (b.map(f32::to_bits), c2));
             let xi: Vec<i8> = (0..n).map(|_| rng.i8()).collect();
             for sf in [1u32, 8, 15] {
-                let m: Vec<u16> = (0..n).map(|_| (rng.next() % ((1 << sf) + 1)) as u16).collect();
+                let m: Vec<u16> = (0..n)
+                    .map(|_| (rng.next() % ((1 << sf) + 1)) as u16)
+                    .collect();
                 let (mut f1, mut f2) = (vec![0i8; n], vec![0i8; n]);
                 super::fold_into(&xi, &m, sf, &mut f1);
                 crate::kv::fold_portable(&xi, &m, sf, &mut f2);
@@ -1634,7 +1650,11 @@ mod win_tests {
                     let want: Vec<i64> = keys
                         .chunks_exact(hd)
                         .map(|k| {
-                            let d: i64 = q.iter().zip(k).map(|(&a, &b)| i64::from(a) * i64::from(b)).sum();
+                            let d: i64 = q
+                                .iter()
+                                .zip(k)
+                                .map(|(&a, &b)| i64::from(a) * i64::from(b))
+                                .sum();
                             d.clamp(lo, hi)
                         })
                         .collect();
@@ -1666,7 +1686,11 @@ mod win_tests {
                             wb[c] += i32::from(tb) * i32::from(v[c]);
                         }
                     }
-                    assert_eq!((pa, pb), (wa, wb), "window_pv2 hd {hd} nw {nw} signed {signed}");
+                    assert_eq!(
+                        (pa, pb),
+                        (wa, wb),
+                        "window_pv2 hd {hd} nw {nw} signed {signed}"
+                    );
                 }
             }
         }

@@ -1082,8 +1082,8 @@ impl KvCache {
                         } else {
                             (&zeros[..], &zeros[..])
                         };
-                        let bad =
-                            cache.push(kh, vh).is_err() | mirror.sync_retaining(cache, true).is_err();
+                        let bad = cache.push(kh, vh).is_err()
+                            | mirror.sync_retaining(cache, true).is_err();
                         if bad {
                             first_failed.fetch_min(i, Ordering::Relaxed);
                         }
