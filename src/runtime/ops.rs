@@ -544,20 +544,6 @@ fn dequant_rows(
     }
 }
 
-/// `task(i, member)` for every `i < n` of a decode step: on the decode `team` when the caller
-/// leads it (`member < team.threads()`), else forked on the current rayon pool (`member`: the
-/// worker's index, `< rayon::current_num_threads()`), as the step's weight products do. Tasks
-/// must not depend on which thread or in which order they run.
-fn step_tasks(team: &Team, n: usize, task: impl Fn(usize, usize) + Sync + Send) {
-    if team.threads() > 1 || rayon::current_num_threads() <= 1 {
-        team.for_each(n, task);
-    } else {
-        (0..n)
-            .into_par_iter()
-            .for_each(|i| task(i, rayon::current_thread_index().unwrap_or(0)));
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -863,7 +849,8 @@ impl KvCache {
 
     /// As [`Self::push`] (one position's keys and values, `n_kv_head * head_dim` each, RoPE
     /// applied to `k`); on the CPU backend one task per KV head (golden's push, then the
-    /// mirror's sync) on the decode `team` when the caller leads it, else on rayon.
+    /// mirror's sync) on the decode `team` when the caller leads it (else in order: tasks of a
+    /// few microseconds are not worth a rayon fork).
     pub fn push_decode(&mut self, team: &Team, k: &[f32], v: &[f32]) {
         let KvCache::Engine(KvEngine {
             heads,
@@ -884,7 +871,7 @@ impl KvCache {
         let zeros = if finite { Vec::new() } else { vec![0f32; hd] };
         let failed = AtomicBool::new(false);
         let pairs = Mutex::new(heads.iter_mut().zip(cpu.mirrors.iter_mut()).enumerate());
-        step_tasks(team, n_kv, |_, _| {
+        team.for_each(n_kv, |_, _| {
             let next = lock(&pairs).next();
             if let Some((h, (cache, mirror))) = next {
                 let (kh, vh) = if finite {
@@ -904,7 +891,7 @@ impl KvCache {
     }
 
     /// The attention of the last position pushed (a decode step) on the CPU backend, on the
-    /// decode `team` (when the caller leads it, else on rayon): every
+    /// decode `team` (when the caller leads it, else in order on the calling thread): every
     /// query head's output into `att` (`n_head * head_dim`) from `q` (RoPE applied), one task
     /// per query head (scores, softmax, `P x V` with the buffers of the member that runs it):
     /// the same integers and `f32` operations as [`Self::scores`], softmax and
@@ -937,18 +924,14 @@ impl KvCache {
             "query heads are a multiple of KV heads"
         );
         // Every query head, one task each, with the buffers of the member that runs it.
-        let members = team.threads().max(rayon::current_num_threads());
+        let members = team.threads().max(1);
         while cpu.members.0.len() < members {
             cpu.members.0.push(Mutex::new(AttnBufs::new(hd)));
         }
         let (isa, mirrors, bufs, poisoned) = (cpu.isa, &cpu.mirrors, &cpu.members.0, *poisoned);
         let group = n_head / n_kv;
         let timed = secs.is_some();
-        let chunks = Mutex::new(att.chunks_mut(hd).enumerate());
-        step_tasks(team, n_head, |_, member| {
-            let Some((head, out)) = lock(&chunks).next() else {
-                return;
-            };
+        team.for_each_chunk_mut(att, hd, |head, out, member| {
             let mut guard = lock(&bufs[member.min(bufs.len() - 1)]);
             let b = &mut *guard;
             let m = &mirrors[head / group];
