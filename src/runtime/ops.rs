@@ -809,12 +809,6 @@ impl KvCache {
 
     /// Appends one position's keys and values (`n_kv_head * head_dim` each, RoPE applied to k).
     pub fn push(&mut self, k: &[f32], v: &[f32]) {
-        self.push_retaining(k, v, false);
-    }
-
-    /// As [`Self::push`]; with `retain` the CPU mirrors keep the 8-bit codes of tokens that
-    /// leave the window, for [`Self::attend_prefill`].
-    fn push_retaining(&mut self, k: &[f32], v: &[f32], retain: bool) {
         match self {
             KvCache::F32(c) => {
                 assert_eq!(k.len(), c.n_kv_head * c.head_dim, "k size");
@@ -840,7 +834,7 @@ impl KvCache {
                     e.poisoned |= r.is_err();
                     if let Some(cpu) = e.cpu.as_mut() {
                         // The mirror follows the cache it was built for: sync cannot fail.
-                        e.poisoned |= cpu.mirrors[h].sync_retaining(cache, retain).is_err();
+                        e.poisoned |= cpu.mirrors[h].sync(cache).is_err();
                     }
                 }
             }
@@ -865,7 +859,7 @@ impl KvCache {
         let (hd, n_kv) = (*head_dim, heads.len());
         assert_eq!(k.len(), n_kv * hd, "k size");
         assert_eq!(v.len(), n_kv * hd, "v size");
-        // As `push_retaining` without `retain`, the heads in any order.
+        // As [`Self::push`], the heads in any order.
         let finite = k.iter().chain(v).all(|x| x.is_finite());
         *poisoned |= !finite;
         let zeros = if finite { Vec::new() } else { vec![0f32; hd] };
@@ -1020,7 +1014,7 @@ impl KvCache {
         let group = n_head / n_kv;
         let pos0 = heads.first().map_or(0, GoldenKvCache::len);
         // Whether each position's keys and values are finite (else zeros are pushed, as
-        // `push_retaining` does), and whether the cache was poisoned right after each push by a
+        // `push` does), and whether the cache was poisoned right after each push by a
         // non-finite input (as a token-by-token run sees; push failures are applied below).
         let finite: Vec<bool> = k
             .chunks_exact(kvd)
