@@ -638,9 +638,7 @@ impl Model {
                 layer.w_up.forward_ws(h, n, u, lin);
             }
             lap(prof, &mut t, 9);
-            for (gi, ui) in g.iter_mut().zip(u.iter()) {
-                *gi = silu(*gi) * ui;
-            }
+            silu_mul(&lin.team, g, u);
             lap(prof, &mut t, 10);
             layer.w_down.forward_ws(g, n, o, lin);
             lap(prof, &mut t, 11);
@@ -761,6 +759,26 @@ pub fn softmax(x: &mut [f32]) {
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;
+    }
+}
+
+/// Elements per task of [`silu_mul`].
+const SILU_CHUNK: usize = 384;
+
+/// `g[i] = silu(g[i]) * u[i]`, in chunks: a prompt's on rayon, a decode step's on the decode
+/// `team` when the step leads it (elementwise, so the same values in any order).
+fn silu_mul(team: &Team, g: &mut [f32], u: &[f32]) {
+    let one = |gc: &mut [f32], uc: &[f32]| {
+        for (gi, ui) in gc.iter_mut().zip(uc) {
+            *gi = silu(*gi) * ui;
+        }
+    };
+    if g.len() > 4 * SILU_CHUNK && !team.is_leading() {
+        g.par_chunks_mut(SILU_CHUNK)
+            .zip(u.par_chunks(SILU_CHUNK))
+            .for_each(|(gc, uc)| one(gc, uc));
+    } else {
+        team.for_each_chunk_mut(g, SILU_CHUNK, |i, gc, _| one(gc, &u[i * SILU_CHUNK..]));
     }
 }
 
