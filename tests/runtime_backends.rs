@@ -24,7 +24,13 @@ use tessera::runtime::sampler::argmax;
 use tessera_golden::config::EngineConfig;
 
 fn tiny_model(seed: u64) -> Model {
-    let (d, ff, n_head, n_kv, hd, vocab) = (64, 112, 4, 2, 16, 50);
+    tiny_model_heads(seed, 4, 2)
+}
+
+/// [`tiny_model`] with `n_head` query heads of 16 over `n_kv` KV heads.
+fn tiny_model_heads(seed: u64, n_head: usize, n_kv: usize) -> Model {
+    let (ff, hd, vocab) = (112, 16, 50);
+    let d = n_head * hd;
     let cfg = LlamaConfig {
         n_layer: 2,
         d_model: d,
@@ -136,6 +142,26 @@ fn random_model_cpu_backend_equals_golden_bit_for_bit() {
     }
 }
 
+/// The decode team splits a step's attention into one task per KV head (push) and one per query
+/// head: head counts that the team's threads do not divide (3 KV heads, 9 or 6 query heads, as
+/// SmolLM2's 9 / 3) on pools of 2 and 3 threads give golden's bits.
+#[test]
+fn decode_team_head_split_equals_golden() {
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 5 + 1) % 50).collect();
+    for (n_head, n_kv) in [(9, 3), (6, 3), (3, 1)] {
+        let mut m = tiny_model_heads(5, n_head, n_kv);
+        apply_mode(&mut m, Mode::W2a8kv4, &DP, 8, &|_, _| {}).unwrap();
+        for threads in [2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let what = format!("{n_head} heads / {n_kv} KV heads, {threads} threads");
+            pool.install(|| assert_backends_agree(&what, &m, &prompt, 40));
+        }
+    }
+}
+
 #[test]
 fn real_model_cpu_backend_equals_golden_bit_for_bit() {
     let path = std::env::var_os("TESSERA_TEST_MODEL")
@@ -180,7 +206,8 @@ fn assert_bits_eq(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
 /// attention in parallel against the retained history) equals golden's token-by-token loop,
 /// for prompts that start mid-context and cross 4-bit group boundaries and window evictions,
 /// also with a zero-length recent window (each group quantized as soon as it is full); and
-/// equals the CPU backend fed one token at a time.
+/// equals the CPU backend fed one token at a time. The prompt chunks span several blocks of
+/// positions (the parallel tasks), and 3 KV heads do not divide among 2 threads.
 #[test]
 fn batched_prefill_attention_equals_token_by_token() {
     let p: Vec<u32> = (0..40).map(|i| (i * 13 + 5) % 50).collect();
@@ -190,9 +217,9 @@ fn batched_prefill_attention_equals_token_by_token() {
         kv_recent_window: 0,
         ..DP
     };
-    for dp in [DP, dp0] {
+    for (dp, (n_head, n_kv)) in [(DP, (4, 2)), (dp0, (4, 2)), (DP, (9, 3))] {
         for mode in [Mode::W2a8kv4, Mode::W8a8kv8] {
-            let mut m = tiny_model(5);
+            let mut m = tiny_model_heads(5, n_head, n_kv);
             apply_mode(&mut m, mode, &dp, 8, &|_, _| {}).unwrap();
             let mut golden = m.clone();
             golden.set_backend(Backend::Golden, Isa::Scalar);
@@ -200,7 +227,11 @@ fn batched_prefill_attention_equals_token_by_token() {
             for isa in Isa::available() {
                 let mut cpu = m.clone();
                 cpu.set_backend(Backend::Cpu, isa);
-                let what = format!("{} window {} {isa}", mode.name(), dp.kv_recent_window);
+                let what = format!(
+                    "{} window {} {isa}, {n_head} / {n_kv} heads",
+                    mode.name(),
+                    dp.kv_recent_window
+                );
                 assert_bits_eq(&what, &logits_by_chunks(&cpu, &chunks), &want);
                 // The last position of each chunk, fed token by token on the CPU backend.
                 let single = logits_by_chunks(&cpu, &one_by_one);

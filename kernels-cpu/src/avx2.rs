@@ -1544,8 +1544,13 @@ pub(crate) fn window_qk(q: &[i8], keys: &[i8], out: &mut [i64], lo: i64, hi: i64
             std::arch::is_x86_feature_detected!("avx2"),
             "AVX2 path on a CPU without AVX2"
         );
-        // SAFETY: AVX2 is present (checked above); the body is safe code.
-        unsafe { window_imp::qk(q, keys, out, lo, hi) }
+        assert!(
+            keys.len() >= out.len() * q.len(),
+            "window_qk: keys of every token"
+        );
+        // SAFETY: AVX2 is present (checked above); every token t < out.len() has q.len() keys
+        // (asserted above).
+        unsafe { win_imp::qk(q, keys, out, lo, hi) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("Isa::Avx2 is never available off x86_64");
@@ -1568,19 +1573,6 @@ pub(crate) fn window_pv(x: &[i8], values: &[i8], pv: &mut [i32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod window_imp {
-    #[target_feature(enable = "avx2")]
-    pub(super) fn qk(q: &[i8], keys: &[i8], out: &mut [i64], lo: i64, hi: i64) {
-        let hd = q.len();
-        for (o, k) in out.iter_mut().zip(keys.chunks_exact(hd)) {
-            let dot: i32 = q
-                .iter()
-                .zip(k)
-                .map(|(&a, &b)| i32::from(i16::from(a) * i16::from(b)))
-                .sum();
-            *o = i64::from(dot).clamp(lo, hi);
-        }
-    }
-
     #[target_feature(enable = "avx2")]
     pub(super) fn pv2(x_a: &[i8], x_b: &[i8], values: &[i8], pv_a: &mut [i32], pv_b: &mut [i32]) {
         let hd = pv_a.len();
@@ -1655,8 +1647,23 @@ pub(crate) fn window_pv2(
             std::arch::is_x86_feature_detected!("avx2"),
             "AVX2 path on a CPU without AVX2"
         );
-        // SAFETY: AVX2 is present (checked above); the body is safe code.
-        unsafe { window_imp::pv2(x_a, x_b, values, pv_a, pv_b) }
+        let hd = pv_a.len();
+        assert!(
+            pv_b.len() == hd && x_b.len() == x_a.len(),
+            "window_pv2: shapes"
+        );
+        assert!(
+            values.len() >= x_a.len() * hd,
+            "window_pv2: values of every token"
+        );
+        if x_a.iter().chain(x_b).all(|&x| x >= 0) {
+            // SAFETY: AVX2 is present (checked above); bounds asserted above, and every
+            // activation is in 0..=127 (checked just above), as `win_imp::pv2` requires.
+            unsafe { win_imp::pv2(x_a, x_b, values, pv_a, pv_b) }
+        } else {
+            // SAFETY: AVX2 is present (checked above); the body is safe code.
+            unsafe { window_imp::pv2(x_a, x_b, values, pv_a, pv_b) }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("Isa::Avx2 is never available off x86_64");
@@ -1728,6 +1735,430 @@ mod kv_imp {
             p_a[r..r + k].copy_from_slice(&sa[..k]);
             p_b[r..r + k].copy_from_slice(&sb[..k]);
             r += k;
+        }
+    }
+}
+
+/// The elementwise loops of the KV products (`kv::quantize_probs_into`, `quantize_query_into`,
+/// `fold_into`) compiled for AVX2: the portable bodies, inlined into functions with the
+/// feature enabled so the compiler vectorizes them 8 lanes wide (the same IEEE `f32` and
+/// integer operations per element, so the same results).
+pub(crate) fn quantize_probs_into(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { elem_imp::quantize_probs(p, hi, lo) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX2 is never available off x86_64");
+}
+
+/// See [`quantize_probs_into`].
+pub(crate) fn quantize_query_into(x: &[f32], out: &mut [i8]) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { elem_imp::quantize_query(x, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX2 is never available off x86_64");
+}
+
+/// See [`quantize_probs_into`].
+pub(crate) fn fold_into(x_i8: &[i8], fscale_q: &[u16], sf: u32, out: &mut [i8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { elem_imp::fold(x_i8, fscale_q, sf, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX2 is never available off x86_64");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod elem_imp {
+    #[target_feature(enable = "avx2")]
+    pub(super) fn quantize_probs(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
+        crate::kv::quantize_probs_portable(p, hi, lo)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn quantize_query(x: &[f32], out: &mut [i8]) -> Option<f32> {
+        crate::kv::quantize_query_portable(x, out)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn fold(x_i8: &[i8], fscale_q: &[u16], sf: u32, out: &mut [i8]) {
+        crate::kv::fold_portable(x_i8, fscale_q, sf, out);
+    }
+}
+
+/// The 8-bit window products (N18) with explicit AVX2 (see [`window_qk`], [`window_pv2`]).
+///
+/// `qk`: keys and the query are widened to `i16` (`vpmovsxbw`) and multiplied with `vpmaddwd`
+/// (pairs `<= 2 * 128 * 128 = 2^15`, exact in `i32`), eight tokens at a time reduced with one
+/// `vphaddd` tree; any `i8` codes. `pv2`: four tokens' value rows are interleaved so that each
+/// `i32` lane holds one channel's four codes, and `vpmaddubsw` multiplies them by the four
+/// tokens' activations taken as *unsigned* bytes, which needs activations in `0..=127` (the
+/// folded probabilities of N22 are, the caller checks): a pair is then at most
+/// `2 * 127 * 128 = 32512 < 2^15`, no saturation; `vpmaddwd` with 1 widens to `i32`.
+#[cfg(target_arch = "x86_64")]
+mod win_imp {
+    use std::arch::x86_64::*;
+
+    /// The eight horizontal sums of `v[0..8]`, in order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum8(v: &[__m256i; 8]) -> __m256i {
+        let ab = _mm256_hadd_epi32(v[0], v[1]);
+        let cd = _mm256_hadd_epi32(v[2], v[3]);
+        let ef = _mm256_hadd_epi32(v[4], v[5]);
+        let gh = _mm256_hadd_epi32(v[6], v[7]);
+        let abcd = _mm256_hadd_epi32(ab, cd);
+        let efgh = _mm256_hadd_epi32(ef, gh);
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256(abcd, efgh, 0x20),
+            _mm256_permute2x128_si256(abcd, efgh, 0x31),
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum1(a: __m256i) -> i32 {
+        let r = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+        let r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0b01_00_11_10));
+        let r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0b10_11_00_01));
+        _mm_cvtsi128_si32(r)
+    }
+
+    /// 16 `i8` at `p` widened to `i16`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load16(p: *const i8) -> __m256i {
+        // SAFETY (caller): 16 readable bytes at p.
+        _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(p.cast::<__m128i>()) })
+    }
+
+    /// # Safety
+    /// AVX2 present; `keys.len() >= out.len() * q.len()`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn qk(q: &[i8], keys: &[i8], out: &mut [i64], lo: i64, hi: i64) {
+        let hd = q.len();
+        let n = out.len();
+        let v16 = hd / 16 * 16;
+        let kp = keys.as_ptr();
+        let tail = |t: usize| -> i32 {
+            q[v16..]
+                .iter()
+                .zip(&keys[t * hd + v16..(t + 1) * hd])
+                .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                .sum()
+        };
+        let mut t = 0;
+        while t + 8 <= n {
+            let mut acc = [_mm256_setzero_si256(); 8];
+            let mut c = 0;
+            while c < v16 {
+                // SAFETY: channels c..c + 16 <= hd of q and of tokens t..t + 8 < n are in
+                // bounds (caller's contract).
+                unsafe {
+                    let qv = load16(q.as_ptr().add(c));
+                    for (u, a) in acc.iter_mut().enumerate() {
+                        let kv = load16(kp.add((t + u) * hd + c));
+                        *a = _mm256_add_epi32(*a, _mm256_madd_epi16(qv, kv));
+                    }
+                }
+                c += 16;
+            }
+            let mut s = [0i32; 8];
+            // SAFETY: s is 32 writable bytes.
+            unsafe { _mm256_storeu_si256(s.as_mut_ptr().cast::<__m256i>(), hsum8(&acc)) };
+            for (u, &su) in s.iter().enumerate() {
+                let d = if v16 < hd { su + tail(t + u) } else { su };
+                out[t + u] = i64::from(d).clamp(lo, hi);
+            }
+            t += 8;
+        }
+        while t < n {
+            let mut a = _mm256_setzero_si256();
+            let mut c = 0;
+            while c < v16 {
+                // SAFETY: as above for token t < n.
+                unsafe {
+                    let qv = load16(q.as_ptr().add(c));
+                    let kv = load16(kp.add(t * hd + c));
+                    a = _mm256_add_epi32(a, _mm256_madd_epi16(qv, kv));
+                }
+                c += 16;
+            }
+            let d = hsum1(a) + if v16 < hd { tail(t) } else { 0 };
+            out[t] = i64::from(d).clamp(lo, hi);
+            t += 1;
+        }
+    }
+
+    /// Channels `c0..c0 + 32` of both planes over every token: `pv_x[c] += sum_t x[t] * v[t][c]`.
+    ///
+    /// # Safety
+    /// AVX2 present; `c0 + 32 <= hd`, `values.len() >= x_a.len() * hd`, `x_b.len() ==
+    /// x_a.len()`, every activation in `0..=127`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn pv2_block(
+        x_a: &[i8],
+        x_b: &[i8],
+        values: &[i8],
+        hd: usize,
+        c0: usize,
+    ) -> ([__m256i; 4], [__m256i; 4]) {
+        let nw = x_a.len();
+        let vp = values.as_ptr();
+        let ones = _mm256_set1_epi16(1);
+        let mut a = [_mm256_setzero_si256(); 4];
+        let mut b = [_mm256_setzero_si256(); 4];
+        let mut t = 0;
+        while t < nw {
+            // Four tokens (a short last pass re-reads token t for the missing ones, whose
+            // activations are 0). The four activations of a full pass are one little-endian
+            // word: byte i is token t + i's.
+            let k = (nw - t).min(4);
+            let (xa4, xb4, tt) = if k == 4 {
+                // SAFETY: bytes t..t + 4 of both activation rows are in bounds (t + 4 <= nw).
+                let w = unsafe {
+                    (
+                        std::ptr::read_unaligned(x_a.as_ptr().add(t).cast::<i32>()),
+                        std::ptr::read_unaligned(x_b.as_ptr().add(t).cast::<i32>()),
+                    )
+                };
+                (w.0, w.1, [t, t + 1, t + 2, t + 3])
+            } else {
+                let xw = |x: &[i8]| -> i32 {
+                    let mut w = 0u32;
+                    for i in 0..k {
+                        w |= u32::from(x[t + i] as u8) << (8 * i);
+                    }
+                    w as i32
+                };
+                let tt = std::array::from_fn(|i| if i < k { t + i } else { t });
+                (xw(x_a), xw(x_b), tt)
+            };
+            let (xa4, xb4) = (_mm256_set1_epi32(xa4), _mm256_set1_epi32(xb4));
+            // SAFETY: tokens tt[i] < nw, channels c0..c0 + 32 <= hd (caller's contract).
+            let v: [__m256i; 4] = std::array::from_fn(|i| unsafe {
+                _mm256_loadu_si256(vp.add(tt[i] * hd + c0).cast::<__m256i>())
+            });
+            // Per 128-bit lane, bytes of channels interleaved: [v0 v1 v2 v3] per channel.
+            let l01 = _mm256_unpacklo_epi8(v[0], v[1]);
+            let h01 = _mm256_unpackhi_epi8(v[0], v[1]);
+            let l23 = _mm256_unpacklo_epi8(v[2], v[3]);
+            let h23 = _mm256_unpackhi_epi8(v[2], v[3]);
+            let q = [
+                _mm256_unpacklo_epi16(l01, l23), // channels 0-3 | 16-19
+                _mm256_unpackhi_epi16(l01, l23), // 4-7 | 20-23
+                _mm256_unpacklo_epi16(h01, h23), // 8-11 | 24-27
+                _mm256_unpackhi_epi16(h01, h23), // 12-15 | 28-31
+            ];
+            for i in 0..4 {
+                let pa = _mm256_maddubs_epi16(xa4, q[i]);
+                let pb = _mm256_maddubs_epi16(xb4, q[i]);
+                a[i] = _mm256_add_epi32(a[i], _mm256_madd_epi16(pa, ones));
+                b[i] = _mm256_add_epi32(b[i], _mm256_madd_epi16(pb, ones));
+            }
+            t += 4;
+        }
+        (a, b)
+    }
+
+    /// Adds the channel sums of a [`pv2_block`] (lane order above) to `out[0..32]`.
+    ///
+    /// # Safety
+    /// AVX2 present; `out.len() >= 32`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn add_block(out: &mut [i32], s: [__m256i; 4]) {
+        let ordered = [
+            _mm256_permute2x128_si256(s[0], s[1], 0x20), // 0-7
+            _mm256_permute2x128_si256(s[2], s[3], 0x20), // 8-15
+            _mm256_permute2x128_si256(s[0], s[1], 0x31), // 16-23
+            _mm256_permute2x128_si256(s[2], s[3], 0x31), // 24-31
+        ];
+        let o = out[..32].as_mut_ptr().cast::<__m256i>();
+        for (i, v) in ordered.into_iter().enumerate() {
+            // SAFETY: out[8i..8i + 8] is in bounds (the slice above is 32 long).
+            unsafe {
+                _mm256_storeu_si256(o.add(i), _mm256_add_epi32(_mm256_loadu_si256(o.add(i)), v))
+            };
+        }
+    }
+
+    /// # Safety
+    /// AVX2 present; `values.len() >= x_a.len() * pv_a.len()`, `x_b.len() == x_a.len()`,
+    /// `pv_b.len() == pv_a.len()`, every activation in `0..=127`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pv2(
+        x_a: &[i8],
+        x_b: &[i8],
+        values: &[i8],
+        pv_a: &mut [i32],
+        pv_b: &mut [i32],
+    ) {
+        let hd = pv_a.len();
+        let v32 = hd / 32 * 32;
+        let mut c0 = 0;
+        while c0 < v32 {
+            // SAFETY: c0 + 32 <= hd, the other bounds are the caller's contract.
+            unsafe {
+                let (a, b) = pv2_block(x_a, x_b, values, hd, c0);
+                add_block(&mut pv_a[c0..], a);
+                add_block(&mut pv_b[c0..], b);
+            }
+            c0 += 32;
+        }
+        if v32 < hd {
+            for ((&ta, &tb), v) in x_a.iter().zip(x_b).zip(values.chunks_exact(hd)) {
+                let (ta, tb) = (i32::from(ta), i32::from(tb));
+                for ((a, b), &c) in pv_a[v32..].iter_mut().zip(&mut pv_b[v32..]).zip(&v[v32..]) {
+                    *a += ta * i32::from(c);
+                    *b += tb * i32::from(c);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod win_tests {
+    /// A small deterministic generator (splitmix64).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        /// Mostly random codes, often the extremes -128 / 127.
+        fn i8(&mut self) -> i8 {
+            match self.next() % 6 {
+                0 => -128,
+                1 => 127,
+                _ => self.next() as i8,
+            }
+        }
+    }
+
+    #[test]
+    fn elementwise_avx2_builds_match_portable() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut rng = Rng(11);
+        for n in [0usize, 1, 7, 8, 9, 31, 64, 65, 200] {
+            let p: Vec<f32> = (0..n)
+                .map(|i| match i % 7 {
+                    0 => 0.0,
+                    1 => 1.0,
+                    _ => (rng.next() >> 40) as f32 / (1u64 << 24) as f32,
+                })
+                .collect();
+            let (mut h1, mut l1, mut h2, mut l2) =
+                (vec![0i8; n], vec![0i8; n], vec![0i8; n], vec![0i8; n]);
+            let a = super::quantize_probs_into(&p, &mut h1, &mut l1);
+            let b = crate::kv::quantize_probs_portable(&p, &mut h2, &mut l2);
+            assert_eq!((a.map(f32::to_bits), h1, l1), (b.map(f32::to_bits), h2, l2));
+            let x: Vec<f32> = (0..n)
+                .map(|i| (rng.i8() as f32) * 0.37 + if i % 5 == 0 { 0.5 } else { 0.0 })
+                .collect();
+            let (mut c1, mut c2) = (vec![0i8; n], vec![0i8; n]);
+            let a = super::quantize_query_into(&x, &mut c1);
+            let b = crate::kv::quantize_query_portable(&x, &mut c2);
+            assert_eq!((a.map(f32::to_bits), c1), (b.map(f32::to_bits), c2));
+            let xi: Vec<i8> = (0..n).map(|_| rng.i8()).collect();
+            for sf in [1u32, 8, 15] {
+                let m: Vec<u16> = (0..n)
+                    .map(|_| (rng.next() % ((1 << sf) + 1)) as u16)
+                    .collect();
+                let (mut f1, mut f2) = (vec![0i8; n], vec![0i8; n]);
+                super::fold_into(&xi, &m, sf, &mut f1);
+                crate::kv::fold_portable(&xi, &m, sf, &mut f2);
+                assert_eq!(f1, f2, "fold n {n} sf {sf}");
+            }
+        }
+    }
+
+    #[test]
+    fn window_kernels_match_scalar() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut rng = Rng(7);
+        for hd in [1usize, 15, 16, 17, 31, 32, 33, 63, 64, 65, 96, 130] {
+            for nw in [0usize, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33, 67, 96] {
+                let keys: Vec<i8> = (0..nw * hd).map(|_| rng.i8()).collect();
+                let q: Vec<i8> = (0..hd).map(|_| rng.i8()).collect();
+                // Accumulator bounds that clamp some dot products, and wide ones.
+                for (lo, hi) in [(i64::MIN, i64::MAX), (-20_000, 20_000)] {
+                    let mut got = vec![0i64; nw];
+                    super::window_qk(&q, &keys, &mut got, lo, hi);
+                    let want: Vec<i64> = keys
+                        .chunks_exact(hd)
+                        .map(|k| {
+                            let d: i64 = q
+                                .iter()
+                                .zip(k)
+                                .map(|(&a, &b)| i64::from(a) * i64::from(b))
+                                .sum();
+                            d.clamp(lo, hi)
+                        })
+                        .collect();
+                    assert_eq!(got, want, "window_qk hd {hd} nw {nw}");
+                }
+                // Probabilities: non-negative (the vpmaddubsw path, with the extreme 127), and
+                // any i8 (the portable fallback).
+                for signed in [false, true] {
+                    let x = |rng: &mut Rng| -> Vec<i8> {
+                        (0..nw)
+                            .map(|_| {
+                                let v = rng.i8();
+                                if signed {
+                                    v
+                                } else {
+                                    v.max(0)
+                                }
+                            })
+                            .collect()
+                    };
+                    let (xa, xb) = (x(&mut rng), x(&mut rng));
+                    let init: Vec<i32> = (0..hd).map(|c| c as i32 * 3 - 40).collect();
+                    let (mut pa, mut pb) = (init.clone(), init.clone());
+                    super::window_pv2(&xa, &xb, &keys, &mut pa, &mut pb);
+                    let (mut wa, mut wb) = (init.clone(), init);
+                    for ((&ta, &tb), v) in xa.iter().zip(&xb).zip(keys.chunks_exact(hd)) {
+                        for c in 0..hd {
+                            wa[c] += i32::from(ta) * i32::from(v[c]);
+                            wb[c] += i32::from(tb) * i32::from(v[c]);
+                        }
+                    }
+                    assert_eq!(
+                        (pa, pb),
+                        (wa, wb),
+                        "window_pv2 hd {hd} nw {nw} signed {signed}"
+                    );
+                }
+            }
         }
     }
 }

@@ -579,21 +579,29 @@ impl KvHeadCpu {
     /// The value products' fold multipliers (N17) as they were at `len` tokens, into `folds`
     /// for [`Self::pv_with`] (several queries or probability planes at one length share them).
     /// `folds` belongs to this mirror: its 4-bit part is reused when the 4-bit token count at
-    /// `len` is the one it was computed for.
+    /// `len` is the one it was computed for, and the window multipliers of a shorter length with
+    /// the same window start and `s_ref` are kept (only the new tokens' are computed).
     pub fn value_folds_at(&self, len: usize, folds: &mut ValueFolds) -> Result<(), KvKernelError> {
         let n4 = self.check_history(len)?;
+        // The same window start as the folds' (shorter or equal) length: its first tokens'
+        // multipliers stand unless the window's s_ref changed.
+        let same_start = folds.valid && folds.n4 == n4 && folds.len <= len;
         if !(folds.valid && folds.n4 == n4) {
             folds.m4.resize(n4, 0);
             folds.s4 = fold_multipliers(&self.vscale[..n4], self.sf, &mut folds.m4);
             folds.n4 = n4;
         }
         let nw = len - n4;
+        let ws = &self.wvscale[n4 - self.w0..len - self.w0];
+        let s_ref = max_scale(ws);
+        let keep = if same_start && s_ref.to_bits() == folds.sw.to_bits() {
+            folds.len - n4
+        } else {
+            0
+        };
         folds.mw.resize(nw, 0);
-        folds.sw = fold_multipliers(
-            &self.wvscale[n4 - self.w0..len - self.w0],
-            self.sf,
-            &mut folds.mw,
-        );
+        fold_multipliers_with(&ws[keep..], s_ref, self.sf, &mut folds.mw[keep..]);
+        folds.sw = s_ref;
         folds.len = len;
         folds.valid = true;
         Ok(())
@@ -889,19 +897,39 @@ struct FoldsRef<'a> {
 /// # Panics
 /// If `hi` or `lo` is not as long as `p`.
 pub fn quantize_probs_into(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
+    if avx2_detected() {
+        return crate::avx2::quantize_probs_into(p, hi, lo);
+    }
+    quantize_probs_portable(p, hi, lo)
+}
+
+/// [`quantize_probs_into`]'s body (also compiled for AVX2 by `avx2::quantize_probs_into`: the
+/// same `f32` and integer operations, so the same codes).
+#[inline(always)]
+pub(crate) fn quantize_probs_portable(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
     assert!(
         hi.len() == p.len() && lo.len() == p.len(),
         "quantize_probs_into: one code per probability in each plane"
     );
-    let mut max = 0.0f32;
+    // Eight lanes of running maxima (from 0) and one flag: vectorizes. When every value is
+    // finite and >= 0 the maximum does not depend on the order it is taken in.
+    let mut m8 = [0.0f32; 8];
     let mut ok = true;
-    for &v in p {
-        ok &= v.is_finite() && v >= 0.0;
-        max = max.max(v);
+    let mut chunks = p.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, &v) in m8.iter_mut().zip(c) {
+            ok &= (0.0..=f32::MAX).contains(&v);
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    for &v in chunks.remainder() {
+        ok &= (0.0..=f32::MAX).contains(&v);
+        m8[0] = if v > m8[0] { v } else { m8[0] };
     }
     if !ok {
         return None;
     }
+    let max = m8.iter().fold(0.0f32, |a, &b| if b > a { b } else { a });
     #[allow(clippy::cast_precision_loss)] // 16383 is exact in f32
     let code_max = P_CODE_MAX as f32;
     let scale_p = max / code_max;
@@ -936,20 +964,38 @@ pub fn quantize_probs_into(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f3
 /// # Panics
 /// If `out` is not as long as `x`.
 pub fn quantize_query_into(x: &[f32], out: &mut [i8]) -> Option<f32> {
+    if avx2_detected() {
+        return crate::avx2::quantize_query_into(x, out);
+    }
+    quantize_query_portable(x, out)
+}
+
+/// [`quantize_query_into`]'s body (also compiled for AVX2, as [`quantize_probs_portable`]).
+#[inline(always)]
+pub(crate) fn quantize_query_portable(x: &[f32], out: &mut [i8]) -> Option<f32> {
     assert_eq!(
         x.len(),
         out.len(),
         "quantize_query_into: one code per input"
     );
-    let mut absmax = 0.0f32;
+    // As in `quantize_probs_portable`: eight lanes, order-independent for finite inputs.
+    let mut m8 = [0.0f32; 8];
     let mut finite = true;
-    for &v in x {
-        finite &= v.is_finite();
-        absmax = absmax.max(v.abs());
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, &v) in m8.iter_mut().zip(c) {
+            finite &= v.abs() <= f32::MAX;
+            *m = if v.abs() > *m { v.abs() } else { *m };
+        }
+    }
+    for &v in chunks.remainder() {
+        finite &= v.abs() <= f32::MAX;
+        m8[0] = if v.abs() > m8[0] { v.abs() } else { m8[0] };
     }
     if !finite {
         return None;
     }
+    let absmax = m8.iter().fold(0.0f32, |a, &b| if b > a { b } else { a });
     let scale = absmax / 127.0;
     if scale == 0.0 {
         out.fill(0);
@@ -1031,6 +1077,29 @@ fn set_nibble(row: &mut [u8], i: usize, code: u8) {
 /// (tested exhaustively over `x` against it) without allocating. The N2 rounding shift is
 /// evaluated in `i32`, which is exact here: `|x * m| <= 128 * 2^15 = 2^22` (`m <= 2^SF`, N17).
 pub fn fold_into(x_i8: &[i8], fscale_q: &[u16], sf: u32, out: &mut [i8]) {
+    if avx2_detected() {
+        crate::avx2::fold_into(x_i8, fscale_q, sf, out);
+    } else {
+        fold_portable(x_i8, fscale_q, sf, out);
+    }
+}
+
+/// Whether the CPU has AVX2 (the elementwise loops above then run compiled for it).
+#[inline]
+fn avx2_detected() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`fold_into`]'s body (also compiled for AVX2, as [`quantize_probs_portable`]).
+#[inline(always)]
+pub(crate) fn fold_portable(x_i8: &[i8], fscale_q: &[u16], sf: u32, out: &mut [i8]) {
     assert_eq!(
         x_i8.len(),
         fscale_q.len(),

@@ -570,6 +570,27 @@ impl Model {
                 lap(prof, &mut t, 3);
                 cache.attend_prefill(k, v, q, n, c.n_head, scale, att);
                 lap(prof, &mut t, 5);
+            } else if n == 1 && cache.batches_prefill() {
+                // A decode step on the CPU backend: the KV heads' pushes, then the query heads'
+                // attentions, as tasks of the decode team (the same results as the loop below).
+                rope.apply(0, q);
+                rope.apply(0, k);
+                lap(prof, &mut t, 3);
+                cache.push_decode(&lin.team, k, v);
+                lap(prof, &mut t, 4);
+                let mut secs = prof.as_ref().map(|_| [0f64; 3]);
+                cache.attend_decode(&lin.team, q, c.n_head, scale, att, secs.as_mut());
+                // The step's wall time, split over the three parts as the tasks spent it.
+                if let (Some(p), Some(t0), Some(secs)) = (prof.as_mut(), t.as_mut(), secs) {
+                    let now = std::time::Instant::now();
+                    let wall = (now - *t0).as_secs_f64();
+                    let total: f64 = secs.iter().sum();
+                    for (i, s) in secs.iter().enumerate() {
+                        let share = if total > 0.0 { s / total } else { 1.0 / 3.0 };
+                        p.secs[5 + i] += wall * share;
+                    }
+                    *t0 = now;
+                }
             } else {
                 // Token by token: store position t, then attend from it, so that a prefill sees the
                 // cache exactly as a token-by-token decode would (the KV4 cache quantizes groups as
@@ -617,9 +638,7 @@ impl Model {
                 layer.w_up.forward_ws(h, n, u, lin);
             }
             lap(prof, &mut t, 9);
-            for (gi, ui) in g.iter_mut().zip(u.iter()) {
-                *gi = silu(*gi) * ui;
-            }
+            silu_mul(&lin.team, g, u);
             lap(prof, &mut t, 10);
             layer.w_down.forward_ws(g, n, o, lin);
             lap(prof, &mut t, 11);
@@ -740,6 +759,26 @@ pub fn softmax(x: &mut [f32]) {
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;
+    }
+}
+
+/// Elements per task of [`silu_mul`].
+const SILU_CHUNK: usize = 384;
+
+/// `g[i] = silu(g[i]) * u[i]`, in chunks: a prompt's on rayon, a decode step's on the decode
+/// `team` when the step leads it (elementwise, so the same values in any order).
+fn silu_mul(team: &Team, g: &mut [f32], u: &[f32]) {
+    let one = |gc: &mut [f32], uc: &[f32]| {
+        for (gi, ui) in gc.iter_mut().zip(uc) {
+            *gi = silu(*gi) * ui;
+        }
+    };
+    if g.len() > 4 * SILU_CHUNK && !team.is_leading() {
+        g.par_chunks_mut(SILU_CHUNK)
+            .zip(u.par_chunks(SILU_CHUNK))
+            .for_each(|(gc, uc)| one(gc, uc));
+    } else {
+        team.for_each_chunk_mut(g, SILU_CHUNK, |i, gc, _| one(gc, &u[i * SILU_CHUNK..]));
     }
 }
 

@@ -22,7 +22,8 @@
 //! Both backends quantize activations with N5 and dequantize with N20 the same way, in the same
 //! order of `f32`/`f64` operations (tests/runtime_backends.rs compares logits bit for bit).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use rayon::prelude::*;
 use tessera_golden::kv::{quantize_probs, KvCache as GoldenKvCache, P_PLANE_BITS};
@@ -41,6 +42,9 @@ use super::{Error, Result};
 
 /// Output rows computed per parallel task.
 const ROW_BLOCK: usize = 64;
+
+/// Positions per task of the batched prefill attention ([`KvCache::attend_prefill`]).
+const PREFILL_BLOCK: usize = 8;
 
 /// A dense f32 matrix of `n_out` rows by `n_in` columns, row-major (a GGUF weight dequantized).
 #[derive(Debug, Clone)]
@@ -540,6 +544,10 @@ fn dequant_rows(
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) {
     if v.len() < len {
         v.resize(len, T::default());
@@ -671,6 +679,18 @@ struct KvCpu {
     isa: Isa,
     mirrors: Vec<KvHeadCpu>,
     bufs: AttnBufs,
+    /// One set of buffers per member of the decode team ([`KvCache::attend_decode`]).
+    members: MemberBufs,
+}
+
+/// Per-member buffers (scratch only: a clone starts empty).
+#[derive(Debug, Default)]
+struct MemberBufs(Vec<Mutex<AttnBufs>>);
+
+impl Clone for MemberBufs {
+    fn clone(&self) -> Self {
+        MemberBufs::default()
+    }
 }
 
 /// Buffers of one query's attention products on the CPU backend (one set per thread).
@@ -684,8 +704,10 @@ struct AttnBufs {
     y: Vec<i32>,
     /// `P x V` outputs of both planes (N22).
     pv2: Pv2Out,
-    /// Scores / probabilities of the batched prefill.
+    /// Scores / probabilities of the batched prefill and of [`KvCache::attend_decode`].
     scores: Vec<f32>,
+    /// Seconds in q.K scores, softmax and p.V of [`KvCache::attend_decode`] tasks (profiling).
+    secs: [f64; 3],
 }
 
 impl AttnBufs {
@@ -752,6 +774,7 @@ impl KvCache {
                             .map(|_| KvHeadCpu::new(&dp, head_dim))
                             .collect(),
                         bufs: AttnBufs::new(head_dim),
+                        members: MemberBufs::default(),
                     })
                 });
                 Ok(KvCache::Engine(KvEngine {
@@ -786,12 +809,6 @@ impl KvCache {
 
     /// Appends one position's keys and values (`n_kv_head * head_dim` each, RoPE applied to k).
     pub fn push(&mut self, k: &[f32], v: &[f32]) {
-        self.push_retaining(k, v, false);
-    }
-
-    /// As [`Self::push`]; with `retain` the CPU mirrors keep the 8-bit codes of tokens that
-    /// leave the window, for [`Self::attend_prefill`].
-    fn push_retaining(&mut self, k: &[f32], v: &[f32], retain: bool) {
         match self {
             KvCache::F32(c) => {
                 assert_eq!(k.len(), c.n_kv_head * c.head_dim, "k size");
@@ -817,11 +834,129 @@ impl KvCache {
                     e.poisoned |= r.is_err();
                     if let Some(cpu) = e.cpu.as_mut() {
                         // The mirror follows the cache it was built for: sync cannot fail.
-                        e.poisoned |= cpu.mirrors[h].sync_retaining(cache, retain).is_err();
+                        e.poisoned |= cpu.mirrors[h].sync(cache).is_err();
                     }
                 }
             }
         }
+    }
+
+    /// As [`Self::push`] (one position's keys and values, `n_kv_head * head_dim` each, RoPE
+    /// applied to `k`); on the CPU backend one task per KV head (golden's push, then the
+    /// mirror's sync) on the decode `team` when the caller leads it (else in order: tasks of a
+    /// few microseconds are not worth a rayon fork).
+    pub fn push_decode(&mut self, team: &Team, k: &[f32], v: &[f32]) {
+        let KvCache::Engine(KvEngine {
+            heads,
+            head_dim,
+            poisoned,
+            cpu: Some(cpu),
+        }) = self
+        else {
+            self.push(k, v);
+            return;
+        };
+        let (hd, n_kv) = (*head_dim, heads.len());
+        assert_eq!(k.len(), n_kv * hd, "k size");
+        assert_eq!(v.len(), n_kv * hd, "v size");
+        // As [`Self::push`], the heads in any order.
+        let finite = k.iter().chain(v).all(|x| x.is_finite());
+        *poisoned |= !finite;
+        let zeros = if finite { Vec::new() } else { vec![0f32; hd] };
+        let failed = AtomicBool::new(false);
+        let pairs = Mutex::new(heads.iter_mut().zip(cpu.mirrors.iter_mut()).enumerate());
+        team.for_each(n_kv, |_, _| {
+            let next = lock(&pairs).next();
+            if let Some((h, (cache, mirror))) = next {
+                let (kh, vh) = if finite {
+                    (&k[h * hd..(h + 1) * hd], &v[h * hd..(h + 1) * hd])
+                } else {
+                    (&zeros[..], &zeros[..])
+                };
+                // Shapes are checked above and inputs are finite: push cannot fail; the mirror
+                // follows the cache it was built for: sync cannot fail.
+                let bad = cache.push(kh, vh).is_err() | mirror.sync(cache).is_err();
+                if bad {
+                    failed.store(true, Ordering::Relaxed);
+                }
+            }
+        });
+        *poisoned |= failed.into_inner();
+    }
+
+    /// The attention of the last position pushed (a decode step) on the CPU backend, on the
+    /// decode `team` (when the caller leads it, else in order on the calling thread): every
+    /// query head's output into `att` (`n_head * head_dim`) from `q` (RoPE applied), one task
+    /// per query head (scores, softmax, `P x V` with the buffers of the member that runs it):
+    /// the same integers and `f32` operations as [`Self::scores`], softmax and
+    /// [`Self::weighted_sum`] head after head. With `secs`, adds the seconds the tasks spent in
+    /// scores, softmax and `P x V` (summed over threads). Returns false, doing nothing, when the
+    /// cache is not a CPU-backend engine cache.
+    pub fn attend_decode(
+        &mut self,
+        team: &Team,
+        q: &[f32],
+        n_head: usize,
+        scale: f32,
+        att: &mut [f32],
+        secs: Option<&mut [f64; 3]>,
+    ) -> bool {
+        let KvCache::Engine(KvEngine {
+            head_dim,
+            poisoned,
+            cpu: Some(cpu),
+            ..
+        }) = self
+        else {
+            return false;
+        };
+        let (hd, n_kv) = (*head_dim, cpu.mirrors.len());
+        assert_eq!(q.len(), n_head * hd, "q size");
+        assert_eq!(att.len(), n_head * hd, "attention output size");
+        assert!(
+            n_kv > 0 && n_head.is_multiple_of(n_kv),
+            "query heads are a multiple of KV heads"
+        );
+        // Every query head, one task each, with the buffers of the member that runs it.
+        let members = team.threads().max(1);
+        while cpu.members.0.len() < members {
+            cpu.members.0.push(Mutex::new(AttnBufs::new(hd)));
+        }
+        let (isa, mirrors, bufs, poisoned) = (cpu.isa, &cpu.mirrors, &cpu.members.0, *poisoned);
+        let group = n_head / n_kv;
+        let timed = secs.is_some();
+        team.for_each_chunk_mut(att, hd, |head, out, member| {
+            let mut guard = lock(&bufs[member.min(bufs.len() - 1)]);
+            let b = &mut *guard;
+            let m = &mirrors[head / group];
+            let len = m.len();
+            grow(&mut b.scores, len);
+            let mut sc = std::mem::take(&mut b.scores);
+            let s = &mut sc[..len];
+            let t0 = timed.then(std::time::Instant::now);
+            let qh = &q[head * hd..(head + 1) * hd];
+            attn_scores(m, isa, b, len, poisoned, qh, scale, s);
+            let t1 = timed.then(std::time::Instant::now);
+            super::model::softmax(s);
+            let t2 = timed.then(std::time::Instant::now);
+            attn_weighted_sum(m, isa, b, len, poisoned, None, s, out);
+            if let (Some(t0), Some(t1), Some(t2)) = (t0, t1, t2) {
+                let t3 = std::time::Instant::now();
+                b.secs[0] += (t1 - t0).as_secs_f64();
+                b.secs[1] += (t2 - t1).as_secs_f64();
+                b.secs[2] += (t3 - t2).as_secs_f64();
+            }
+            b.scores = sc;
+        });
+        if let Some(secs) = secs {
+            for b in bufs {
+                let mut b = lock(b);
+                for (s, bs) in secs.iter_mut().zip(&mut b.secs) {
+                    *s += std::mem::take(bs);
+                }
+            }
+        }
+        true
     }
 
     /// Whether [`Self::attend_prefill`] runs (an engine cache on the CPU backend).
@@ -830,12 +965,18 @@ impl KvCache {
     }
 
     /// The attention of `n` new positions on the CPU backend, batched: pushes every position's
-    /// keys and values (`k`, `v`: `n * n_kv_head * head_dim`, RoPE applied), then computes the
-    /// output of every (position, query head) in parallel into `att` (`n * n_head * head_dim`)
-    /// from `q` (RoPE applied): position `i` attends to the cache as it was right after its own
-    /// push (the KV4 mirrors retain the 8-bit codes of tokens quantized meanwhile), the same
-    /// integers and `f32` operations as pushing and attending token by token. Returns false,
-    /// doing nothing, when the cache is not a CPU-backend engine cache.
+    /// keys and values (`k`, `v`: `n * n_kv_head * head_dim`, RoPE applied) and computes the
+    /// output of every (position, query head) into `att` (`n * n_head * head_dim`) from `q`
+    /// (RoPE applied): position `i` attends to the cache as it was right after its own push
+    /// (the KV4 mirrors retain the 8-bit codes of tokens quantized meanwhile), the same integers
+    /// and `f32` operations as pushing and attending token by token. Returns false, doing
+    /// nothing, when the cache is not a CPU-backend engine cache.
+    ///
+    /// Work on rayon: one task per KV head pushes all `n` positions into it (golden's push and
+    /// the mirror's sync; heads are independent), then spawns one task per block of
+    /// [`PREFILL_BLOCK`] positions for the query heads of its group (each with the value folds of
+    /// its positions). The pushes of one head thus overlap the attention of another, and work
+    /// stealing balances the blocks (later positions see more keys).
     #[allow(clippy::too_many_arguments)]
     pub fn attend_prefill(
         &mut self,
@@ -847,64 +988,120 @@ impl KvCache {
         scale: f32,
         att: &mut [f32],
     ) -> bool {
-        let KvCache::Engine(e) = self else {
+        let KvCache::Engine(KvEngine {
+            heads,
+            head_dim,
+            poisoned,
+            cpu: Some(cpu),
+        }) = self
+        else {
             return false;
         };
-        if e.cpu.is_none() || n == 0 {
+        if n == 0 {
             return false;
         }
-        let hd = e.head_dim;
-        let kvd = e.heads.len() * hd;
+        let (hd, n_kv) = (*head_dim, heads.len());
+        let kvd = n_kv * hd;
         let qd = n_head * hd;
         assert_eq!(k.len(), n * kvd, "k size");
         assert_eq!(v.len(), n * kvd, "v size");
         assert_eq!(q.len(), n * qd, "q size");
         assert_eq!(att.len(), n * qd, "attention output size");
-        let pos0 = e.heads.first().map_or(0, GoldenKvCache::len);
-        // Whether the cache was poisoned right after each push (as a token-by-token run sees).
-        let mut poisoned_after = Vec::with_capacity(n);
-        for i in 0..n {
-            self.push_retaining(&k[i * kvd..(i + 1) * kvd], &v[i * kvd..(i + 1) * kvd], true);
-            if let KvCache::Engine(e) = self {
-                poisoned_after.push(e.poisoned);
+        assert!(
+            n_kv > 0 && n_head.is_multiple_of(n_kv),
+            "query heads are a multiple of KV heads"
+        );
+        let group = n_head / n_kv;
+        let pos0 = heads.first().map_or(0, GoldenKvCache::len);
+        // Whether each position's keys and values are finite (else zeros are pushed, as
+        // `push` does), and whether the cache was poisoned right after each push by a
+        // non-finite input (as a token-by-token run sees; push failures are applied below).
+        let finite: Vec<bool> = k
+            .chunks_exact(kvd)
+            .zip(v.chunks_exact(kvd))
+            .map(|(kr, vr)| kr.iter().chain(vr).all(|x| x.is_finite()))
+            .collect();
+        let poisoned_after: Vec<bool> = finite
+            .iter()
+            .scan(*poisoned, |p, &f| {
+                *p |= !f;
+                Some(*p)
+            })
+            .collect();
+        let zeros = vec![0f32; hd];
+        // The first position whose push or sync failed on any head (not reached: shapes are
+        // checked and inputs finite).
+        let first_failed = AtomicUsize::new(usize::MAX);
+        // Per KV head, per block of positions: each position's outputs of the head's group.
+        let mut outs: Vec<Vec<Vec<&mut [f32]>>> = (0..n_kv)
+            .map(|_| (0..n.div_ceil(PREFILL_BLOCK)).map(|_| Vec::new()).collect())
+            .collect();
+        for (i, row) in att.chunks_mut(qd).enumerate() {
+            for (h, part) in row.chunks_mut(group * hd).enumerate() {
+                outs[h][i / PREFILL_BLOCK].push(part);
             }
         }
-        let KvCache::Engine(KvEngine { cpu: Some(cpu), .. }) = self else {
-            unreachable!("checked above");
-        };
-        let group = n_head / cpu.mirrors.len();
-        let (isa, mirrors) = (cpu.isa, &cpu.mirrors);
-        att.par_chunks_mut(qd)
-            .zip(q.par_chunks(qd))
-            .enumerate()
-            .for_each_init(
-                || {
-                    let folds = vec![ValueFolds::default(); mirrors.len()];
-                    (AttnBufs::new(hd), folds)
-                },
-                |(b, folds), (i, (att_i, q_i))| {
-                    let len = pos0 + i + 1;
-                    grow(&mut b.scores, len);
-                    let mut sc = std::mem::take(&mut b.scores);
-                    let mut folds_ok = false;
-                    for head in 0..n_head {
-                        let (kvh, m) = (head / group, &mirrors[head / group]);
-                        // The value folds at this length, shared by the group's query heads
-                        // and both probability planes.
-                        if head % group == 0 {
-                            folds_ok = m.value_folds_at(len, &mut folds[kvh]).is_ok();
+        let members = rayon::current_num_threads().max(1);
+        while cpu.members.0.len() < members {
+            cpu.members.0.push(Mutex::new(AttnBufs::new(hd)));
+        }
+        let (isa, bufs) = (cpu.isa, &cpu.members.0);
+        let (finite, poisoned_after, zeros, first_failed) =
+            (&finite, &poisoned_after, &zeros, &first_failed);
+        rayon::scope(|s| {
+            let per_head = heads.iter_mut().zip(cpu.mirrors.iter_mut()).zip(outs);
+            for (h, ((cache, mirror), outs_h)) in per_head.enumerate() {
+                s.spawn(move |s| {
+                    for (i, &fin) in finite.iter().enumerate() {
+                        let (kh, vh) = if fin {
+                            let r = i * kvd + h * hd..i * kvd + (h + 1) * hd;
+                            (&k[r.clone()], &v[r])
+                        } else {
+                            (&zeros[..], &zeros[..])
+                        };
+                        let bad = cache.push(kh, vh).is_err()
+                            | mirror.sync_retaining(cache, true).is_err();
+                        if bad {
+                            first_failed.fetch_min(i, Ordering::Relaxed);
                         }
-                        let r = head * hd..(head + 1) * hd;
-                        let s = &mut sc[..len];
-                        let poisoned = poisoned_after[i] || !folds_ok;
-                        attn_scores(m, isa, b, len, poisoned, &q_i[r.clone()], scale, s);
-                        super::model::softmax(s);
-                        let out = &mut att_i[r];
-                        attn_weighted_sum(m, isa, b, len, poisoned, Some(&folds[kvh]), s, out);
                     }
-                    b.scores = sc;
-                },
-            );
+                    let m: &KvHeadCpu = mirror;
+                    for (blk, mut outs_b) in outs_h.into_iter().enumerate() {
+                        s.spawn(move |_| {
+                            let me = rayon::current_thread_index().unwrap_or(0);
+                            let mut guard = lock(&bufs[me.min(bufs.len() - 1)]);
+                            let b = &mut *guard;
+                            let mut folds = ValueFolds::default();
+                            for (j, out_i) in outs_b.iter_mut().enumerate() {
+                                let i = blk * PREFILL_BLOCK + j;
+                                let len = pos0 + i + 1;
+                                grow(&mut b.scores, len);
+                                let mut sc = std::mem::take(&mut b.scores);
+                                // The value folds at this length, shared by the group's query
+                                // heads and both probability planes.
+                                let folds_ok = m.value_folds_at(len, &mut folds).is_ok();
+                                let pz = poisoned_after[i] || !folds_ok;
+                                for (g, out) in out_i.chunks_mut(hd).enumerate() {
+                                    let head = h * group + g;
+                                    let qh = &q[i * qd + head * hd..i * qd + (head + 1) * hd];
+                                    let s = &mut sc[..len];
+                                    attn_scores(m, isa, b, len, pz, qh, scale, s);
+                                    super::model::softmax(s);
+                                    attn_weighted_sum(m, isa, b, len, pz, Some(&folds), s, out);
+                                }
+                                b.scores = sc;
+                            }
+                        });
+                    }
+                });
+            }
+        });
+        let failed = first_failed.load(Ordering::Relaxed);
+        if failed < n {
+            // A token-by-token run is poisoned from that push on: NaN outputs.
+            att[failed * qd..].fill(f32::NAN);
+        }
+        *poisoned |= poisoned_after[n - 1] || failed < n;
         for m in &mut cpu.mirrors {
             m.trim_history();
         }
