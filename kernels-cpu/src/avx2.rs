@@ -1787,6 +1787,22 @@ pub(crate) fn fold_into(x_i8: &[i8], fscale_q: &[u16], sf: u32, out: &mut [i8]) 
     unreachable!("AVX2 is never available off x86_64");
 }
 
+/// N14's weight-lattice stage loop (`weights::stage_shift_portable`) compiled for AVX2, as
+/// above: the same integer operations per element.
+pub(crate) fn stage_shift_into(acc: &[i64], y: &mut [i32], s: u32, lo: i64, hi: i64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { elem_imp::stage_shift(acc, y, s, lo, hi) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX2 is never available off x86_64");
+}
+
 #[cfg(target_arch = "x86_64")]
 mod elem_imp {
     #[target_feature(enable = "avx2")]
@@ -1802,6 +1818,11 @@ mod elem_imp {
     #[target_feature(enable = "avx2")]
     pub(super) fn fold(x_i8: &[i8], fscale_q: &[u16], sf: u32, out: &mut [i8]) {
         crate::kv::fold_portable(x_i8, fscale_q, sf, out);
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn stage_shift(acc: &[i64], y: &mut [i32], s: u32, lo: i64, hi: i64) {
+        crate::weights::stage_shift_portable(acc, y, s, lo, hi);
     }
 }
 

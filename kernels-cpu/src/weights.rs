@@ -782,6 +782,16 @@ pub fn apply_stage(stage: &OutputStage, acc: &[i64], y_out: &mut [i32]) -> Resul
         // The weight lattice stage: N2's `(a + 2^(s-1) - [a<0]) >> s` in i64, exact when
         // `|a| < 2^62` (the bias is at most 2^60); anything larger takes golden's `round_shift`.
         let half = 1i64 << (s - 1);
+        // One branch-free pass when every accumulator is in range (the normal case: |acc| <
+        // 2^47), so the loop has no call in it and vectorizes.
+        if acc.iter().all(|a| a.unsigned_abs() < 1 << 62) {
+            if Isa::Avx2.is_available() {
+                crate::avx2::stage_shift_into(acc, y_out, s, lo, hi);
+            } else {
+                stage_shift_portable(acc, y_out, s, lo, hi);
+            }
+            return Ok(());
+        }
         for (y, &a) in y_out.iter_mut().zip(acc) {
             let r = if a.unsigned_abs() < 1 << 62 {
                 (a + half - i64::from(a < 0)) >> s
@@ -797,6 +807,16 @@ pub fn apply_stage(stage: &OutputStage, acc: &[i64], y_out: &mut [i32]) -> Resul
         *y = round_shift(a * mult, s).clamp(lo, hi) as i32;
     }
     Ok(())
+}
+
+/// N14's weight-lattice stage for accumulators all below `2^62` in magnitude (shift `s` in
+/// 1..=61): N2's `(a + 2^(s-1) - [a<0]) >> s`, then N3's clamp to `[lo, hi]` (`out_bits <= 32`).
+#[inline]
+pub(crate) fn stage_shift_portable(acc: &[i64], y_out: &mut [i32], s: u32, lo: i64, hi: i64) {
+    let half = 1i64 << (s - 1);
+    for (y, &a) in y_out.iter_mut().zip(acc) {
+        *y = ((a + half - i64::from(a < 0)) >> s).clamp(lo, hi) as i32;
+    }
 }
 
 /// Rows `row0..row0 + out.len()` for one token (`qx`: the token in the GEMV quad layout, when

@@ -524,14 +524,22 @@ fn apply_stage_equals_golden_n14() {
             } else {
                 acc.iter().map(|&a| a.clamp(-(1 << 47), 1 << 47)).collect()
             };
-            let mut y = vec![0i32; xs.len()];
-            tessera_kernels_cpu::apply_stage(&stage, &xs, &mut y).expect("stage");
-            for (&a, &got) in xs.iter().zip(&y) {
-                // golden's N14 (`OutputStage::apply` without its |acc| <= 2^47 precondition).
-                let want = sat(round_shift(a * i64::from(mult), shift), out_bits);
-                assert_eq!(i64::from(got), want, "acc {a} stage {stage:?}");
-                if a.unsigned_abs() <= 1 << 47 {
-                    assert_eq!(want, stage.apply(a));
+            // Also a slice with every value below 2^62 (the stage's one-pass branch).
+            let small: Vec<i64> = xs
+                .iter()
+                .copied()
+                .filter(|a| a.unsigned_abs() < 1 << 62)
+                .collect();
+            for xs in [&xs, &small] {
+                let mut y = vec![0i32; xs.len()];
+                tessera_kernels_cpu::apply_stage(&stage, xs, &mut y).expect("stage");
+                for (&a, &got) in xs.iter().zip(&y) {
+                    // golden's N14 (`OutputStage::apply` without its |acc| <= 2^47 precondition).
+                    let want = sat(round_shift(a * i64::from(mult), shift), out_bits);
+                    assert_eq!(i64::from(got), want, "acc {a} stage {stage:?}");
+                    if a.unsigned_abs() <= 1 << 47 {
+                        assert_eq!(want, stage.apply(a));
+                    }
                 }
             }
         }

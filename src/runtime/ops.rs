@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use rayon::prelude::*;
 use tessera_golden::kv::{quantize_probs, KvCache as GoldenKvCache, P_PLANE_BITS};
-use tessera_golden::numerics::{round_clamp_f32, Datapath};
+use tessera_golden::numerics::Datapath;
 use tessera_golden::ops::{
     accumulate_groups, dequant_factor, group_partial_sums, weight_frac_bits, OutputStage,
 };
@@ -568,9 +568,26 @@ pub fn quantize_token_into(x: &[f32], out: &mut [i8]) -> Option<f32> {
         return Some(0.0);
     }
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = round_clamp_f32(v / scale_x, -127, 127) as i8;
+        *o = round_clamp_i8(v / scale_x);
     }
     Some(scale_x)
+}
+
+/// `round_clamp_f32(y, -127, 127)` (N1, N4) without the libm `roundf` call, so the N5 loop
+/// vectorizes: `y` is clamped to `[-128, 128]` first (the clamp below 127 is unchanged by it),
+/// truncated (`cvttps2dq`), and the fraction `y - trunc(y)` (exact in `f32` for `|y| < 2^23`)
+/// decides the tie-away step. `y` must not be NaN (callers check finiteness first).
+#[inline]
+fn round_clamp_i8(y: f32) -> i8 {
+    let y = y.clamp(-128.0, 128.0);
+    #[allow(clippy::cast_possible_truncation)]
+    let t = y as i32;
+    #[allow(clippy::cast_precision_loss)]
+    let frac = y - t as f32;
+    let r = t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5);
+    #[allow(clippy::cast_possible_truncation)]
+    let q = r.clamp(-127, 127) as i8;
+    q
 }
 
 /// golden's `dequant_factor` (N20) split so the per-call constant is computed once: the same
@@ -1345,5 +1362,56 @@ fn attn_weighted_sum(
         let a = (i64::from(ah) << P_PLANE_BITS) + i64::from(al);
         let b = (i64::from(bh) << P_PLANE_BITS) + i64::from(bl);
         *o = a as f32 * f4 + b as f32 * fw;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_clamp_i8;
+    use tessera_golden::numerics::round_clamp_f32;
+
+    fn golden(y: f32) -> i8 {
+        i8::try_from(round_clamp_f32(y, -127, 127)).expect("clamped")
+    }
+
+    #[test]
+    fn n5_fast_rounding_equals_golden_at_ties_edges_and_a_sweep_of_floats() {
+        let mut ys = vec![
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            1e-45,
+            -1e-45,
+            0.499_999_97,
+            -0.499_999_97,
+            1e30,
+            -1e30,
+            3e9,
+            -3e9,
+        ];
+        // Every half-integer tie in and past the code range, and its two neighbours.
+        for n in -200..200 {
+            let tie = n as f32 + 0.5;
+            ys.extend([tie, tie.next_up(), tie.next_down(), n as f32]);
+        }
+        for &y in &ys {
+            assert_eq!(
+                round_clamp_i8(y),
+                golden(y),
+                "y = {y:e} ({:#010x})",
+                y.to_bits()
+            );
+        }
+        // A sweep of bit patterns over |y| < 512 (both signs), every 101st float.
+        let top = 512.0f32.to_bits();
+        for bits in (0..top).step_by(101) {
+            for y in [f32::from_bits(bits), -f32::from_bits(bits)] {
+                assert_eq!(round_clamp_i8(y), golden(y), "y = {y:e} ({bits:#010x})");
+            }
+        }
     }
 }
