@@ -43,7 +43,7 @@
 //! `[row][t]` output. Each step regroups the same exact sum (no saturation, by the row
 //! bound), so the output is the N13 accumulator.
 //!
-//! GEMV quad path (`rows_quad`, `row_quad`; W2 and ternary with one chunk a group, i.e.
+//! GEMV quad path (`rows_quad`, `row_quad_n`, two rows a pass; W2 and ternary with one chunk a group, i.e.
 //! `L <= 32`, the decode step's layers): the tensor keeps a second copy of its rows in the
 //! *quad layout* (`weights.rs`), where a block of 32 bytes holds four virtual chunks whose
 //! `i16` lane `j` (byte pair `2j, 2j + 1`) belongs to group `j % 4` of the quad's four groups,
@@ -869,7 +869,7 @@ mod imp {
 
     // ---- The GEMV quad path (W2 / ternary, one chunk a group; see the module docs) ----
 
-    /// Quads whose [`row_quad`] lanes may be added in `i32` before widening: a quad's lane is
+    /// Quads whose [`row_quad_n`] lanes may be added in `i32` before widening: a quad's lane is
     /// at most `2 * 4 * 768 * 2^15 < 2^28` (an `i16` lane of the quad's four `vpmaddubsw`
     /// sums is at most `4 * 2 * 3 * 128 = 3072`), so 8 quads stay below `2^31`.
     const QUAD_SPAN: usize = 8;
@@ -889,14 +889,27 @@ mod imp {
         prefetch_span(ctx.quad_data, row0 * qb, row0 * qb + PREFETCH);
         let pf_lines = qb.div_ceil(64) + 1;
         let all_fast = ctx.no_saturation_all();
-        for (i, o) in out.iter_mut().enumerate() {
+        let mut i = 0;
+        if all_fast {
+            // Two rows a pass: each activation load and group-sum load serves both.
+            while i + 2 <= out.len() {
+                let row = row0 + i;
+                prefetch_lines(ctx.quad_data, row * qb + PREFETCH, 2 * pf_lines);
+                // SAFETY: rows row, row + 1 are checked rows of the quad layout (caller's
+                // contract); all_fast proves neither can saturate.
+                let pair = unsafe { row_quad_n::<2>(ctx, row, qx) };
+                out[i..i + 2].copy_from_slice(&pair);
+                i += 2;
+            }
+        }
+        for (i, o) in out.iter_mut().enumerate().skip(i) {
             let row = row0 + i;
             prefetch_lines(ctx.quad_data, row * qb + PREFETCH, pf_lines);
             // SAFETY: forwarded from the caller's contract (row0 + i is a checked row of both
             // layouts).
             *o = unsafe {
                 if all_fast || ctx.no_saturation(row) {
-                    row_quad(ctx, row, qx)
+                    row_quad_n::<1>(ctx, row, qx)[0]
                 } else {
                     row1::<2, true>(ctx, row, xp, s)
                 }
@@ -904,76 +917,104 @@ mod imp {
         }
     }
 
-    /// One row on the GEMV quad path (the row's bound must prove no saturation): per quad of
-    /// four groups, the four chunks' `vpmaddubsw` pairs summed in `i16` (exact, `<= 3072`),
-    /// negated where the scale is `2^15` (`vpsignw`, as in [`fold_dot`]) and multiplied by the
-    /// four group scales in one `vpmaddwd` (lane `j` holds group `j % 4`); then the lattice
-    /// shift and [`zero_term_quad`].
+    /// `R` consecutive rows from `row` on the GEMV quad path (every row's bound must prove no
+    /// saturation; `R` is 1 or 2): per quad of four groups, the four chunks' `vpmaddubsw` pairs
+    /// summed in `i16` (exact, `<= 3072`), negated where the scale is `2^15` (`vpsignw`, as in
+    /// [`fold_dot`]) and multiplied by the four group scales in one `vpmaddwd` (lane `j` holds
+    /// group `j % 4`); then the lattice shift and [`zero_term_quad`]. With `R = 2` each
+    /// activation load serves both rows; each row's operations and result are those of `R = 1`.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn row_quad(ctx: &RowCtx<'_>, row: usize, qx: QuadX<'_>) -> i64 {
+    unsafe fn row_quad_n<const R: usize>(ctx: &RowCtx<'_>, row: usize, qx: QuadX<'_>) -> [i64; R] {
         let (quads, tail, meta) = (ctx.quads, ctx.quad_tail, ctx.quad_meta);
-        // SAFETY (all raw reads below): check_quad_bounds asserted that row `row` has `quads`
-        // blocks of 32 bytes and `tail` chunks of 8 in quad_data, then `meta = 4 quads + 4`
-        // (or `4 quads` without a tail) groups of metadata, and the token `128 * quads + 32 *
-        // tail` codes and `meta` sums.
-        let w = unsafe { ctx.quad_data.as_ptr().add(row * ctx.quad_stride) };
-        let gs = unsafe { w.add(quads * 32 + tail * 8) };
-        let zero = unsafe { gs.add(2 * meta) };
+        // SAFETY (all raw reads below): check_quad_bounds asserted that rows `row..row + R`
+        // (checked rows, caller's contract) each have `quads` blocks of 32 bytes and `tail`
+        // chunks of 8 in quad_data, then `meta = 4 quads + 4` (or `4 quads` without a tail)
+        // groups of metadata, and the token `128 * quads + 32 * tail` codes and `meta` sums.
+        let (mut w, mut gs) = ([std::ptr::null::<u8>(); R], [std::ptr::null::<u8>(); R]);
+        for r in 0..R {
+            w[r] = unsafe { ctx.quad_data.as_ptr().add((row + r) * ctx.quad_stride) };
+            gs[r] = unsafe { w[r].add(quads * 32 + tail * 8) };
+        }
         let x = qx.x.as_ptr();
         let m3 = _mm256_set1_epi8(3);
-        let (mut acc64, mut acc32) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        let z0 = _mm256_setzero_si256();
+        let (mut acc64, mut acc32) = ([z0; R], [z0; R]);
         let mut since = 0;
         for q in 0..quads {
-            // SAFETY: quad q < quads of the row and of the token (see above).
+            // SAFETY: quad q < quads of both rows and of the token (see above).
             unsafe {
-                let v = _mm256_loadu_si256(w.add(q * 32).cast::<__m256i>());
                 let xq = x.add(q * 128);
-                let c0 = _mm256_and_si256(v, m3);
-                let c1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3);
-                let c2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3);
-                let c3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3);
-                let m01 = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(c0, load_x(xq)),
-                    _mm256_maddubs_epi16(c1, load_x(xq.add(32))),
-                );
-                let m23 = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(c2, load_x(xq.add(64))),
-                    _mm256_maddubs_epi16(c3, load_x(xq.add(96))),
-                );
-                let m = _mm256_add_epi16(m01, m23);
-                let gsv = _mm256_set1_epi64x(std::ptr::read_unaligned(gs.add(8 * q).cast::<i64>()));
-                acc32 = _mm256_add_epi32(acc32, _mm256_madd_epi16(_mm256_sign_epi16(m, gsv), gsv));
+                let xv = [
+                    load_x(xq),
+                    load_x(xq.add(32)),
+                    load_x(xq.add(64)),
+                    load_x(xq.add(96)),
+                ];
+                for r in 0..R {
+                    let v = _mm256_loadu_si256(w[r].add(q * 32).cast::<__m256i>());
+                    let c0 = _mm256_and_si256(v, m3);
+                    let c1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3);
+                    let c2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3);
+                    let c3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3);
+                    let m01 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(c0, xv[0]),
+                        _mm256_maddubs_epi16(c1, xv[1]),
+                    );
+                    let m23 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(c2, xv[2]),
+                        _mm256_maddubs_epi16(c3, xv[3]),
+                    );
+                    let m = _mm256_add_epi16(m01, m23);
+                    let gsv = _mm256_set1_epi64x(std::ptr::read_unaligned(
+                        gs[r].add(8 * q).cast::<i64>(),
+                    ));
+                    acc32[r] = _mm256_add_epi32(
+                        acc32[r],
+                        _mm256_madd_epi16(_mm256_sign_epi16(m, gsv), gsv),
+                    );
+                }
             }
             since += 1;
             if since == QUAD_SPAN {
-                acc64 = widen_add(acc64, acc32);
-                acc32 = _mm256_setzero_si256();
+                for r in 0..R {
+                    acc64[r] = widen_add(acc64[r], acc32[r]);
+                    acc32[r] = z0;
+                }
                 since = 0;
             }
         }
         for t in 0..tail {
-            // SAFETY: tail chunk t of the row and of the token, its group's scale (see above).
+            // SAFETY: tail chunk t of each row and of the token, its group's scale (see above).
             // The quads leave at most 7 quads' lanes in acc32 (below 7 * 2^27.6), a tail chunk
             // adds at most 2 * 768 * 2^15 < 2^25.6 (as in the folded path): still below 2^31.
             unsafe {
                 let g = 4 * quads + t;
-                let codes = decode::<2>(w.add(quads * 32 + 8 * t)).0;
                 let xv = load_x(x.add(32 * g));
-                let gsv = _mm256_set1_epi16(std::ptr::read_unaligned(gs.add(2 * g).cast::<i16>()));
-                acc32 = _mm256_add_epi32(acc32, fold_dot(codes, xv, gsv));
+                for r in 0..R {
+                    let codes = decode::<2>(w[r].add(quads * 32 + 8 * t)).0;
+                    let gsv =
+                        _mm256_set1_epi16(std::ptr::read_unaligned(gs[r].add(2 * g).cast::<i16>()));
+                    acc32[r] = _mm256_add_epi32(acc32[r], fold_dot(codes, xv, gsv));
+                }
             }
         }
-        // SAFETY: meta groups of the row's metadata and of the token's sums (see above).
-        let (z_lo, z_hi) = unsafe { zero_term_quad(gs, zero, qx.s.as_ptr(), meta) };
-        // (sum of the lanes) << ls - z_lo - z_hi << 15, lane by lane in i64 (exact: every
-        // partial sum is bounded by the row's bound).
-        let p = _mm256_sll_epi64(
-            widen_add(acc64, acc32),
-            _mm_cvtsi32_si128(ctx.lattice_shift as i32),
-        );
-        let z = _mm256_add_epi64(z_lo, _mm256_slli_epi64(z_hi, 15));
-        hsum64(_mm256_sub_epi64(p, z))
+        let ls = _mm_cvtsi32_si128(ctx.lattice_shift as i32);
+        let mut d = [z0; R];
+        for r in 0..R {
+            // SAFETY: meta groups of row r's metadata and of the token's sums (see above).
+            let (z_lo, z_hi) =
+                unsafe { zero_term_quad(gs[r], gs[r].add(2 * meta), qx.s.as_ptr(), meta) };
+            let p = _mm256_sll_epi64(widen_add(acc64[r], acc32[r]), ls);
+            d[r] = _mm256_sub_epi64(p, _mm256_add_epi64(z_lo, _mm256_slli_epi64(z_hi, 15)));
+        }
+        // The lane sums wrap like i64 additions in any order (the exact total fits i64 by the
+        // row bound).
+        let mut out = [0i64; R];
+        for r in 0..R {
+            out[r] = hsum64(d[r]);
+        }
+        out
     }
 
     /// `sum_g gscale_g * zero_g * S_g` over `n` groups with `vpmaddwd`, in whole blocks of 16
