@@ -309,7 +309,7 @@ mod imp {
 
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn hsum1(a: __m256i) -> i32 {
+    pub(super) fn hsum1(a: __m256i) -> i32 {
         let r = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
         let r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0b01_00_11_10));
         let r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0b10_11_00_01));
@@ -371,7 +371,7 @@ mod imp {
     /// The eight horizontal sums of `v[0..8]`, in order.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn hsum8(v: &[__m256i; 8]) -> __m256i {
+    pub(super) fn hsum8(v: &[__m256i; 8]) -> __m256i {
         let ab = _mm256_hadd_epi32(v[0], v[1]);
         let cd = _mm256_hadd_epi32(v[2], v[3]);
         let ef = _mm256_hadd_epi32(v[4], v[5]);
@@ -1880,30 +1880,7 @@ mod elem_imp {
 mod win_imp {
     use std::arch::x86_64::*;
 
-    /// The eight horizontal sums of `v[0..8]`, in order.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn hsum8(v: &[__m256i; 8]) -> __m256i {
-        let ab = _mm256_hadd_epi32(v[0], v[1]);
-        let cd = _mm256_hadd_epi32(v[2], v[3]);
-        let ef = _mm256_hadd_epi32(v[4], v[5]);
-        let gh = _mm256_hadd_epi32(v[6], v[7]);
-        let abcd = _mm256_hadd_epi32(ab, cd);
-        let efgh = _mm256_hadd_epi32(ef, gh);
-        _mm256_add_epi32(
-            _mm256_permute2x128_si256(abcd, efgh, 0x20),
-            _mm256_permute2x128_si256(abcd, efgh, 0x31),
-        )
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn hsum1(a: __m256i) -> i32 {
-        let r = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-        let r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0b01_00_11_10));
-        let r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0b10_11_00_01));
-        _mm_cvtsi128_si32(r)
-    }
+    use super::imp::{hsum1, hsum8};
 
     /// 16 `i8` at `p` widened to `i16`.
     #[inline]
