@@ -39,6 +39,7 @@
 mod avx2;
 pub mod isa;
 pub mod kv;
+pub mod mem;
 pub mod team;
 pub mod weights;
 

@@ -48,6 +48,7 @@ use tessera_golden::pack::WeightFormat;
 use tessera_golden::quant::QuantWeights;
 
 use crate::isa::Isa;
+use crate::mem::Bytes;
 use crate::team::Team;
 
 /// Elements per chunk (one AVX2 register of `u8` codes).
@@ -106,7 +107,8 @@ pub struct PreparedWeights {
     chunk_bytes: usize,
     row_bytes: usize,
     w_scale_bits: u32,
-    data: Vec<u8>,
+    /// The group layout's rows (on huge pages when large, see [`crate::mem`]).
+    data: Bytes,
     gscale_q: Vec<u16>,
     zero_u8: Vec<u8>,
     row_scale: Vec<f32>,
@@ -130,7 +132,7 @@ struct QuadWeights {
     tail: usize,
     meta: usize,
     stride: usize,
-    data: Vec<u8>,
+    data: Bytes,
 }
 
 impl QuadWeights {
@@ -274,15 +276,16 @@ impl From<&QuantWeights> for PreparedWeights {
         let n_chunks = groups * chunks_per_group;
         let mut chunks = vec![[0u8; CHUNK]; n_chunks];
         let mut quad = QuadWeights::default();
+        let mut quad_data = Vec::new();
         if bits == 2 && chunks_per_group == 1 && groups > 0 {
             quad.quads = groups / 4;
             quad.tail = groups % 4;
             quad.meta = groups.next_multiple_of(4);
             quad.stride = 32 * quad.quads + 8 * quad.tail + 3 * quad.meta;
-            quad.data = vec![0u8; n_rows * quad.stride + QUAD_SLACK];
+            quad_data = vec![0u8; n_rows * quad.stride + QUAD_SLACK];
             for row in 0..n_rows {
                 let at = row * quad.stride + 32 * quad.quads + 8 * quad.tail;
-                let (gs, zero) = quad.data[at..at + 3 * quad.meta].split_at_mut(2 * quad.meta);
+                let (gs, zero) = quad_data[at..at + 3 * quad.meta].split_at_mut(2 * quad.meta);
                 for g in 0..groups {
                     gs[2 * g..2 * g + 2]
                         .copy_from_slice(&w.gscale_q()[row * groups + g].to_le_bytes());
@@ -322,7 +325,7 @@ impl From<&QuantWeights> for PreparedWeights {
             }
             if quad.stride > 0 {
                 let at = row * quad.stride;
-                let (quads, tail) = quad.data[at..at + 32 * quad.quads + 8 * quad.tail]
+                let (quads, tail) = quad_data[at..at + 32 * quad.quads + 8 * quad.tail]
                     .split_at_mut(32 * quad.quads);
                 for (q, out) in quads.chunks_exact_mut(32).enumerate() {
                     for (i, o) in out.iter_mut().enumerate() {
@@ -347,6 +350,7 @@ impl From<&QuantWeights> for PreparedWeights {
                     .sum()
             })
             .collect();
+        quad.data = Bytes::new(quad_data);
         PreparedWeights {
             max_row_bound: row_bound.iter().copied().max().unwrap_or(0),
             row_bound,
@@ -359,7 +363,7 @@ impl From<&QuantWeights> for PreparedWeights {
             chunk_bytes,
             row_bytes,
             w_scale_bits: w.w_scale_bits(),
-            data,
+            data: Bytes::new(data),
             gscale_q: w.gscale_q().to_vec(),
             zero_u8: w.zero_u8().to_vec(),
             row_scale: w.row_scale().to_vec(),
@@ -424,9 +428,11 @@ impl PreparedWeights {
             return None;
         }
         let mut out = first.clone();
+        let mut data = first.data.to_vec();
+        let mut quad_data = first.quad.data.to_vec();
         for p in &parts[1..] {
             out.n_rows += p.n_rows;
-            out.data.extend_from_slice(&p.data);
+            data.extend_from_slice(&p.data);
             out.gscale_q.extend_from_slice(&p.gscale_q);
             out.zero_u8.extend_from_slice(&p.zero_u8);
             out.row_scale.extend_from_slice(&p.row_scale);
@@ -435,12 +441,12 @@ impl PreparedWeights {
             // Same format, k and group length, so the same quad shape; the slack stays at the
             // end.
             if out.quad.stride > 0 {
-                out.quad
-                    .data
-                    .truncate((out.n_rows - p.n_rows) * out.quad.stride);
-                out.quad.data.extend_from_slice(&p.quad.data);
+                quad_data.truncate((out.n_rows - p.n_rows) * out.quad.stride);
+                quad_data.extend_from_slice(&p.quad.data);
             }
         }
+        out.data = Bytes::new(data);
+        out.quad.data = Bytes::new(quad_data);
         Some(out)
     }
 
