@@ -77,10 +77,15 @@ fn main() {
         .num_threads(2)
         .build()
         .expect("pool");
+    let pool1 = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("pool");
     let team = Team::new();
     // Per-class seconds of the last step: W2 products and the head.
     let mut step = |ws: &[PreparedWeights], threads: usize| -> (f64, f64) {
-        pool.install(|| {
+        let p = if threads == 1 { &pool1 } else { &pool };
+        p.install(|| {
             team.lead(threads, || {
                 let t0 = Instant::now();
                 for w in &ws[..ws.len() - 1] {
