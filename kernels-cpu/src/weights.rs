@@ -64,10 +64,40 @@ const PAR_MIN_MACS: usize = 128 * 1024;
 /// Rows per rayon task (at least).
 const MIN_ROWS_PER_TASK: usize = 16;
 
-/// GEMV on a [`Team`]: tasks per member (claimed dynamically, so a late or descheduled member
-/// leaves its share to the others), each a whole number of 64-byte lines of `i64` outputs.
-const TEAM_TASKS_PER_THREAD: usize = 4;
+/// GEMV on a [`Team`]: *guided* tasks, claimed dynamically (a late or descheduled member
+/// leaves its share to the others): each task takes `1 / (2 * members)` of the rows left, at
+/// least [`TEAM_MIN_ROWS`], a whole number of 64-byte lines of `i64` outputs
+/// ([`TEAM_ROW_ALIGN`]); so the first tasks are large (few claims) and the last ones small (the
+/// member that finishes first waits at most one small task for the other). Limits: at most
+/// [`TEAM_MAX_TASKS`] tasks (the last one takes the rest).
 const TEAM_ROW_ALIGN: usize = 8;
+const TEAM_MIN_ROWS: usize = 64;
+const TEAM_MAX_TASKS: usize = 48;
+
+/// The guided task boundaries of [`TEAM_ROW_ALIGN`] for `n_rows` rows and `members` threads:
+/// task `i` is rows `b[i]..b[i + 1]`; returns the number of tasks (`b[0] = 0`,
+/// `b[tasks] = n_rows`, strictly increasing).
+fn guided_bounds(n_rows: usize, members: usize, b: &mut [usize; TEAM_MAX_TASKS + 1]) -> usize {
+    let mut tasks = 0;
+    let mut r = 0;
+    while r < n_rows {
+        let left = n_rows - r;
+        let take = if tasks + 1 == TEAM_MAX_TASKS {
+            left
+        } else {
+            (left / (2 * members.max(1)))
+                .max(TEAM_MIN_ROWS)
+                .next_multiple_of(TEAM_ROW_ALIGN)
+                .min(left)
+        };
+        r += take;
+        tasks += 1;
+        b[tasks] = r;
+    }
+    b[0] = 0;
+    debug_assert!(tasks <= TEAM_MAX_TASKS && b[tasks] == n_rows);
+    tasks
+}
 
 /// GEMM: rows computed per sub-block before their accumulators are transposed to `[t][n]`
 /// (`16 * m * 8` bytes, L1-resident for the prompt lengths of a prefill).
@@ -77,7 +107,8 @@ const TRANSPOSE_ROWS: usize = 16;
 #[derive(Clone, Copy)]
 struct OutPtr(*mut i64);
 
-// SAFETY: only used by `gemm_acc_in`, whose tasks write disjoint elements.
+// SAFETY: only used by `gemm_acc_in`, whose tasks write disjoint elements (GEMM row blocks,
+// guided GEMV row ranges).
 #[allow(unsafe_code)]
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
@@ -664,12 +695,19 @@ impl PreparedWeights {
                 return Ok(());
             }
             if let Some(team) = team.filter(|t| t.is_leading() && t.threads() > 1) {
-                let rows = self
-                    .n_rows
-                    .div_ceil(TEAM_TASKS_PER_THREAD * team.threads())
-                    .next_multiple_of(TEAM_ROW_ALIGN);
-                team.for_each_chunk_mut(acc_out, rows, |task, out, _| {
-                    rows_one_token(isa, &ctx, task * rows, xp, s, qx, out);
+                let mut b = [0usize; TEAM_MAX_TASKS + 1];
+                let tasks = guided_bounds(self.n_rows, team.threads(), &mut b);
+                let out = OutPtr(acc_out.as_mut_ptr());
+                assert_eq!(acc_out.len(), self.n_rows, "GEMV output length");
+                team.for_each(tasks, |task, _| {
+                    let (r0, r1) = (b[task], b[task + 1]);
+                    // SAFETY: rows r0..r1 lie inside `acc_out` (b is increasing and ends at
+                    // n_rows = acc_out.len(), asserted); `for_each` runs each task index once,
+                    // so the ranges of the tasks are disjoint, and `acc_out` stays mutably
+                    // borrowed (nothing else reads or writes it) until every task has finished.
+                    #[allow(unsafe_code)]
+                    let out = unsafe { std::slice::from_raw_parts_mut(out.at(r0), r1 - r0) };
+                    rows_one_token(isa, &ctx, r0, xp, s, qx, out);
                 });
                 return Ok(());
             }
@@ -936,4 +974,50 @@ fn row_acc_scalar_b<const B: u32>(ctx: &RowCtx<'_>, row: usize, xp: &[i8], s: &[
         acc = ctx.accumulate(row, g, p_code, s_g, acc);
     }
     acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guided_gemv_tasks_cover_every_row_once_in_aligned_shrinking_ranges() {
+        for members in 1..=4 {
+            for n_rows in [
+                1usize,
+                7,
+                8,
+                63,
+                64,
+                65,
+                192,
+                576,
+                960,
+                1536,
+                3072,
+                49152,
+                1 << 20,
+            ] {
+                let mut b = [0usize; TEAM_MAX_TASKS + 1];
+                let tasks = guided_bounds(n_rows, members, &mut b);
+                assert!(
+                    (1..=TEAM_MAX_TASKS).contains(&tasks),
+                    "{n_rows} rows: {tasks} tasks"
+                );
+                assert_eq!((b[0], b[tasks]), (0, n_rows));
+                for i in 0..tasks {
+                    let len = b[i + 1] - b[i];
+                    assert!(len > 0, "{n_rows} rows: empty task {i}");
+                    if i + 1 < tasks {
+                        assert_eq!(b[i + 1] % TEAM_ROW_ALIGN, 0, "aligned task ends");
+                        assert!(len >= TEAM_MIN_ROWS);
+                        // Never growing, but for the last (it takes the rest).
+                        if i + 2 < tasks {
+                            assert!(b[i + 2] - b[i + 1] <= len, "{n_rows} rows: task {i}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
