@@ -76,6 +76,24 @@
 //! the token block, the activations would have to be widened per row).
 #![allow(unsafe_code)]
 
+/// Runs `$body` (a block whose `unsafe` calls enter a `#[target_feature(enable = "avx2")]`
+/// module, each with its `SAFETY` comment) after asserting that the CPU has AVX2; off x86_64
+/// the body is not compiled and the call is unreachable (`Isa::Avx2` is never available there).
+macro_rules! on_avx2 {
+    ($body:block) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert!(
+                std::arch::is_x86_feature_detected!("avx2"),
+                "AVX2 path on a CPU without AVX2"
+            );
+            $body
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("Isa::Avx2 is never available off x86_64")
+    }};
+}
+
 use crate::weights::{QuadX, RowCtx, QUAD_SLACK};
 
 /// Rows `row0..row0 + out.len()` for one padded token `xp` with group sums `s` (and `qx`, the
@@ -92,18 +110,11 @@ pub(crate) fn rows_one_token(
     if let Some(qx) = qx {
         check_quad_bounds(ctx, row0, out.len(), qx);
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        assert!(
-            std::arch::is_x86_feature_detected!("avx2"),
-            "AVX2 path on a CPU without AVX2"
-        );
+    on_avx2!({
         // SAFETY: AVX2 is present (checked just above) and check_bounds (and check_quad_bounds
         // when qx is given) asserted every slice length the raw loads in `imp` rely on.
         unsafe { imp::rows_one_token(ctx, row0, xp, s, qx, out) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("Isa::Avx2 is never available off x86_64");
+    })
 }
 
 /// Rows for `m` tokens (padded rows of `plen` in `xp`); `out` is `[row][t]`. `s_tr` holds the
@@ -130,18 +141,11 @@ pub(crate) fn rows_many_tokens(
         s_tr.len() >= ctx.groups * crate::weights::s_tr_stride(m),
         "transposed group sums too short"
     );
-    #[cfg(target_arch = "x86_64")]
-    {
-        assert!(
-            std::arch::is_x86_feature_detected!("avx2"),
-            "AVX2 path on a CPU without AVX2"
-        );
+    on_avx2!({
         // SAFETY: as in rows_one_token: AVX2 checked, bounds asserted by check_bounds and
         // just above (s_tr).
         unsafe { imp::rows_many_tokens(ctx, row0, m, xp, s, s_tr, out) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("Isa::Avx2 is never available off x86_64");
+    })
 }
 
 fn check_bounds(ctx: &RowCtx<'_>, row0: usize, rows: usize, m: usize, xp_len: usize, s_len: usize) {
@@ -1560,18 +1564,11 @@ pub(crate) fn dot4_rows(
         chunks * 32 <= 1 << 20,
         "i32 lanes exact for up to 2^20 elements"
     );
-    #[cfg(target_arch = "x86_64")]
-    {
-        assert!(
-            std::arch::is_x86_feature_detected!("avx2"),
-            "AVX2 path on a CPU without AVX2"
-        );
+    on_avx2!({
         // SAFETY: AVX2 present; every row r < n_rows has chunks * 16 readable bytes at
         // r * stride and x_pad has chunks * 32 (asserted above).
         unsafe { imp::dot4_rows(x_pad, rows, stride, n_rows, chunks, p) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("Isa::Avx2 is never available off x86_64");
+    })
 }
 
 /// The 8-bit window products (N18) on plain `i8` rows, compiled for AVX2 (the loops are the
@@ -1579,12 +1576,7 @@ pub(crate) fn dot4_rows(
 /// keys[t][c]` and `pv[c] += sum_t x[t] * values[t][c]`, exact in `i32` for `hd < 2^17` and
 /// windows under `2^17` tokens (asserted by the callers).
 pub(crate) fn window_qk(q: &[i8], keys: &[i8], out: &mut [i64], lo: i64, hi: i64) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        assert!(
-            std::arch::is_x86_feature_detected!("avx2"),
-            "AVX2 path on a CPU without AVX2"
-        );
+    on_avx2!({
         assert!(
             keys.len() >= out.len() * q.len(),
             "window_qk: keys of every token"
@@ -1592,24 +1584,15 @@ pub(crate) fn window_qk(q: &[i8], keys: &[i8], out: &mut [i64], lo: i64, hi: i64
         // SAFETY: AVX2 is present (checked above); every token t < out.len() has q.len() keys
         // (asserted above).
         unsafe { win_imp::qk(q, keys, out, lo, hi) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("Isa::Avx2 is never available off x86_64");
+    })
 }
 
 /// See [`window_qk`].
 pub(crate) fn window_pv(x: &[i8], values: &[i8], pv: &mut [i32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        assert!(
-            std::arch::is_x86_feature_detected!("avx2"),
-            "AVX2 path on a CPU without AVX2"
-        );
+    on_avx2!({
         // SAFETY: AVX2 is present (checked above); the body is safe code.
         unsafe { window_imp::pv(x, values, pv) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("Isa::Avx2 is never available off x86_64");
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1660,18 +1643,11 @@ pub(crate) fn dot4_rows2(
         chunks * 32 <= 1 << 20,
         "i32 lanes exact for up to 2^20 elements"
     );
-    #[cfg(target_arch = "x86_64")]
-    {
-        assert!(
-            std::arch::is_x86_feature_detected!("avx2"),
-            "AVX2 path on a CPU without AVX2"
-        );
+    on_avx2!({
         // SAFETY: AVX2 present; every row r < n_rows has chunks * 16 readable bytes at
         // r * stride and both x rows have chunks * 32 (asserted above).
         unsafe { kv_imp::dot4_rows2(x_a, x_b, rows, stride, n_rows, chunks, p_a, p_b) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("Isa::Avx2 is never available off x86_64");
+    })
 }
 
 /// [`window_pv`] for two activation rows at once (each value token read once for both).
@@ -1682,12 +1658,7 @@ pub(crate) fn window_pv2(
     pv_a: &mut [i32],
     pv_b: &mut [i32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        assert!(
-            std::arch::is_x86_feature_detected!("avx2"),
-            "AVX2 path on a CPU without AVX2"
-        );
+    on_avx2!({
         let hd = pv_a.len();
         assert!(
             pv_b.len() == hd && x_b.len() == x_a.len(),
@@ -1705,9 +1676,7 @@ pub(crate) fn window_pv2(
             // SAFETY: AVX2 is present (checked above); the body is safe code.
             unsafe { window_imp::pv2(x_a, x_b, values, pv_a, pv_b) }
         }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("Isa::Avx2 is never available off x86_64");
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1785,63 +1754,35 @@ mod kv_imp {
 /// feature enabled so the compiler vectorizes them 8 lanes wide (the same IEEE `f32` and
 /// integer operations per element, so the same results).
 pub(crate) fn quantize_probs_into(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        assert!(
-            std::arch::is_x86_feature_detected!("avx2"),
-            "AVX2 path on a CPU without AVX2"
-        );
+    on_avx2!({
         // SAFETY: AVX2 is present (checked above); the body is safe code.
         unsafe { elem_imp::quantize_probs(p, hi, lo) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("AVX2 is never available off x86_64");
+    })
 }
 
 /// See [`quantize_probs_into`].
 pub(crate) fn quantize_query_into(x: &[f32], out: &mut [i8]) -> Option<f32> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        assert!(
-            std::arch::is_x86_feature_detected!("avx2"),
-            "AVX2 path on a CPU without AVX2"
-        );
+    on_avx2!({
         // SAFETY: AVX2 is present (checked above); the body is safe code.
         unsafe { elem_imp::quantize_query(x, out) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("AVX2 is never available off x86_64");
+    })
 }
 
 /// See [`quantize_probs_into`].
 pub(crate) fn fold_into(x_i8: &[i8], fscale_q: &[u16], sf: u32, out: &mut [i8]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        assert!(
-            std::arch::is_x86_feature_detected!("avx2"),
-            "AVX2 path on a CPU without AVX2"
-        );
+    on_avx2!({
         // SAFETY: AVX2 is present (checked above); the body is safe code.
         unsafe { elem_imp::fold(x_i8, fscale_q, sf, out) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("AVX2 is never available off x86_64");
+    })
 }
 
 /// N14's weight-lattice stage loop (`weights::stage_shift_portable`) compiled for AVX2, as
 /// above: the same integer operations per element.
 pub(crate) fn stage_shift_into(acc: &[i64], y: &mut [i32], s: u32, lo: i64, hi: i64) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        assert!(
-            std::arch::is_x86_feature_detected!("avx2"),
-            "AVX2 path on a CPU without AVX2"
-        );
+    on_avx2!({
         // SAFETY: AVX2 is present (checked above); the body is safe code.
         unsafe { elem_imp::stage_shift(acc, y, s, lo, hi) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("AVX2 is never available off x86_64");
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
