@@ -35,7 +35,8 @@ use tessera_golden::quant::{quantize_token, quantize_tokens, QuantWeights};
 pub use tessera_kernels_cpu::Isa;
 pub use tessera_kernels_cpu::Team;
 use tessera_kernels_cpu::{
-    apply_stage, KvHeadCpu, KvScratch, PreparedWeights, Pv2Out, Scratch, ValueFolds,
+    apply_stage, quantize_token_isa, KvHeadCpu, KvScratch, PreparedWeights, Pv2Out, Scratch,
+    ValueFolds,
 };
 
 use super::{Error, Result};
@@ -227,7 +228,7 @@ impl EngineLinear {
         assert_eq!(x.len(), n_tok * k, "matmul input size");
         assert_eq!(y.len(), n_tok * n_out, "matmul output size");
         let pw = self.prepared();
-        if !ws.quantize_inputs(x, n_tok, k, n_out) {
+        if !ws.quantize_inputs(self.isa, x, n_tok, k, n_out) {
             y.fill(f32::NAN);
             return;
         }
@@ -407,7 +408,7 @@ impl Linear {
             n_tok * total,
             "fused outputs size"
         );
-        if !ws.quantize_inputs(x, n_tok, k, total) {
+        if !ws.quantize_inputs(e.isa, x, n_tok, k, total) {
             outs.iter_mut().for_each(|o| o.fill(f32::NAN));
             return true;
         }
@@ -480,14 +481,22 @@ pub struct LinearScratch {
 
 impl LinearScratch {
     /// Grows the buffers for `n_tok` tokens of `k` inputs and `n_out` outputs and quantizes `x`
-    /// per token (N5) into `codes` / `scale_x`; false when an input is not finite.
-    fn quantize_inputs(&mut self, x: &[f32], n_tok: usize, k: usize, n_out: usize) -> bool {
+    /// per token (N5, on the kernel path `isa`: the same codes and scales as
+    /// [`quantize_token_into`]) into `codes` / `scale_x`; false when an input is not finite.
+    fn quantize_inputs(
+        &mut self,
+        isa: Isa,
+        x: &[f32],
+        n_tok: usize,
+        k: usize,
+        n_out: usize,
+    ) -> bool {
         grow(&mut self.codes, n_tok * k);
         grow(&mut self.scale_x, n_tok);
         grow(&mut self.acc, n_tok * n_out);
         grow(&mut self.y, n_tok * n_out);
         let one = |(xr, (c, s)): (&[f32], (&mut [i8], &mut f32))| {
-            quantize_token_into(xr, c).map(|v| *s = v).is_some()
+            quantize_token_isa(isa, xr, c).map(|v| *s = v).is_some()
         };
         let (x, codes, scales) = (
             &x[..n_tok * k],
@@ -1367,8 +1376,10 @@ fn attn_weighted_sum(
 
 #[cfg(test)]
 mod tests {
-    use super::round_clamp_i8;
+    use super::{quantize_token_into, round_clamp_i8, Isa};
     use tessera_golden::numerics::round_clamp_f32;
+    use tessera_golden::quant::quantize_token;
+    use tessera_kernels_cpu::quantize_token_isa;
 
     fn golden(y: f32) -> i8 {
         i8::try_from(round_clamp_f32(y, -127, 127)).expect("clamped")
@@ -1411,6 +1422,44 @@ mod tests {
         for bits in (0..top).step_by(101) {
             for y in [f32::from_bits(bits), -f32::from_bits(bits)] {
                 assert_eq!(round_clamp_i8(y), golden(y), "y = {y:e} ({bits:#010x})");
+            }
+        }
+    }
+
+    /// The N5 the weight products use (`quantize_token_isa`, on every available path, SIMD body
+    /// and scalar tail) and [`quantize_token_into`] give golden's codes and scale: tokens holding
+    /// 127 (scale exactly 1, so each quotient is the value itself) and the ties, their
+    /// neighbours, and a sweep of floats of `|y| <= 127`, cut at several lengths.
+    #[test]
+    fn n5_token_paths_equal_golden_at_ties_and_a_sweep() {
+        let mut ys = vec![0.0f32, -0.0, 1e-45, -1e-45, 0.499_999_97, -0.499_999_97];
+        for n in -127..127 {
+            let tie = n as f32 + 0.5;
+            ys.extend([tie, tie.next_up(), tie.next_down(), n as f32]);
+        }
+        let top = 127.0f32.to_bits();
+        ys.extend((0..=top).step_by(997).flat_map(|b| {
+            let y = f32::from_bits(b);
+            [y, -y]
+        }));
+        for (i, chunk) in ys.chunks(509).enumerate() {
+            let mut row = vec![127.0f32];
+            row.extend_from_slice(chunk);
+            let row = &row[..row.len() - i % 7];
+            let want = quantize_token(row).expect("finite");
+            let mut got = vec![0i8; row.len()];
+            let s = quantize_token_into(row, &mut got).expect("finite");
+            assert_eq!(
+                (s.to_bits(), &got),
+                (want.scale_x.to_bits(), &want.codes_i8)
+            );
+            for isa in Isa::available() {
+                let s = quantize_token_isa(isa, row, &mut got).expect("finite");
+                assert_eq!(
+                    (s.to_bits(), &got),
+                    (want.scale_x.to_bits(), &want.codes_i8),
+                    "{isa:?}"
+                );
             }
         }
     }
