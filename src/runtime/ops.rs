@@ -233,6 +233,25 @@ impl EngineLinear {
             return;
         }
         let stage = OutputStage::weight_lattice_i32(w.scale_frac_bits());
+        let c = DequantConst::new(&stage, weight_frac_bits(w));
+        if n_tok > 1 {
+            // A prompt: N14 and N20 per GEMM sub-block, in the GEMM's tasks.
+            let ok = pw.gemm_epilogue(
+                self.isa,
+                &self.dp,
+                &ws.codes[..n_tok * k],
+                n_tok,
+                &stage,
+                &mut ws.kernels,
+                &mut [&mut *y],
+                dequant_epilogue(c, &ws.scale_x[..n_tok], w.row_scale()),
+            );
+            if ok.is_err() {
+                // Shapes and the datapath were checked at construction: not reached.
+                y.fill(f32::NAN);
+            }
+            return;
+        }
         let acc = &mut ws.acc[..n_tok * n_out];
         let ok = pw.gemm_acc_in(
             Some(&ws.team),
@@ -248,7 +267,6 @@ impl EngineLinear {
             y.fill(f32::NAN);
             return;
         }
-        let c = DequantConst::new(&stage, weight_frac_bits(w));
         dequant_rows(
             c,
             &ws.y[..n_tok * n_out],
@@ -413,6 +431,25 @@ impl Linear {
             return true;
         }
         let stage = OutputStage::weight_lattice_i32(f.scale_frac_bits);
+        let c = DequantConst::new(&stage, f.frac_bits);
+        let rs = f.w.row_scale();
+        if n_tok > 1 {
+            // A prompt: N14 and N20 per GEMM sub-block, in the GEMM's tasks.
+            let ok = f.w.gemm_epilogue(
+                e.isa,
+                &e.dp,
+                &ws.codes[..n_tok * k],
+                n_tok,
+                &stage,
+                &mut ws.kernels,
+                outs,
+                dequant_epilogue(c, &ws.scale_x[..n_tok], rs),
+            );
+            if ok.is_err() {
+                outs.iter_mut().for_each(|o| o.fill(f32::NAN));
+            }
+            return true;
+        }
         let acc = &mut ws.acc[..n_tok * total];
         let ok = f.w.gemm_acc_in(
             Some(&ws.team),
@@ -427,8 +464,6 @@ impl Linear {
             outs.iter_mut().for_each(|o| o.fill(f32::NAN));
             return true;
         }
-        let c = DequantConst::new(&stage, f.frac_bits);
-        let rs = f.w.row_scale();
         let mut r0 = 0;
         for out in outs.iter_mut() {
             let np = out.len() / n_tok;
@@ -550,6 +585,22 @@ fn dequant_rows(
         row((0, out));
     } else {
         out.par_chunks_mut(np).enumerate().for_each(row);
+    }
+}
+
+/// N20 as a [`PreparedWeights::gemm_epilogue`] epilogue: token `t`'s N14 outputs `y` of rows
+/// `row..` into `out` with the same operations as [`dequant_rows`],
+/// `y * factor(scale_x[t], rs[row + i])`.
+fn dequant_epilogue<'a>(
+    c: DequantConst,
+    scale_x: &'a [f32],
+    rs: &'a [f32],
+) -> impl Fn(usize, usize, &[i32], &mut [f32]) + Sync + 'a {
+    move |t, row, y, out| {
+        let cx = c.with_x(scale_x[t]);
+        for ((yo, &v), &sw) in out.iter_mut().zip(y).zip(&rs[row..row + y.len()]) {
+            *yo = v as f32 * cx.factor(sw);
+        }
     }
 }
 
