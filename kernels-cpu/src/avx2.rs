@@ -2142,3 +2142,134 @@ mod win_tests {
         }
     }
 }
+
+// ---- N5 activation quantization (`act::quantize_token_isa`) ----
+
+/// N5 of one token on AVX2 (see [`crate::act::quantize_token_isa`]).
+pub(crate) fn quantize_token_n5(x: &[f32], out: &mut [i8]) -> Option<f32> {
+    assert_eq!(x.len(), out.len(), "quantize_token_n5: one code per input");
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: AVX2 is present (checked above); `out` is as long as `x` (asserted).
+        unsafe { n5_imp::quantize_token(x, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX2 is never available off x86_64");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod n5_imp {
+    use std::arch::x86_64::*;
+
+    use crate::act::round_clamp_i8;
+
+    /// golden's `quantize_token`: the absolute maximum (order-independent for finite inputs:
+    /// every `|v|` is a non-negative finite float and `max` of such is exact) and the finiteness
+    /// check in one pass, then per lane `v / scale` (`vdivps`, the IEEE quotient as the scalar
+    /// division), [`round_clamp_i8`]'s operations ([`code`]), and a pack to bytes. The last
+    /// `len % 32` elements take [`round_clamp_i8`] itself.
+    ///
+    /// # Safety
+    /// AVX2 is available; `out.len() == x.len()`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_token(x: &[f32], out: &mut [i8]) -> Option<f32> {
+        let n = x.len();
+        let p = x.as_ptr();
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let fmax = _mm256_set1_ps(f32::MAX);
+        let z = _mm256_setzero_ps();
+        let (mut m0, mut m1) = (z, z);
+        let mut ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: elements i..i + 16 of `x` exist.
+            let (a, b) = unsafe {
+                (
+                    _mm256_and_ps(_mm256_loadu_ps(p.add(i)), abs),
+                    _mm256_and_ps(_mm256_loadu_ps(p.add(i + 8)), abs),
+                )
+            };
+            // `|v| <= MAX` is false for +-inf and NaN.
+            ok = _mm256_and_ps(ok, _mm256_cmp_ps::<_CMP_LE_OQ>(a, fmax));
+            ok = _mm256_and_ps(ok, _mm256_cmp_ps::<_CMP_LE_OQ>(b, fmax));
+            m0 = _mm256_max_ps(m0, a);
+            m1 = _mm256_max_ps(m1, b);
+            i += 16;
+        }
+        while i + 8 <= n {
+            // SAFETY: elements i..i + 8 of `x` exist.
+            let a = unsafe { _mm256_and_ps(_mm256_loadu_ps(p.add(i)), abs) };
+            ok = _mm256_and_ps(ok, _mm256_cmp_ps::<_CMP_LE_OQ>(a, fmax));
+            m0 = _mm256_max_ps(m0, a);
+            i += 8;
+        }
+        if _mm256_movemask_ps(ok) != 0xff {
+            return None;
+        }
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` holds eight f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_max_ps(m0, m1)) };
+        let mut absmax = lanes.iter().fold(0.0f32, |m, &v| m.max(v));
+        for &v in &x[i..] {
+            if !v.is_finite() {
+                return None;
+            }
+            absmax = absmax.max(v.abs());
+        }
+        let scale_x = absmax / 127.0;
+        if scale_x == 0.0 {
+            out.fill(0);
+            return Some(0.0);
+        }
+        let sv = _mm256_set1_ps(scale_x);
+        let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let o = out.as_mut_ptr();
+        let mut i = 0;
+        while i + 32 <= n {
+            // SAFETY: elements i..i + 32 of `x` and `out` exist.
+            unsafe {
+                let r0 = code(sv, _mm256_loadu_ps(p.add(i)));
+                let r1 = code(sv, _mm256_loadu_ps(p.add(i + 8)));
+                let r2 = code(sv, _mm256_loadu_ps(p.add(i + 16)));
+                let r3 = code(sv, _mm256_loadu_ps(p.add(i + 24)));
+                // In [-127, 127], so the saturating packs are exact; per 128-bit lane they
+                // interleave groups of four, which the dword permutation puts back in order.
+                let b = _mm256_packs_epi16(_mm256_packs_epi32(r0, r1), _mm256_packs_epi32(r2, r3));
+                let b = _mm256_permutevar8x32_epi32(b, perm);
+                _mm256_storeu_si256(o.add(i).cast::<__m256i>(), b);
+            }
+            i += 32;
+        }
+        for (c, &v) in out[i..].iter_mut().zip(&x[i..]) {
+            *c = round_clamp_i8(v / scale_x);
+        }
+        Some(scale_x)
+    }
+
+    /// Eight codes of [`round_clamp_i8`]`(v / scale)` as `i32` lanes: `y` clamped to
+    /// `[-128, 128]`, truncated, plus one where the exact fraction is `>= 0.5`, minus one where
+    /// it is `<= -0.5`, clamped to `[-127, 127]`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn code(scale: __m256, v: __m256) -> __m256i {
+        let y = _mm256_div_ps(v, scale);
+        let y = _mm256_min_ps(
+            _mm256_max_ps(y, _mm256_set1_ps(-128.0)),
+            _mm256_set1_ps(128.0),
+        );
+        let t = _mm256_cvttps_epi32(y);
+        let frac = _mm256_sub_ps(y, _mm256_cvtepi32_ps(t));
+        // Compare masks are -1 where true: t + [frac >= 0.5] - [frac <= -0.5].
+        let up = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, _mm256_set1_ps(0.5)));
+        let down = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(frac, _mm256_set1_ps(-0.5)));
+        let r = _mm256_add_epi32(_mm256_sub_epi32(t, up), down);
+        _mm256_min_epi32(
+            _mm256_max_epi32(r, _mm256_set1_epi32(-127)),
+            _mm256_set1_epi32(127),
+        )
+    }
+}

@@ -36,6 +36,7 @@
 //! The contract is bit-exactness: every kernel, on every path available on the machine, is
 //! tested integer for integer against golden (`tests/`).
 
+pub mod act;
 mod avx2;
 pub mod isa;
 pub mod kv;
@@ -43,6 +44,7 @@ pub mod mem;
 pub mod team;
 pub mod weights;
 
+pub use act::quantize_token_isa;
 pub use isa::{Isa, IsaError};
 pub use kv::{KvHeadCpu, KvKernelError, KvScratch, Pv2Out, ValueFolds};
 pub use team::Team;

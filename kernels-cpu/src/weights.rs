@@ -126,6 +126,22 @@ impl OutPtr {
     }
 }
 
+/// A part of the output of [`PreparedWeights::gemm_epilogue`]: rows `row0..row0 + np` of the
+/// tensor, stored `[t][np]` at `ptr`.
+#[derive(Clone, Copy)]
+struct PartPtr<T> {
+    row0: usize,
+    np: usize,
+    ptr: *mut T,
+}
+
+// SAFETY: only used by `gemm_epilogue`, whose tasks write disjoint elements (their own rows).
+#[allow(unsafe_code)]
+unsafe impl<T: Send> Send for PartPtr<T> {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl<T: Send> Sync for PartPtr<T> {}
+
 /// A weight tensor re-packed for the CPU kernels (see the module docs for the layout).
 #[derive(Debug, Clone)]
 pub struct PreparedWeights {
@@ -186,6 +202,9 @@ pub struct Scratch {
     /// padding zero), as `i64` (see `avx2.rs`, the tiled folded path).
     s_tr: Vec<i64>,
     acc_nt: Vec<i64>,
+    /// GEMM with an epilogue: each task's N14 outputs of one sub-block, `[row][t]` then
+    /// transposed to `[t][TRANSPOSE_ROWS]`.
+    y_sub: Vec<i32>,
     /// The GEMV quad layout's activations and `i16` group sums (one token).
     x_quad: Vec<i8>,
     s_quad: Vec<i16>,
@@ -790,6 +809,162 @@ impl PreparedWeights {
         apply_stage(stage, acc, y_out)
     }
 
+    /// N12-N14 with a caller's epilogue (e.g. N20 dequantization), exactly
+    /// `golden::ops::weight_op` followed by `epi`: for every token `t` and run of rows
+    /// `row..row + y.len()` (within one output part), `epi(t, row, y, out)` gets the N14 outputs
+    /// `y[i] = y[t][row + i]` and the part's elements `out[i]` of token `t`, row `row + i`.
+    ///
+    /// The output is `outs`, parts of consecutive rows (`outs[p]` is `[t][np]`, the parts' `np`
+    /// summing to the tensor's rows; e.g. the Q, K and V of a [`Self::concat_rows`] tensor). For
+    /// `m_tokens > 1` every GEMM sub-block of `TRANSPOSE_ROWS` rows goes from the kernel's `i64`
+    /// accumulators through the stage to `epi` while it is in L1, in the same rayon tasks as the
+    /// GEMM (no `[t][n]` accumulator pass); one token computes the accumulators first
+    /// ([`Self::gemm_acc`], allocating), then the stage and `epi`.
+    ///
+    /// `isa` as in [`Self::gemm_acc`]. Runs on the current rayon pool; `epi` may be called from
+    /// any of its threads, in any order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_epilogue<T, F>(
+        &self,
+        isa: Isa,
+        dp: &Datapath,
+        x_i8: &[i8],
+        m_tokens: usize,
+        stage: &OutputStage,
+        scratch: &mut Scratch,
+        outs: &mut [&mut [T]],
+        epi: F,
+    ) -> Result<(), OpError>
+    where
+        T: Send,
+        F: Fn(usize, usize, &[i32], &mut [T]) + Sync,
+    {
+        stage.check()?;
+        let total: usize = outs.iter().map(|o| o.len()).sum();
+        self.check(dp, x_i8, m_tokens, total)?;
+        let mut parts = Vec::with_capacity(outs.len());
+        let mut row0 = 0;
+        for o in outs.iter_mut() {
+            if o.len() % m_tokens != 0 {
+                return Err(OpError::Shape {
+                    what: "output part (whole token rows)",
+                    expected: o.len().next_multiple_of(m_tokens),
+                    got: o.len(),
+                });
+            }
+            let np = o.len() / m_tokens;
+            parts.push(PartPtr {
+                row0,
+                np,
+                ptr: o.as_mut_ptr(),
+            });
+            row0 += np;
+        }
+        let parts = &parts[..];
+        // Token `t`'s N14 outputs `y` of rows `row..row + y.len()`, split at the part boundaries.
+        let emit = |t: usize, row: usize, y: &[i32]| {
+            let mut r = row;
+            for p in parts {
+                let end = (row + y.len()).min(p.row0 + p.np);
+                if r >= end {
+                    continue;
+                }
+                // SAFETY: rows r..end lie in part p (r >= p.row0, end <= p.row0 + p.np), so
+                // token t's elements t * np + (r - row0).. of its `m_tokens * np` are in bounds;
+                // each (t, row) is emitted once, by the one task that owns the row, and nothing
+                // else reads or writes `outs` meanwhile.
+                #[allow(unsafe_code)]
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(p.ptr.add(t * p.np + (r - p.row0)), end - r)
+                };
+                epi(t, r, &y[r - row..end - row], out);
+                r = end;
+            }
+        };
+        if m_tokens == 1 {
+            let mut acc = vec![0i64; self.n_rows];
+            self.gemm_acc(isa, dp, x_i8, 1, scratch, &mut acc)?;
+            let mut y = vec![0i32; self.n_rows];
+            apply_stage(stage, &acc, &mut y)?;
+            emit(0, 0, &y);
+            return Ok(());
+        }
+        self.pad_activations(x_i8, m_tokens, scratch);
+        let isa = self.effective_isa(isa);
+        let ctx = self.row_ctx(dp.acc_bits);
+        let plen = self.padded_len();
+        let groups = self.groups;
+        let rows_per_task = MIN_ROWS_PER_TASK.max(self.n_rows / (4 * rayon::current_num_threads()));
+        let tasks = self.n_rows.div_ceil(rows_per_task);
+        let sub_len = TRANSPOSE_ROWS * m_tokens;
+        // Per task: the stage's `[row][t]` outputs, then the same transposed.
+        if scratch.y_sub.len() < tasks * 2 * sub_len {
+            scratch.y_sub.resize(tasks * 2 * sub_len, 0);
+        }
+        let sequential = self.n_rows * plen * m_tokens < PAR_MIN_MACS;
+        // The weight-lattice stage's shift and N3 bounds (see `stage_unchecked`).
+        let lattice = (stage.out_mult == 1 && (1..=61).contains(&stage.out_shift)).then(|| {
+            (
+                stage.out_shift,
+                min_signed(stage.out_bits),
+                max_signed(stage.out_bits),
+            )
+        });
+        let xp = &scratch.x_pad[..m_tokens * plen];
+        let s = &scratch.s_sum[..m_tokens * groups];
+        let s_tr = &scratch.s_tr[..groups * s_tr_stride(m_tokens)];
+        let acc_nt = &mut scratch.acc_nt[..m_tokens * self.n_rows];
+        let y_sub = &mut scratch.y_sub[..tasks * 2 * sub_len];
+        // Rows `row0..row0 + block.len() / m` by sub-blocks of TRANSPOSE_ROWS rows: the kernel
+        // writes `[row][t]` accumulators into the start of `block`, the stage makes `ysub`, and
+        // each token's outputs are gathered and emitted (all in L1).
+        let run = |row0: usize, block: &mut [i64], ysub: &mut [i32]| {
+            let block_rows = block.len() / m_tokens;
+            let (ys, yt) = ysub.split_at_mut(sub_len);
+            for b0 in (0..block_rows).step_by(TRANSPOSE_ROWS) {
+                let rows = TRANSPOSE_ROWS.min(block_rows - b0);
+                let r0 = row0 + b0;
+                let sub = &mut block[..rows * m_tokens];
+                rows_many_tokens(isa, &ctx, r0, m_tokens, plen, xp, s, s_tr, sub);
+                // The stage into `[t][TRANSPOSE_ROWS]` (contiguous reads, writes within L1):
+                // the lattice stage inline when every accumulator allows it (as in
+                // `stage_unchecked`), else `stage_unchecked` and a transposition.
+                if let Some((sh, lo, hi)) = lattice.filter(|_| below_2_62(sub)) {
+                    for (i, ar) in sub.chunks_exact(m_tokens).enumerate() {
+                        for (t, &a) in ar.iter().enumerate() {
+                            yt[t * TRANSPOSE_ROWS + i] = stage_shift_one(a, sh, lo, hi);
+                        }
+                    }
+                } else {
+                    let ys = &mut ys[..rows * m_tokens];
+                    stage_unchecked(stage, sub, ys);
+                    for (i, yr) in ys.chunks_exact(m_tokens).enumerate() {
+                        for (t, &v) in yr.iter().enumerate() {
+                            yt[t * TRANSPOSE_ROWS + i] = v;
+                        }
+                    }
+                }
+                for (t, y) in yt.chunks_exact(TRANSPOSE_ROWS).enumerate() {
+                    emit(t, r0, &y[..rows]);
+                }
+            }
+        };
+        if sequential {
+            acc_nt
+                .chunks_mut(rows_per_task * m_tokens)
+                .zip(y_sub.chunks_mut(2 * sub_len))
+                .enumerate()
+                .for_each(|(task, (block, ysub))| run(task * rows_per_task, block, ysub));
+        } else {
+            acc_nt
+                .par_chunks_mut(rows_per_task * m_tokens)
+                .zip(y_sub.par_chunks_mut(2 * sub_len))
+                .enumerate()
+                .for_each(|(task, (block, ysub))| run(task * rows_per_task, block, ysub));
+        }
+        Ok(())
+    }
+
     fn effective_isa(&self, isa: Isa) -> Isa {
         if isa == Isa::Avx2 && isa.is_available() && self.chunks_per_group * CHUNK <= SIMD_MAX_GROUP
         {
@@ -811,6 +986,12 @@ pub fn apply_stage(stage: &OutputStage, acc: &[i64], y_out: &mut [i32]) -> Resul
             got: y_out.len(),
         });
     }
+    stage_unchecked(stage, acc, y_out);
+    Ok(())
+}
+
+/// [`apply_stage`]'s work for a checked stage and `acc.len() == y_out.len()`.
+fn stage_unchecked(stage: &OutputStage, acc: &[i64], y_out: &mut [i32]) {
     // N3 bounds of `out_bits` (<= 32, so they fit i32), computed once per call.
     let (lo, hi) = (min_signed(stage.out_bits), max_signed(stage.out_bits));
     if stage.out_mult == 1 && stage.out_shift == 0 {
@@ -818,7 +999,7 @@ pub fn apply_stage(stage: &OutputStage, acc: &[i64], y_out: &mut [i32]) -> Resul
         for (y, &a) in y_out.iter_mut().zip(acc) {
             *y = a.clamp(lo, hi) as i32;
         }
-        return Ok(());
+        return;
     }
     let mult = i64::from(stage.out_mult);
     let s = stage.out_shift;
@@ -828,13 +1009,13 @@ pub fn apply_stage(stage: &OutputStage, acc: &[i64], y_out: &mut [i32]) -> Resul
         let half = 1i64 << (s - 1);
         // One branch-free pass when every accumulator is in range (the normal case: |acc| <
         // 2^47), so the loop has no call in it and vectorizes.
-        if acc.iter().all(|a| a.unsigned_abs() < 1 << 62) {
+        if below_2_62(acc) {
             if Isa::Avx2.is_available() {
                 crate::avx2::stage_shift_into(acc, y_out, s, lo, hi);
             } else {
                 stage_shift_portable(acc, y_out, s, lo, hi);
             }
-            return Ok(());
+            return;
         }
         for (y, &a) in y_out.iter_mut().zip(acc) {
             let r = if a.unsigned_abs() < 1 << 62 {
@@ -844,13 +1025,26 @@ pub fn apply_stage(stage: &OutputStage, acc: &[i64], y_out: &mut [i32]) -> Resul
             };
             *y = r.clamp(lo, hi) as i32;
         }
-        return Ok(());
+        return;
     }
     for (y, &a) in y_out.iter_mut().zip(acc) {
         // |acc| <= 2^47 (acc_bits <= 48) and out_mult < 2^16: the product is exact.
         *y = round_shift(a * mult, s).clamp(lo, hi) as i32;
     }
-    Ok(())
+}
+
+/// Whether every `|a| < 2^62` (one OR over the magnitudes, which vectorizes: the OR has bit 62
+/// or 63 set exactly when some magnitude does).
+#[inline]
+fn below_2_62(acc: &[i64]) -> bool {
+    acc.iter().fold(0u64, |m, a| m | a.unsigned_abs()) < 1 << 62
+}
+
+/// [`stage_shift_portable`] for one accumulator (`|a| < 2^62`).
+#[inline]
+fn stage_shift_one(a: i64, s: u32, lo: i64, hi: i64) -> i32 {
+    let half = 1i64 << (s - 1);
+    ((a + half - i64::from(a < 0)) >> s).clamp(lo, hi) as i32
 }
 
 /// N14's weight-lattice stage for accumulators all below `2^62` in magnitude (shift `s` in

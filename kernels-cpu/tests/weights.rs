@@ -129,6 +129,61 @@ fn check_all_paths(w: &QuantWeights, d: &Datapath, x: &[i8], m: usize) {
             let want: Vec<i32> = want_y[t].iter().map(|&v| v as i32).collect();
             assert_eq!(&y[t * n..(t + 1) * n], &want[..], "y, isa {isa}");
         }
+        check_epilogue(&p, isa, d, x, m, &stage, &want_y, &mut scratch);
+    }
+}
+
+/// `gemm_epilogue` hands every (token, row) golden's N14 output exactly once, with the right
+/// indices, into the right part: outputs split into parts (one empty, boundaries inside a
+/// GEMM sub-block) whose elements record `(t, row, y)`.
+#[allow(clippy::too_many_arguments)]
+fn check_epilogue(
+    p: &PreparedWeights,
+    isa: Isa,
+    d: &Datapath,
+    x: &[i8],
+    m: usize,
+    stage: &OutputStage,
+    want_y: &[Vec<i64>],
+    scratch: &mut Scratch,
+) {
+    let n = p.n_rows();
+    for cuts in [
+        vec![n],
+        vec![0, n.min(5), n],
+        vec![n / 3, n / 3, n - n / 3 - 1, n],
+    ] {
+        let mut bufs: Vec<Vec<(usize, usize, i32)>> = Vec::new();
+        let mut prev = 0;
+        for &c in &cuts {
+            let c = c.clamp(prev, n);
+            bufs.push(vec![(usize::MAX, 0, 0); m * (c - prev)]);
+            prev = c;
+        }
+        let mut outs: Vec<&mut [(usize, usize, i32)]> =
+            bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        p.gemm_epilogue(isa, d, x, m, stage, scratch, &mut outs, |t, row, y, out| {
+            for (i, (o, &v)) in out.iter_mut().zip(y).enumerate() {
+                assert_eq!(o.0, usize::MAX, "(t {t}, row {}) emitted twice", row + i);
+                *o = (t, row + i, v);
+            }
+        })
+        .expect("epilogue kernel");
+        let mut row0 = 0;
+        for b in &bufs {
+            let np = b.len() / m;
+            for t in 0..m {
+                for j in 0..np {
+                    let r = row0 + j;
+                    assert_eq!(
+                        b[t * np + j],
+                        (t, r, want_y[t][r] as i32),
+                        "epilogue, isa {isa}, n {n}, m {m}, parts {cuts:?}"
+                    );
+                }
+            }
+            row0 += np;
+        }
     }
 }
 
@@ -483,6 +538,39 @@ fn tiled_fold_token_tails_row_pairs_and_kblocks() {
                 for acc_bits in [36u32, 48] {
                     check_all_paths(&w, &dp(l, 16, acc_bits), &x, m);
                 }
+            }
+        }
+    }
+}
+
+/// `gemm_epilogue` with stages other than the weight lattice (a multiplier, the identity, a
+/// narrow `out_bits` that saturates), so the sub-blocks take `apply_stage`'s general branches;
+/// large enough to run in parallel.
+#[test]
+fn gemm_epilogue_other_stages() {
+    let mut rng = Rng(29);
+    for (n, k, m) in [(37usize, 300usize, 5usize), (200, 640, 19)] {
+        let w = make_weights(WeightFormat::W4, n, k, 32, 16, Fill::Random, &mut rng);
+        let p = PreparedWeights::from(&w);
+        let d = dp(32, 16, 48);
+        let x: Vec<i8> = (0..m * k).map(|_| rng.next() as i8).collect();
+        let mut scratch = Scratch::new();
+        for stage in [
+            OutputStage {
+                out_mult: 3,
+                out_shift: 20,
+                out_bits: 16,
+            },
+            OutputStage::IDENTITY_I32,
+            OutputStage {
+                out_mult: 1,
+                out_shift: 9,
+                out_bits: 8,
+            },
+        ] {
+            let want_y = weight_op(&d, &x, m, &w, &stage).expect("golden op");
+            for isa in Isa::available() {
+                check_epilogue(&p, isa, &d, &x, m, &stage, &want_y, &mut scratch);
             }
         }
     }

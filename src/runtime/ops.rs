@@ -35,7 +35,8 @@ use tessera_golden::quant::{quantize_token, quantize_tokens, QuantWeights};
 pub use tessera_kernels_cpu::Isa;
 pub use tessera_kernels_cpu::Team;
 use tessera_kernels_cpu::{
-    apply_stage, KvHeadCpu, KvScratch, PreparedWeights, Pv2Out, Scratch, ValueFolds,
+    apply_stage, quantize_token_isa, KvHeadCpu, KvScratch, PreparedWeights, Pv2Out, Scratch,
+    ValueFolds,
 };
 
 use super::{Error, Result};
@@ -227,11 +228,30 @@ impl EngineLinear {
         assert_eq!(x.len(), n_tok * k, "matmul input size");
         assert_eq!(y.len(), n_tok * n_out, "matmul output size");
         let pw = self.prepared();
-        if !ws.quantize_inputs(x, n_tok, k, n_out) {
+        if !ws.quantize_inputs(self.isa, x, n_tok, k, n_out) {
             y.fill(f32::NAN);
             return;
         }
         let stage = OutputStage::weight_lattice_i32(w.scale_frac_bits());
+        let c = DequantConst::new(&stage, weight_frac_bits(w));
+        if n_tok > 1 {
+            // A prompt: N14 and N20 per GEMM sub-block, in the GEMM's tasks.
+            let ok = pw.gemm_epilogue(
+                self.isa,
+                &self.dp,
+                &ws.codes[..n_tok * k],
+                n_tok,
+                &stage,
+                &mut ws.kernels,
+                &mut [&mut *y],
+                dequant_epilogue(c, &ws.scale_x[..n_tok], w.row_scale()),
+            );
+            if ok.is_err() {
+                // Shapes and the datapath were checked at construction: not reached.
+                y.fill(f32::NAN);
+            }
+            return;
+        }
         let acc = &mut ws.acc[..n_tok * n_out];
         let ok = pw.gemm_acc_in(
             Some(&ws.team),
@@ -247,7 +267,6 @@ impl EngineLinear {
             y.fill(f32::NAN);
             return;
         }
-        let c = DequantConst::new(&stage, weight_frac_bits(w));
         dequant_rows(
             c,
             &ws.y[..n_tok * n_out],
@@ -407,11 +426,30 @@ impl Linear {
             n_tok * total,
             "fused outputs size"
         );
-        if !ws.quantize_inputs(x, n_tok, k, total) {
+        if !ws.quantize_inputs(e.isa, x, n_tok, k, total) {
             outs.iter_mut().for_each(|o| o.fill(f32::NAN));
             return true;
         }
         let stage = OutputStage::weight_lattice_i32(f.scale_frac_bits);
+        let c = DequantConst::new(&stage, f.frac_bits);
+        let rs = f.w.row_scale();
+        if n_tok > 1 {
+            // A prompt: N14 and N20 per GEMM sub-block, in the GEMM's tasks.
+            let ok = f.w.gemm_epilogue(
+                e.isa,
+                &e.dp,
+                &ws.codes[..n_tok * k],
+                n_tok,
+                &stage,
+                &mut ws.kernels,
+                outs,
+                dequant_epilogue(c, &ws.scale_x[..n_tok], rs),
+            );
+            if ok.is_err() {
+                outs.iter_mut().for_each(|o| o.fill(f32::NAN));
+            }
+            return true;
+        }
         let acc = &mut ws.acc[..n_tok * total];
         let ok = f.w.gemm_acc_in(
             Some(&ws.team),
@@ -426,8 +464,6 @@ impl Linear {
             outs.iter_mut().for_each(|o| o.fill(f32::NAN));
             return true;
         }
-        let c = DequantConst::new(&stage, f.frac_bits);
-        let rs = f.w.row_scale();
         let mut r0 = 0;
         for out in outs.iter_mut() {
             let np = out.len() / n_tok;
@@ -480,14 +516,22 @@ pub struct LinearScratch {
 
 impl LinearScratch {
     /// Grows the buffers for `n_tok` tokens of `k` inputs and `n_out` outputs and quantizes `x`
-    /// per token (N5) into `codes` / `scale_x`; false when an input is not finite.
-    fn quantize_inputs(&mut self, x: &[f32], n_tok: usize, k: usize, n_out: usize) -> bool {
+    /// per token (N5, on the kernel path `isa`: the same codes and scales as
+    /// [`quantize_token_into`]) into `codes` / `scale_x`; false when an input is not finite.
+    fn quantize_inputs(
+        &mut self,
+        isa: Isa,
+        x: &[f32],
+        n_tok: usize,
+        k: usize,
+        n_out: usize,
+    ) -> bool {
         grow(&mut self.codes, n_tok * k);
         grow(&mut self.scale_x, n_tok);
         grow(&mut self.acc, n_tok * n_out);
         grow(&mut self.y, n_tok * n_out);
         let one = |(xr, (c, s)): (&[f32], (&mut [i8], &mut f32))| {
-            quantize_token_into(xr, c).map(|v| *s = v).is_some()
+            quantize_token_isa(isa, xr, c).map(|v| *s = v).is_some()
         };
         let (x, codes, scales) = (
             &x[..n_tok * k],
@@ -541,6 +585,22 @@ fn dequant_rows(
         row((0, out));
     } else {
         out.par_chunks_mut(np).enumerate().for_each(row);
+    }
+}
+
+/// N20 as a [`PreparedWeights::gemm_epilogue`] epilogue: token `t`'s N14 outputs `y` of rows
+/// `row..` into `out` with the same operations as [`dequant_rows`],
+/// `y * factor(scale_x[t], rs[row + i])`.
+fn dequant_epilogue<'a>(
+    c: DequantConst,
+    scale_x: &'a [f32],
+    rs: &'a [f32],
+) -> impl Fn(usize, usize, &[i32], &mut [f32]) + Sync + 'a {
+    move |t, row, y, out| {
+        let cx = c.with_x(scale_x[t]);
+        for ((yo, &v), &sw) in out.iter_mut().zip(y).zip(&rs[row..row + y.len()]) {
+            *yo = v as f32 * cx.factor(sw);
+        }
     }
 }
 
@@ -1367,8 +1427,10 @@ fn attn_weighted_sum(
 
 #[cfg(test)]
 mod tests {
-    use super::round_clamp_i8;
+    use super::{quantize_token_into, round_clamp_i8, Isa};
     use tessera_golden::numerics::round_clamp_f32;
+    use tessera_golden::quant::quantize_token;
+    use tessera_kernels_cpu::quantize_token_isa;
 
     fn golden(y: f32) -> i8 {
         i8::try_from(round_clamp_f32(y, -127, 127)).expect("clamped")
@@ -1411,6 +1473,44 @@ mod tests {
         for bits in (0..top).step_by(101) {
             for y in [f32::from_bits(bits), -f32::from_bits(bits)] {
                 assert_eq!(round_clamp_i8(y), golden(y), "y = {y:e} ({bits:#010x})");
+            }
+        }
+    }
+
+    /// The N5 the weight products use (`quantize_token_isa`, on every available path, SIMD body
+    /// and scalar tail) and [`quantize_token_into`] give golden's codes and scale: tokens holding
+    /// 127 (scale exactly 1, so each quotient is the value itself) and the ties, their
+    /// neighbours, and a sweep of floats of `|y| <= 127`, cut at several lengths.
+    #[test]
+    fn n5_token_paths_equal_golden_at_ties_and_a_sweep() {
+        let mut ys = vec![0.0f32, -0.0, 1e-45, -1e-45, 0.499_999_97, -0.499_999_97];
+        for n in -127..127 {
+            let tie = n as f32 + 0.5;
+            ys.extend([tie, tie.next_up(), tie.next_down(), n as f32]);
+        }
+        let top = 127.0f32.to_bits();
+        ys.extend((0..=top).step_by(997).flat_map(|b| {
+            let y = f32::from_bits(b);
+            [y, -y]
+        }));
+        for (i, chunk) in ys.chunks(509).enumerate() {
+            let mut row = vec![127.0f32];
+            row.extend_from_slice(chunk);
+            let row = &row[..row.len() - i % 7];
+            let want = quantize_token(row).expect("finite");
+            let mut got = vec![0i8; row.len()];
+            let s = quantize_token_into(row, &mut got).expect("finite");
+            assert_eq!(
+                (s.to_bits(), &got),
+                (want.scale_x.to_bits(), &want.codes_i8)
+            );
+            for isa in Isa::available() {
+                let s = quantize_token_isa(isa, row, &mut got).expect("finite");
+                assert_eq!(
+                    (s.to_bits(), &got),
+                    (want.scale_x.to_bits(), &want.codes_i8),
+                    "{isa:?}"
+                );
             }
         }
     }

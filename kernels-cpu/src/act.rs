@@ -1,0 +1,55 @@
+//! N5 (docs/numerics.md) for the weight products' activations: `golden::quant::quantize_token`
+//! into caller-owned buffers, on the path an [`Isa`] names (the AVX2 path does eight lanes at a
+//! time; both give golden's codes and scale exactly, tested against it).
+
+use crate::isa::Isa;
+
+/// N5 of one token into `out`: `Some(scale_x)` (`absmax / 127`) and golden's codes
+/// `round_half_away(x / scale_x)` clamped to `[-127, 127]` (all 0 for a zero scale), or `None`
+/// when an input is not finite (`out` is then unspecified). An unavailable `isa` runs as
+/// [`Isa::Scalar`].
+///
+/// # Panics
+/// If `out` is not as long as `x`.
+pub fn quantize_token_isa(isa: Isa, x: &[f32], out: &mut [i8]) -> Option<f32> {
+    assert_eq!(x.len(), out.len(), "quantize_token_isa: one code per input");
+    if isa == Isa::Avx2 && isa.is_available() {
+        return crate::avx2::quantize_token_n5(x, out);
+    }
+    quantize_token_portable(x, out)
+}
+
+/// The portable path of [`quantize_token_isa`] (golden's operations in golden's order, with
+/// [`round_clamp_i8`] for N1 + the clamp).
+pub(crate) fn quantize_token_portable(x: &[f32], out: &mut [i8]) -> Option<f32> {
+    if !x.iter().all(|v| v.is_finite()) {
+        return None;
+    }
+    let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let scale_x = absmax / 127.0;
+    if scale_x == 0.0 {
+        out.fill(0);
+        return Some(0.0);
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = round_clamp_i8(v / scale_x);
+    }
+    Some(scale_x)
+}
+
+/// golden's `round_clamp_f32(y, -127, 127)` (N1, N4) without libm's `roundf`: `y` clamped to
+/// `[-128, 128]` (the clamp below 127 is unchanged by it), truncated, and the fraction
+/// `y - trunc(y)` (exact in `f32` for `|y| < 2^23`) decides the tie-away step. `y` must not be
+/// NaN. The AVX2 path does the same operations per lane.
+#[inline]
+pub(crate) fn round_clamp_i8(y: f32) -> i8 {
+    let y = y.clamp(-128.0, 128.0);
+    #[allow(clippy::cast_possible_truncation)]
+    let t = y as i32;
+    #[allow(clippy::cast_precision_loss)]
+    let frac = y - t as f32;
+    let r = t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5);
+    #[allow(clippy::cast_possible_truncation)]
+    let q = r.clamp(-127, 127) as i8;
+    q
+}
