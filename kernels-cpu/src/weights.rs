@@ -142,6 +142,98 @@ unsafe impl<T: Send> Send for PartPtr<T> {}
 #[allow(unsafe_code)]
 unsafe impl<T: Send> Sync for PartPtr<T> {}
 
+/// The `i32` N14 outputs shared by the GEMV tasks of [`PreparedWeights::gemv_epilogue_in`].
+#[derive(Clone, Copy)]
+struct OutPtr32(*mut i32);
+
+// SAFETY: only used by `gemv_epilogue_in`, whose tasks write disjoint rows.
+#[allow(unsafe_code)]
+unsafe impl Send for OutPtr32 {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl Sync for OutPtr32 {}
+
+impl OutPtr32 {
+    /// # Safety
+    /// `i` is inside the buffer the pointer was taken from.
+    #[inline]
+    #[allow(unsafe_code)]
+    unsafe fn at(self, i: usize) -> *mut i32 {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// Most output parts of one epilogue call (Q, K, V of a fused tensor are three).
+pub const MAX_PARTS: usize = 8;
+
+/// The output parts of an epilogue call (`outs[p]` is `[t][np]`, rows of consecutive parts
+/// consecutive), as raw pointers in a fixed array: no allocation.
+struct Parts<T> {
+    n: usize,
+    p: [PartPtr<T>; MAX_PARTS],
+}
+
+impl<T: Send> Parts<T> {
+    fn new(outs: &mut [&mut [T]], m_tokens: usize) -> Result<Parts<T>, OpError> {
+        if outs.len() > MAX_PARTS {
+            return Err(OpError::Shape {
+                what: "output parts (at most MAX_PARTS)",
+                expected: MAX_PARTS,
+                got: outs.len(),
+            });
+        }
+        let mut p: [PartPtr<T>; MAX_PARTS] = std::array::from_fn(|_| PartPtr {
+            row0: 0,
+            np: 0,
+            ptr: std::ptr::null_mut(),
+        });
+        let mut row0 = 0;
+        for (slot, o) in p.iter_mut().zip(outs.iter_mut()) {
+            if o.len() % m_tokens != 0 {
+                return Err(OpError::Shape {
+                    what: "output part (whole token rows)",
+                    expected: o.len().next_multiple_of(m_tokens),
+                    got: o.len(),
+                });
+            }
+            let np = o.len() / m_tokens;
+            *slot = PartPtr {
+                row0,
+                np,
+                ptr: o.as_mut_ptr(),
+            };
+            row0 += np;
+        }
+        Ok(Parts { n: outs.len(), p })
+    }
+
+    /// `epi(t, r, y_run, out_run)` for token `t`'s N14 outputs `y` of rows `row..`, split at
+    /// the part boundaries.
+    fn emit<F>(&self, t: usize, row: usize, y: &[i32], epi: &F)
+    where
+        F: Fn(usize, usize, &[i32], &mut [T]) + Sync,
+    {
+        let mut r = row;
+        for p in &self.p[..self.n] {
+            let end = (row + y.len()).min(p.row0 + p.np);
+            if r >= end {
+                continue;
+            }
+            // SAFETY: rows r..end lie in part p (r >= p.row0, end <= p.row0 + p.np), so token
+            // t's elements t * np + (r - row0).. of its `m_tokens * np` are in bounds (the
+            // caller passes t < m_tokens); each (t, row) is emitted once, by the one task that
+            // owns the row, and nothing else reads or writes the parts meanwhile.
+            #[allow(unsafe_code)]
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(p.ptr.add(t * p.np + (r - p.row0)), end - r)
+            };
+            epi(t, r, &y[r - row..end - row], out);
+            r = end;
+        }
+    }
+}
+
 /// A weight tensor re-packed for the CPU kernels (see the module docs for the layout).
 #[derive(Debug, Clone)]
 pub struct PreparedWeights {
@@ -205,6 +297,9 @@ pub struct Scratch {
     /// GEMM with an epilogue: each task's N14 outputs of one sub-block, `[row][t]` then
     /// transposed to `[t][TRANSPOSE_ROWS]`.
     y_sub: Vec<i32>,
+    /// [`PreparedWeights::gemv_epilogue_in`]: the accumulators and N14 outputs of one token.
+    gemv_acc: Vec<i64>,
+    gemv_y: Vec<i32>,
     /// The GEMV quad layout's activations and `i16` group sums (one token).
     x_quad: Vec<i8>,
     s_quad: Vec<i16>,
@@ -699,43 +794,7 @@ impl PreparedWeights {
         // Small operations run on the calling thread: splitting them costs more than it saves.
         let sequential = self.n_rows * plen * m_tokens < PAR_MIN_MACS;
         if m_tokens == 1 {
-            let use_quad = isa == Isa::Avx2 && self.quad.stride > 0;
-            if use_quad {
-                self.quad_activations(scratch);
-            }
-            let qx = use_quad.then(|| QuadX {
-                x: &scratch.x_quad[..self.quad.x_len()],
-                s: &scratch.s_quad[..self.quad.meta.next_multiple_of(16)],
-            });
-            let xp = &scratch.x_pad[..plen];
-            let s = &scratch.s_sum[..groups];
-            if sequential {
-                rows_one_token(isa, &ctx, 0, xp, s, qx, acc_out);
-                return Ok(());
-            }
-            if let Some(team) = team.filter(|t| t.is_leading() && t.threads() > 1) {
-                let mut b = [0usize; TEAM_MAX_TASKS + 1];
-                let tasks = guided_bounds(self.n_rows, team.threads(), &mut b);
-                let out = OutPtr(acc_out.as_mut_ptr());
-                assert_eq!(acc_out.len(), self.n_rows, "GEMV output length");
-                team.for_each(tasks, |task, _| {
-                    let (r0, r1) = (b[task], b[task + 1]);
-                    // SAFETY: rows r0..r1 lie inside `acc_out` (b is increasing and ends at
-                    // n_rows = acc_out.len(), asserted); `for_each` runs each task index once,
-                    // so the ranges of the tasks are disjoint, and `acc_out` stays mutably
-                    // borrowed (nothing else reads or writes it) until every task has finished.
-                    #[allow(unsafe_code)]
-                    let out = unsafe { std::slice::from_raw_parts_mut(out.at(r0), r1 - r0) };
-                    rows_one_token(isa, &ctx, r0, xp, s, qx, out);
-                });
-                return Ok(());
-            }
-            acc_out
-                .par_chunks_mut(rows_per_task)
-                .enumerate()
-                .for_each(|(task, out)| {
-                    rows_one_token(isa, &ctx, task * rows_per_task, xp, s, qx, out);
-                });
+            self.gemv_tasks(team, isa, &ctx, scratch, acc_out, &|_, _| {});
             return Ok(());
         }
         let xp = &scratch.x_pad[..m_tokens * plen];
@@ -807,6 +866,128 @@ impl PreparedWeights {
         stage.check()?;
         self.gemm_acc(isa, dp, x_i8, m_tokens, scratch, acc)?;
         apply_stage(stage, acc, y_out)
+    }
+
+    /// The one-token product's row tasks (after `pad_activations`): rows of `acc_out` on the
+    /// calling thread (small products), as guided tasks of a `team` the caller leads, or as
+    /// rayon tasks; each task then calls `after(row0, acc)` with its rows' accumulators (on the
+    /// thread that ran it, while they are in L1).
+    fn gemv_tasks(
+        &self,
+        team: Option<&Team>,
+        isa: Isa,
+        ctx: &RowCtx<'_>,
+        scratch: &mut Scratch,
+        acc_out: &mut [i64],
+        after: &(dyn Fn(usize, &[i64]) + Sync),
+    ) {
+        assert_eq!(acc_out.len(), self.n_rows, "GEMV output length");
+        let plen = self.padded_len();
+        let groups = self.groups;
+        let use_quad = isa == Isa::Avx2 && self.quad.stride > 0;
+        if use_quad {
+            self.quad_activations(scratch);
+        }
+        let qx = use_quad.then(|| QuadX {
+            x: &scratch.x_quad[..self.quad.x_len()],
+            s: &scratch.s_quad[..self.quad.meta.next_multiple_of(16)],
+        });
+        let xp = &scratch.x_pad[..plen];
+        let s = &scratch.s_sum[..groups];
+        if self.n_rows * plen < PAR_MIN_MACS {
+            rows_one_token(isa, ctx, 0, xp, s, qx, acc_out);
+            after(0, acc_out);
+            return;
+        }
+        if let Some(team) = team.filter(|t| t.is_leading() && t.threads() > 1) {
+            let mut b = [0usize; TEAM_MAX_TASKS + 1];
+            let tasks = guided_bounds(self.n_rows, team.threads(), &mut b);
+            let out = OutPtr(acc_out.as_mut_ptr());
+            team.for_each(tasks, |task, _| {
+                let (r0, r1) = (b[task], b[task + 1]);
+                // SAFETY: rows r0..r1 lie inside `acc_out` (b is increasing and ends at
+                // n_rows = acc_out.len(), asserted); `for_each` runs each task index once,
+                // so the ranges of the tasks are disjoint, and `acc_out` stays mutably
+                // borrowed (nothing else reads or writes it) until every task has finished.
+                #[allow(unsafe_code)]
+                let out = unsafe { std::slice::from_raw_parts_mut(out.at(r0), r1 - r0) };
+                rows_one_token(isa, ctx, r0, xp, s, qx, out);
+                after(r0, out);
+            });
+            return;
+        }
+        let rows_per_task = MIN_ROWS_PER_TASK.max(self.n_rows / (4 * rayon::current_num_threads()));
+        acc_out
+            .par_chunks_mut(rows_per_task)
+            .enumerate()
+            .for_each(|(task, out)| {
+                rows_one_token(isa, ctx, task * rows_per_task, xp, s, qx, out);
+                after(task * rows_per_task, out);
+            });
+    }
+
+    /// The one-token [`Self::gemm_epilogue`] on a decode `team` (when the caller leads it; else
+    /// as [`Self::gemm_acc_in`] without one): each GEMV task applies the N14 `stage` to its own
+    /// rows and hands them to `epi(0, row, y, out)` (split at the parts of `outs`, at most
+    /// [`MAX_PARTS`]), so neither the stage nor the caller's N20 runs on one thread after the
+    /// product. Allocates nothing once `scratch` has grown to the tensor.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_epilogue_in<T, F>(
+        &self,
+        team: Option<&Team>,
+        isa: Isa,
+        dp: &Datapath,
+        x_i8: &[i8],
+        stage: &OutputStage,
+        scratch: &mut Scratch,
+        outs: &mut [&mut [T]],
+        epi: F,
+    ) -> Result<(), OpError>
+    where
+        T: Send,
+        F: Fn(usize, usize, &[i32], &mut [T]) + Sync,
+    {
+        stage.check()?;
+        let total: usize = outs.iter().map(|o| o.len()).sum();
+        self.check(dp, x_i8, 1, total)?;
+        let parts = Parts::new(outs, 1)?;
+        self.pad_activations(x_i8, 1, scratch);
+        let isa = self.effective_isa(isa);
+        let ctx = self.row_ctx(dp.acc_bits);
+        if scratch.gemv_acc.len() < self.n_rows {
+            scratch.gemv_acc.resize(self.n_rows, 0);
+            scratch.gemv_y.resize(self.n_rows, 0);
+        }
+        // Moved out for the call (no allocation): the tasks write disjoint rows of both.
+        let mut acc = std::mem::take(&mut scratch.gemv_acc);
+        let mut y = std::mem::take(&mut scratch.gemv_y);
+        let y_ptr = OutPtr32(y.as_mut_ptr());
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let after = |r0: usize, a: &[i64]| {
+            assert!(r0 + a.len() <= self.n_rows, "task rows inside the tensor");
+            // SAFETY: rows r0..r0 + a.len() lie inside `y` (n_rows long or more, asserted);
+            // each row belongs to one task (gemv_tasks), so no two tasks touch the same
+            // element, and `y` is not otherwise used until gemv_tasks returns.
+            #[allow(unsafe_code)]
+            let yr = unsafe { std::slice::from_raw_parts_mut(y_ptr.at(r0), a.len()) };
+            if apply_stage(stage, a, yr).is_err() {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            parts.emit(0, r0, yr, &epi);
+        };
+        self.gemv_tasks(team, isa, &ctx, scratch, &mut acc[..self.n_rows], &after);
+        scratch.gemv_acc = acc;
+        scratch.gemv_y = y;
+        if failed.into_inner() {
+            // The stage was checked above: not reached.
+            return Err(OpError::Shape {
+                what: "stage output",
+                expected: self.n_rows,
+                got: 0,
+            });
+        }
+        Ok(())
     }
 
     /// N12-N14 with a caller's epilogue (e.g. N20 dequantization), exactly

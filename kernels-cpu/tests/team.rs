@@ -240,3 +240,86 @@ fn team_gemv_equals_the_rayon_split() {
         }
     }
 }
+
+/// `gemv_epilogue_in` (N14 and the caller's epilogue inside each GEMV task) gives every part
+/// exactly `gemm_acc` then `apply_stage`, on a team of 1-4 threads and without one, for tensors
+/// below and above the sequential threshold, split into one to three output parts.
+#[test]
+fn team_gemv_epilogue_equals_acc_then_stage_in_every_part() {
+    let mut rng = Rng(7);
+    let d = Datapath {
+        w_group_len: 32,
+        w_scale_bits: 16,
+        acc_bits: 48,
+        kv_group_len: 16,
+        kv_recent_window: 16,
+    };
+    let stage = tessera_golden::ops::OutputStage::weight_lattice_i32(15);
+    for format in [WeightFormat::W2, WeightFormat::W8] {
+        for &(n, k, cuts) in &[
+            (1001usize, 576usize, &[1001usize][..]),
+            (960, 576, &[576, 192, 192][..]),
+            (37, 96, &[20, 17][..]),
+        ] {
+            let groups = k.div_ceil(32);
+            let max = u64::from(format.max_code()) + 1;
+            let codes: Vec<u8> = (0..n * k).map(|_| (rng.next() % max) as u8).collect();
+            let gscale = (0..n * groups)
+                .map(|_| (rng.next() % 32769) as u16)
+                .collect();
+            let zero = (0..n * groups).map(|_| rng.next() as u8).collect();
+            let w =
+                QuantWeights::from_codes(format, n, k, 32, 16, &codes, gscale, zero, vec![1.0; n])
+                    .expect("tensor");
+            let p = PreparedWeights::from(&w);
+            let x: Vec<i8> = (0..k).map(|_| rng.next() as i8).collect();
+            for isa in Isa::available() {
+                let mut acc = vec![0i64; n];
+                p.gemm_acc(isa, &d, &x, 1, &mut Scratch::new(), &mut acc)
+                    .expect("acc");
+                let mut want = vec![0i32; n];
+                tessera_kernels_cpu::apply_stage(&stage, &acc, &mut want).expect("stage");
+                for threads in 0..=4 {
+                    let team = Team::new();
+                    let mut got = vec![i64::MIN; n];
+                    let mut run = || {
+                        let mut parts: Vec<&mut [i64]> = Vec::new();
+                        let mut rest = &mut got[..];
+                        for &c in cuts {
+                            let (a, b) = rest.split_at_mut(c);
+                            parts.push(a);
+                            rest = b;
+                        }
+                        p.gemv_epilogue_in(
+                            (threads > 0).then_some(&team),
+                            isa,
+                            &d,
+                            &x,
+                            &stage,
+                            &mut Scratch::new(),
+                            &mut parts,
+                            |t, row, y: &[i32], out: &mut [i64]| {
+                                assert_eq!(t, 0);
+                                for (i, (o, &v)) in out.iter_mut().zip(y).enumerate() {
+                                    // The row index travels with the value.
+                                    *o = i64::from(v) * 4096 + (row + i) as i64 % 4096;
+                                }
+                            },
+                        )
+                        .expect("epilogue");
+                    };
+                    pool(threads.max(1)).install(|| team.lead(threads, &mut run));
+                    let want_rows: Vec<i64> = want
+                        .iter()
+                        .enumerate()
+                        .map(|(r, &v)| i64::from(v) * 4096 + r as i64 % 4096)
+                        .collect();
+                    assert_eq!(
+                        got, want_rows,
+                        "{format:?} n {n} isa {isa} threads {threads}"
+                    );
+                }
+            }
+        }
+    }
+}

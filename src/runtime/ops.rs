@@ -35,8 +35,7 @@ use tessera_golden::quant::{quantize_token, quantize_tokens, QuantWeights};
 pub use tessera_kernels_cpu::Isa;
 pub use tessera_kernels_cpu::Team;
 use tessera_kernels_cpu::{
-    apply_stage, quantize_token_isa, KvHeadCpu, KvScratch, PreparedWeights, Pv2Out, Scratch,
-    ValueFolds,
+    quantize_token_isa, KvHeadCpu, KvScratch, PreparedWeights, Pv2Out, Scratch, ValueFolds,
 };
 
 use super::{Error, Result};
@@ -228,7 +227,7 @@ impl EngineLinear {
         assert_eq!(x.len(), n_tok * k, "matmul input size");
         assert_eq!(y.len(), n_tok * n_out, "matmul output size");
         let pw = self.prepared();
-        if !ws.quantize_inputs(self.isa, x, n_tok, k, n_out) {
+        if !ws.quantize_inputs(self.isa, x, n_tok, k) {
             y.fill(f32::NAN);
             return;
         }
@@ -252,30 +251,21 @@ impl EngineLinear {
             }
             return;
         }
-        let acc = &mut ws.acc[..n_tok * n_out];
-        let ok = pw.gemm_acc_in(
+        // A decode step: N14 and N20 in the GEMV's tasks (on the team the step leads).
+        let ok = pw.gemv_epilogue_in(
             Some(&ws.team),
             self.isa,
             &self.dp,
-            &ws.codes[..n_tok * k],
-            n_tok,
+            &ws.codes[..k],
+            &stage,
             &mut ws.kernels,
-            acc,
+            &mut [&mut *y],
+            dequant_epilogue(c, &ws.scale_x[..1], w.row_scale()),
         );
-        if ok.is_err() || !stage_rows(&stage, acc, &mut ws.y[..n_tok * n_out], n_out) {
+        if ok.is_err() {
             // Shapes and the datapath were checked at construction: not reached.
             y.fill(f32::NAN);
-            return;
         }
-        dequant_rows(
-            c,
-            &ws.y[..n_tok * n_out],
-            n_out,
-            0,
-            &ws.scale_x,
-            w.row_scale(),
-            y,
-        );
     }
 
     fn forward_golden(&self, x: &[f32], n_tok: usize, y: &mut [f32]) {
@@ -426,7 +416,7 @@ impl Linear {
             n_tok * total,
             "fused outputs size"
         );
-        if !ws.quantize_inputs(e.isa, x, n_tok, k, total) {
+        if !ws.quantize_inputs(e.isa, x, n_tok, k) {
             outs.iter_mut().for_each(|o| o.fill(f32::NAN));
             return true;
         }
@@ -450,33 +440,19 @@ impl Linear {
             }
             return true;
         }
-        let acc = &mut ws.acc[..n_tok * total];
-        let ok = f.w.gemm_acc_in(
+        // A decode step: N14 and N20 in the GEMV's tasks (on the team the step leads).
+        let ok = f.w.gemv_epilogue_in(
             Some(&ws.team),
             e.isa,
             &e.dp,
-            &ws.codes[..n_tok * k],
-            n_tok,
+            &ws.codes[..k],
+            &stage,
             &mut ws.kernels,
-            acc,
+            outs,
+            dequant_epilogue(c, &ws.scale_x[..1], rs),
         );
-        if ok.is_err() || !stage_rows(&stage, acc, &mut ws.y[..n_tok * total], total) {
+        if ok.is_err() {
             outs.iter_mut().for_each(|o| o.fill(f32::NAN));
-            return true;
-        }
-        let mut r0 = 0;
-        for out in outs.iter_mut() {
-            let np = out.len() / n_tok;
-            dequant_rows(
-                c,
-                &ws.y[..n_tok * total],
-                total,
-                r0,
-                &ws.scale_x,
-                &rs[r0..r0 + np],
-                out,
-            );
-            r0 += np;
         }
         true
     }
@@ -501,7 +477,7 @@ impl Linear {
 }
 
 /// Caller-owned buffers of a CPU-backend weight operation (grown to the largest shape seen,
-/// never shrunk): N5 codes and scales, accumulators, N14 outputs and kernels-cpu's [`Scratch`];
+/// never shrunk): N5 codes and scales and kernels-cpu's [`Scratch`] (accumulators, N14 outputs);
 /// and the decode thread team (a GEMV whose caller leads it runs on it, see
 /// `Model::forward_into`; a clone shares the team).
 #[derive(Debug, Default, Clone)]
@@ -510,26 +486,15 @@ pub struct LinearScratch {
     kernels: Scratch,
     codes: Vec<i8>,
     scale_x: Vec<f32>,
-    acc: Vec<i64>,
-    y: Vec<i32>,
 }
 
 impl LinearScratch {
-    /// Grows the buffers for `n_tok` tokens of `k` inputs and `n_out` outputs and quantizes `x`
+    /// Grows the buffers for `n_tok` tokens of `k` inputs and quantizes `x`
     /// per token (N5, on the kernel path `isa`: the same codes and scales as
     /// [`quantize_token_into`]) into `codes` / `scale_x`; false when an input is not finite.
-    fn quantize_inputs(
-        &mut self,
-        isa: Isa,
-        x: &[f32],
-        n_tok: usize,
-        k: usize,
-        n_out: usize,
-    ) -> bool {
+    fn quantize_inputs(&mut self, isa: Isa, x: &[f32], n_tok: usize, k: usize) -> bool {
         grow(&mut self.codes, n_tok * k);
         grow(&mut self.scale_x, n_tok);
-        grow(&mut self.acc, n_tok * n_out);
-        grow(&mut self.y, n_tok * n_out);
         let one = |(xr, (c, s)): (&[f32], (&mut [i8], &mut f32))| {
             quantize_token_isa(isa, xr, c).map(|v| *s = v).is_some()
         };
@@ -550,46 +515,8 @@ impl LinearScratch {
     }
 }
 
-/// N14 on `acc` (`[t][n]`, rows of `n` accumulators) into `y`, token rows in parallel for a
-/// prompt; false on a stage error (not reached: the stage is checked at construction).
-fn stage_rows(stage: &OutputStage, acc: &[i64], y: &mut [i32], n: usize) -> bool {
-    if acc.len() == n {
-        return apply_stage(stage, acc, y).is_ok();
-    }
-    acc.par_chunks(n)
-        .zip(y.par_chunks_mut(n))
-        .map(|(a, yr)| apply_stage(stage, a, yr).is_ok())
-        .reduce(|| true, |a, b| a && b)
-}
-
-/// N20 for columns `c0..c0 + rs.len()` of `yi` (`[t][total]`) into `out` (`[t][rs.len()]`):
-/// `out[t][o] = yi[t][c0 + o] * factor(scale_x[t], rs[o])`, token rows in parallel for a prompt.
-fn dequant_rows(
-    c: DequantConst,
-    yi: &[i32],
-    total: usize,
-    c0: usize,
-    scale_x: &[f32],
-    rs: &[f32],
-    out: &mut [f32],
-) {
-    let np = rs.len();
-    let row = |(t, yr): (usize, &mut [f32])| {
-        let cx = c.with_x(scale_x[t]);
-        let ir = &yi[t * total + c0..t * total + c0 + np];
-        for ((yo, &v), &sw) in yr.iter_mut().zip(ir).zip(rs) {
-            *yo = v as f32 * cx.factor(sw);
-        }
-    };
-    if out.len() == np {
-        row((0, out));
-    } else {
-        out.par_chunks_mut(np).enumerate().for_each(row);
-    }
-}
-
 /// N20 as a [`PreparedWeights::gemm_epilogue`] epilogue: token `t`'s N14 outputs `y` of rows
-/// `row..` into `out` with the same operations as [`dequant_rows`],
+/// `row..` into `out` (golden's `dequant_factor` per element, split by [`DequantConst`]),
 /// `y * factor(scale_x[t], rs[row + i])`.
 fn dequant_epilogue<'a>(
     c: DequantConst,
