@@ -103,24 +103,25 @@ fn guided_bounds(n_rows: usize, members: usize, b: &mut [usize; TEAM_MAX_TASKS +
 /// (`16 * m * 8` bytes, L1-resident for the prompt lengths of a prefill).
 const TRANSPOSE_ROWS: usize = 16;
 
-/// The GEMM output shared by the row tasks, each writing only its own rows.
+/// An output buffer shared by a product's row tasks, each writing only its own rows (the
+/// GEMM's `i64` accumulators, the guided GEMV's accumulators and N14 outputs).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut i64);
+struct OutPtr<T>(*mut T);
 
-// SAFETY: only used by `gemm_acc_in`, whose tasks write disjoint elements (GEMM row blocks,
-// guided GEMV row ranges).
+// SAFETY: only used by `gemm_acc_in`, `gemv_tasks` and `gemv_epilogue_in`, whose tasks write
+// disjoint elements (GEMM row blocks, guided GEMV row ranges) of a `T: Send` buffer.
 #[allow(unsafe_code)]
-unsafe impl Send for OutPtr {}
+unsafe impl<T: Send> Send for OutPtr<T> {}
 // SAFETY: as above.
 #[allow(unsafe_code)]
-unsafe impl Sync for OutPtr {}
+unsafe impl<T: Send> Sync for OutPtr<T> {}
 
-impl OutPtr {
+impl<T> OutPtr<T> {
     /// # Safety
     /// `i` is inside the buffer the pointer was taken from.
     #[inline]
     #[allow(unsafe_code)]
-    unsafe fn at(self, i: usize) -> *mut i64 {
+    unsafe fn at(self, i: usize) -> *mut T {
         // SAFETY: forwarded from the caller's contract.
         unsafe { self.0.add(i) }
     }
@@ -141,28 +142,6 @@ unsafe impl<T: Send> Send for PartPtr<T> {}
 // SAFETY: as above.
 #[allow(unsafe_code)]
 unsafe impl<T: Send> Sync for PartPtr<T> {}
-
-/// The `i32` N14 outputs shared by the GEMV tasks of [`PreparedWeights::gemv_epilogue_in`].
-#[derive(Clone, Copy)]
-struct OutPtr32(*mut i32);
-
-// SAFETY: only used by `gemv_epilogue_in`, whose tasks write disjoint rows.
-#[allow(unsafe_code)]
-unsafe impl Send for OutPtr32 {}
-// SAFETY: as above.
-#[allow(unsafe_code)]
-unsafe impl Sync for OutPtr32 {}
-
-impl OutPtr32 {
-    /// # Safety
-    /// `i` is inside the buffer the pointer was taken from.
-    #[inline]
-    #[allow(unsafe_code)]
-    unsafe fn at(self, i: usize) -> *mut i32 {
-        // SAFETY: forwarded from the caller's contract.
-        unsafe { self.0.add(i) }
-    }
-}
 
 /// Most output parts of one epilogue call (Q, K, V of a fused tensor are three).
 pub const MAX_PARTS: usize = 8;
@@ -961,7 +940,7 @@ impl PreparedWeights {
         // Moved out for the call (no allocation): the tasks write disjoint rows of both.
         let mut acc = std::mem::take(&mut scratch.gemv_acc);
         let mut y = std::mem::take(&mut scratch.gemv_y);
-        let y_ptr = OutPtr32(y.as_mut_ptr());
+        let y_ptr = OutPtr(y.as_mut_ptr());
         let failed = std::sync::atomic::AtomicBool::new(false);
         let after = |r0: usize, a: &[i64]| {
             assert!(r0 + a.len() <= self.n_rows, "task rows inside the tensor");
