@@ -112,6 +112,18 @@ pub struct KvScratch {
     xf2: Vec<i8>,
 }
 
+impl KvScratch {
+    /// Sizes the buffers for every product of `mirror` (or of a mirror of the same head size and
+    /// group length) at up to `tokens` tokens, so that those products allocate nothing (except
+    /// `pv_at` / `pv2_at` at a past length without given folds, which compute them here).
+    pub fn reserve(&mut self, mirror: &KvHeadCpu, tokens: usize) {
+        let x = (mirror.key_chunks * CHUNK).max(tokens.div_ceil(CHUNK) * CHUNK).max(1);
+        grow(&mut self.xf, x);
+        grow(&mut self.xf2, x);
+        grow(&mut self.p, (2 * mirror.head_dim).max(mirror.kv_group_len));
+    }
+}
+
 /// A CPU mirror of one KV head's cache (see the module docs).
 ///
 /// It holds the 8-bit codes of tokens `w0..len` (the window, plus, after
@@ -1023,6 +1035,22 @@ pub struct Pv2Out {
     pub y4_lo: Vec<i32>,
     pub yw_lo: Vec<i32>,
     acc: Vec<i64>,
+}
+
+impl Pv2Out {
+    /// Sizes the outputs for heads of `head_dim` channels ([`KvHeadCpu::pv2_at`] then
+    /// allocates nothing).
+    pub fn reserve(&mut self, head_dim: usize) {
+        for v in [
+            &mut self.y4_hi,
+            &mut self.yw_hi,
+            &mut self.y4_lo,
+            &mut self.yw_lo,
+        ] {
+            v.resize(head_dim, 0);
+        }
+        self.acc.resize(4 * head_dim, 0);
+    }
 }
 
 impl KvHeadCpu {

@@ -746,3 +746,35 @@ proptest! {
         run_native_push_case(hd, group, window, tokens, bits, huge_ok, seed);
     }
 }
+
+/// A 4-bit group whose key range overflows `f32` (a channel at +3e38 in one token and -3e38 in
+/// the next): golden's push fails at the eviction, and so does the native push, which leaves
+/// the mirror as it was (golden's cache loses the group's tokens).
+#[test]
+fn kv_native_push_rejects_range_overflow_as_golden() {
+    let dp = Datapath {
+        w_group_len: 32,
+        w_scale_bits: 16,
+        acc_bits: 48,
+        kv_group_len: 2,
+        kv_recent_window: 2,
+    };
+    let hd = 5;
+    let mut cache = KvCache::new(&dp, hd).expect("cache");
+    let mut native = KvHeadCpu::with_bits(&dp, hd, 4).expect("mirror");
+    let toks = [3e38f32, -3e38, 1.0, 2.0];
+    for (i, &x) in toks.iter().enumerate() {
+        let k = vec![x; hd];
+        let v = vec![1.0; hd];
+        let before = native.clone();
+        let (g, n) = (cache.push(&k, &v), native.push(&k, &v));
+        if i < 3 {
+            g.expect("golden");
+            n.expect("native");
+        } else {
+            // The fourth token evicts tokens 0 and 1.
+            assert!(g.is_err() && n.is_err(), "token {i}: {g:?} vs {n:?}");
+            assert_eq!(native.first_difference(&before), None);
+        }
+    }
+}
