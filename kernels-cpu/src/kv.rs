@@ -24,8 +24,9 @@
 //! `acc[o] = sat(16 * sum xf * code[o] - Z, acc_bits)`, then the N14 output stage. The 8-bit
 //! window (N18): `Q x K^T` is `sat(sum q * k_i8, acc_bits)`; `P x V` folds with zero 0.
 
-use tessera_golden::kv::{KvCache, P_CODE_MAX, P_PLANE_BITS};
-use tessera_golden::numerics::{max_signed, min_signed, round_clamp_f32, Datapath};
+use tessera_golden::kv::{KvCache, KvError, KvMemory, KV8_BITS, P_CODE_MAX, P_PLANE_BITS};
+use tessera_golden::numerics::{max_signed, min_signed, round_clamp_f32, sat_u, Datapath};
+use tessera_golden::pack::{kv4_key_group_bytes, kv4_value_token_bytes};
 use tessera_golden::ops::{OpError, OutputStage};
 
 use crate::isa::Isa;
@@ -55,6 +56,11 @@ pub enum KvKernelError {
     },
     /// A bad output stage or accumulator width.
     Op(OpError),
+    /// [`KvHeadCpu::push`]: a key or value element was not finite (N5); nothing was pushed.
+    NonFinite { what: &'static str },
+    /// [`KvHeadCpu::push`]: the range of a 4-bit key channel or value token overflowed `f32`
+    /// (N7, as golden's `RangeOverflow`); nothing was pushed.
+    RangeOverflow { what: &'static str },
 }
 
 impl std::fmt::Display for KvKernelError {
@@ -77,6 +83,12 @@ impl std::fmt::Display for KvKernelError {
                 "KV product at length {len}: the mirror holds lengths {start}..={end} only"
             ),
             KvKernelError::Op(e) => write!(f, "{e}"),
+            KvKernelError::NonFinite { what } => {
+                write!(f, "{what} to push is not finite: quantize only finite values")
+            }
+            KvKernelError::RangeOverflow { what } => {
+                write!(f, "{what}: value range overflows f32")
+            }
         }
     }
 }
@@ -98,6 +110,18 @@ pub struct KvScratch {
     folds: ValueFolds,
     /// The second activation row of [`KvHeadCpu::pv2_at`].
     xf2: Vec<i8>,
+}
+
+impl KvScratch {
+    /// Sizes the buffers for every product of `mirror` (or of a mirror of the same head size and
+    /// group length) at up to `tokens` tokens, so that those products allocate nothing (except
+    /// `pv_at` / `pv2_at` at a past length without given folds, which compute them here).
+    pub fn reserve(&mut self, mirror: &KvHeadCpu, tokens: usize) {
+        let x = (mirror.key_chunks * CHUNK).max(tokens.div_ceil(CHUNK) * CHUNK).max(1);
+        grow(&mut self.xf, x);
+        grow(&mut self.xf2, x);
+        grow(&mut self.p, (2 * mirror.head_dim).max(mirror.kv_group_len));
+    }
 }
 
 /// A CPU mirror of one KV head's cache (see the module docs).
@@ -146,6 +170,39 @@ pub struct KvHeadCpu {
     /// The value fold of the current window (tokens `n4..n`).
     wvfscale: Vec<u16>,
     wvs_ref: f32,
+    /// [`Self::push`]'s buffers for one 4-bit group, sized at construction.
+    push: PushScratch,
+}
+
+/// One 4-bit group's codes, scales and zero points, computed by [`KvHeadCpu::push`] before any
+/// of them is stored (so a failed quantization changes nothing).
+#[derive(Debug, Clone, Default)]
+struct PushScratch {
+    /// The host's `f32` values of one key channel or one value token (N16).
+    deq: Vec<f32>,
+    /// Key codes, channel-major `[c][t]`, with per-channel scales and zero points.
+    kcodes: Vec<u8>,
+    kscale: Vec<f32>,
+    kzero: Vec<u8>,
+    /// Value codes, token-major `[t][c]`, with per-token scales and zero points.
+    vcodes: Vec<u8>,
+    vscale: Vec<f32>,
+    vzero: Vec<u8>,
+}
+
+impl PushScratch {
+    fn new(head_dim: usize, kv_group_len: usize) -> Self {
+        let (hd, gl) = (head_dim, kv_group_len);
+        PushScratch {
+            deq: vec![0.0; hd.max(gl)],
+            kcodes: vec![0; hd * gl],
+            kscale: vec![0.0; hd],
+            kzero: vec![0; hd],
+            vcodes: vec![0; gl * hd],
+            vscale: vec![0.0; gl],
+            vzero: vec![0; gl],
+        }
+    }
 }
 
 impl KvHeadCpu {
@@ -179,7 +236,44 @@ impl KvHeadCpu {
             wvscale: Vec::new(),
             wvfscale: Vec::new(),
             wvs_ref: 0.0,
+            push: PushScratch::new(head_dim, dp.kv_group_len),
         }
+    }
+
+    /// An empty mirror that owns its cache: tokens enter with [`Self::push`] (no golden
+    /// [`KvCache`] beside it), `kv_bits` 4 (KV4, N16) or 8 (KV8, N16b). The datapath is checked
+    /// as golden's `KvCache::with_bits` checks it (the same errors).
+    pub fn with_bits(dp: &Datapath, head_dim: usize, kv_bits: u32) -> Result<Self, KvError> {
+        KvCache::with_bits(dp, head_dim, kv_bits)?;
+        let mut m = Self::new(dp, head_dim);
+        m.kv8 = kv_bits == KV8_BITS;
+        Ok(m)
+    }
+
+    /// Reserves room for `tokens` tokens in all (pushed or synced), so that neither
+    /// [`Self::push`] nor [`Self::sync`] allocates before [`Self::len`] reaches it (for a
+    /// session: its context length). Beyond it the buffers grow (amortized doubling).
+    pub fn reserve(&mut self, tokens: usize) {
+        let (hd, gl) = (self.head_dim, self.kv_group_len.max(1));
+        let n4 = self.n4_at(tokens);
+        let groups = n4 / gl;
+        let key_row = self.key_chunks * CHUNK_BYTES4;
+        reserve_total(&mut self.keys4, groups * gl * key_row);
+        reserve_total(&mut self.kzero, groups * hd);
+        reserve_total(&mut self.kfscale, groups * hd);
+        reserve_total(&mut self.ks_ref, groups);
+        // `grow_values` ends at most at max(2 * n4, n4 + CHUNK - 1, 64) tokens a row.
+        reserve_total(&mut self.values4, hd * (n4 + CHUNK));
+        reserve_total(&mut self.vzero, n4);
+        reserve_total(&mut self.vscale, n4);
+        reserve_total(&mut self.vfscale, n4);
+        // The 8-bit codes held: the window, or with a retained history up to every token.
+        let held = tokens - self.w0.min(tokens);
+        reserve_total(&mut self.wkeys, held * hd);
+        reserve_total(&mut self.wvalues, held * hd);
+        reserve_total(&mut self.wkscale, held);
+        reserve_total(&mut self.wvscale, held);
+        reserve_total(&mut self.wvfscale, tokens);
     }
 
     /// Tokens mirrored (4-bit, then window).
@@ -281,59 +375,27 @@ impl KvHeadCpu {
             return Err(KvKernelError::NotAppendOnly);
         }
         // New 4-bit key groups: unpack their N11b channel-major nibbles into token rows.
-        let key_row = self.key_chunks * CHUNK_BYTES4;
         let ch_bytes = gl.div_ceil(2);
         for j in self.key_groups()..n4_new / gl {
             let (packed, kscale, kzero) = cache.key_group4_packed(j);
-            let base = self.keys4.len();
-            self.keys4.resize(base + gl * key_row, 0);
-            for c in 0..hd {
-                let ch = &packed[c * ch_bytes..(c + 1) * ch_bytes];
-                for t in 0..gl {
-                    let code = (ch[t / 2] >> (4 * (t % 2))) & 0x0F;
-                    set_nibble(&mut self.keys4[base + t * key_row..], c, code);
+            for (t, row) in self.new_key_group().enumerate() {
+                for c in 0..hd {
+                    let code = (packed[c * ch_bytes + t / 2] >> (4 * (t % 2))) & 0x0F;
+                    set_nibble(row, c, code);
                 }
             }
-            self.kzero.extend_from_slice(kzero);
-            let f0 = self.kfscale.len();
-            self.kfscale.resize(f0 + hd, 0);
-            let s_ref = fold_multipliers(kscale, self.sf, &mut self.kfscale[f0..]);
-            self.ks_ref.push(s_ref);
+            self.end_key_group(kscale, kzero);
         }
         // New 4-bit value tokens, into the channel-major rows.
         if n4_new > self.n4 {
             let (packed, vscale, vzero) = cache.values4_packed();
-            if n4_new > self.vcap {
-                self.grow_values(n4_new);
-            }
-            let vrow = self.vcap / 2;
             let tb = hd.div_ceil(2);
-            for t in self.n4..n4_new {
-                let tok = &packed[t * tb..(t + 1) * tb];
-                for c in 0..hd {
-                    let code = (tok[c / 2] >> (4 * (c % 2))) & 0x0F;
-                    set_nibble(&mut self.values4[c * vrow..], t, code);
-                }
-            }
             let old = self.n4;
-            self.vzero.extend_from_slice(&vzero[old..n4_new]);
-            self.vscale.extend_from_slice(&vscale[old..n4_new]);
-            self.vfscale.resize(n4_new, 0);
-            // s_ref only grows: the old multipliers stand unless it changed.
-            let s_ref = max_scale(&self.vscale);
-            let from = if s_ref.to_bits() == self.vs_ref.to_bits() {
-                old
-            } else {
-                0
-            };
-            fold_multipliers_with(
-                &self.vscale[from..],
-                s_ref,
-                self.sf,
-                &mut self.vfscale[from..],
-            );
-            self.vs_ref = s_ref;
-            self.n4 = n4_new;
+            for t in old..n4_new {
+                let tok = &packed[t * tb..(t + 1) * tb];
+                self.set_value_token(t, |c| (tok[c / 2] >> (4 * (c % 2))) & 0x0F);
+            }
+            self.end_value_tokens(&vscale[old..n4_new], &vzero[old..n4_new]);
         }
         // New 8-bit tokens: those of the cache's window not held yet.
         let (wk, wv) = cache.window();
@@ -365,7 +427,71 @@ impl KvHeadCpu {
         if !retain {
             self.trim_history();
         }
-        // The window's value fold: recomputed when its first token or s_ref changed.
+        self.end_window(old_window_start);
+        Ok(())
+    }
+
+    /// Appends one 4-bit key group's zeroed token rows to `keys4` and returns them (one row of
+    /// `key_chunks` W4 chunks per token), for [`Self::end_key_group`].
+    fn new_key_group(&mut self) -> std::slice::ChunksExactMut<'_, u8> {
+        let key_row = self.key_chunks * CHUNK_BYTES4;
+        let base = self.keys4.len();
+        let gl = self.kv_group_len.max(1);
+        self.keys4.resize(base + gl * key_row, 0);
+        self.keys4[base..].chunks_exact_mut(key_row)
+    }
+
+    /// The metadata of the key group [`Self::new_key_group`] appended: zero points, and the
+    /// group's fold multipliers and `s_ref` from its per-channel scales.
+    fn end_key_group(&mut self, kscale: &[f32], kzero: &[u8]) {
+        self.kzero.extend_from_slice(kzero);
+        let f0 = self.kfscale.len();
+        self.kfscale.resize(f0 + self.head_dim, 0);
+        let s_ref = fold_multipliers(kscale, self.sf, &mut self.kfscale[f0..]);
+        self.ks_ref.push(s_ref);
+    }
+
+    /// Writes 4-bit value token `t` (`>= n4`), `code(c)` per channel, into the channel-major
+    /// rows (grown first when `t` is past their capacity).
+    fn set_value_token(&mut self, t: usize, code: impl Fn(usize) -> u8) {
+        if t >= self.vcap {
+            self.grow_values(t + 1);
+        }
+        let vrow = self.vcap / 2;
+        for (c, row) in self.values4.chunks_exact_mut(vrow).enumerate() {
+            set_nibble(row, t, code(c));
+        }
+    }
+
+    /// Appends the scales and zero points of the value tokens [`Self::set_value_token`] wrote
+    /// (from `n4` on) and brings the 4-bit value fold up to date.
+    fn end_value_tokens(&mut self, vscale: &[f32], vzero: &[u8]) {
+        let old = self.n4;
+        let n4_new = old + vscale.len();
+        self.vzero.extend_from_slice(vzero);
+        self.vscale.extend_from_slice(vscale);
+        self.vfscale.resize(n4_new, 0);
+        // s_ref only grows: the old multipliers stand unless it changed.
+        let s_ref = max_scale(&self.vscale);
+        let from = if s_ref.to_bits() == self.vs_ref.to_bits() {
+            old
+        } else {
+            0
+        };
+        fold_multipliers_with(
+            &self.vscale[from..],
+            s_ref,
+            self.sf,
+            &mut self.vfscale[from..],
+        );
+        self.vs_ref = s_ref;
+        self.n4 = n4_new;
+    }
+
+    /// The window's value fold, recomputed when its first token or `s_ref` changed
+    /// (`old_window_start`: the window start the current `wvfscale` was computed for, if it
+    /// can be extended).
+    fn end_window(&mut self, old_window_start: Option<usize>) {
         let ws = &self.wvscale[self.n4 - self.w0..];
         let s_ref = max_scale(ws);
         let keep = if old_window_start == Some(self.n4) && s_ref.to_bits() == self.wvs_ref.to_bits()
@@ -377,7 +503,152 @@ impl KvHeadCpu {
         self.wvfscale.resize(ws.len(), 0);
         fold_multipliers_with(&ws[keep..], s_ref, self.sf, &mut self.wvfscale[keep..]);
         self.wvs_ref = s_ref;
+    }
+
+    /// N16: appends one token's key and value (`head_dim` floats each) to a mirror that owns its
+    /// cache ([`Self::with_bits`]), computing what golden's `KvCache::push` followed by
+    /// [`Self::sync`] leaves in the mirror, without allocating (after [`Self::reserve`]): the
+    /// token's N5 codes enter the 8-bit window; when the oldest `kv_group_len` window tokens are
+    /// all older than the last `kv_recent_window` (KV4 only), they are quantized to 4 bits
+    /// from their 8-bit values, keys per channel and values per token (N7 with `B = 4`, the
+    /// same `f32` operations as golden's `quantize_group_asym`). On an error (a non-finite
+    /// input, or a 4-bit group whose range overflows `f32`) nothing changes.
+    pub fn push(&mut self, k: &[f32], v: &[f32]) -> Result<(), KvKernelError> {
+        self.push_retaining(k, v, false)
+    }
+
+    /// As [`Self::push`]; with `retain` the 8-bit codes of tokens that left the window are kept,
+    /// as [`Self::sync_retaining`] keeps them (for [`Self::qk_at`] / [`Self::pv_at`] at every
+    /// length since the history started, until [`Self::trim_history`]).
+    pub fn push_retaining(
+        &mut self,
+        k: &[f32],
+        v: &[f32],
+        retain: bool,
+    ) -> Result<(), KvKernelError> {
+        let hd = self.head_dim;
+        check_len("key", hd, k.len())?;
+        check_len("value", hd, v.len())?;
+        // N5 into the window (golden's `quantize_token`, tested equal).
+        let row = self.wkeys.len();
+        self.wkeys.resize(row + hd, 0);
+        self.wvalues.resize(row + hd, 0);
+        let ks = quantize_query_into(k, &mut self.wkeys[row..]);
+        let vs = quantize_query_into(v, &mut self.wvalues[row..]);
+        let (Some(ks), Some(vs)) = (ks, vs) else {
+            self.wkeys.truncate(row);
+            self.wvalues.truncate(row);
+            let what = if ks.is_none() { "key" } else { "value" };
+            return Err(KvKernelError::NonFinite { what });
+        };
+        self.wkscale.push(ks);
+        self.wvscale.push(vs);
+        let n_new = self.n + 1;
+        let old_n4 = self.n4;
+        if self.n4_at(n_new) > old_n4 {
+            // One group leaves the window (tokens n4..n4 + gl): quantize it, then store it.
+            let mut ps = std::mem::take(&mut self.push);
+            let r = self.quantize_group4(&mut ps);
+            if r.is_ok() {
+                self.store_group4(&ps);
+            }
+            self.push = ps;
+            if let Err(e) = r {
+                self.wkeys.truncate(row);
+                self.wvalues.truncate(row);
+                self.wkscale.pop();
+                self.wvscale.pop();
+                return Err(e);
+            }
+            if retain && self.n4 == n_new {
+                // The new token went to 4 bits at once (a zero-length window): as
+                // `sync_retaining`, its history entry is a placeholder (no length has it in
+                // its window).
+                self.wkeys[row..].fill(0);
+                self.wvalues[row..].fill(0);
+                *self.wkscale.last_mut().expect("pushed above") = 0.0;
+                *self.wvscale.last_mut().expect("pushed above") = 0.0;
+            }
+        }
+        self.n = n_new;
+        if !retain {
+            self.trim_history();
+        }
+        self.end_window(Some(old_n4));
         Ok(())
+    }
+
+    /// N16 + N7 (`B = 4`) of the group of window tokens `n4..n4 + kv_group_len` from their
+    /// 8-bit codes into `ps` (nothing stored): keys per channel over the group's tokens, values
+    /// per token over the channels, each from the host's `f32` value `code * scale` (one `f32`
+    /// multiply, as golden's cache computes it).
+    fn quantize_group4(&self, ps: &mut PushScratch) -> Result<(), KvKernelError> {
+        let (hd, gl) = (self.head_dim, self.kv_group_len);
+        let t0 = self.n4 - self.w0;
+        let (keys, kscale) = (&self.wkeys[t0 * hd..(t0 + gl) * hd], &self.wkscale[t0..t0 + gl]);
+        for c in 0..hd {
+            let w = &mut ps.deq[..gl];
+            for ((x, row), &s) in w.iter_mut().zip(keys.chunks_exact(hd)).zip(kscale) {
+                *x = f32::from(row[c]) * s;
+            }
+            let codes = &mut ps.kcodes[c * gl..(c + 1) * gl];
+            let (scale, zero) = quantize_kv4_into(w, codes).ok_or(KvKernelError::RangeOverflow {
+                what: "4-bit key channel",
+            })?;
+            ps.kscale[c] = scale;
+            ps.kzero[c] = zero;
+        }
+        let vals = &self.wvalues[t0 * hd..(t0 + gl) * hd];
+        for (t, (row, &s)) in vals
+            .chunks_exact(hd)
+            .zip(&self.wvscale[t0..t0 + gl])
+            .enumerate()
+        {
+            let w = &mut ps.deq[..hd];
+            for (x, &code) in w.iter_mut().zip(row) {
+                *x = f32::from(code) * s;
+            }
+            let codes = &mut ps.vcodes[t * hd..(t + 1) * hd];
+            let (scale, zero) = quantize_kv4_into(w, codes).ok_or(KvKernelError::RangeOverflow {
+                what: "4-bit value token",
+            })?;
+            ps.vscale[t] = scale;
+            ps.vzero[t] = zero;
+        }
+        Ok(())
+    }
+
+    /// Stores the group [`Self::quantize_group4`] computed as 4-bit keys and values.
+    fn store_group4(&mut self, ps: &PushScratch) {
+        let (hd, gl) = (self.head_dim, self.kv_group_len);
+        for (t, row) in self.new_key_group().enumerate() {
+            for c in 0..hd {
+                set_nibble(row, c, ps.kcodes[c * gl + t]);
+            }
+        }
+        self.end_key_group(&ps.kscale, &ps.kzero);
+        for (t, codes) in ps.vcodes.chunks_exact(hd).enumerate() {
+            self.set_value_token(self.n4 + t, |c| codes[c]);
+        }
+        self.end_value_tokens(&ps.vscale, &ps.vzero);
+    }
+
+    /// KV memory in bytes as golden's `KvCache::memory` counts it for the cache this mirror
+    /// holds (N11b layout: packed 4-bit codes, 8-bit window codes, one byte per zero point,
+    /// `f32` scales), from the token counts.
+    #[must_use]
+    pub fn memory(&self) -> KvMemory {
+        let hd = self.head_dim;
+        let groups = self.key_groups();
+        let window = self.n - self.n4;
+        let f32_bytes = std::mem::size_of::<f32>();
+        KvMemory {
+            codes4_bytes: groups * kv4_key_group_bytes(self.kv_group_len, hd)
+                + self.n4 * kv4_value_token_bytes(hd),
+            codes8_bytes: 2 * window * hd,
+            zero_bytes: groups * hd + self.n4,
+            scale_bytes: f32_bytes * (groups * hd + self.n4 + 2 * window),
+        }
     }
 
     /// The first token of the window the current `wvfscale` was computed for, if it is still
@@ -409,16 +680,23 @@ impl KvHeadCpu {
         }
     }
 
+    /// Widens the channel-major value rows to hold at least `need` tokens (amortized doubling),
+    /// in place: within the capacity [`Self::reserve`] made, nothing is allocated.
     fn grow_values(&mut self, need: usize) {
         let new_cap = need.max(2 * self.vcap).max(64).div_ceil(CHUNK) * CHUNK;
         let (old_row, new_row) = (self.vcap / 2, new_cap / 2);
-        let mut v = vec![0u8; self.head_dim * new_row];
-        for c in 0..self.head_dim {
-            // Chunk bytes are position-independent within a row: whole chunks copy as they are.
-            v[c * new_row..c * new_row + old_row]
-                .copy_from_slice(&self.values4[c * old_row..(c + 1) * old_row]);
+        self.values4.resize(self.head_dim * new_row, 0);
+        // Last channel first: row `c` moves to `c * new_row >= c * old_row`, past the old rows
+        // still to move. Chunk bytes are position-independent within a row: whole chunks move
+        // as they are, and the row's new tail is zeroed (set_nibble ORs into zeroed bytes).
+        for c in (1..self.head_dim).rev() {
+            self.values4
+                .copy_within(c * old_row..(c + 1) * old_row, c * new_row);
+            self.values4[c * new_row + old_row..(c + 1) * new_row].fill(0);
         }
-        self.values4 = v;
+        if self.head_dim > 0 {
+            self.values4[old_row..new_row].fill(0);
+        }
         self.vcap = new_cap;
     }
 
@@ -708,6 +986,46 @@ impl KvHeadCpu {
     }
 }
 
+impl KvHeadCpu {
+    /// The first part of the mirrored state in which `self` and `other` differ (`None`: the
+    /// same cache, every code, scale, zero point, fold multiplier and held 8-bit code, `f32`s
+    /// by their bits; capacities and scratch aside). For tests: [`Self::push`] must leave
+    /// exactly the state of golden's `push` followed by [`Self::sync`].
+    #[must_use]
+    pub fn first_difference(&self, other: &Self) -> Option<&'static str> {
+        fn bits(a: &[f32]) -> impl Iterator<Item = u32> + '_ {
+            a.iter().map(|x| x.to_bits())
+        }
+        let checks: [(&'static str, bool); 24] = [
+            ("head_dim", self.head_dim == other.head_dim),
+            ("kv_group_len", self.kv_group_len == other.kv_group_len),
+            ("kv_recent_window", self.kv_recent_window == other.kv_recent_window),
+            ("kv8", self.kv8 == other.kv8),
+            ("sf", self.sf == other.sf),
+            ("acc_bits", self.acc_bits == other.acc_bits),
+            ("keys4", self.keys4 == other.keys4),
+            ("kzero", self.kzero == other.kzero),
+            ("kfscale", self.kfscale == other.kfscale),
+            ("ks_ref", bits(&self.ks_ref).eq(bits(&other.ks_ref))),
+            ("n4", self.n4 == other.n4),
+            ("vcap / values4", self.vcap == other.vcap && self.values4 == other.values4),
+            ("vzero", self.vzero == other.vzero),
+            ("vfscale", self.vfscale == other.vfscale),
+            ("vs_ref", self.vs_ref.to_bits() == other.vs_ref.to_bits()),
+            ("vscale", bits(&self.vscale).eq(bits(&other.vscale))),
+            ("n", self.n == other.n),
+            ("w0", self.w0 == other.w0),
+            ("wkeys", self.wkeys == other.wkeys),
+            ("wvalues", self.wvalues == other.wvalues),
+            ("wkscale", bits(&self.wkscale).eq(bits(&other.wkscale))),
+            ("wvscale", bits(&self.wvscale).eq(bits(&other.wvscale))),
+            ("wvfscale", self.wvfscale == other.wvfscale),
+            ("wvs_ref", self.wvs_ref.to_bits() == other.wvs_ref.to_bits()),
+        ];
+        checks.iter().find(|(_, same)| !same).map(|(what, _)| *what)
+    }
+}
+
 /// `P x V` outputs of both N22 probability planes of one query ([`KvHeadCpu::pv2_at`]): per
 /// channel the N14 outputs of the 4-bit part and of the window part, high and low plane.
 #[derive(Debug, Default, Clone)]
@@ -717,6 +1035,22 @@ pub struct Pv2Out {
     pub y4_lo: Vec<i32>,
     pub yw_lo: Vec<i32>,
     acc: Vec<i64>,
+}
+
+impl Pv2Out {
+    /// Sizes the outputs for heads of `head_dim` channels ([`KvHeadCpu::pv2_at`] then
+    /// allocates nothing).
+    pub fn reserve(&mut self, head_dim: usize) {
+        for v in [
+            &mut self.y4_hi,
+            &mut self.yw_hi,
+            &mut self.y4_lo,
+            &mut self.yw_lo,
+        ] {
+            v.resize(head_dim, 0);
+        }
+        self.acc.resize(4 * head_dim, 0);
+    }
 }
 
 impl KvHeadCpu {
@@ -1015,6 +1349,75 @@ pub(crate) fn quantize_query_portable(x: &[f32], out: &mut [i8]) -> Option<f32> 
         }
     }
     Some(scale)
+}
+
+/// Golden's `quantize_group_asym(w, 4)` (N7 with `B = 4`) into `codes` without allocating:
+/// `Some((scale_g, zero_u8))`, or `None` where golden returns an error (a non-finite value, or
+/// a range `hi - lo` that overflows `f32`). The same `f32` operations in the same order; the
+/// final rounding of each code is [`round_clamp`] (tested equal to golden's, also at ties).
+///
+/// # Panics
+/// If `codes` is not as long as `w`, or `w` is empty.
+pub fn quantize_kv4_into(w: &[f32], codes: &mut [u8]) -> Option<(f32, u8)> {
+    const BITS: u32 = 4;
+    assert_eq!(w.len(), codes.len(), "quantize_kv4_into: one code per value");
+    assert!(!w.is_empty(), "quantize_kv4_into: empty group");
+    // golden: check_finite, then lo / hi from 0 (the grid holds 0.0).
+    let lo = w.iter().fold(0.0f32, |m, &v| m.min(v));
+    let hi = w.iter().fold(0.0f32, |m, &v| m.max(v));
+    if !(lo.is_finite() && hi.is_finite()) || w.iter().any(|v| v.is_nan()) {
+        return None;
+    }
+    if hi == lo {
+        codes.fill(0);
+        return Some((0.0, 0));
+    }
+    let range = hi - lo;
+    if !range.is_finite() {
+        return None;
+    }
+    let max_code = (1i32 << BITS) - 1;
+    #[allow(clippy::cast_precision_loss)] // 15 is exact
+    let scale_g = range / max_code as f32;
+    if scale_g == 0.0 {
+        codes.fill(0);
+        return Some((0.0, 0));
+    }
+    #[allow(clippy::cast_precision_loss)] // 2^(8 - B) is exact
+    let lattice = (1u32 << (8 - BITS)) as f32;
+    let zero = sat_u(round_clamp_f32(-lo / scale_g * lattice, 0, 255), 8);
+    let zero_u8 = u8::try_from(zero).expect("sat_u(.., 8) fits u8");
+    let zero_f32 = f32::from(zero_u8) / lattice;
+    for (q, &v) in codes.iter_mut().zip(w) {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // in [0, 15]
+        {
+            *q = round_clamp(v / scale_g + zero_f32, 0, max_code) as u8;
+        }
+    }
+    Some((scale_g, zero_u8))
+}
+
+/// golden's `round_clamp_f32(y, lo, hi)` (N1 then a clamp) for a small integer range
+/// (`|lo|, |hi| < 2^22`) without the libm `roundf` call, so loops over it vectorize: `y` is
+/// clamped to `[lo - 1, hi + 1]` first (which does not change the clamped result), truncated,
+/// and the fraction `y - trunc(y)` (exact in `f32` for `|y| < 2^23`) decides the tie-away step.
+/// `y` must not be NaN (callers check finiteness first); `+-inf` clamps to `hi` / `lo`.
+#[inline(always)]
+#[must_use]
+pub fn round_clamp(y: f32, lo: i32, hi: i32) -> i32 {
+    #[allow(clippy::cast_precision_loss)] // |lo|, |hi| < 2^22: exact
+    let y = y.clamp((lo - 1) as f32, (hi + 1) as f32);
+    #[allow(clippy::cast_possible_truncation)]
+    let t = y as i32;
+    #[allow(clippy::cast_precision_loss)]
+    let frac = y - t as f32;
+    let r = t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5);
+    r.clamp(lo, hi)
+}
+
+/// Grows `v`'s capacity to at least `total` elements (no change when it has that already).
+fn reserve_total<T>(v: &mut Vec<T>, total: usize) {
+    v.reserve_exact(total.saturating_sub(v.len()));
 }
 
 /// `max_e s_e` from 0, as golden's `scale_multipliers` takes `s_ref`.

@@ -501,3 +501,280 @@ fn quantize_query_matches_golden() {
     assert!(quantize_query_into(&[1.0, f32::NAN], &mut out).is_none());
     assert!(quantize_query_into(&[f32::NEG_INFINITY, 1.0], &mut out).is_none());
 }
+
+/// `round_clamp` equals golden's `round_clamp_f32` on the code ranges the kernels use, at every
+/// half-integer tie and its neighbours, at the range edges, infinities, and a float sweep.
+#[test]
+fn round_clamp_matches_golden() {
+    use tessera_golden::numerics::round_clamp_f32;
+    use tessera_kernels_cpu::kv::round_clamp;
+    let mut ys = vec![
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::MIN,
+        f32::MIN_POSITIVE,
+        1e-45,
+        -1e-45,
+        0.499_999_97,
+        -0.499_999_97,
+        1e30,
+        -3e9,
+    ];
+    for n in -300..300 {
+        let tie = n as f32 + 0.5;
+        ys.extend([tie, tie.next_up(), tie.next_down(), n as f32]);
+    }
+    let top = 512.0f32.to_bits();
+    for bits in (0..top).step_by(97) {
+        ys.extend([f32::from_bits(bits), -f32::from_bits(bits)]);
+    }
+    for (lo, hi) in [(0, 15), (-127, 127), (0, 255), (-1, 1), (0, 16383)] {
+        for &y in &ys {
+            assert_eq!(
+                i64::from(round_clamp(y, lo, hi)),
+                round_clamp_f32(y, i64::from(lo), i64::from(hi)),
+                "y = {y:e} in [{lo}, {hi}]"
+            );
+        }
+    }
+}
+
+/// golden's `quantize_group_asym(w, 4)` and the kernels' allocation-free `quantize_kv4_into`:
+/// the same codes, scale bits and zero point, and an error exactly where golden has one.
+fn assert_kv4_group_matches(w: &[f32]) {
+    use tessera_golden::quant::quantize_group_asym;
+    use tessera_kernels_cpu::kv::quantize_kv4_into;
+    let want = quantize_group_asym(w, 4);
+    let mut codes = vec![0xAAu8; w.len()];
+    let got = quantize_kv4_into(w, &mut codes);
+    match (want, got) {
+        (Ok(g), Some((scale, zero))) => {
+            assert_eq!(scale.to_bits(), g.scale_g.to_bits(), "scale of {w:?}");
+            assert_eq!(zero, g.zero_u8, "zero of {w:?}");
+            assert_eq!(codes, g.codes, "codes of {w:?}");
+        }
+        (Err(_), None) => {}
+        (want, got) => panic!("{w:?}: golden {want:?}, kernels {got:?}"),
+    }
+}
+
+#[test]
+fn quantize_kv4_matches_golden() {
+    let mut rng = Rng(2024);
+    let mut groups: Vec<Vec<f32>> = vec![
+        vec![0.0],
+        vec![0.0; 7],
+        vec![1.5; 5],
+        vec![-2.0; 4],
+        vec![3e38, -3e38],
+        vec![f32::MAX, 0.0],
+        vec![f32::MAX, f32::MIN],
+        vec![1.0, f32::NAN],
+        vec![f32::INFINITY, 1.0],
+        vec![1e-45, 0.0, -1e-45],
+        vec![1e-44, 3e-45],
+        vec![-1e-40; 3],
+        vec![1e-38, -1e-38, 5e-39],
+    ];
+    // Ties: values whose quotient by the step lands on k + 0.5 (range 15, step 1).
+    for k in 0..15 {
+        groups.push(vec![0.0, 15.0, k as f32 + 0.5, -(k as f32) - 0.5]);
+        groups.push(vec![-7.5, 7.5, k as f32 - 7.0]);
+    }
+    for len in [1usize, 2, 3, 16, 31, 32, 64, 65] {
+        for i in 0..200 {
+            let mag = [1e-30f32, 1e-3, 1.0, 1e3, 1e30][i % 5];
+            let mut g: Vec<f32> = (0..len).map(|_| rng.f32() * mag).collect();
+            if i % 7 == 0 {
+                g[i % len] = -50.0 * mag;
+            }
+            if i % 11 == 0 {
+                // 8-bit lattice values, as the cache's eviction sees them.
+                let s = mag / 127.0;
+                g = (0..len).map(|_| f32::from(rng.i8().max(-127)) * s).collect();
+            }
+            groups.push(g);
+        }
+    }
+    for g in &groups {
+        assert_kv4_group_matches(g);
+    }
+}
+
+/// A token of the native-push sequences: zeros, equal values, huge and tiny magnitudes, one
+/// outlier channel, mixed magnitudes, ordinary values.
+fn push_token(rng: &mut Rng, hd: usize, huge_ok: bool) -> (Vec<f32>, Vec<f32>) {
+    let one = |rng: &mut Rng| -> Vec<f32> {
+        match rng.next() % 10 {
+            0 => vec![0.0; hd],
+            1 => vec![rng.f32() * 4.0; hd],
+            2 if huge_ok => (0..hd).map(|_| rng.f32() * 3e38).collect(),
+            2 => (0..hd).map(|_| rng.f32().abs() * 1e30).collect(),
+            3 => (0..hd).map(|_| rng.f32() * 1e-39).collect(),
+            4 => (0..hd).map(|_| rng.f32() * 1e-20).collect(),
+            5 => {
+                let mut v = vec![0.0; hd];
+                v[(rng.next() as usize) % hd] = -1.0e3;
+                v
+            }
+            6 => (0..hd)
+                .map(|c| rng.f32() * if c % 3 == 0 { 1e20 } else { 1e-20 })
+                .collect(),
+            _ => (0..hd)
+                .map(|c| rng.f32() * (1.0 + (c % 5) as f32 * 3.0))
+                .collect(),
+        }
+    };
+    (one(rng), one(rng))
+}
+
+/// The native push (`KvHeadCpu::push` / `push_retaining`) against golden's `KvCache::push`
+/// followed by `sync` / `sync_retaining`: the same mirror state after every push (every code,
+/// scale, fold and held 8-bit code), golden's memory accounting, and the products of golden's
+/// cache at every length (and, retained, at every earlier length at the end). A push golden
+/// rejects (a 4-bit group whose range overflows `f32`) is rejected too, changing nothing; the
+/// sequence ends there (golden's cache has lost that group).
+fn run_native_push_case(
+    hd: usize,
+    group: usize,
+    window: usize,
+    tokens: usize,
+    bits: u32,
+    huge_ok: bool,
+    seed: u64,
+) {
+    let dp = Datapath {
+        w_group_len: 32,
+        w_scale_bits: 16,
+        acc_bits: 48,
+        kv_group_len: group,
+        kv_recent_window: window,
+    };
+    let stage = OutputStage::IDENTITY_I32;
+    let mut rng = Rng(seed);
+    let mut cache = KvCache::with_bits(&dp, hd, bits).expect("cache");
+    let mut synced = KvHeadCpu::new(&dp, hd);
+    let mut synced_hist = KvHeadCpu::new(&dp, hd);
+    let mut native = KvHeadCpu::with_bits(&dp, hd, bits).expect("mirror");
+    let mut native_hist = KvHeadCpu::with_bits(&dp, hd, bits).expect("mirror");
+    // Half the cases reserve (no growth), half grow from empty.
+    if seed % 2 == 0 {
+        native.reserve(tokens);
+        native_hist.reserve(tokens);
+    }
+    let mut snapshots = Vec::new();
+    for step in 0..tokens {
+        let what = format!("hd {hd} group {group} window {window} bits {bits} step {step}");
+        let (k, v) = push_token(&mut rng, hd, huge_ok);
+        let before = native.clone();
+        let before_hist = native_hist.clone();
+        let r = native.push(&k, &v);
+        let r_hist = native_hist.push_retaining(&k, &v, true);
+        if cache.push(&k, &v).is_err() {
+            assert!(r.is_err() && r_hist.is_err(), "{what}: golden failed, native pushed");
+            assert_eq!(native.first_difference(&before), None, "{what}: failed push");
+            assert_eq!(native_hist.first_difference(&before_hist), None, "{what}");
+            return;
+        }
+        r.expect("native push");
+        r_hist.expect("native push (retained)");
+        synced.sync(&cache).expect("sync");
+        synced_hist.sync_retaining(&cache, true).expect("sync");
+        assert_eq!(native.first_difference(&synced), None, "{what}");
+        assert_eq!(native_hist.first_difference(&synced_hist), None, "{what}");
+        assert_eq!(native.memory(), cache.memory(), "{what}: memory");
+        assert_eq!(native.len(), cache.len());
+        let q: Vec<i8> = (0..hd).map(|_| rng.i8()).collect();
+        let p: Vec<i8> = (0..cache.len()).map(|_| rng.i8()).collect();
+        compare(&cache, &native, &q, &p, &stage);
+        compare(&cache, &native_hist, &q, &p, &stage);
+        if step % 3 == 0 {
+            snapshots.push(cache.clone());
+        }
+    }
+    for snap in &snapshots {
+        let n = snap.len();
+        let q: Vec<i8> = (0..hd).map(|_| rng.i8()).collect();
+        let p: Vec<i8> = (0..n).map(|_| rng.i8()).collect();
+        compare_at(snap, &native_hist, n, &q, &p, &stage);
+    }
+    native_hist.trim_history();
+    synced_hist.trim_history();
+    assert_eq!(native_hist.first_difference(&synced_hist), None, "trimmed");
+    // Bad shapes and non-finite inputs change nothing.
+    let before = native.clone();
+    assert!(native.push(&vec![0.0; hd + 1], &vec![0.0; hd]).is_err());
+    let mut nan = vec![1.0; hd];
+    nan[hd / 2] = f32::NAN;
+    assert!(native.push(&nan, &vec![0.0; hd]).is_err());
+    assert!(native.push(&vec![0.0; hd], &vec![f32::INFINITY; hd]).is_err());
+    assert_eq!(native.first_difference(&before), None);
+}
+
+#[test]
+fn kv_native_push_matches_golden_shapes() {
+    for &hd in &[1usize, 2, 7, 16, 64, 65] {
+        for &(group, window) in &[(1usize, 0usize), (3, 0), (3, 6), (5, 5), (32, 64), (32, 0)] {
+            let tokens = 3 * (group + window) + 2 * group + 3;
+            for bits in [4, 8] {
+                let seed = hd as u64 * 131 + group as u64 * 7 + window as u64;
+                run_native_push_case(hd, group, window, tokens, bits, false, seed);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+    #[test]
+    fn prop_kv_native_push_matches_golden(
+        hd in 1usize..=80,
+        group in 1usize..=32,
+        windows in 0usize..=2,
+        extra in 0usize..40,
+        kv8 in proptest::bool::weighted(0.15),
+        huge_ok in proptest::bool::weighted(0.2),
+        seed in any::<u64>(),
+    ) {
+        let window = (group * windows).min(64 / group * group);
+        // Long enough to cross several group evictions.
+        let tokens = window + 3 * group + extra;
+        let bits = if kv8 { 8 } else { 4 };
+        run_native_push_case(hd, group, window, tokens, bits, huge_ok, seed);
+    }
+}
+
+/// A 4-bit group whose key range overflows `f32` (a channel at +3e38 in one token and -3e38 in
+/// the next): golden's push fails at the eviction, and so does the native push, which leaves
+/// the mirror as it was (golden's cache loses the group's tokens).
+#[test]
+fn kv_native_push_rejects_range_overflow_as_golden() {
+    let dp = Datapath {
+        w_group_len: 32,
+        w_scale_bits: 16,
+        acc_bits: 48,
+        kv_group_len: 2,
+        kv_recent_window: 2,
+    };
+    let hd = 5;
+    let mut cache = KvCache::new(&dp, hd).expect("cache");
+    let mut native = KvHeadCpu::with_bits(&dp, hd, 4).expect("mirror");
+    let toks = [3e38f32, -3e38, 1.0, 2.0];
+    for (i, &x) in toks.iter().enumerate() {
+        let k = vec![x; hd];
+        let v = vec![1.0; hd];
+        let before = native.clone();
+        let (g, n) = (cache.push(&k, &v), native.push(&k, &v));
+        if i < 3 {
+            g.expect("golden");
+            n.expect("native");
+        } else {
+            // The fourth token evicts tokens 0 and 1.
+            assert!(g.is_err() && n.is_err(), "token {i}: {g:?} vs {n:?}");
+            assert_eq!(native.first_difference(&before), None);
+        }
+    }
+}

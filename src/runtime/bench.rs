@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::cli::{load_with_mode, progress_bar, resolve_model, set_threads};
 use super::engine::{EngineArgs, Mode};
-use super::model::{Model, Profile};
+use super::model::{on_pool_worker, Model, Profile};
 use super::ops::Backend;
 use super::sampler::argmax;
 use super::{Error, Result};
@@ -154,12 +154,15 @@ fn time_decode(model: &Model, n: usize, profile: bool) -> Result<(f64, Option<Pr
     if profile {
         s.enable_profile();
     }
-    let mut next = 1u32;
-    let t = Instant::now();
-    for _ in 0..n {
-        next = argmax(model.forward_into(&mut s, &[next], 1)?) as u32;
-    }
-    let secs = t.elapsed().as_secs_f64();
+    // On one pool worker, as `tessera run` generates (see `on_pool_worker`).
+    let secs = on_pool_worker(|| -> Result<f64> {
+        let mut next = 1u32;
+        let t = Instant::now();
+        for _ in 0..n {
+            next = argmax(model.forward_into(&mut s, &[next], 1)?) as u32;
+        }
+        Ok(t.elapsed().as_secs_f64())
+    })?;
     let mut p = s.ws.profile.take();
     if let Some(p) = p.as_mut() {
         p.team_tasks = s.team().task_counts();

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::engine::{apply_mode, EngineArgs, Mode};
 use super::gguf::Gguf;
-use super::model::Model;
+use super::model::{on_pool_worker, Model};
 use super::ops::{Backend, Isa};
 use super::sampler::Sampler;
 use super::tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
@@ -300,39 +300,44 @@ pub fn run_with(args: &RunArgs, engine: &EngineArgs) -> Result<()> {
     }
     let mut sampler = Sampler::new(args.temp, args.top_p, args.seed);
     let mut session = model.session();
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let write_err = |e: std::io::Error| Error::new(format!("cannot write to stdout: {e}"));
+    // The whole generation runs on one worker of the rayon pool (one job), so that each step's
+    // forward pass starts in place instead of being injected into the pool from this thread
+    // (a wake-up per step, and the pool's injector queue allocates as it goes).
+    let (prefill_s, n_decoded, decode_s) = on_pool_worker(|| -> Result<(f64, usize, f64)> {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let write_err = |e: std::io::Error| Error::new(format!("cannot write to stdout: {e}"));
 
-    let t0 = Instant::now();
-    let mut next = sampler.sample(model.forward_into(&mut session, &ids, 1)?);
-    let prefill_s = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let mut next = sampler.sample(model.forward_into(&mut session, &ids, 1)?);
+        let prefill_s = t0.elapsed().as_secs_f64();
 
-    let mut dec = StreamDecoder::default();
-    let t1 = Instant::now();
-    let mut n_gen = 0usize;
-    let mut n_decoded = 0usize;
-    while n_gen < args.n_predict {
-        n_gen += 1;
-        if tok.is_end(next) {
-            break;
+        let mut dec = StreamDecoder::default();
+        let t1 = Instant::now();
+        let mut n_gen = 0usize;
+        let mut n_decoded = 0usize;
+        while n_gen < args.n_predict {
+            n_gen += 1;
+            if tok.is_end(next) {
+                break;
+            }
+            let text = if tok.is_special(next) {
+                String::new()
+            } else {
+                dec.push(&tok.token_bytes(next))
+            };
+            out.write_all(text.as_bytes()).map_err(write_err)?;
+            out.flush().map_err(write_err)?;
+            if n_gen == args.n_predict {
+                break;
+            }
+            next = sampler.sample(model.forward_into(&mut session, &[next], 1)?);
+            n_decoded += 1;
         }
-        let text = if tok.is_special(next) {
-            String::new()
-        } else {
-            dec.push(&tok.token_bytes(next))
-        };
-        out.write_all(text.as_bytes()).map_err(write_err)?;
-        out.flush().map_err(write_err)?;
-        if n_gen == args.n_predict {
-            break;
-        }
-        next = sampler.sample(model.forward_into(&mut session, &[next], 1)?);
-        n_decoded += 1;
-    }
-    let rest = dec.finish();
-    writeln!(out, "{rest}").map_err(write_err)?;
-    let decode_s = t1.elapsed().as_secs_f64();
+        let rest = dec.finish();
+        writeln!(out, "{rest}").map_err(write_err)?;
+        Ok((prefill_s, n_decoded, t1.elapsed().as_secs_f64()))
+    })?;
     eprintln!(
         "prefill: {} tokens in {:.2} s ({:.1} tok/s); decode: {} tokens in {:.2} s ({:.1} tok/s); KV cache {} bytes",
         ids.len(),

@@ -417,15 +417,21 @@ impl Model {
     /// A fresh session (empty KV caches).
     pub fn session(&self) -> Session {
         let (backend, isa) = self.backend();
+        let c = &self.cfg;
         let new = || {
-            // `set_kv` checked that this kind builds; f32 cannot fail.
-            KvCache::with_backend(self.kv, self.cfg.n_head_kv, self.cfg.head_dim, backend, isa)
-                .unwrap_or_else(|_| KvCache::f32(self.cfg.n_head_kv, self.cfg.head_dim))
+            // `set_kv` checked that this kind builds; f32 cannot fail. The CPU backend's
+            // caches reserve the whole context: a decode step never grows them.
+            KvCache::with_context(self.kv, c.n_head_kv, c.head_dim, backend, isa, c.ctx_len)
+                .unwrap_or_else(|_| KvCache::f32(c.n_head_kv, c.head_dim))
         };
         Session {
-            caches: (0..self.cfg.n_layer).map(|_| new()).collect(),
+            caches: (0..c.n_layer).map(|_| new()).collect(),
             pos: 0,
-            ws: Workspace::default(),
+            ws: Workspace {
+                // Grown to the context by the steps otherwise (one position a step).
+                scores: Vec::with_capacity(c.ctx_len),
+                ..Workspace::default()
+            },
             decode_team: decode_team_from_env(),
         }
     }
@@ -659,6 +665,14 @@ impl Model {
         }
         Ok(&s.ws.logits[..rows * c.vocab])
     }
+}
+
+/// Runs `f` on a worker thread of the current rayon pool (in place when the caller is one):
+/// a generation loop run this way starts each step's forward pass in place
+/// ([`Model::forward_into`]) instead of injecting it into the pool from outside (which wakes a
+/// worker and blocks the caller every step, and lets the pool's injector queue allocate).
+pub fn on_pool_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
 
 /// Environment variable that switches the decode thread team off (`0`) or on (`1`, the default)

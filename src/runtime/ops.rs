@@ -46,6 +46,10 @@ const ROW_BLOCK: usize = 64;
 /// Positions per task of the batched prefill attention ([`KvCache::attend_prefill`]).
 const PREFILL_BLOCK: usize = 8;
 
+/// Positions the CPU backend's KV caches reserve when the context length is not given
+/// ([`KvCache::with_backend`]); a session reserves its model's context length instead.
+pub const DEFAULT_KV_TOKENS: usize = 4096;
+
 /// A dense f32 matrix of `n_out` rows by `n_in` columns, row-major (a GGUF weight dequantized).
 #[derive(Debug, Clone)]
 pub struct DenseF32 {
@@ -663,21 +667,26 @@ pub struct KvF32 {
     pub head_dim: usize,
 }
 
-/// One layer's key/value cache on the engine: one golden cache per KV head (KV4, N16, or KV8,
-/// N16b). Both products use `OutputStage::IDENTITY_I32` (N14); queries are N5 per head,
+/// One layer's key/value cache on the engine (KV4, N16, or KV8, N16b): on the golden backend
+/// one golden cache per KV head; on the CPU backend one kernels-cpu [`KvHeadCpu`] per KV head,
+/// which owns the cache (its native push computes golden's push, bit for bit; `heads` is then
+/// empty). Both products use `OutputStage::IDENTITY_I32` (N14); queries are N5 per head,
 /// probabilities N19 per query.
 #[derive(Debug, Clone)]
 pub struct KvEngine {
+    /// [`Backend::Golden`]: golden's cache of each KV head (empty on [`Backend::Cpu`]).
     pub heads: Vec<GoldenKvCache>,
     pub head_dim: usize,
     /// NaN went in (a non-finite key, value, query or probability): outputs are NaN.
     poisoned: bool,
-    /// [`Backend::Cpu`]: the kernels-cpu mirrors of `heads` and their scratch.
+    /// [`Backend::Cpu`]: the kernels-cpu caches of the KV heads and their scratch.
     cpu: Option<Box<KvCpu>>,
 }
 
-/// The kernels-cpu side of one layer's engine cache: one [`KvHeadCpu`] per KV head (synced after
-/// every push) and caller-owned buffers, so a product allocates nothing once they are grown.
+/// The kernels-cpu side of one layer's engine cache: one [`KvHeadCpu`] per KV head, pushed
+/// natively ([`KvHeadCpu::push`]), and caller-owned buffers; everything is reserved for
+/// `max_tokens` positions when the cache is made, so neither a push nor a product allocates
+/// before the cache holds that many (the session's context length).
 #[derive(Debug, Clone)]
 struct KvCpu {
     isa: Isa,
@@ -685,6 +694,10 @@ struct KvCpu {
     bufs: AttnBufs,
     /// One set of buffers per member of the decode team ([`KvCache::attend_decode`]).
     members: MemberBufs,
+    /// Positions reserved for (buffers of new team members are sized for it too).
+    max_tokens: usize,
+    /// `head_dim` zeros: what a non-finite key or value is replaced by (as [`KvCache::push`]).
+    zeros: Vec<f32>,
 }
 
 /// Per-member buffers (scratch only: a clone starts empty).
@@ -715,10 +728,21 @@ struct AttnBufs {
 }
 
 impl AttnBufs {
-    fn new(head_dim: usize) -> AttnBufs {
+    /// Buffers for the products of `mirror`'s head at up to `tokens` positions, sized now.
+    fn new(mirror: &KvHeadCpu, head_dim: usize, tokens: usize) -> AttnBufs {
+        let mut scratch = KvScratch::default();
+        scratch.reserve(mirror, tokens);
+        let mut pv2 = Pv2Out::default();
+        pv2.reserve(head_dim);
         AttnBufs {
-            codes: vec![0; head_dim],
-            ..AttnBufs::default()
+            scratch,
+            codes: vec![0; head_dim.max(tokens)],
+            codes_lo: vec![0; tokens],
+            acc: vec![0; tokens],
+            y: vec![0; tokens],
+            pv2,
+            scores: vec![0.0; tokens],
+            secs: [0.0; 3],
         }
     }
 }
@@ -756,7 +780,9 @@ impl KvCache {
         Self::with_backend(kind, n_kv_head, head_dim, Backend::Golden, Isa::Scalar)
     }
 
-    /// An empty cache of `kind` whose engine products run on `backend` (kernel path `isa`).
+    /// An empty cache of `kind` whose engine products run on `backend` (kernel path `isa`),
+    /// with the CPU backend's buffers reserved for [`DEFAULT_KV_TOKENS`] positions (beyond
+    /// them they grow, amortized); [`Self::with_context`] when the context length is known.
     pub fn with_backend(
         kind: KvKind,
         n_kv_head: usize,
@@ -764,37 +790,74 @@ impl KvCache {
         backend: Backend,
         isa: Isa,
     ) -> Result<KvCache> {
+        Self::with_context(kind, n_kv_head, head_dim, backend, isa, DEFAULT_KV_TOKENS)
+    }
+
+    /// As [`Self::with_backend`], with the CPU backend's caches and buffers reserved for
+    /// `max_tokens` positions (a session's context length): no push or product allocates until
+    /// the cache holds that many.
+    pub fn with_context(
+        kind: KvKind,
+        n_kv_head: usize,
+        head_dim: usize,
+        backend: Backend,
+        isa: Isa,
+        max_tokens: usize,
+    ) -> Result<KvCache> {
         match kind {
             KvKind::F32 => Ok(KvCache::f32(n_kv_head, head_dim)),
             KvKind::Engine { dp, bits } => {
+                let err = |e| Error::new(format!("KV cache: {e}"));
+                if backend == Backend::Cpu {
+                    let mut mirrors = (0..n_kv_head)
+                        .map(|_| KvHeadCpu::with_bits(&dp, head_dim, bits))
+                        .collect::<std::result::Result<Vec<_>, _>>()
+                        .map_err(err)?;
+                    for m in &mut mirrors {
+                        m.reserve(max_tokens);
+                    }
+                    // Golden's checks of the datapath (with_bits above) for zero heads too.
+                    GoldenKvCache::with_bits(&dp, head_dim, bits).map_err(err)?;
+                    let bufs = match mirrors.first() {
+                        Some(m) => AttnBufs::new(m, head_dim, max_tokens),
+                        None => AttnBufs::default(),
+                    };
+                    return Ok(KvCache::Engine(KvEngine {
+                        heads: Vec::new(),
+                        head_dim,
+                        poisoned: false,
+                        cpu: Some(Box::new(KvCpu {
+                            isa,
+                            mirrors,
+                            bufs,
+                            members: MemberBufs::default(),
+                            max_tokens,
+                            zeros: vec![0.0; head_dim],
+                        })),
+                    }));
+                }
                 let heads = (0..n_kv_head)
                     .map(|_| GoldenKvCache::with_bits(&dp, head_dim, bits))
                     .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(|e| Error::new(format!("KV cache: {e}")))?;
-                let cpu = (backend == Backend::Cpu).then(|| {
-                    Box::new(KvCpu {
-                        isa,
-                        mirrors: (0..n_kv_head)
-                            .map(|_| KvHeadCpu::new(&dp, head_dim))
-                            .collect(),
-                        bufs: AttnBufs::new(head_dim),
-                        members: MemberBufs::default(),
-                    })
-                });
+                    .map_err(err)?;
                 Ok(KvCache::Engine(KvEngine {
                     heads,
                     head_dim,
                     poisoned: false,
-                    cpu,
+                    cpu: None,
                 }))
             }
         }
     }
 
-    /// Bytes the cache holds (f32: 4 per value; engine: golden's `KvMemory::total`).
+    /// Bytes the cache holds (f32: 4 per value; engine: golden's `KvMemory::total`, which the
+    /// CPU backend's caches compute with golden's formula from their token counts).
     pub fn memory_bytes(&self) -> usize {
         match self {
             KvCache::F32(c) => 4 * (c.k.len() + c.v.len()),
+            KvCache::Engine(KvEngine { cpu: Some(cpu), .. }) => {
+                cpu.mirrors.iter().map(|m| m.memory().total()).sum()
+            }
             KvCache::Engine(e) => e.heads.iter().map(GoldenKvCache::memory_bytes).sum(),
         }
     }
@@ -803,6 +866,9 @@ impl KvCache {
     pub fn len(&self) -> usize {
         match self {
             KvCache::F32(c) => c.k.len() / (c.n_kv_head * c.head_dim).max(1),
+            KvCache::Engine(KvEngine { cpu: Some(cpu), .. }) => {
+                cpu.mirrors.first().map_or(0, KvHeadCpu::len)
+            }
             KvCache::Engine(e) => e.heads.first().map_or(0, GoldenKvCache::len),
         }
     }
@@ -820,6 +886,28 @@ impl KvCache {
                 c.k.extend_from_slice(k);
                 c.v.extend_from_slice(v);
             }
+            KvCache::Engine(KvEngine {
+                head_dim,
+                poisoned,
+                cpu: Some(cpu),
+                ..
+            }) => {
+                let hd = *head_dim;
+                assert_eq!(k.len(), cpu.mirrors.len() * hd, "k size");
+                assert_eq!(v.len(), cpu.mirrors.len() * hd, "v size");
+                let finite = k.iter().chain(v).all(|x| x.is_finite());
+                *poisoned |= !finite;
+                for (h, m) in cpu.mirrors.iter_mut().enumerate() {
+                    let (kh, vh) = if finite {
+                        (&k[h * hd..(h + 1) * hd], &v[h * hd..(h + 1) * hd])
+                    } else {
+                        (&cpu.zeros[..], &cpu.zeros[..])
+                    };
+                    // As golden's push below: fails only on a 4-bit group whose range
+                    // overflows f32 (then nothing is pushed).
+                    *poisoned |= m.push(kh, vh).is_err();
+                }
+            }
             KvCache::Engine(e) => {
                 let hd = e.head_dim;
                 assert_eq!(k.len(), e.heads.len() * hd, "k size");
@@ -834,53 +922,48 @@ impl KvCache {
                         let zeros = vec![0f32; hd];
                         cache.push(&zeros, &zeros)
                     };
-                    // Shapes are checked above and inputs are finite: push cannot fail.
+                    // Shapes are checked above and inputs are finite: push fails only on a
+                    // 4-bit group whose range overflows f32.
                     e.poisoned |= r.is_err();
-                    if let Some(cpu) = e.cpu.as_mut() {
-                        // The mirror follows the cache it was built for: sync cannot fail.
-                        e.poisoned |= cpu.mirrors[h].sync(cache).is_err();
-                    }
                 }
             }
         }
     }
 
     /// As [`Self::push`] (one position's keys and values, `n_kv_head * head_dim` each, RoPE
-    /// applied to `k`); on the CPU backend one task per KV head (golden's push, then the
-    /// mirror's sync) on the decode `team` when the caller leads it (else in order: tasks of a
-    /// few microseconds are not worth a rayon fork).
+    /// applied to `k`); on the CPU backend one task per KV head (the native push of its
+    /// [`KvHeadCpu`], which allocates nothing) on the decode `team` when the caller leads it
+    /// (else in order: tasks of a few microseconds are not worth a rayon fork).
     pub fn push_decode(&mut self, team: &Team, k: &[f32], v: &[f32]) {
         let KvCache::Engine(KvEngine {
-            heads,
             head_dim,
             poisoned,
             cpu: Some(cpu),
+            ..
         }) = self
         else {
             self.push(k, v);
             return;
         };
-        let (hd, n_kv) = (*head_dim, heads.len());
+        let (hd, n_kv) = (*head_dim, cpu.mirrors.len());
         assert_eq!(k.len(), n_kv * hd, "k size");
         assert_eq!(v.len(), n_kv * hd, "v size");
         // As [`Self::push`], the heads in any order.
         let finite = k.iter().chain(v).all(|x| x.is_finite());
         *poisoned |= !finite;
-        let zeros = if finite { Vec::new() } else { vec![0f32; hd] };
+        let zeros = &cpu.zeros[..];
         let failed = AtomicBool::new(false);
-        let pairs = Mutex::new(heads.iter_mut().zip(cpu.mirrors.iter_mut()).enumerate());
+        let mirrors = Mutex::new(cpu.mirrors.iter_mut().enumerate());
         team.for_each(n_kv, |_, _| {
-            let next = lock(&pairs).next();
-            if let Some((h, (cache, mirror))) = next {
+            let next = lock(&mirrors).next();
+            if let Some((h, mirror)) = next {
                 let (kh, vh) = if finite {
                     (&k[h * hd..(h + 1) * hd], &v[h * hd..(h + 1) * hd])
                 } else {
-                    (&zeros[..], &zeros[..])
+                    (zeros, zeros)
                 };
-                // Shapes are checked above and inputs are finite: push cannot fail; the mirror
-                // follows the cache it was built for: sync cannot fail.
-                let bad = cache.push(kh, vh).is_err() | mirror.sync(cache).is_err();
-                if bad {
+                // As golden's push: fails only on a 4-bit group whose range overflows f32.
+                if mirror.push(kh, vh).is_err() {
                     failed.store(true, Ordering::Relaxed);
                 }
             }
@@ -922,10 +1005,7 @@ impl KvCache {
             "query heads are a multiple of KV heads"
         );
         // Every query head, one task each, with the buffers of the member that runs it.
-        let members = team.threads().max(1);
-        while cpu.members.0.len() < members {
-            cpu.members.0.push(Mutex::new(AttnBufs::new(hd)));
-        }
+        cpu.add_members(team.threads().max(1), hd);
         let (isa, mirrors, bufs, poisoned) = (cpu.isa, &cpu.mirrors, &cpu.members.0, *poisoned);
         let group = n_head / n_kv;
         let timed = secs.is_some();
@@ -993,10 +1073,10 @@ impl KvCache {
         att: &mut [f32],
     ) -> bool {
         let KvCache::Engine(KvEngine {
-            heads,
             head_dim,
             poisoned,
             cpu: Some(cpu),
+            ..
         }) = self
         else {
             return false;
@@ -1004,7 +1084,7 @@ impl KvCache {
         if n == 0 {
             return false;
         }
-        let (hd, n_kv) = (*head_dim, heads.len());
+        let (hd, n_kv) = (*head_dim, cpu.mirrors.len());
         let kvd = n_kv * hd;
         let qd = n_head * hd;
         assert_eq!(k.len(), n * kvd, "k size");
@@ -1016,7 +1096,7 @@ impl KvCache {
             "query heads are a multiple of KV heads"
         );
         let group = n_head / n_kv;
-        let pos0 = heads.first().map_or(0, GoldenKvCache::len);
+        let pos0 = cpu.mirrors.first().map_or(0, KvHeadCpu::len);
         // Whether each position's keys and values are finite (else zeros are pushed, as
         // `push` does), and whether the cache was poisoned right after each push by a
         // non-finite input (as a token-by-token run sees; push failures are applied below).
@@ -1032,9 +1112,8 @@ impl KvCache {
                 Some(*p)
             })
             .collect();
-        let zeros = vec![0f32; hd];
-        // The first position whose push or sync failed on any head (not reached: shapes are
-        // checked and inputs finite).
+        // The first position whose push failed on any head (only a 4-bit group whose range
+        // overflows f32: shapes are checked and inputs finite).
         let first_failed = AtomicUsize::new(usize::MAX);
         // Per KV head, per block of positions: each position's outputs of the head's group.
         let mut outs: Vec<Vec<Vec<&mut [f32]>>> = (0..n_kv)
@@ -1045,16 +1124,12 @@ impl KvCache {
                 outs[h][i / PREFILL_BLOCK].push(part);
             }
         }
-        let members = rayon::current_num_threads().max(1);
-        while cpu.members.0.len() < members {
-            cpu.members.0.push(Mutex::new(AttnBufs::new(hd)));
-        }
-        let (isa, bufs) = (cpu.isa, &cpu.members.0);
-        let (finite, poisoned_after, zeros, first_failed) =
-            (&finite, &poisoned_after, &zeros, &first_failed);
+        cpu.add_members(rayon::current_num_threads().max(1), hd);
+        let (isa, bufs, zeros) = (cpu.isa, &cpu.members.0, &cpu.zeros);
+        let (finite, poisoned_after, first_failed) = (&finite, &poisoned_after, &first_failed);
         rayon::scope(|s| {
-            let per_head = heads.iter_mut().zip(cpu.mirrors.iter_mut()).zip(outs);
-            for (h, ((cache, mirror), outs_h)) in per_head.enumerate() {
+            let per_head = cpu.mirrors.iter_mut().zip(outs);
+            for (h, (mirror, outs_h)) in per_head.enumerate() {
                 s.spawn(move |s| {
                     for (i, &fin) in finite.iter().enumerate() {
                         let (kh, vh) = if fin {
@@ -1063,9 +1138,8 @@ impl KvCache {
                         } else {
                             (&zeros[..], &zeros[..])
                         };
-                        let bad = cache.push(kh, vh).is_err()
-                            | mirror.sync_retaining(cache, true).is_err();
-                        if bad {
+                        // The native push, keeping the 8-bit history for the attentions below.
+                        if mirror.push_retaining(kh, vh, true).is_err() {
                             first_failed.fetch_min(i, Ordering::Relaxed);
                         }
                     }
@@ -1122,8 +1196,8 @@ impl KvCache {
                 c.v.truncate(len * w);
                 Ok(())
             }
-            KvCache::Engine(e) => {
-                if e.heads.first().map_or(0, GoldenKvCache::len) == len {
+            KvCache::Engine(_) => {
+                if self.len() == len {
                     Ok(())
                 } else {
                     Err(Error::new("the engine KV cache cannot be truncated"))
@@ -1221,6 +1295,18 @@ impl KvCache {
 }
 
 impl KvCpu {
+    /// Buffers for `members` members of the decode team (or rayon threads), each sized for
+    /// `max_tokens` positions.
+    fn add_members(&mut self, members: usize, head_dim: usize) {
+        while self.members.0.len() < members {
+            let b = match self.mirrors.first() {
+                Some(m) => AttnBufs::new(m, head_dim, self.max_tokens),
+                None => AttnBufs::default(),
+            };
+            self.members.0.push(Mutex::new(b));
+        }
+    }
+
     fn scores(&mut self, poisoned: bool, kv_head: usize, q: &[f32], scale: f32, out: &mut [f32]) {
         let m = &self.mirrors[kv_head];
         attn_scores(

@@ -30,6 +30,9 @@ pub struct Sampler {
     pub temperature: f32,
     pub top_p: f32,
     rng: SplitMix64,
+    /// `(token, weight)` of the candidates, reused across calls (a step allocates nothing once
+    /// it holds a vocabulary).
+    probs: Vec<(u32, f64)>,
 }
 
 /// Index of the largest value (lowest index on ties; NaN never wins).
@@ -74,6 +77,7 @@ impl Sampler {
             temperature,
             top_p,
             rng: SplitMix64::new(seed),
+            probs: Vec::new(),
         }
     }
 
@@ -83,13 +87,18 @@ impl Sampler {
             return argmax(logits) as u32;
         }
         let m = logits[argmax(logits)];
-        let mut probs: Vec<(u32, f64)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, f64::from((l - m) / self.temperature).exp()))
-            .filter(|&(_, p)| p > 0.0)
-            .collect();
-        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let probs = &mut self.probs;
+        probs.clear();
+        probs.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, f64::from((l - m) / self.temperature).exp()))
+                .filter(|&(_, p)| p > 0.0),
+        );
+        // Token ids are distinct, so no two entries compare equal: the unstable sort (which
+        // needs no buffer) gives the one order a stable sort would.
+        probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let total: f64 = probs.iter().map(|p| p.1).sum();
         // Smallest prefix whose mass reaches top_p.
         let top_p = f64::from(self.top_p.clamp(0.0, 1.0));
