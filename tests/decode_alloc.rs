@@ -4,10 +4,10 @@
 //! does) while a counting global allocator watches every thread of the process.
 //!
 //! - Decode team off: no allocation at all, on pools of 1 and 2 threads, greedy and top-p.
-//! - Decode team on: the only allocations are the team's own (`Team::lead` boxes one rayon job
-//!   per helper per step, `rayon::Scope::spawn`; a helper's first join registers its thread),
-//!   identified by the innermost of our frames in each allocation's backtrace; none from the
-//!   forward pass, the KV cache or the sampler. (kernels-cpu's `team.rs` owns those.)
+//! - Decode team on: no allocation either (`Team::lead` offers its helper jobs by nested
+//!   `rayon::join`, stack jobs, and reserves its helpers' handles in the warm-up). Should one
+//!   appear, the failure says whether it is the team's (the innermost of our frames in its
+//!   backtrace) and prints the first other one.
 //!
 //! `TESSERA_ALLOC_TRACE=1` prints the backtrace of every allocation a measured step makes.
 #![allow(clippy::unwrap_used)]
@@ -62,7 +62,11 @@ fn made_by_team(trace: &str) -> bool {
     trace
         .lines()
         .filter_map(|l| l.trim_start().split_once(": ").map(|(_, f)| f.trim()))
-        .find(|f| !allocator.iter().any(|a| f.starts_with(a) || f.contains("decode_alloc")))
+        .find(|f| {
+            !allocator
+                .iter()
+                .any(|a| f.starts_with(a) || f.contains("decode_alloc"))
+        })
         .is_some_and(|f| {
             f.starts_with("rayon_core::scope::")
                 || f.starts_with("tessera_kernels_cpu::team::Team::lead")
@@ -80,7 +84,9 @@ fn record(size: usize) {
     if made_by_team(&trace) {
         TEAM_ALLOCS.fetch_add(1, Ordering::Relaxed);
     } else {
-        let mut first = FIRST_OTHER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut first = FIRST_OTHER
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         first.get_or_insert_with(|| format!("allocation of {size} bytes:\n{trace}"));
     }
     if std::env::var_os("TESSERA_ALLOC_TRACE").is_some() {
@@ -246,7 +252,9 @@ const STEPS: usize = 120;
 
 #[test]
 fn decode_steps_allocate_nothing() {
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for_each_model(|what, m| {
         for threads in [1, 2] {
             for temp in [0.0, 0.8] {
@@ -263,27 +271,26 @@ fn decode_steps_allocate_nothing() {
 }
 
 #[test]
-fn decode_steps_with_the_team_allocate_only_the_teams_helper_jobs() {
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+fn decode_steps_with_the_team_allocate_nothing() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for_each_model(|what, m| {
         for threads in [2, 3] {
             for temp in [0.0, 0.8] {
                 let c = count_decode(m, pool(threads), true, temp, WARM, STEPS);
-                let helpers = threads - 1;
                 eprintln!(
                     "{what}, team of {threads}, temperature {temp}: {} allocations in {STEPS} steps, {} of them the team's",
                     c.all, c.team
                 );
+                // The team's lead offers its helper jobs by nested `rayon::join` (stack jobs)
+                // and reserves its helpers' handles in the warm-up: nothing to allocate.
                 assert!(
-                    c.all == c.team,
-                    "{what}, team of {threads}: an allocation outside the team:\n{}",
+                    c.all == 0,
+                    "{what}, team of {threads}: {} allocations ({} the team's); the first:\n{}",
+                    c.all,
+                    c.team,
                     c.first_other.unwrap_or_default()
-                );
-                // One boxed job per helper per step, and each helper's first join.
-                assert!(
-                    c.team <= helpers * (STEPS + 1),
-                    "{what}, team of {threads}: {} team allocations",
-                    c.team
                 );
             }
         }

@@ -26,8 +26,8 @@
 
 use tessera_golden::kv::{KvCache, KvError, KvMemory, KV8_BITS, P_CODE_MAX, P_PLANE_BITS};
 use tessera_golden::numerics::{max_signed, min_signed, round_clamp_f32, sat_u, Datapath};
-use tessera_golden::pack::{kv4_key_group_bytes, kv4_value_token_bytes};
 use tessera_golden::ops::{OpError, OutputStage};
+use tessera_golden::pack::{kv4_key_group_bytes, kv4_value_token_bytes};
 
 use crate::isa::Isa;
 use crate::weights::CHUNK;
@@ -84,7 +84,10 @@ impl std::fmt::Display for KvKernelError {
             ),
             KvKernelError::Op(e) => write!(f, "{e}"),
             KvKernelError::NonFinite { what } => {
-                write!(f, "{what} to push is not finite: quantize only finite values")
+                write!(
+                    f,
+                    "{what} to push is not finite: quantize only finite values"
+                )
             }
             KvKernelError::RangeOverflow { what } => {
                 write!(f, "{what}: value range overflows f32")
@@ -117,7 +120,9 @@ impl KvScratch {
     /// group length) at up to `tokens` tokens, so that those products allocate nothing (except
     /// `pv_at` / `pv2_at` at a past length without given folds, which compute them here).
     pub fn reserve(&mut self, mirror: &KvHeadCpu, tokens: usize) {
-        let x = (mirror.key_chunks * CHUNK).max(tokens.div_ceil(CHUNK) * CHUNK).max(1);
+        let x = (mirror.key_chunks * CHUNK)
+            .max(tokens.div_ceil(CHUNK) * CHUNK)
+            .max(1);
         grow(&mut self.xf, x);
         grow(&mut self.xf2, x);
         grow(&mut self.p, (2 * mirror.head_dim).max(mirror.kv_group_len));
@@ -585,16 +590,20 @@ impl KvHeadCpu {
     fn quantize_group4(&self, ps: &mut PushScratch) -> Result<(), KvKernelError> {
         let (hd, gl) = (self.head_dim, self.kv_group_len);
         let t0 = self.n4 - self.w0;
-        let (keys, kscale) = (&self.wkeys[t0 * hd..(t0 + gl) * hd], &self.wkscale[t0..t0 + gl]);
+        let (keys, kscale) = (
+            &self.wkeys[t0 * hd..(t0 + gl) * hd],
+            &self.wkscale[t0..t0 + gl],
+        );
         for c in 0..hd {
             let w = &mut ps.deq[..gl];
             for ((x, row), &s) in w.iter_mut().zip(keys.chunks_exact(hd)).zip(kscale) {
                 *x = f32::from(row[c]) * s;
             }
             let codes = &mut ps.kcodes[c * gl..(c + 1) * gl];
-            let (scale, zero) = quantize_kv4_into(w, codes).ok_or(KvKernelError::RangeOverflow {
-                what: "4-bit key channel",
-            })?;
+            let (scale, zero) =
+                quantize_kv4_into(w, codes).ok_or(KvKernelError::RangeOverflow {
+                    what: "4-bit key channel",
+                })?;
             ps.kscale[c] = scale;
             ps.kzero[c] = zero;
         }
@@ -609,9 +618,10 @@ impl KvHeadCpu {
                 *x = f32::from(code) * s;
             }
             let codes = &mut ps.vcodes[t * hd..(t + 1) * hd];
-            let (scale, zero) = quantize_kv4_into(w, codes).ok_or(KvKernelError::RangeOverflow {
-                what: "4-bit value token",
-            })?;
+            let (scale, zero) =
+                quantize_kv4_into(w, codes).ok_or(KvKernelError::RangeOverflow {
+                    what: "4-bit value token",
+                })?;
             ps.vscale[t] = scale;
             ps.vzero[t] = zero;
         }
@@ -999,7 +1009,10 @@ impl KvHeadCpu {
         let checks: [(&'static str, bool); 24] = [
             ("head_dim", self.head_dim == other.head_dim),
             ("kv_group_len", self.kv_group_len == other.kv_group_len),
-            ("kv_recent_window", self.kv_recent_window == other.kv_recent_window),
+            (
+                "kv_recent_window",
+                self.kv_recent_window == other.kv_recent_window,
+            ),
             ("kv8", self.kv8 == other.kv8),
             ("sf", self.sf == other.sf),
             ("acc_bits", self.acc_bits == other.acc_bits),
@@ -1008,7 +1021,10 @@ impl KvHeadCpu {
             ("kfscale", self.kfscale == other.kfscale),
             ("ks_ref", bits(&self.ks_ref).eq(bits(&other.ks_ref))),
             ("n4", self.n4 == other.n4),
-            ("vcap / values4", self.vcap == other.vcap && self.values4 == other.values4),
+            (
+                "vcap / values4",
+                self.vcap == other.vcap && self.values4 == other.values4,
+            ),
             ("vzero", self.vzero == other.vzero),
             ("vfscale", self.vfscale == other.vfscale),
             ("vs_ref", self.vs_ref.to_bits() == other.vs_ref.to_bits()),
@@ -1360,7 +1376,11 @@ pub(crate) fn quantize_query_portable(x: &[f32], out: &mut [i8]) -> Option<f32> 
 /// If `codes` is not as long as `w`, or `w` is empty.
 pub fn quantize_kv4_into(w: &[f32], codes: &mut [u8]) -> Option<(f32, u8)> {
     const BITS: u32 = 4;
-    assert_eq!(w.len(), codes.len(), "quantize_kv4_into: one code per value");
+    assert_eq!(
+        w.len(),
+        codes.len(),
+        "quantize_kv4_into: one code per value"
+    );
     assert!(!w.is_empty(), "quantize_kv4_into: empty group");
     // golden: check_finite, then lo / hi from 0 (the grid holds 0.0).
     let lo = w.iter().fold(0.0f32, |m, &v| m.min(v));

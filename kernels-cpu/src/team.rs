@@ -174,24 +174,29 @@ impl Team {
         let claimed = !self.is_leading() && !sh.busy.swap(true, Ordering::AcqRel);
         // Released after the scope below, so after every helper has returned.
         let _busy = claimed.then_some(BusyGuard(sh));
-        let r = rayon::scope(|scope| {
-            let helpers = threads.min(rayon::current_num_threads()).saturating_sub(1);
-            if !claimed || helpers == 0 {
-                return f();
-            }
-            // No helper of an earlier `lead` is running (its scope waited for them).
+        let helpers = threads.min(rayon::current_num_threads()).saturating_sub(1);
+        let r = if !claimed || helpers == 0 {
+            f()
+        } else {
+            // No helper of an earlier `lead` is running (its joins waited for them).
             sh.exit.store(false, Ordering::SeqCst);
             sh.in_loop.store(false, Ordering::Relaxed);
             sh.members.store(1 + helpers, Ordering::Release);
-            lock(&sh.helpers).clear();
-            let prev = LEADING.with(|l| l.replace(self.addr()));
-            // Ends the helpers and restores this thread's state when `f` returns or panics.
-            let _end = EndGuard { sh, prev };
-            for _ in 0..helpers {
-                scope.spawn(move |_| sh.help());
+            {
+                // Room for every helper's handle (allocates in the first lead only).
+                let mut h = lock(&sh.helpers);
+                h.clear();
+                h.reserve(helpers);
             }
-            f()
-        });
+            let prev = LEADING.with(|l| l.replace(self.addr()));
+            let lead = move || {
+                // Ends the helpers and restores this thread's state when `f` returns or
+                // panics, before the joins below wait for them.
+                let _end = EndGuard { sh, prev };
+                f()
+            };
+            with_helpers(sh, helpers, lead)
+        };
         if claimed && threads > 1 {
             let after = self.task_counts();
             let (lead, help) = (after.0 - before.0, after.1 - before.1);
@@ -278,6 +283,17 @@ impl Team {
             }
         });
     }
+}
+
+/// Runs `lead` on the calling rayon worker with `helpers` helper jobs (`Shared::help`) offered
+/// to the pool by nested `rayon::join`s: stack jobs, so a lead allocates nothing (a scope's
+/// `spawn` boxes each job). A helper job no other worker took runs on this thread after `lead`
+/// has set `exit`, and returns at once.
+fn with_helpers<R: Send>(sh: &Shared, helpers: usize, lead: impl FnOnce() -> R + Send) -> R {
+    if helpers == 0 {
+        return lead();
+    }
+    rayon::join(|| with_helpers(sh, helpers - 1, lead), || sh.help()).0
 }
 
 /// Ends a `lead`: tells the helpers to return and wakes the parked ones (on return or panic).
