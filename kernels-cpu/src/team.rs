@@ -6,8 +6,9 @@
 //! operations of synchronisation (as llama.cpp's thread pool does):
 //!
 //! - [`Team::lead`] runs a closure (the forward pass) on the calling rayon worker, the
-//!   *leader*, with `threads - 1` *helpers*: jobs offered to the current rayon pool (nested `rayon::join`: stack jobs, nothing allocated) for the
-//!   duration of the closure (so `--threads N` and the pool size hold; no thread of its own).
+//!   *leader*, with `threads - 1` *helpers*: jobs offered to the current rayon pool (nested
+//!   `rayon::join`: stack jobs, nothing allocated) for the duration of the closure (so
+//!   `--threads N` and the pool size hold; no thread of its own).
 //! - [`Team::for_each`] (only on the leader, inside `lead`) publishes one loop of `n` tasks:
 //!   the leader and the helpers claim task indices from one atomic word (loop sequence number,
 //!   next task, task count; a claim is a compare-and-swap that fails once the loop is over),
