@@ -895,6 +895,20 @@ impl PreparedWeights {
                     // (as in `stage_unchecked`), else `stage_unchecked` and a transposition.
                     let c0 = b0 - e0;
                     if let Some((sh, lo, hi)) = lattice.filter(|_| below_2_62(sub)) {
+                        if isa == Isa::Avx2 {
+                            let yt = &mut yt[c0..];
+                            crate::avx2::stage_transpose(
+                                sub,
+                                rows,
+                                m_tokens,
+                                sh,
+                                lo,
+                                hi,
+                                yt,
+                                EPILOGUE_ROWS,
+                            );
+                            continue;
+                        }
                         for (i, ar) in sub.chunks_exact(m_tokens).enumerate() {
                             for (t, &a) in ar.iter().enumerate() {
                                 yt[t * EPILOGUE_ROWS + c0 + i] = stage_shift_one(a, sh, lo, hi);
@@ -1008,7 +1022,7 @@ fn below_2_62(acc: &[i64]) -> bool {
 
 /// [`stage_shift_portable`] for one accumulator (`|a| < 2^62`).
 #[inline]
-fn stage_shift_one(a: i64, s: u32, lo: i64, hi: i64) -> i32 {
+pub(crate) fn stage_shift_one(a: i64, s: u32, lo: i64, hi: i64) -> i32 {
     let half = 1i64 << (s - 1);
     ((a + half - i64::from(a < 0)) >> s).clamp(lo, hi) as i32
 }
