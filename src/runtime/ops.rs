@@ -515,7 +515,8 @@ pub struct LinearScratch {
 }
 
 impl LinearScratch {
-    /// Grows the buffers for `n_tok` tokens of `k` inputs and `n_out` outputs and quantizes `x`
+    /// Grows the buffers for `n_tok` tokens of `k` inputs and `n_out` outputs (one token: the
+    /// accumulators and N14 outputs too) and quantizes `x`
     /// per token (N5, on the kernel path `isa`: the same codes and scales as
     /// [`quantize_token_into`]) into `codes` / `scale_x`; false when an input is not finite.
     fn quantize_inputs(
@@ -528,8 +529,11 @@ impl LinearScratch {
     ) -> bool {
         grow(&mut self.codes, n_tok * k);
         grow(&mut self.scale_x, n_tok);
-        grow(&mut self.acc, n_tok * n_out);
-        grow(&mut self.y, n_tok * n_out);
+        if n_tok == 1 {
+            // A prompt's product has no accumulator or N14 pass (`gemm_epilogue`).
+            grow(&mut self.acc, n_out);
+            grow(&mut self.y, n_out);
+        }
         let one = |(xr, (c, s)): (&[f32], (&mut [i8], &mut f32))| {
             quantize_token_isa(isa, xr, c).map(|v| *s = v).is_some()
         };
