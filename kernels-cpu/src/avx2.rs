@@ -2273,3 +2273,170 @@ mod n5_imp {
         )
     }
 }
+
+// ---- The GEMM epilogue's lattice stage and transposition (`weights::gemm_epilogue`) ----
+
+/// `yt[t * ld + i] = stage_shift_one(sub[i * m + t], s, lo, hi)` for `i < rows`, `t < m`: N14's
+/// lattice stage (`weights::stage_shift_portable`'s operations) of a `[row][t]` block of
+/// accumulators, written transposed. Every `|sub[..]| < 2^62`, `s` in `1..=61`, and
+/// `[lo, hi]` within `i32`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stage_transpose(
+    sub: &[i64],
+    rows: usize,
+    m: usize,
+    s: u32,
+    lo: i64,
+    hi: i64,
+    yt: &mut [i32],
+    ld: usize,
+) {
+    assert!(
+        sub.len() >= rows * m && rows <= ld,
+        "stage_transpose: block size"
+    );
+    assert!(m == 0 || rows == 0 || yt.len() >= (m - 1) * ld + rows);
+    assert!((1..=61).contains(&s) && lo >= i64::from(i32::MIN) && hi <= i64::from(i32::MAX));
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "AVX2 path on a CPU without AVX2"
+        );
+        // SAFETY: AVX2 is present (checked above); the sizes are asserted above.
+        unsafe { epi_imp::stage_transpose(sub, rows, m, s, lo, hi, yt, ld) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX2 is never available off x86_64");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod epi_imp {
+    use std::arch::x86_64::*;
+
+    use crate::weights::stage_shift_one;
+
+    /// See [`super::stage_transpose`]: blocks of 4 rows x 4 tokens (four `i64` vectors staged,
+    /// their low `i32` halves transposed with unpacks), the remaining rows and tokens one by
+    /// one. The arithmetic shift right of `b = a + 2^(s-1) - [a < 0]` (`|b| < 2^63`) is
+    /// `((b ^ 2^63) >>> s) - 2^(63-s)` (exact: `b + 2^63` is non-negative and `2^63` a multiple
+    /// of `2^s`).
+    ///
+    /// # Safety
+    /// AVX2 is available; the sizes as asserted by the caller.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn stage_transpose(
+        sub: &[i64],
+        rows: usize,
+        m: usize,
+        s: u32,
+        lo: i64,
+        hi: i64,
+        yt: &mut [i32],
+        ld: usize,
+    ) {
+        let half = _mm256_set1_epi64x(1i64 << (s - 1));
+        let sign = _mm256_set1_epi64x(i64::MIN);
+        let bias = _mm256_set1_epi64x((1u64 << 63 >> s) as i64);
+        let cnt = _mm_cvtsi32_si128(s as i32);
+        let (lov, hiv) = (_mm256_set1_epi64x(lo), _mm256_set1_epi64x(hi));
+        let zero = _mm256_setzero_si256();
+        let low = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+        let stage4 = |a: __m256i| -> __m128i {
+            let neg = _mm256_cmpgt_epi64(zero, a);
+            let b = _mm256_add_epi64(_mm256_add_epi64(a, half), neg);
+            let r = _mm256_sub_epi64(_mm256_srl_epi64(_mm256_xor_si256(b, sign), cnt), bias);
+            let r = _mm256_blendv_epi8(r, lov, _mm256_cmpgt_epi64(lov, r));
+            let r = _mm256_blendv_epi8(r, hiv, _mm256_cmpgt_epi64(r, hiv));
+            _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(r, low))
+        };
+        let (p, o) = (sub.as_ptr(), yt.as_mut_ptr());
+        let (r4, m4) = (rows / 4 * 4, m / 4 * 4);
+        for i in (0..r4).step_by(4) {
+            for t in (0..m4).step_by(4) {
+                // SAFETY: rows i..i + 4 and tokens t..t + 4 are inside `sub` (rows * m) and
+                // their outputs (t + j) * ld + i..+4 inside `yt` (i + 4 <= rows <= ld).
+                unsafe {
+                    let x0 = stage4(_mm256_loadu_si256(p.add(i * m + t).cast()));
+                    let x1 = stage4(_mm256_loadu_si256(p.add((i + 1) * m + t).cast()));
+                    let x2 = stage4(_mm256_loadu_si256(p.add((i + 2) * m + t).cast()));
+                    let x3 = stage4(_mm256_loadu_si256(p.add((i + 3) * m + t).cast()));
+                    let t0 = _mm_unpacklo_epi32(x0, x1);
+                    let t1 = _mm_unpacklo_epi32(x2, x3);
+                    let t2 = _mm_unpackhi_epi32(x0, x1);
+                    let t3 = _mm_unpackhi_epi32(x2, x3);
+                    _mm_storeu_si128(o.add(t * ld + i).cast(), _mm_unpacklo_epi64(t0, t1));
+                    _mm_storeu_si128(o.add((t + 1) * ld + i).cast(), _mm_unpackhi_epi64(t0, t1));
+                    _mm_storeu_si128(o.add((t + 2) * ld + i).cast(), _mm_unpacklo_epi64(t2, t3));
+                    _mm_storeu_si128(o.add((t + 3) * ld + i).cast(), _mm_unpackhi_epi64(t2, t3));
+                }
+            }
+            for r in i..i + 4 {
+                for t in m4..m {
+                    yt[t * ld + r] = stage_shift_one(sub[r * m + t], s, lo, hi);
+                }
+            }
+        }
+        for r in r4..rows {
+            for t in 0..m {
+                yt[t * ld + r] = stage_shift_one(sub[r * m + t], s, lo, hi);
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod epi_tests {
+    use crate::weights::stage_shift_one;
+
+    /// `stage_transpose` equals the scalar stage per element, transposed: every shift, both
+    /// `i32` and narrow bounds, accumulators up to `+-(2^62 - 1)`, row and token tails.
+    #[test]
+    fn stage_transpose_equals_scalar() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut z = 99u64;
+        let mut next = move || {
+            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut v = z;
+            v = (v ^ (v >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            v = (v ^ (v >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            v ^ (v >> 31)
+        };
+        for s in 1..=61u32 {
+            for (lo, hi) in [(i64::from(i32::MIN), i64::from(i32::MAX)), (-128, 127)] {
+                for (rows, m) in [(4usize, 4usize), (5, 9), (16, 13), (3, 2), (8, 17), (0, 3)] {
+                    let sub: Vec<i64> = (0..rows * m)
+                        .map(|j| match j % 9 {
+                            0 => (1 << 62) - 1,
+                            1 => -(1 << 62) + 1,
+                            2 => -1,
+                            3 => 1 << (s - 1),
+                            4 => -(1 << (s - 1)),
+                            _ => (next() as i64) >> (2 + next() % 62),
+                        })
+                        .collect();
+                    let ld = rows + 3;
+                    let mut got = vec![7i32; m * ld];
+                    super::stage_transpose(&sub, rows, m, s, lo, hi, &mut got, ld);
+                    for t in 0..m {
+                        for i in 0..ld {
+                            let want = if i < rows {
+                                stage_shift_one(sub[i * m + t], s, lo, hi)
+                            } else {
+                                7
+                            };
+                            assert_eq!(
+                                got[t * ld + i],
+                                want,
+                                "s {s} rows {rows} m {m} t {t} i {i}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -21,7 +21,9 @@
 //! - Each weight op: `w.gemm_acc(isa, &dp, &x_i8, m, &mut scratch, &mut acc)` (GEMV is `m = 1`)
 //!   then [`apply_stage`] with `OutputStage::weight_lattice_i32(SF)` (or [`PreparedWeights::gemm`]
 //!   for both), and the host's N20 dequantization with [`PreparedWeights::row_scale`] as
-//!   golden's `dequant_factor` does.
+//!   golden's `dequant_factor` does. A prompt: [`PreparedWeights::gemm_epilogue`] runs the
+//!   stage per GEMM sub-block and hands each token's outputs to the host's N20 closure in the
+//!   GEMM's tasks. N5 of the activations: [`quantize_token_isa`].
 //! - KV: one [`KvHeadCpu`] per (layer, KV head) beside golden's `KvCache`; after each
 //!   `KvCache::push` call [`KvHeadCpu::sync`] (incremental: only new tokens and the group that
 //!   left the window), then [`KvHeadCpu::qk`] / [`KvHeadCpu::pv`] (or [`KvHeadCpu::pv2_at`]

@@ -103,6 +103,11 @@ fn guided_bounds(n_rows: usize, members: usize, b: &mut [usize; TEAM_MAX_TASKS +
 /// (`16 * m * 8` bytes, L1-resident for the prompt lengths of a prefill).
 const TRANSPOSE_ROWS: usize = 16;
 
+/// [`PreparedWeights::gemm_epilogue`]: rows whose N14 outputs are collected (`[t][row]`,
+/// `4 * m` bytes a row) before each token's run of them goes to the epilogue, so that its output
+/// writes are runs of whole cache lines.
+const EPILOGUE_ROWS: usize = 64;
+
 /// An output buffer shared by a product's row tasks, each writing only its own rows (the
 /// GEMM's `i64` accumulators, the guided GEMV's accumulators and N14 outputs).
 #[derive(Clone, Copy)]
@@ -273,8 +278,8 @@ pub struct Scratch {
     /// padding zero), as `i64` (see `avx2.rs`, the tiled folded path).
     s_tr: Vec<i64>,
     acc_nt: Vec<i64>,
-    /// GEMM with an epilogue: each task's N14 outputs of one sub-block, `[row][t]` then
-    /// transposed to `[t][TRANSPOSE_ROWS]`.
+    /// GEMM with an epilogue: each task's N14 outputs of one sub-block (`[row][t]`) and of
+    /// `EPILOGUE_ROWS` rows (`[t][row]`).
     y_sub: Vec<i32>,
     /// [`PreparedWeights::gemv_epilogue_in`]: the accumulators and N14 outputs of one token.
     gemv_acc: Vec<i64>,
@@ -977,9 +982,10 @@ impl PreparedWeights {
     /// The output is `outs`, parts of consecutive rows (`outs[p]` is `[t][np]`, the parts' `np`
     /// summing to the tensor's rows; e.g. the Q, K and V of a [`Self::concat_rows`] tensor). For
     /// `m_tokens > 1` every GEMM sub-block of `TRANSPOSE_ROWS` rows goes from the kernel's `i64`
-    /// accumulators through the stage to `epi` while it is in L1, in the same rayon tasks as the
-    /// GEMM (no `[t][n]` accumulator pass); one token computes the accumulators first
-    /// ([`Self::gemm_acc`], allocating), then the stage and `epi`.
+    /// accumulators through the stage while it is in L1, into a `[t][row]` buffer of
+    /// `EPILOGUE_ROWS` rows whose token runs then go to `epi`, in the same rayon tasks as the
+    /// GEMM (no `[t][n]` accumulator pass); one token is [`Self::gemv_epilogue_in`] without a
+    /// team (the stage and `epi` in each GEMV task). At most [`MAX_PARTS`] parts.
     ///
     /// `isa` as in [`Self::gemm_acc`]. Runs on the current rayon pool; `epi` may be called from
     /// any of its threads, in any order.
@@ -999,56 +1005,16 @@ impl PreparedWeights {
         T: Send,
         F: Fn(usize, usize, &[i32], &mut [T]) + Sync,
     {
+        if m_tokens == 1 {
+            // The GEMV path, without a team (rayon tasks), allocating nothing.
+            return self.gemv_epilogue_in(None, isa, dp, x_i8, stage, scratch, outs, epi);
+        }
         stage.check()?;
         let total: usize = outs.iter().map(|o| o.len()).sum();
         self.check(dp, x_i8, m_tokens, total)?;
-        let mut parts = Vec::with_capacity(outs.len());
-        let mut row0 = 0;
-        for o in outs.iter_mut() {
-            if o.len() % m_tokens != 0 {
-                return Err(OpError::Shape {
-                    what: "output part (whole token rows)",
-                    expected: o.len().next_multiple_of(m_tokens),
-                    got: o.len(),
-                });
-            }
-            let np = o.len() / m_tokens;
-            parts.push(PartPtr {
-                row0,
-                np,
-                ptr: o.as_mut_ptr(),
-            });
-            row0 += np;
-        }
-        let parts = &parts[..];
+        let parts = Parts::new(outs, m_tokens)?;
         // Token `t`'s N14 outputs `y` of rows `row..row + y.len()`, split at the part boundaries.
-        let emit = |t: usize, row: usize, y: &[i32]| {
-            let mut r = row;
-            for p in parts {
-                let end = (row + y.len()).min(p.row0 + p.np);
-                if r >= end {
-                    continue;
-                }
-                // SAFETY: rows r..end lie in part p (r >= p.row0, end <= p.row0 + p.np), so
-                // token t's elements t * np + (r - row0).. of its `m_tokens * np` are in bounds;
-                // each (t, row) is emitted once, by the one task that owns the row, and nothing
-                // else reads or writes `outs` meanwhile.
-                #[allow(unsafe_code)]
-                let out = unsafe {
-                    std::slice::from_raw_parts_mut(p.ptr.add(t * p.np + (r - p.row0)), end - r)
-                };
-                epi(t, r, &y[r - row..end - row], out);
-                r = end;
-            }
-        };
-        if m_tokens == 1 {
-            let mut acc = vec![0i64; self.n_rows];
-            self.gemm_acc(isa, dp, x_i8, 1, scratch, &mut acc)?;
-            let mut y = vec![0i32; self.n_rows];
-            apply_stage(stage, &acc, &mut y)?;
-            emit(0, 0, &y);
-            return Ok(());
-        }
+        let emit = |t: usize, row: usize, y: &[i32]| parts.emit(t, row, y, &epi);
         self.pad_activations(x_i8, m_tokens, scratch);
         let isa = self.effective_isa(isa);
         let ctx = self.row_ctx(dp.acc_bits);
@@ -1057,9 +1023,10 @@ impl PreparedWeights {
         let rows_per_task = MIN_ROWS_PER_TASK.max(self.n_rows / (4 * rayon::current_num_threads()));
         let tasks = self.n_rows.div_ceil(rows_per_task);
         let sub_len = TRANSPOSE_ROWS * m_tokens;
-        // Per task: the stage's `[row][t]` outputs, then the same transposed.
-        if scratch.y_sub.len() < tasks * 2 * sub_len {
-            scratch.y_sub.resize(tasks * 2 * sub_len, 0);
+        // Per task: the stage's `[row][t]` outputs of a sub-block, then `[t][EPILOGUE_ROWS]`.
+        let task_len = sub_len + EPILOGUE_ROWS * m_tokens;
+        if scratch.y_sub.len() < tasks * task_len {
+            scratch.y_sub.resize(tasks * task_len, 0);
         }
         let sequential = self.n_rows * plen * m_tokens < PAR_MIN_MACS;
         // The weight-lattice stage's shift and N3 bounds (see `stage_unchecked`).
@@ -1074,51 +1041,68 @@ impl PreparedWeights {
         let s = &scratch.s_sum[..m_tokens * groups];
         let s_tr = &scratch.s_tr[..groups * s_tr_stride(m_tokens)];
         let acc_nt = &mut scratch.acc_nt[..m_tokens * self.n_rows];
-        let y_sub = &mut scratch.y_sub[..tasks * 2 * sub_len];
+        let y_sub = &mut scratch.y_sub[..tasks * task_len];
         // Rows `row0..row0 + block.len() / m` by sub-blocks of TRANSPOSE_ROWS rows: the kernel
         // writes `[row][t]` accumulators into the start of `block`, the stage makes `ysub`, and
         // each token's outputs are gathered and emitted (all in L1).
         let run = |row0: usize, block: &mut [i64], ysub: &mut [i32]| {
             let block_rows = block.len() / m_tokens;
             let (ys, yt) = ysub.split_at_mut(sub_len);
-            for b0 in (0..block_rows).step_by(TRANSPOSE_ROWS) {
-                let rows = TRANSPOSE_ROWS.min(block_rows - b0);
-                let r0 = row0 + b0;
-                let sub = &mut block[..rows * m_tokens];
-                rows_many_tokens(isa, &ctx, r0, m_tokens, plen, xp, s, s_tr, sub);
-                // The stage into `[t][TRANSPOSE_ROWS]` (contiguous reads, writes within L1):
-                // the lattice stage inline when every accumulator allows it (as in
-                // `stage_unchecked`), else `stage_unchecked` and a transposition.
-                if let Some((sh, lo, hi)) = lattice.filter(|_| below_2_62(sub)) {
-                    for (i, ar) in sub.chunks_exact(m_tokens).enumerate() {
-                        for (t, &a) in ar.iter().enumerate() {
-                            yt[t * TRANSPOSE_ROWS + i] = stage_shift_one(a, sh, lo, hi);
+            for e0 in (0..block_rows).step_by(EPILOGUE_ROWS) {
+                let erows = EPILOGUE_ROWS.min(block_rows - e0);
+                for b0 in (e0..e0 + erows).step_by(TRANSPOSE_ROWS) {
+                    let rows = TRANSPOSE_ROWS.min(e0 + erows - b0);
+                    let sub = &mut block[..rows * m_tokens];
+                    rows_many_tokens(isa, &ctx, row0 + b0, m_tokens, plen, xp, s, s_tr, sub);
+                    // The stage into `yt` (`[t][EPILOGUE_ROWS]`; contiguous reads, writes
+                    // within L1/L2): the lattice stage inline when every accumulator allows it
+                    // (as in `stage_unchecked`), else `stage_unchecked` and a transposition.
+                    let c0 = b0 - e0;
+                    if let Some((sh, lo, hi)) = lattice.filter(|_| below_2_62(sub)) {
+                        if isa == Isa::Avx2 {
+                            let yt = &mut yt[c0..];
+                            crate::avx2::stage_transpose(
+                                sub,
+                                rows,
+                                m_tokens,
+                                sh,
+                                lo,
+                                hi,
+                                yt,
+                                EPILOGUE_ROWS,
+                            );
+                            continue;
                         }
-                    }
-                } else {
-                    let ys = &mut ys[..rows * m_tokens];
-                    stage_unchecked(stage, sub, ys);
-                    for (i, yr) in ys.chunks_exact(m_tokens).enumerate() {
-                        for (t, &v) in yr.iter().enumerate() {
-                            yt[t * TRANSPOSE_ROWS + i] = v;
+                        for (i, ar) in sub.chunks_exact(m_tokens).enumerate() {
+                            for (t, &a) in ar.iter().enumerate() {
+                                yt[t * EPILOGUE_ROWS + c0 + i] = stage_shift_one(a, sh, lo, hi);
+                            }
+                        }
+                    } else {
+                        let ys = &mut ys[..rows * m_tokens];
+                        stage_unchecked(stage, sub, ys);
+                        for (i, yr) in ys.chunks_exact(m_tokens).enumerate() {
+                            for (t, &v) in yr.iter().enumerate() {
+                                yt[t * EPILOGUE_ROWS + c0 + i] = v;
+                            }
                         }
                     }
                 }
-                for (t, y) in yt.chunks_exact(TRANSPOSE_ROWS).enumerate() {
-                    emit(t, r0, &y[..rows]);
+                for (t, y) in yt.chunks_exact(EPILOGUE_ROWS).enumerate() {
+                    emit(t, row0 + e0, &y[..erows]);
                 }
             }
         };
         if sequential {
             acc_nt
                 .chunks_mut(rows_per_task * m_tokens)
-                .zip(y_sub.chunks_mut(2 * sub_len))
+                .zip(y_sub.chunks_mut(task_len))
                 .enumerate()
                 .for_each(|(task, (block, ysub))| run(task * rows_per_task, block, ysub));
         } else {
             acc_nt
                 .par_chunks_mut(rows_per_task * m_tokens)
-                .zip(y_sub.par_chunks_mut(2 * sub_len))
+                .zip(y_sub.par_chunks_mut(task_len))
                 .enumerate()
                 .for_each(|(task, (block, ysub))| run(task * rows_per_task, block, ysub));
         }
@@ -1202,7 +1186,7 @@ fn below_2_62(acc: &[i64]) -> bool {
 
 /// [`stage_shift_portable`] for one accumulator (`|a| < 2^62`).
 #[inline]
-fn stage_shift_one(a: i64, s: u32, lo: i64, hi: i64) -> i32 {
+pub(crate) fn stage_shift_one(a: i64, s: u32, lo: i64, hi: i64) -> i32 {
     let half = 1i64 << (s - 1);
     ((a + half - i64::from(a < 0)) >> s).clamp(lo, hi) as i32
 }
