@@ -62,7 +62,11 @@ fn made_by_team(trace: &str) -> bool {
     trace
         .lines()
         .filter_map(|l| l.trim_start().split_once(": ").map(|(_, f)| f.trim()))
-        .find(|f| !allocator.iter().any(|a| f.starts_with(a) || f.contains("decode_alloc")))
+        .find(|f| {
+            !allocator
+                .iter()
+                .any(|a| f.starts_with(a) || f.contains("decode_alloc"))
+        })
         .is_some_and(|f| {
             f.starts_with("rayon_core::scope::")
                 || f.starts_with("tessera_kernels_cpu::team::Team::lead")
@@ -80,7 +84,9 @@ fn record(size: usize) {
     if made_by_team(&trace) {
         TEAM_ALLOCS.fetch_add(1, Ordering::Relaxed);
     } else {
-        let mut first = FIRST_OTHER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut first = FIRST_OTHER
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         first.get_or_insert_with(|| format!("allocation of {size} bytes:\n{trace}"));
     }
     if std::env::var_os("TESSERA_ALLOC_TRACE").is_some() {
@@ -246,7 +252,9 @@ const STEPS: usize = 120;
 
 #[test]
 fn decode_steps_allocate_nothing() {
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for_each_model(|what, m| {
         for threads in [1, 2] {
             for temp in [0.0, 0.8] {
@@ -264,7 +272,9 @@ fn decode_steps_allocate_nothing() {
 
 #[test]
 fn decode_steps_with_the_team_allocate_only_the_teams_helper_jobs() {
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for_each_model(|what, m| {
         for threads in [2, 3] {
             for temp in [0.0, 0.8] {

@@ -594,7 +594,9 @@ fn quantize_kv4_matches_golden() {
             if i % 11 == 0 {
                 // 8-bit lattice values, as the cache's eviction sees them.
                 let s = mag / 127.0;
-                g = (0..len).map(|_| f32::from(rng.i8().max(-127)) * s).collect();
+                g = (0..len)
+                    .map(|_| f32::from(rng.i8().max(-127)) * s)
+                    .collect();
             }
             groups.push(g);
         }
@@ -661,7 +663,7 @@ fn run_native_push_case(
     let mut native = KvHeadCpu::with_bits(&dp, hd, bits).expect("mirror");
     let mut native_hist = KvHeadCpu::with_bits(&dp, hd, bits).expect("mirror");
     // Half the cases reserve (no growth), half grow from empty.
-    if seed % 2 == 0 {
+    if seed.is_multiple_of(2) {
         native.reserve(tokens);
         native_hist.reserve(tokens);
     }
@@ -674,8 +676,15 @@ fn run_native_push_case(
         let r = native.push(&k, &v);
         let r_hist = native_hist.push_retaining(&k, &v, true);
         if cache.push(&k, &v).is_err() {
-            assert!(r.is_err() && r_hist.is_err(), "{what}: golden failed, native pushed");
-            assert_eq!(native.first_difference(&before), None, "{what}: failed push");
+            assert!(
+                r.is_err() && r_hist.is_err(),
+                "{what}: golden failed, native pushed"
+            );
+            assert_eq!(
+                native.first_difference(&before),
+                None,
+                "{what}: failed push"
+            );
             assert_eq!(native_hist.first_difference(&before_hist), None, "{what}");
             return;
         }
@@ -710,7 +719,9 @@ fn run_native_push_case(
     let mut nan = vec![1.0; hd];
     nan[hd / 2] = f32::NAN;
     assert!(native.push(&nan, &vec![0.0; hd]).is_err());
-    assert!(native.push(&vec![0.0; hd], &vec![f32::INFINITY; hd]).is_err());
+    assert!(native
+        .push(&vec![0.0; hd], &vec![f32::INFINITY; hd])
+        .is_err());
     assert_eq!(native.first_difference(&before), None);
 }
 
