@@ -1,11 +1,20 @@
 //! The A8 x KV4 attention products (docs/numerics.md N16-N19, N22) on a CPU layout of one KV
 //! head's cache, equal integer for integer to `golden::kv::KvCache::{qk, pv}`.
 //!
-//! [`KvHeadCpu`] mirrors a golden [`KvCache`]. [`KvHeadCpu::sync`] is incremental: it copies
-//! only the new 8-bit tokens and, when a group leaves the window, that group's 4-bit keys and
-//! value tokens (from golden's packed codes, nothing else unpacked); a fold group's multipliers
-//! are recomputed only when its `s_ref` changed. Its layout makes both 4-bit products *row dot
-//! products* over the reduction index, like a W4 weight row:
+//! [`KvHeadCpu`] holds one KV head's cache in two ways:
+//! - as a mirror of a golden [`KvCache`]: [`KvHeadCpu::sync`] is incremental: it copies only
+//!   the new 8-bit tokens and, when a group leaves the window, that group's 4-bit keys and
+//!   value tokens (from golden's packed codes, nothing else unpacked);
+//! - on its own ([`KvHeadCpu::with_bits`], the runtime's CPU backend): [`KvHeadCpu::push`]
+//!   computes what golden's `push` followed by `sync` leaves, bit for bit (tested on every
+//!   field): N5 codes into the window ([`quantize_query_into`]), and when a group leaves it the
+//!   N7 4-bit codes of its keys per channel and values per token from their 8-bit values
+//!   ([`quantize_kv4_into`], golden's `quantize_group_asym(.., 4)` into caller buffers), with no
+//!   allocation once [`KvHeadCpu::reserve`] has sized the buffers for the context.
+//!
+//! Either way a fold group's multipliers are recomputed only when its `s_ref` changed. The
+//! layout makes both 4-bit products *row dot products* over the reduction index, like a W4
+//! weight row:
 //! - keys of a group token-major (`[t][c]`, reduction over channels `c`),
 //! - 4-bit values channel-major (`[c][t]`, reduction over tokens `t`, with spare capacity),
 //!
@@ -14,7 +23,7 @@
 //! The fold multipliers (N17) depend only on the cache's scales (golden's `scale_multipliers`,
 //! restated without allocating in [`fold_multipliers`] and tested equal).
 //!
-//! Prefill: with [`KvHeadCpu::sync_retaining`] the mirror also keeps the 8-bit codes of tokens
+//! Prefill: with [`KvHeadCpu::sync_retaining`] (or [`KvHeadCpu::push_retaining`]) it also keeps the 8-bit codes of tokens
 //! that left the window, so [`KvHeadCpu::qk_at`] / [`KvHeadCpu::pv2_at`] give the products of
 //! the cache *as it was* at any earlier length: a prompt pushes all its tokens, then every
 //! query attends independently (in parallel), with the integers of a token-by-token run.
@@ -432,7 +441,7 @@ impl KvHeadCpu {
         if !retain {
             self.trim_history();
         }
-        self.end_window(old_window_start);
+        self.end_window(old_window_start, None);
         Ok(())
     }
 
@@ -495,10 +504,10 @@ impl KvHeadCpu {
 
     /// The window's value fold, recomputed when its first token or `s_ref` changed
     /// (`old_window_start`: the window start the current `wvfscale` was computed for, if it
-    /// can be extended).
-    fn end_window(&mut self, old_window_start: Option<usize>) {
+    /// can be extended). `s_ref`: the window's `max_scale`, when the caller knows it.
+    fn end_window(&mut self, old_window_start: Option<usize>, s_ref: Option<f32>) {
         let ws = &self.wvscale[self.n4 - self.w0..];
-        let s_ref = max_scale(ws);
+        let s_ref = s_ref.unwrap_or_else(|| max_scale(ws));
         let keep = if old_window_start == Some(self.n4) && s_ref.to_bits() == self.wvs_ref.to_bits()
         {
             self.wvfscale.len().min(ws.len())
@@ -508,6 +517,13 @@ impl KvHeadCpu {
         self.wvfscale.resize(ws.len(), 0);
         fold_multipliers_with(&ws[keep..], s_ref, self.sf, &mut self.wvfscale[keep..]);
         self.wvs_ref = s_ref;
+    }
+
+    /// Whether the next [`Self::push`] quantizes a group to 4 bits (its costly case: about
+    /// `2 * kv_group_len * head_dim` N7 codes; otherwise it quantizes one token, N5).
+    #[must_use]
+    pub fn next_push_evicts(&self) -> bool {
+        self.n4_at(self.n + 1) > self.n4
     }
 
     /// N16: appends one token's key and value (`head_dim` floats each) to a mirror that owns its
@@ -550,7 +566,7 @@ impl KvHeadCpu {
         self.wvscale.push(vs);
         let n_new = self.n + 1;
         let old_n4 = self.n4;
-        if self.n4_at(n_new) > old_n4 {
+        if self.next_push_evicts() {
             // One group leaves the window (tokens n4..n4 + gl): quantize it, then store it.
             let mut ps = std::mem::take(&mut self.push);
             let r = self.quantize_group4(&mut ps);
@@ -579,7 +595,10 @@ impl KvHeadCpu {
         if !retain {
             self.trim_history();
         }
-        self.end_window(Some(old_n4));
+        // The same window plus one token: its s_ref is the old one or the new token's scale
+        // (a maximum over finite scales >= 0, the same in any order).
+        let s_ref = (self.n4 == old_n4).then(|| self.wvs_ref.max(vs));
+        self.end_window(Some(old_n4), s_ref);
         Ok(())
     }
 

@@ -24,11 +24,13 @@
 //!   golden's `dequant_factor` does. A prompt: [`PreparedWeights::gemm_epilogue`] runs the
 //!   stage per GEMM sub-block and hands each token's outputs to the host's N20 closure in the
 //!   GEMM's tasks. N5 of the activations: [`quantize_token_isa`].
-//! - KV: one [`KvHeadCpu`] per (layer, KV head) beside golden's `KvCache`; after each
-//!   `KvCache::push` call [`KvHeadCpu::sync`] (incremental: only new tokens and the group that
-//!   left the window), then [`KvHeadCpu::qk`] / [`KvHeadCpu::pv`] (or [`KvHeadCpu::pv2_at`]
-//!   for both N22 planes) per query head. A prompt: [`KvHeadCpu::sync_retaining`] after each
-//!   push, then [`KvHeadCpu::qk_at`] / [`KvHeadCpu::pv2_at`] at each query's own length (with
+//! - KV: one [`KvHeadCpu`] per (layer, KV head), made with [`KvHeadCpu::with_bits`] and
+//!   [`KvHeadCpu::reserve`]d for the context; [`KvHeadCpu::push`] each token (golden's
+//!   `KvCache::push` bit for bit, allocation-free; or keep golden's `KvCache` beside a
+//!   [`KvHeadCpu::new`] mirror and call [`KvHeadCpu::sync`] after each of its pushes), then
+//!   [`KvHeadCpu::qk`] / [`KvHeadCpu::pv`] (or [`KvHeadCpu::pv2_at`] for both N22 planes) per
+//!   query head. A prompt: [`KvHeadCpu::push_retaining`] (or `sync_retaining`) for each token,
+//!   then [`KvHeadCpu::qk_at`] / [`KvHeadCpu::pv2_at`] at each query's own length (with
 //!   [`KvHeadCpu::value_folds_at`] shared by the query heads of a KV head), then
 //!   [`KvHeadCpu::trim_history`]. [`kv::quantize_query_into`] and [`kv::quantize_probs_into`]
 //!   are golden's N5 / N22 without allocation. Dequantize with

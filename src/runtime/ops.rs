@@ -17,7 +17,8 @@
 //! - [`Backend::Cpu`] (the default): `tessera-kernels-cpu`, with every linear re-packed at load
 //!   into [`PreparedWeights`], SIMD dispatch by [`Isa`] (`TESSERA_FORCE_ISA`), caller-owned
 //!   scratch ([`Workspace`], held by the session: no allocation per decode step) and one
-//!   [`KvHeadCpu`] mirror per (layer, KV head) beside golden's cache for the attention products.
+//!   [`KvHeadCpu`] per (layer, KV head) holding the cache (its native push gives golden's cache
+//!   bit for bit, reserved for the session's context: no allocation per push either).
 //!
 //! Both backends quantize activations with N5 and dequantize with N20 the same way, in the same
 //! order of `f32`/`f64` operations (tests/runtime_backends.rs compares logits bit for bit).
@@ -931,9 +932,11 @@ impl KvCache {
     }
 
     /// As [`Self::push`] (one position's keys and values, `n_kv_head * head_dim` each, RoPE
-    /// applied to `k`); on the CPU backend one task per KV head (the native push of its
-    /// [`KvHeadCpu`], which allocates nothing) on the decode `team` when the caller leads it
-    /// (else in order: tasks of a few microseconds are not worth a rayon fork).
+    /// applied to `k`); on the CPU backend the native push of each KV head's [`KvHeadCpu`]
+    /// (which allocates nothing): in order on the calling thread, or, when a head quantizes a
+    /// group to 4 bits in this push (once every `kv_group_len` steps), one task per KV head on
+    /// the decode `team` when the caller leads it (else in order: tasks of a few microseconds
+    /// are not worth a rayon fork).
     pub fn push_decode(&mut self, team: &Team, k: &[f32], v: &[f32]) {
         let KvCache::Engine(KvEngine {
             head_dim,
@@ -952,18 +955,28 @@ impl KvCache {
         let finite = k.iter().chain(v).all(|x| x.is_finite());
         *poisoned |= !finite;
         let zeros = &cpu.zeros[..];
+        // As golden's push: fails only on a 4-bit group whose range overflows f32.
+        let push = |h: usize, mirror: &mut KvHeadCpu| -> bool {
+            if finite {
+                let r = h * hd..(h + 1) * hd;
+                mirror.push(&k[r.clone()], &v[r]).is_ok()
+            } else {
+                mirror.push(zeros, zeros).is_ok()
+            }
+        };
+        if !cpu.mirrors.iter().any(KvHeadCpu::next_push_evicts) {
+            // One token's N5 codes per head, well under a microsecond: not worth a team loop.
+            for (h, mirror) in cpu.mirrors.iter_mut().enumerate() {
+                *poisoned |= !push(h, mirror);
+            }
+            return;
+        }
         let failed = AtomicBool::new(false);
         let mirrors = Mutex::new(cpu.mirrors.iter_mut().enumerate());
         team.for_each(n_kv, |_, _| {
             let next = lock(&mirrors).next();
             if let Some((h, mirror)) = next {
-                let (kh, vh) = if finite {
-                    (&k[h * hd..(h + 1) * hd], &v[h * hd..(h + 1) * hd])
-                } else {
-                    (zeros, zeros)
-                };
-                // As golden's push: fails only on a 4-bit group whose range overflows f32.
-                if mirror.push(kh, vh).is_err() {
+                if !push(h, mirror) {
                     failed.store(true, Ordering::Relaxed);
                 }
             }
