@@ -37,19 +37,12 @@ pub(crate) fn quantize_token_portable(x: &[f32], out: &mut [i8]) -> Option<f32> 
     Some(scale_x)
 }
 
-/// golden's `round_clamp_f32(y, -127, 127)` (N1, N4) without libm's `roundf`: `y` clamped to
-/// `[-128, 128]` (the clamp below 127 is unchanged by it), truncated, and the fraction
-/// `y - trunc(y)` (exact in `f32` for `|y| < 2^23`) decides the tie-away step. `y` must not be
-/// NaN. The AVX2 path does the same operations per lane.
+/// golden's `round_clamp_f32(y, -127, 127)` (N1, N4) without libm's `roundf`:
+/// [`crate::kv::round_clamp`] (clamp to `[-128, 128]`, truncate, the exact fraction decides the
+/// tie-away step). `y` must not be NaN. The AVX2 path does the same operations per lane.
 #[inline]
 pub(crate) fn round_clamp_i8(y: f32) -> i8 {
-    let y = y.clamp(-128.0, 128.0);
-    #[allow(clippy::cast_possible_truncation)]
-    let t = y as i32;
-    #[allow(clippy::cast_precision_loss)]
-    let frac = y - t as f32;
-    let r = t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5);
-    #[allow(clippy::cast_possible_truncation)]
-    let q = r.clamp(-127, 127) as i8;
+    #[allow(clippy::cast_possible_truncation)] // clamped to [-127, 127]
+    let q = crate::kv::round_clamp(y, -127, 127) as i8;
     q
 }

@@ -547,39 +547,10 @@ fn grow<T: Default + Clone>(v: &mut Vec<T>, len: usize) {
 }
 
 /// N5 (`golden::quant::quantize_token`) into `out` without allocating: `Some(scale_x)`, or
-/// `None` for a non-finite input. Same operations as golden's, so the same codes and scale.
+/// `None` for a non-finite input: kernels-cpu's portable N5 (golden's operations in golden's
+/// order; rounding by `kv::round_clamp`, without libm), the same codes and scale as golden.
 pub fn quantize_token_into(x: &[f32], out: &mut [i8]) -> Option<f32> {
-    debug_assert_eq!(x.len(), out.len());
-    if !x.iter().all(|v| v.is_finite()) {
-        return None;
-    }
-    let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let scale_x = absmax / 127.0;
-    if scale_x == 0.0 {
-        out.fill(0);
-        return Some(0.0);
-    }
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = round_clamp_i8(v / scale_x);
-    }
-    Some(scale_x)
-}
-
-/// `round_clamp_f32(y, -127, 127)` (N1, N4) without the libm `roundf` call, so the N5 loop
-/// vectorizes: `y` is clamped to `[-128, 128]` first (the clamp below 127 is unchanged by it),
-/// truncated (`cvttps2dq`), and the fraction `y - trunc(y)` (exact in `f32` for `|y| < 2^23`)
-/// decides the tie-away step. `y` must not be NaN (callers check finiteness first).
-#[inline]
-fn round_clamp_i8(y: f32) -> i8 {
-    let y = y.clamp(-128.0, 128.0);
-    #[allow(clippy::cast_possible_truncation)]
-    let t = y as i32;
-    #[allow(clippy::cast_precision_loss)]
-    let frac = y - t as f32;
-    let r = t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5);
-    #[allow(clippy::cast_possible_truncation)]
-    let q = r.clamp(-127, 127) as i8;
-    q
+    quantize_token_isa(Isa::Scalar, x, out)
 }
 
 /// golden's `dequant_factor` (N20) split so the per-call constant is computed once: the same
@@ -1453,10 +1424,15 @@ fn attn_weighted_sum(
 
 #[cfg(test)]
 mod tests {
-    use super::{quantize_token_into, round_clamp_i8, Isa};
+    use super::{quantize_token_into, Isa};
     use tessera_golden::numerics::round_clamp_f32;
     use tessera_golden::quant::quantize_token;
     use tessera_kernels_cpu::quantize_token_isa;
+
+    /// The N5 rounding every CPU path uses (kernels-cpu's `act`, `kv` and the AVX2 lanes).
+    fn round_clamp_i8(y: f32) -> i8 {
+        i8::try_from(tessera_kernels_cpu::kv::round_clamp(y, -127, 127)).expect("clamped")
+    }
 
     fn golden(y: f32) -> i8 {
         i8::try_from(round_clamp_f32(y, -127, 127)).expect("clamped")
