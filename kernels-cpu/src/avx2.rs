@@ -1749,22 +1749,13 @@ mod kv_imp {
     }
 }
 
-/// The elementwise loops of the KV products (`kv::quantize_probs_into`, `quantize_query_into`,
-/// `fold_into`) compiled for AVX2: the portable bodies, inlined into functions with the
+/// The elementwise loops of the KV products (`kv::quantize_probs_into`, `fold_into`) compiled for AVX2: the portable bodies, inlined into functions with the
 /// feature enabled so the compiler vectorizes them 8 lanes wide (the same IEEE `f32` and
 /// integer operations per element, so the same results).
 pub(crate) fn quantize_probs_into(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
     on_avx2!({
         // SAFETY: AVX2 is present (checked above); the body is safe code.
         unsafe { elem_imp::quantize_probs(p, hi, lo) }
-    })
-}
-
-/// See [`quantize_probs_into`].
-pub(crate) fn quantize_query_into(x: &[f32], out: &mut [i8]) -> Option<f32> {
-    on_avx2!({
-        // SAFETY: AVX2 is present (checked above); the body is safe code.
-        unsafe { elem_imp::quantize_query(x, out) }
     })
 }
 
@@ -1790,11 +1781,6 @@ mod elem_imp {
     #[target_feature(enable = "avx2")]
     pub(super) fn quantize_probs(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
         crate::kv::quantize_probs_portable(p, hi, lo)
-    }
-
-    #[target_feature(enable = "avx2")]
-    pub(super) fn quantize_query(x: &[f32], out: &mut [i8]) -> Option<f32> {
-        crate::kv::quantize_query_portable(x, out)
     }
 
     #[target_feature(enable = "avx2")]
@@ -2059,13 +2045,6 @@ mod win_tests {
             let a = super::quantize_probs_into(&p, &mut h1, &mut l1);
             let b = crate::kv::quantize_probs_portable(&p, &mut h2, &mut l2);
             assert_eq!((a.map(f32::to_bits), h1, l1), (b.map(f32::to_bits), h2, l2));
-            let x: Vec<f32> = (0..n)
-                .map(|i| (rng.i8() as f32) * 0.37 + if i % 5 == 0 { 0.5 } else { 0.0 })
-                .collect();
-            let (mut c1, mut c2) = (vec![0i8; n], vec![0i8; n]);
-            let a = super::quantize_query_into(&x, &mut c1);
-            let b = crate::kv::quantize_query_portable(&x, &mut c2);
-            assert_eq!((a.map(f32::to_bits), c1), (b.map(f32::to_bits), c2));
             let xi: Vec<i8> = (0..n).map(|_| rng.i8()).collect();
             for sf in [1u32, 8, 15] {
                 let m: Vec<u16> = (0..n)

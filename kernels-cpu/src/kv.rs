@@ -1328,62 +1328,18 @@ pub(crate) fn quantize_probs_portable(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -
 /// absmax / 127`, `code = clamp(round_half_away(q / scale), -127, 127)`; `None` when an input is
 /// not finite. The rounding is done in integers on the clamped quotient (truncate toward zero,
 /// then step away from zero when the exact fractional part is at least one half), which is
-/// round-half-away, so the codes equal golden's (tested against it).
+/// round-half-away, so the codes equal golden's (tested against it). The same N5 as the weight
+/// products' activations: [`crate::act::quantize_token_isa`] on AVX2 when present.
 ///
 /// # Panics
 /// If `out` is not as long as `x`.
 pub fn quantize_query_into(x: &[f32], out: &mut [i8]) -> Option<f32> {
-    if avx2_detected() {
-        return crate::avx2::quantize_query_into(x, out);
-    }
-    quantize_query_portable(x, out)
-}
-
-/// [`quantize_query_into`]'s body (also compiled for AVX2, as [`quantize_probs_portable`]).
-#[inline(always)]
-pub(crate) fn quantize_query_portable(x: &[f32], out: &mut [i8]) -> Option<f32> {
-    assert_eq!(
-        x.len(),
-        out.len(),
-        "quantize_query_into: one code per input"
-    );
-    // As in `quantize_probs_portable`: eight lanes, order-independent for finite inputs.
-    let mut m8 = [0.0f32; 8];
-    let mut finite = true;
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for (m, &v) in m8.iter_mut().zip(c) {
-            finite &= v.abs() <= f32::MAX;
-            *m = if v.abs() > *m { v.abs() } else { *m };
-        }
-    }
-    for &v in chunks.remainder() {
-        finite &= v.abs() <= f32::MAX;
-        m8[0] = if v.abs() > m8[0] { v.abs() } else { m8[0] };
-    }
-    if !finite {
-        return None;
-    }
-    let absmax = m8.iter().fold(0.0f32, |a, &b| if b > a { b } else { a });
-    let scale = absmax / 127.0;
-    if scale == 0.0 {
-        out.fill(0);
-        return Some(0.0);
-    }
-    for (o, &v) in out.iter_mut().zip(x) {
-        // Clamped to [-127, 127] first: the truncating cast and the subtraction are exact.
-        let y = (v / scale).clamp(-127.0, 127.0);
-        #[allow(clippy::cast_possible_truncation)]
-        let t = y as i32;
-        #[allow(clippy::cast_precision_loss)]
-        let f = y - t as f32;
-        let code = t + i32::from(f >= 0.5) - i32::from(f <= -0.5);
-        #[allow(clippy::cast_possible_truncation)]
-        {
-            *o = code.clamp(-127, 127) as i8;
-        }
-    }
-    Some(scale)
+    let isa = if avx2_detected() {
+        crate::Isa::Avx2
+    } else {
+        crate::Isa::Scalar
+    };
+    crate::act::quantize_token_isa(isa, x, out)
 }
 
 /// Golden's `quantize_group_asym(w, 4)` (N7 with `B = 4`) into `codes` without allocating:
