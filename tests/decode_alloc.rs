@@ -17,13 +17,13 @@ mod runtime_support;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
-use runtime_support::{Rng, DP_SMALL_KV as DP};
+use runtime_support::{tiny_model, DP_SMALL_KV as DP};
 
 use tessera::runtime::engine::{apply_mode, Mode};
-use tessera::runtime::model::{on_pool_worker, Layer, LlamaConfig, Model};
-use tessera::runtime::ops::{Backend, Isa, KvKind, Linear};
+use tessera::runtime::model::{on_pool_worker, Model};
+use tessera::runtime::ops::{Backend, Isa};
 use tessera::runtime::sampler::Sampler;
 
 /// Counts allocations (and reallocations) while armed, and classifies each by its backtrace.
@@ -136,56 +136,6 @@ fn pool(threads: usize) -> &'static rayon::ThreadPool {
     });
     p.broadcast(|_| ());
     p
-}
-
-/// A random model: `n_head` query heads of 16 over `n_kv` KV heads, context `ctx`.
-fn tiny_model(seed: u64, n_head: usize, n_kv: usize, ctx: usize) -> Model {
-    let (ff, hd, vocab) = (112, 16, 50);
-    let d = n_head * hd;
-    let cfg = LlamaConfig {
-        n_layer: 2,
-        d_model: d,
-        n_ff: ff,
-        n_head,
-        n_head_kv: n_kv,
-        head_dim: hd,
-        vocab,
-        ctx_len: ctx,
-        rope_base: 10_000.0,
-        rms_eps: 1e-5,
-    };
-    let mut r = Rng(seed);
-    let kvd = n_kv * hd;
-    let lin = |r: &mut Rng, n_in: usize, n_out: usize| {
-        Linear::f32(Arc::new(r.vec(n_in * n_out, 0.25)), n_in, n_out)
-    };
-    let norm = |r: &mut Rng| {
-        (0..d)
-            .map(|_| 1.0 + 0.2 * r.next_f32())
-            .collect::<Vec<f32>>()
-    };
-    let embed = Arc::new(r.vec(vocab * d, 1.0));
-    let layers = (0..2)
-        .map(|_| Layer {
-            attn_norm: norm(&mut r),
-            wq: lin(&mut r, d, d),
-            wk: lin(&mut r, d, kvd),
-            wv: lin(&mut r, d, kvd),
-            wo: lin(&mut r, d, d),
-            ffn_norm: norm(&mut r),
-            w_gate: lin(&mut r, d, ff),
-            w_up: lin(&mut r, d, ff),
-            w_down: lin(&mut r, ff, d),
-        })
-        .collect();
-    Model {
-        cfg,
-        embed: embed.clone(),
-        layers,
-        out_norm: norm(&mut r),
-        output: Linear::f32(embed, d, vocab),
-        kv: KvKind::F32,
-    }
 }
 
 /// What `steps` armed decode steps allocated: `(all, the team's own)`, and the backtrace of

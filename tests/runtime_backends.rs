@@ -12,14 +12,13 @@
 mod runtime_support;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use runtime_support::{Rng, DP_SMALL_KV as DP};
+use runtime_support::DP_SMALL_KV as DP;
 
 use tessera::runtime::cli;
 use tessera::runtime::engine::{apply_mode, Mode};
-use tessera::runtime::model::{Layer, LlamaConfig, Model};
-use tessera::runtime::ops::{Backend, Isa, KvKind, Linear};
+use tessera::runtime::model::Model;
+use tessera::runtime::ops::{Backend, Isa};
 use tessera::runtime::sampler::argmax;
 use tessera_golden::config::EngineConfig;
 
@@ -27,54 +26,9 @@ fn tiny_model(seed: u64) -> Model {
     tiny_model_heads(seed, 4, 2)
 }
 
-/// [`tiny_model`] with `n_head` query heads of 16 over `n_kv` KV heads.
+/// [`tiny_model`] with `n_head` query heads of 16 over `n_kv` KV heads (context 128).
 fn tiny_model_heads(seed: u64, n_head: usize, n_kv: usize) -> Model {
-    let (ff, hd, vocab) = (112, 16, 50);
-    let d = n_head * hd;
-    let cfg = LlamaConfig {
-        n_layer: 2,
-        d_model: d,
-        n_ff: ff,
-        n_head,
-        n_head_kv: n_kv,
-        head_dim: hd,
-        vocab,
-        ctx_len: 128,
-        rope_base: 10_000.0,
-        rms_eps: 1e-5,
-    };
-    let mut r = Rng(seed);
-    let kvd = n_kv * hd;
-    let lin = |r: &mut Rng, n_in: usize, n_out: usize| {
-        Linear::f32(Arc::new(r.vec(n_in * n_out, 0.25)), n_in, n_out)
-    };
-    let norm = |r: &mut Rng| {
-        (0..d)
-            .map(|_| 1.0 + 0.2 * r.next_f32())
-            .collect::<Vec<f32>>()
-    };
-    let embed = Arc::new(r.vec(vocab * d, 1.0));
-    let layers = (0..2)
-        .map(|_| Layer {
-            attn_norm: norm(&mut r),
-            wq: lin(&mut r, d, d),
-            wk: lin(&mut r, d, kvd),
-            wv: lin(&mut r, d, kvd),
-            wo: lin(&mut r, d, d),
-            ffn_norm: norm(&mut r),
-            w_gate: lin(&mut r, d, ff),
-            w_up: lin(&mut r, d, ff),
-            w_down: lin(&mut r, ff, d),
-        })
-        .collect();
-    Model {
-        cfg,
-        embed: embed.clone(),
-        layers,
-        out_norm: norm(&mut r),
-        output: Linear::f32(embed, d, vocab),
-        kv: KvKind::F32,
-    }
+    runtime_support::tiny_model(seed, n_head, n_kv, 128)
 }
 
 /// Prompt then `steps` greedy decode steps: every step's logits and the tokens. On the CPU

@@ -2,7 +2,11 @@
 //! formats the reader dequantizes.
 #![allow(dead_code)]
 
+use std::sync::Arc;
+
 use tessera::runtime::gguf::f32_to_f16;
+use tessera::runtime::model::{Layer, LlamaConfig, Model};
+use tessera::runtime::ops::{KvKind, Linear};
 use tessera_golden::numerics::Datapath;
 
 /// A metadata value to write.
@@ -209,3 +213,53 @@ pub const DP_SMALL_KV: Datapath = Datapath {
     kv_group_len: 4,
     kv_recent_window: 8,
 };
+
+/// A random model: `n_head` query heads of 16 over `n_kv` KV heads, context `ctx`.
+pub fn tiny_model(seed: u64, n_head: usize, n_kv: usize, ctx: usize) -> Model {
+    let (ff, hd, vocab) = (112, 16, 50);
+    let d = n_head * hd;
+    let cfg = LlamaConfig {
+        n_layer: 2,
+        d_model: d,
+        n_ff: ff,
+        n_head,
+        n_head_kv: n_kv,
+        head_dim: hd,
+        vocab,
+        ctx_len: ctx,
+        rope_base: 10_000.0,
+        rms_eps: 1e-5,
+    };
+    let mut r = Rng(seed);
+    let kvd = n_kv * hd;
+    let lin = |r: &mut Rng, n_in: usize, n_out: usize| {
+        Linear::f32(Arc::new(r.vec(n_in * n_out, 0.25)), n_in, n_out)
+    };
+    let norm = |r: &mut Rng| {
+        (0..d)
+            .map(|_| 1.0 + 0.2 * r.next_f32())
+            .collect::<Vec<f32>>()
+    };
+    let embed = Arc::new(r.vec(vocab * d, 1.0));
+    let layers = (0..2)
+        .map(|_| Layer {
+            attn_norm: norm(&mut r),
+            wq: lin(&mut r, d, d),
+            wk: lin(&mut r, d, kvd),
+            wv: lin(&mut r, d, kvd),
+            wo: lin(&mut r, d, d),
+            ffn_norm: norm(&mut r),
+            w_gate: lin(&mut r, d, ff),
+            w_up: lin(&mut r, d, ff),
+            w_down: lin(&mut r, ff, d),
+        })
+        .collect();
+    Model {
+        cfg,
+        embed: embed.clone(),
+        layers,
+        out_norm: norm(&mut r),
+        output: Linear::f32(embed, d, vocab),
+        kv: KvKind::F32,
+    }
+}
