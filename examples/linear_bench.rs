@@ -42,8 +42,8 @@ fn main() {
     let m = 128;
     println!("threads {threads}, m {m}, min of {samples} interleaved samples (ms per call)");
     println!(
-        "{:>12} {:>9} {:>9} {:>9} {:>9} {:>7}",
-        "n x k", "kernel", "product", "N5", "N5 simd", "ratio"
+        "{:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}",
+        "n x k", "kernel", "folded", "product", "N5", "N5 simd", "ratio", "fold/k"
     );
     for (n, k) in [(960usize, 576usize), (576, 576), (3072, 576), (576, 1536)] {
         let codes: Vec<u8> = (0..n * k).map(|_| (r() % 4) as u8).collect();
@@ -67,14 +67,25 @@ fn main() {
         let mut ks = Scratch::for_weights(&pw, m);
         let mut acc = vec![0i64; m * n];
         let mut codes8 = vec![0i8; k];
-        let (mut tk, mut tp, mut tq, mut tq2) =
-            (f64::INFINITY, f64::INFINITY, f64::INFINITY, f64::INFINITY);
+        let (mut tk, mut tp, mut tq, mut tq2, mut tf) = (
+            f64::INFINITY,
+            f64::INFINITY,
+            f64::INFINITY,
+            f64::INFINITY,
+            f64::INFINITY,
+        );
         pool.install(|| {
             for _ in 0..samples {
                 let t0 = Instant::now();
                 pw.gemm_acc(Isa::Avx2, &dp, &xi, m, &mut ks, &mut acc)
                     .expect("gemm");
                 tk = tk.min(t0.elapsed().as_secs_f64());
+                tessera_kernels_cpu::set_gemm_quad(false);
+                let t0 = Instant::now();
+                pw.gemm_acc(Isa::Avx2, &dp, &xi, m, &mut ks, &mut acc)
+                    .expect("gemm");
+                tf = tf.min(t0.elapsed().as_secs_f64());
+                tessera_kernels_cpu::set_gemm_quad(true);
                 let t0 = Instant::now();
                 lin.forward_ws(&x, m, &mut y, &mut ws);
                 tp = tp.min(t0.elapsed().as_secs_f64());
@@ -95,13 +106,15 @@ fn main() {
             }
         });
         println!(
-            "{:>12} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7.2}",
+            "{:>12} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7.2} {:>7.2}",
             format!("{n}x{k}"),
             tk * 1e3,
+            tf * 1e3,
             tp * 1e3,
             tq * 1e3,
             tq2 * 1e3,
-            tp / tk
+            tp / tk,
+            tf / tk
         );
     }
 }

@@ -94,7 +94,7 @@ macro_rules! on_avx2 {
     }};
 }
 
-use crate::weights::{QuadX, RowCtx, QUAD_SLACK};
+use crate::weights::{QuadM, QuadX, RowCtx, QUAD_SLACK};
 
 /// Rows `row0..row0 + out.len()` for one padded token `xp` with group sums `s` (and `qx`, the
 /// token in the GEMV quad layout, for tensors that have one).
@@ -126,11 +126,20 @@ pub(crate) fn rows_many_tokens(
     m: usize,
     plen: usize,
     xp: &[i8],
+    xq: Option<QuadM<'_>>,
     s: &[i32],
     s_tr: &[i64],
     out: &mut [i64],
 ) {
     assert_eq!(out.len() % m, 0, "rows_many_tokens: [row][t] output");
+    if let Some(xq) = xq {
+        check_quad_layout(ctx, row0, out.len() / m);
+        assert!(xq.x.len() >= m * plen, "quad-layout activations too short");
+        assert!(
+            xq.s_pair.len() >= ctx.groups.div_ceil(2) * crate::weights::s_pair_stride(m),
+            "paired group sums too short"
+        );
+    }
     assert_eq!(
         plen,
         ctx.groups * ctx.chunks_per_group * 32,
@@ -144,7 +153,7 @@ pub(crate) fn rows_many_tokens(
     on_avx2!({
         // SAFETY: as in rows_one_token: AVX2 checked, bounds asserted by check_bounds and
         // just above (s_tr).
-        unsafe { imp::rows_many_tokens(ctx, row0, m, xp, s, s_tr, out) }
+        unsafe { imp::rows_many_tokens(ctx, row0, m, xp, xq, s, s_tr, out) }
     })
 }
 
@@ -166,6 +175,16 @@ fn check_bounds(ctx: &RowCtx<'_>, row0: usize, rows: usize, m: usize, xp_len: us
 }
 
 fn check_quad_bounds(ctx: &RowCtx<'_>, row0: usize, rows: usize, qx: QuadX<'_>) {
+    check_quad_layout(ctx, row0, rows);
+    // Whole blocks of 16 groups are read: the scales up to 2 * 12 bytes past the row's, the
+    // zero points up to 12 bytes past the row (inside the slack for the last row); the
+    // token's sums as far (zeros there).
+    let meta16 = ctx.quad_meta.next_multiple_of(16);
+    assert!(qx.x.len() >= 128 * ctx.quads + 32 * ctx.quad_tail && qx.s.len() >= meta16);
+}
+
+/// The quad copy's shape and that rows `row0..row0 + rows` (and the slack) are in it.
+fn check_quad_layout(ctx: &RowCtx<'_>, row0: usize, rows: usize) {
     assert!(ctx.bits == 2 && ctx.chunks_per_group == 1 && ctx.groups > 0);
     assert_eq!((ctx.quads, ctx.quad_tail), (ctx.groups / 4, ctx.groups % 4));
     assert_eq!(ctx.quad_meta, ctx.groups.next_multiple_of(4));
@@ -174,19 +193,14 @@ fn check_quad_bounds(ctx: &RowCtx<'_>, row0: usize, rows: usize, qx: QuadX<'_>) 
         ctx.quad_stride,
         32 * ctx.quads + 8 * ctx.quad_tail + 3 * ctx.quad_meta
     );
-    // Whole blocks of 16 groups are read: the scales up to 2 * 12 bytes past the row's, the
-    // zero points up to 12 bytes past the row (inside the slack for the last row); the
-    // token's sums as far (zeros there).
-    let meta16 = ctx.quad_meta.next_multiple_of(16);
     assert!(ctx.quad_data.len() >= (row0 + rows) * ctx.quad_stride + QUAD_SLACK);
-    assert!(qx.x.len() >= 128 * ctx.quads + 32 * ctx.quad_tail && qx.s.len() >= meta16);
 }
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use std::arch::x86_64::*;
 
-    use crate::weights::{QuadX, RowCtx};
+    use crate::weights::{QuadM, QuadX, RowCtx};
 
     /// Expands one chunk into (codes or low nibbles, high nibbles); for B < 8 the second is unused.
     #[inline]
@@ -589,12 +603,14 @@ mod imp {
     /// # Safety
     /// AVX2 present; bounds as asserted by `super::check_bounds` (`m` tokens) and `s_tr`
     /// (`groups * s_tr_stride(m)` elements).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn rows_many_tokens(
         ctx: &RowCtx<'_>,
         row0: usize,
         m: usize,
         xp: &[i8],
+        xq: Option<QuadM<'_>>,
         s: &[i32],
         s_tr: &[i64],
         out: &mut [i64],
@@ -602,22 +618,25 @@ mod imp {
         // SAFETY: forwarded from the caller's contract.
         unsafe {
             match ctx.bits {
-                2 => rows_m_b::<2>(ctx, row0, m, xp, s, s_tr, out),
-                4 => rows_m_b::<4>(ctx, row0, m, xp, s, s_tr, out),
-                _ => rows_m_b::<8>(ctx, row0, m, xp, s, s_tr, out),
+                2 => rows_m_b::<2>(ctx, row0, m, xp, xq, s, s_tr, out),
+                4 => rows_m_b::<4>(ctx, row0, m, xp, xq, s, s_tr, out),
+                _ => rows_m_b::<8>(ctx, row0, m, xp, xq, s, s_tr, out),
             }
         }
     }
 
     /// GEMM rows of one width: W2 / W4 rows whose bound proves no saturation take the tiled
-    /// folded path ([`fold_rows`]) two at a time (a last odd one alone), the others the
-    /// per-group ordered one.
+    /// folded path ([`fold_rows`]) two at a time (a last odd one alone), or, for tensors with
+    /// a quad copy when `xq` (the tokens in the quad layout) is given, the tiled quad path
+    /// ([`quad_rows`]) one at a time; the others the per-group ordered one.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2")]
     unsafe fn rows_m_b<const B: u32>(
         ctx: &RowCtx<'_>,
         row0: usize,
         m: usize,
         xp: &[i8],
+        xq: Option<QuadM<'_>>,
         s: &[i32],
         s_tr: &[i64],
         out: &mut [i64],
@@ -625,6 +644,35 @@ mod imp {
         let one = ctx.chunks_per_group == 1;
         let rows = out.len() / m;
         let o = out.as_mut_ptr();
+        if let Some(xq) = xq.filter(|_| B == 2 && ctx.quads > 0) {
+            // Folded rows in groups of QUAD_ROWS (their panels and a token tile's activations
+            // stay in L1 together), the others on the ordered path.
+            let mut fold = [0usize; QUAD_ROWS];
+            let mut nf = 0;
+            for i in 0..rows {
+                let row = row0 + i;
+                // SAFETY: forwarded from the caller's contract (row is a checked row of both
+                // layouts, xq holds m tokens); rows of `out` are disjoint m-element slices.
+                unsafe {
+                    if ctx.no_saturation(row) {
+                        fold[nf] = i;
+                        nf += 1;
+                        if nf == QUAD_ROWS || i + 1 == rows {
+                            quad_rows(ctx, row0, &fold[..nf], m, xq, o);
+                            nf = 0;
+                        }
+                    } else {
+                        let o_row = std::slice::from_raw_parts_mut(o.add(i * m), m);
+                        rows_m_one::<B>(ctx, row, m, xp, s, o_row);
+                    }
+                }
+            }
+            if nf > 0 {
+                // SAFETY: as above.
+                unsafe { quad_rows(ctx, row0, &fold[..nf], m, xq, o) };
+            }
+            return;
+        }
         // One panel for the block's folded rows (zeroed once per call, not per row pair).
         let z = _mm256_setzero_si256();
         let mut panel = Panel {
@@ -1214,6 +1262,295 @@ mod imp {
             }
             c0 += kb;
         }
+    }
+
+    // ---- The tiled quad path (GEMM, W2 / ternary with a quad copy) ----
+
+    /// Tokens per tile of [`quad_tile`].
+    const QUAD_TILE: usize = 8;
+
+    /// Rows per group of [`quad_rows`]: their panels (~1.8 KB each) and one token tile's
+    /// activations (up to 8 KB) stay in L1 while the tile runs over the group's rows.
+    const QUAD_ROWS: usize = 8;
+
+    /// One k-block of a row on the quad path, shared by all its token tiles: per quad the four
+    /// virtual chunks' codes and the four group scales (lane `j` of group `j % 4`), each
+    /// [`fold_pre`]'d (codes doubled and the multiplier halved in the lanes of `2^15` groups);
+    /// the tail chunks (group layout, with the last block) likewise; and per pair of the
+    /// block's groups `gz = gscale * zero` split as `gz = hi * 2^15 + lo` (`0 <= lo < 2^15`,
+    /// `0 <= hi < 2^8`: `gz < 2^15 * 2^8`), two `i16` of a pair in an `i32` (low half the even
+    /// group), for the zero term's `vpmaddwd`.
+    #[derive(Clone, Copy)]
+    struct QuadPanel {
+        codes: [[__m256i; 4]; QUAD_SPAN],
+        gsv: [__m256i; QUAD_SPAN],
+        tail: [(__m256i, __m256i); 3],
+        gz_lo: [i32; 2 * QUAD_SPAN + 2],
+        gz_hi: [i32; 2 * QUAD_SPAN + 2],
+    }
+
+    /// Rows `row0 + i` for `i` in `fold` (each row's bound proves no saturation; at most
+    /// [`QUAD_ROWS`]) for `m` tokens (`xq`: the quad layout and paired group sums), written to
+    /// `o[i * m..(i + 1) * m]`: the same exact sum as the folded path, regrouped. By k-blocks
+    /// of up to [`QUAD_SPAN`] quads (7 when the rows have tail chunks, which join the last
+    /// block): each row's [`QuadPanel`] of the block is built once, then every tile of
+    /// [`QUAD_TILE`] tokens (a last one of fewer) runs [`quad_tile`] for each row, the tile's
+    /// activations staying in L1. Lane bound: a quad adds at most `2 * 6144 * 2^14 < 2^27.6`
+    /// to an `i32` lane (`i16` sums of four `vpmaddubsw` pairs are at most `4 * 2 * 6 * 128 =
+    /// 6144` with doubled codes, the multiplier then `2^14`; undoubled `3072 * (2^15 - 1)`,
+    /// the same bound), a tail chunk `2 * 1536 * 2^14 = 2^25.6`: 8 quads, or 7 quads and 3
+    /// tail chunks, stay below `2^31`.
+    ///
+    /// # Safety
+    /// AVX2 present; the rows are checked rows of both layouts (`check_bounds`,
+    /// `check_quad_layout`); `xq` holds `m` tokens (`x`) and `ceil(groups / 2) *
+    /// s_pair_stride(m)` paired sums; `o` has `m` writable elements for each row `i` of `fold`
+    /// at `i * m`, not aliased.
+    #[target_feature(enable = "avx2")]
+    unsafe fn quad_rows(
+        ctx: &RowCtx<'_>,
+        row0: usize,
+        fold: &[usize],
+        m: usize,
+        xq: QuadM<'_>,
+        o: *mut i64,
+    ) {
+        let (quads, tail, groups) = (ctx.quads, ctx.quad_tail, ctx.groups);
+        let xlen = 32 * groups;
+        let stride = crate::weights::s_pair_stride(m);
+        let x = xq.x[..m * xlen].as_ptr();
+        let sp = xq.s_pair[..groups.div_ceil(2) * stride].as_ptr();
+        let ls = ctx.lattice_shift as i32;
+        let nr = fold.len();
+        assert!(nr <= QUAD_ROWS);
+        let mut outs = [std::ptr::null_mut::<i64>(); QUAD_ROWS];
+        for (r, &i) in fold.iter().enumerate() {
+            // SAFETY: m writable elements at o + i * m (caller).
+            unsafe {
+                outs[r] = o.add(i * m);
+                std::ptr::write_bytes(outs[r], 0, m);
+            }
+        }
+        let span = if tail > 0 { QUAD_SPAN - 1 } else { QUAD_SPAN };
+        let z = _mm256_setzero_si256();
+        let mut panels = [QuadPanel {
+            codes: [[z; 4]; QUAD_SPAN],
+            gsv: [z; QUAD_SPAN],
+            tail: [(z, z); 3],
+            gz_lo: [0; 2 * QUAD_SPAN + 2],
+            gz_hi: [0; 2 * QUAD_SPAN + 2],
+        }; QUAD_ROWS];
+        let m3 = _mm256_set1_epi8(3);
+        let mut q0 = 0;
+        while q0 < quads {
+            let nq = span.min(quads - q0);
+            let nt = if q0 + nq == quads { tail } else { 0 };
+            // The block's groups g_lo..g_hi as pairs p_lo..p_hi (g_lo is even; a last odd
+            // group pairs with a zero one: zero `gz`, and its sums are zero).
+            let (g_lo, g_hi) = (4 * q0, 4 * (q0 + nq) + nt);
+            let (p_lo, p_hi) = (g_lo / 2, g_hi.div_ceil(2));
+            for (p, &i) in panels.iter_mut().zip(fold) {
+                let row = row0 + i;
+                // SAFETY (raw reads): the row's quad copy has `quads` blocks of 32 bytes,
+                // `tail` chunks of 8, then `meta >= groups` scales (u16 LE) (caller's contract).
+                let w = unsafe { ctx.quad_data.as_ptr().add(row * ctx.quad_stride) };
+                let gs = unsafe { w.add(32 * quads + 8 * tail) };
+                let gscale = &ctx.gscale_q[row * groups..(row + 1) * groups];
+                let zero = &ctx.zero_u8[row * groups..(row + 1) * groups];
+                for q in 0..nq {
+                    // SAFETY: quad q0 + q < quads of the row and its four scales (see above).
+                    let (v, gsv) = unsafe {
+                        (
+                            _mm256_loadu_si256(w.add(32 * (q0 + q)).cast::<__m256i>()),
+                            _mm256_set1_epi64x(std::ptr::read_unaligned(
+                                gs.add(8 * (q0 + q)).cast::<i64>(),
+                            )),
+                        )
+                    };
+                    let c = [
+                        _mm256_and_si256(v, m3),
+                        _mm256_and_si256(_mm256_srli_epi16(v, 2), m3),
+                        _mm256_and_si256(_mm256_srli_epi16(v, 4), m3),
+                        _mm256_and_si256(_mm256_srli_epi16(v, 6), m3),
+                    ];
+                    for (pc, cj) in p.codes[q].iter_mut().zip(c) {
+                        (*pc, p.gsv[q]) = fold_pre(cj, gsv);
+                    }
+                }
+                for t in 0..nt {
+                    let g = 4 * quads + t;
+                    // SAFETY: tail chunk t of the row (see above).
+                    let codes = unsafe { decode::<2>(w.add(32 * quads + 8 * t)).0 };
+                    p.tail[t] = fold_pre(codes, _mm256_set1_epi16(gscale[g] as i16));
+                }
+                for pr in p_lo..p_hi {
+                    let (mut lo, mut hi) = (0u32, 0u32);
+                    for h in 0..2 {
+                        let g = 2 * pr + h;
+                        if g < g_hi {
+                            let gz = u32::from(gscale[g]) * u32::from(zero[g]);
+                            debug_assert!(gz < 1 << 23);
+                            lo |= (gz & 0x7FFF) << (16 * h);
+                            hi |= (gz >> 15) << (16 * h);
+                        }
+                    }
+                    (p.gz_lo[pr - p_lo], p.gz_hi[pr - p_lo]) = (lo as i32, hi as i32);
+                }
+            }
+            let blk = (q0, nq, nt, p_lo, p_hi);
+            let mut t = 0;
+            // SAFETY: each tile's tokens t..t + T < m are rows of xq.x, their s_pair columns
+            // t..t + 8 <= stride, and outs[r][t..t + T] are writable.
+            unsafe {
+                while t + QUAD_TILE <= m {
+                    let (xt, spt) = (x.add(t * xlen), sp.add(t));
+                    for r in 0..nr {
+                        quad_tile::<QUAD_TILE>(
+                            &panels[r],
+                            blk,
+                            xt,
+                            xlen,
+                            spt,
+                            stride,
+                            ls,
+                            outs[r].add(t),
+                        );
+                    }
+                    t += QUAD_TILE;
+                }
+                let (xt, spt) = (x.add(t * xlen), sp.add(t));
+                for r in 0..nr {
+                    let (p, ot) = (&panels[r], outs[r].add(t));
+                    match m - t {
+                        1 => quad_tile::<1>(p, blk, xt, xlen, spt, stride, ls, ot),
+                        2 => quad_tile::<2>(p, blk, xt, xlen, spt, stride, ls, ot),
+                        3 => quad_tile::<3>(p, blk, xt, xlen, spt, stride, ls, ot),
+                        4 => quad_tile::<4>(p, blk, xt, xlen, spt, stride, ls, ot),
+                        5 => quad_tile::<5>(p, blk, xt, xlen, spt, stride, ls, ot),
+                        6 => quad_tile::<6>(p, blk, xt, xlen, spt, stride, ls, ot),
+                        7 => quad_tile::<7>(p, blk, xt, xlen, spt, stride, ls, ot),
+                        _ => {}
+                    }
+                }
+            }
+            q0 += nq;
+        }
+    }
+
+    /// The quad micro-kernel: one row times `T <= 8` tokens over the k-block `blk = (q0, nq,
+    /// nt, p_lo, p_hi)` of `p`, `T` `i32x8` accumulators in registers. Per quad and token:
+    /// four `vpmaddubsw` (activations as memory operands), three `vpaddw`, one `vpmaddwd` by
+    /// the four group scales, one `vpaddd` (`1.25` multiplies per chunk instead of the
+    /// folded tile's 2); per tail chunk and token: `vpmaddubsw`, `vpmaddwd`, `vpaddd`. The
+    /// block's zero term `sum_g gscale * zero * S` for eight tokens at once: per pair of
+    /// groups one `vpmaddwd` of the tokens' paired sums by the pair's `lo` halves and one by
+    /// the `hi` halves (`|S| <= 2^12`: a `lo` product pair is below `2 * 2^15 * 2^12 = 2^28`,
+    /// 8 pairs are summed in `i32` before widening, `16 * (2^15 - 1) * 2^12 < 2^31`; a `hi`
+    /// pair is below `2 * 2^8 * 2^12 = 2^21`). Then each accumulator is widened and reduced
+    /// to `i64`, shifted by the lattice, `Z_lo + Z_hi * 2^15` subtracted, and the result added
+    /// into `out[0..T]`.
+    ///
+    /// # Safety
+    /// AVX2 present; `x` is token 0's row of the quad layout (tokens `0..T` at stride `xlen`);
+    /// `sp + pr * stride` has 8 readable elements for the block's pairs; `out` has `T`
+    /// writable elements.
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quad_tile<const T: usize>(
+        p: &QuadPanel,
+        blk: (usize, usize, usize, usize, usize),
+        x: *const i8,
+        xlen: usize,
+        sp: *const i32,
+        stride: usize,
+        ls: i32,
+        out: *mut i64,
+    ) {
+        let (q0, nq, nt, p_lo, p_hi) = blk;
+        let quads_all = (xlen / 32 - nt) / 4;
+        let mut acc = [_mm256_setzero_si256(); T];
+        for q in 0..nq {
+            let (c, gv) = (p.codes[q], p.gsv[q]);
+            for u in 0..T {
+                // SAFETY: quad q0 + q of token u (caller).
+                unsafe {
+                    let xu = x.add(u * xlen + 128 * (q0 + q));
+                    let m01 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(c[0], load_x(xu)),
+                        _mm256_maddubs_epi16(c[1], load_x(xu.add(32))),
+                    );
+                    let m23 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(c[2], load_x(xu.add(64))),
+                        _mm256_maddubs_epi16(c[3], load_x(xu.add(96))),
+                    );
+                    acc[u] =
+                        _mm256_add_epi32(acc[u], _mm256_madd_epi16(_mm256_add_epi16(m01, m23), gv));
+                }
+            }
+        }
+        for t in 0..nt {
+            let (c, gv) = p.tail[t];
+            for u in 0..T {
+                // SAFETY: tail chunk t of token u (caller).
+                let xv = unsafe { load_x(x.add(u * xlen + 128 * quads_all + 32 * t)) };
+                acc[u] = _mm256_add_epi32(acc[u], fold_dot_pre(c, xv, gv));
+            }
+        }
+        let z0 = _mm256_setzero_si256();
+        let (mut zl, mut zh, mut zl64, mut since) = (z0, z0, [z0; 2], 0);
+        for pr in p_lo..p_hi {
+            // SAFETY: eight elements at sp + pr * stride (caller).
+            let sv = unsafe { _mm256_loadu_si256(sp.add(pr * stride).cast::<__m256i>()) };
+            let (lo, hi) = (p.gz_lo[pr - p_lo], p.gz_hi[pr - p_lo]);
+            zl = _mm256_add_epi32(zl, _mm256_madd_epi16(sv, _mm256_set1_epi32(lo)));
+            zh = _mm256_add_epi32(zh, _mm256_madd_epi16(sv, _mm256_set1_epi32(hi)));
+            since += 1;
+            if since == 8 {
+                zl64 = widen2(zl64, zl);
+                zl = z0;
+                since = 0;
+            }
+        }
+        zl64 = widen2(zl64, zl);
+        let zh64 = widen2([z0; 2], zh);
+        let lsv = _mm_cvtsi32_si128(ls);
+        for v in 0..T.div_ceil(4) {
+            let zt = _mm256_add_epi64(zl64[v], _mm256_slli_epi64(zh64[v], 15));
+            let mut wv = [z0; 4];
+            for i in 0..4 {
+                if 4 * v + i < T {
+                    wv[i] = widen_add(z0, acc[4 * v + i]);
+                }
+            }
+            let r = _mm256_sub_epi64(_mm256_sll_epi64(hsum64x4(wv), lsv), zt);
+            // SAFETY: out[4v..min(T, 4v + 4)] are writable (caller).
+            unsafe {
+                if 4 * v + 4 <= T {
+                    let o = out.add(4 * v).cast::<__m256i>();
+                    _mm256_storeu_si256(o, _mm256_add_epi64(_mm256_loadu_si256(o), r));
+                } else {
+                    let mut lanes = [0i64; 4];
+                    _mm256_storeu_si256(lanes.as_mut_ptr().cast::<__m256i>(), r);
+                    for i in 0..T - 4 * v {
+                        *out.add(4 * v + i) += lanes[i];
+                    }
+                }
+            }
+        }
+    }
+
+    /// Eight `i32` lanes (tokens `0..8`) added into two `i64x4` (tokens `0..4`, `4..8`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn widen2(acc: [__m256i; 2], v: __m256i) -> [__m256i; 2] {
+        [
+            _mm256_add_epi64(acc[0], _mm256_cvtepi32_epi64(_mm256_castsi256_si128(v))),
+            _mm256_add_epi64(
+                acc[1],
+                _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)),
+            ),
+        ]
     }
 
     /// `[sum(v[0]), sum(v[1]), sum(v[2]), sum(v[3])]` of four `i64x4`.

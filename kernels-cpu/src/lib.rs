@@ -52,4 +52,4 @@ pub use act::quantize_token_isa;
 pub use isa::{Isa, IsaError};
 pub use kv::{KvHeadCpu, KvKernelError, KvScratch, Pv2Out, ValueFolds};
 pub use team::Team;
-pub use weights::{apply_stage, PreparedWeights, Scratch};
+pub use weights::{apply_stage, set_gemm_quad, PreparedWeights, Scratch};

@@ -61,6 +61,18 @@ const SIMD_MAX_GROUP: usize = 16 * 1024;
 /// Operations below this many multiply-accumulates (padded) run on the calling thread.
 const PAR_MIN_MACS: usize = 128 * 1024;
 
+/// Whether GEMMs of tensors with a quad copy take the tiled quad path (on unless switched off
+/// by [`set_gemm_quad`]).
+static GEMM_QUAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// For benchmarks and tests: switches the GEMM's tiled quad path (W2 / ternary tensors with a
+/// quad copy, AVX2) on or off process-wide, so one process can time or test both paths side
+/// by side; off, those GEMMs take the folded path. Both give the same integers.
+#[doc(hidden)]
+pub fn set_gemm_quad(on: bool) {
+    GEMM_QUAD.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Rows per rayon task (at least).
 const MIN_ROWS_PER_TASK: usize = 16;
 
@@ -287,6 +299,13 @@ pub struct Scratch {
     /// The GEMV quad layout's activations and `i16` group sums (one token).
     x_quad: Vec<i8>,
     s_quad: Vec<i16>,
+    /// GEMM only: every token's activations in the quad layout (`[t][x_len]`, see
+    /// [`QuadWeights`]), for the tiled quad path of `avx2.rs`.
+    x_quad_m: Vec<i8>,
+    /// GEMM with a quad copy: the group sums of pairs of groups as two `i16` in an `i32`
+    /// (`[g / 2][t]`, low half group `2p`, high half `2p + 1`; token stride `m` rounded up to
+    /// 8, groups and tokens past the end zero), for the quad path's zero term.
+    s_pair: Vec<i32>,
 }
 
 impl Scratch {
@@ -326,6 +345,14 @@ impl Scratch {
         if self.s_quad.len() < w.quad.meta.next_multiple_of(16) {
             self.s_quad.resize(w.quad.meta.next_multiple_of(16), 0);
         }
+        let xqm = m_tokens * w.quad.x_len();
+        if m_tokens > 1 && self.x_quad_m.len() < xqm {
+            self.x_quad_m.resize(xqm, 0);
+        }
+        let sp = w.groups.div_ceil(2) * s_pair_stride(m_tokens);
+        if m_tokens > 1 && w.quad.stride > 0 && self.s_pair.len() < sp {
+            self.s_pair.resize(sp, 0);
+        }
     }
 }
 
@@ -357,6 +384,14 @@ pub(crate) struct RowCtx<'a> {
     pub quad_meta: usize,
     pub quad_stride: usize,
     pub quad_data: &'a [u8],
+}
+
+/// A GEMM's tokens in the quad layout (`[t][128 quads + 32 tail]`) and their group sums in
+/// pairs ([`s_pair_stride`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QuadM<'a> {
+    pub x: &'a [i8],
+    pub s_pair: &'a [i32],
 }
 
 /// One token's activations in the GEMV quad layout (`128 * quads` codes) and its group sums
@@ -508,6 +543,13 @@ pub(crate) fn s_tr_stride(m_tokens: usize) -> usize {
     m_tokens.next_multiple_of(4)
 }
 
+/// Token stride of the paired group sums `s_pair` (GEMM, quad path): `m` rounded up to 8, so an
+/// 8-token `i32` vector load at any tile start stays in the buffer.
+#[inline]
+pub(crate) fn s_pair_stride(m_tokens: usize) -> usize {
+    m_tokens.next_multiple_of(8)
+}
+
 /// The GEMV quad layout (module docs): byte `i` of virtual chunk `c` (0..4) of a quad holds
 /// element `e` of the quad's group `gq` (0..4), returned as `(gq, e)`. Byte pairs (`i16` lanes
 /// of `vpmaddubsw`) stay within one group: lane `j = i / 2` belongs to group `j % 4`.
@@ -515,6 +557,24 @@ pub(crate) fn s_tr_stride(m_tokens: usize) -> usize {
 pub(crate) fn quad_source(c: usize, i: usize) -> (usize, usize) {
     let j = i / 2;
     (j % 4, 8 * c + 2 * (j / 4) + i % 2)
+}
+
+/// One padded token `xp` (one chunk a group, `groups * 32` codes) in the quad layout: pair `j`
+/// of virtual chunk `c` of quad `q` is pair `4c + j / 4` of group `4q + j % 4` ([`quad_source`]);
+/// the `groups % 4` tail groups' chunks follow in their own order. `out` is `128 * quads + 32 *
+/// tail` codes.
+pub(crate) fn quad_permute(xp: &[i8], quads: usize, out: &mut [i8]) {
+    assert_eq!(out.len(), xp.len(), "quad layout length");
+    let (xq, xt) = out.split_at_mut(128 * quads);
+    for (q, xq) in xq.chunks_exact_mut(128).enumerate() {
+        for (c, xc) in xq.chunks_exact_mut(32).enumerate() {
+            for (j, pair) in xc.chunks_exact_mut(2).enumerate() {
+                let e = (4 * q + j % 4) * CHUNK + 8 * c + 2 * (j / 4);
+                pair.copy_from_slice(&xp[e..e + 2]);
+            }
+        }
+    }
+    xt.copy_from_slice(&xp[128 * quads..]);
 }
 
 /// W2 and ternary: how many of a row's `n_chunks` chunks are stored in blocks of four (the
@@ -638,24 +698,33 @@ impl PreparedWeights {
     /// `scratch.s_quad`): pair `j` of virtual chunk `c` of quad `q` is pair `4c + j / 4` of group
     /// `4q + j % 4` ([`quad_source`]); groups past the row are zeros.
     fn quad_activations(&self, scratch: &mut Scratch) {
-        let (groups, quads) = (self.groups, self.quad.quads);
+        let groups = self.groups;
         let (xp, sp) = (&scratch.x_pad, &scratch.s_sum);
-        let (xq, xt) = scratch.x_quad[..self.quad.x_len()].split_at_mut(128 * quads);
-        for (q, xq) in xq.chunks_exact_mut(128).enumerate() {
-            for (c, xc) in xq.chunks_exact_mut(32).enumerate() {
-                for (j, pair) in xc.chunks_exact_mut(2).enumerate() {
-                    let e = (4 * q + j % 4) * CHUNK + 8 * c + 2 * (j / 4);
-                    pair.copy_from_slice(&xp[e..e + 2]);
-                }
-            }
-        }
-        // The tail groups' chunks in their own order.
-        xt.copy_from_slice(&xp[128 * quads..groups * CHUNK]);
+        quad_permute(
+            &xp[..groups * CHUNK],
+            self.quad.quads,
+            &mut scratch.x_quad[..self.quad.x_len()],
+        );
         let sq = &mut scratch.s_quad[..self.quad.meta.next_multiple_of(16)];
         for (g, v) in sq.iter_mut().enumerate() {
             // |S| <= 32 * 128 (one chunk a group): exact in i16.
             *v = if g < groups { sp[g] as i16 } else { 0 };
         }
+    }
+
+    /// The GEMM's tokens in the quad layout and their paired group sums (filled by
+    /// `pad_activations`), or none.
+    fn quad_tokens<'s>(
+        &self,
+        x_quad_m: &'s [i8],
+        s_pair: &'s [i32],
+        m_tokens: usize,
+    ) -> Option<QuadM<'s>> {
+        let on = GEMM_QUAD.load(std::sync::atomic::Ordering::Relaxed);
+        (on && self.quad.stride > 0).then(|| QuadM {
+            x: &x_quad_m[..m_tokens * self.quad.x_len()],
+            s_pair: &s_pair[..self.groups.div_ceil(2) * s_pair_stride(m_tokens)],
+        })
     }
 
     fn check(
@@ -721,6 +790,32 @@ impl PreparedWeights {
                 s[g] = src.iter().map(|&v| i32::from(v)).sum();
             }
         }
+        if m_tokens > 1 && self.quad.stride > 0 {
+            let xl = self.quad.x_len();
+            for t in 0..m_tokens {
+                quad_permute(
+                    &scratch.x_pad[t * plen..(t + 1) * plen],
+                    self.quad.quads,
+                    &mut scratch.x_quad_m[t * xl..(t + 1) * xl],
+                );
+            }
+            let stride = s_pair_stride(m_tokens);
+            let groups = self.groups;
+            let sp = &mut scratch.s_pair[..groups.div_ceil(2) * stride];
+            for (p, col) in sp.chunks_exact_mut(stride).enumerate() {
+                for (t, v) in col.iter_mut().enumerate() {
+                    // |S| <= 32 * 128 (one chunk a group): exact in i16.
+                    let half = |g: usize| -> u32 {
+                        if t < m_tokens && g < groups {
+                            u32::from(scratch.s_sum[t * groups + g] as i16 as u16)
+                        } else {
+                            0
+                        }
+                    };
+                    *v = (half(2 * p) | (half(2 * p + 1) << 16)) as i32;
+                }
+            }
+        }
         if m_tokens > 1 {
             let stride = s_tr_stride(m_tokens);
             let s_tr = &mut scratch.s_tr[..self.groups * stride];
@@ -782,6 +877,7 @@ impl PreparedWeights {
             return Ok(());
         }
         let xp = &scratch.x_pad[..m_tokens * plen];
+        let xq = self.quad_tokens(&scratch.x_quad_m, &scratch.s_pair, m_tokens);
         let s = &scratch.s_sum[..m_tokens * groups];
         let s_tr = &scratch.s_tr[..groups * s_tr_stride(m_tokens)];
         let acc_nt = &mut scratch.acc_nt[..m_tokens * self.n_rows];
@@ -797,7 +893,7 @@ impl PreparedWeights {
                 let rows = TRANSPOSE_ROWS.min(block_rows - b0);
                 let r0 = row0 + b0;
                 let sub = &mut block[..rows * m_tokens];
-                rows_many_tokens(isa, &ctx, r0, m_tokens, plen, xp, s, s_tr, sub);
+                rows_many_tokens(isa, &ctx, r0, m_tokens, plen, xp, xq, s, s_tr, sub);
                 for t in 0..m_tokens {
                     // SAFETY: rows r0..r0 + rows of token t lie inside `acc_out` (checked length
                     // m_tokens * n_rows); tasks own disjoint row ranges, so no two tasks write
@@ -1038,6 +1134,7 @@ impl PreparedWeights {
             )
         });
         let xp = &scratch.x_pad[..m_tokens * plen];
+        let xq = self.quad_tokens(&scratch.x_quad_m, &scratch.s_pair, m_tokens);
         let s = &scratch.s_sum[..m_tokens * groups];
         let s_tr = &scratch.s_tr[..groups * s_tr_stride(m_tokens)];
         let acc_nt = &mut scratch.acc_nt[..m_tokens * self.n_rows];
@@ -1053,7 +1150,7 @@ impl PreparedWeights {
                 for b0 in (e0..e0 + erows).step_by(TRANSPOSE_ROWS) {
                     let rows = TRANSPOSE_ROWS.min(e0 + erows - b0);
                     let sub = &mut block[..rows * m_tokens];
-                    rows_many_tokens(isa, &ctx, row0 + b0, m_tokens, plen, xp, s, s_tr, sub);
+                    rows_many_tokens(isa, &ctx, row0 + b0, m_tokens, plen, xp, xq, s, s_tr, sub);
                     // The stage into `yt` (`[t][EPILOGUE_ROWS]`; contiguous reads, writes
                     // within L1/L2): the lattice stage inline when every accumulator allows it
                     // (as in `stage_unchecked`), else `stage_unchecked` and a transposition.
@@ -1231,12 +1328,13 @@ fn rows_many_tokens(
     m: usize,
     plen: usize,
     xp: &[i8],
+    xq: Option<QuadM<'_>>,
     s: &[i32],
     s_tr: &[i64],
     out: &mut [i64],
 ) {
     match isa {
-        Isa::Avx2 => crate::avx2::rows_many_tokens(ctx, row0, m, plen, xp, s, s_tr, out),
+        Isa::Avx2 => crate::avx2::rows_many_tokens(ctx, row0, m, plen, xp, xq, s, s_tr, out),
         _ => {
             for (i, o_row) in out.chunks_exact_mut(m).enumerate() {
                 for (t, o) in o_row.iter_mut().enumerate() {

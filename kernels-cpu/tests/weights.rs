@@ -40,7 +40,7 @@ impl Rng {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Fill {
     Random,
     /// Codes at max, zero 0, gscale 2^SF: every G has the sign of S.
@@ -732,4 +732,53 @@ fn concat_rows_gemv_equals_parts() {
             }
         }
     }
+}
+
+/// The tiled quad GEMM (`avx2.rs`, W2 / ternary with one chunk a group: one row by eight
+/// tokens over k-blocks of 8 quads, or 7 and the tail chunks), and the folded GEMM it replaced
+/// for those tensors (switched by `set_gemm_quad`; the switch is process-wide, so other tests
+/// running meanwhile may take either path: both are exact). Every token tail (`m % 8` = 0..7),
+/// quads with 0-3 tail groups, one and several k-blocks (32 groups exactly one block, 33 and 35
+/// with the tail joining a 7-quad block), extremes (codes at max with `gscale = 2^SF` and
+/// activations -128: the doubled-code lanes and the largest `i32` lanes; zero points 255 with
+/// full scales: the largest `gscale * zero`, `hi = 255`; random scales and zero points give
+/// any `lo`), and saturating rows (ordered path) among folded ones at `acc_bits = 36`.
+#[test]
+fn quad_gemm_token_tails_kblocks_and_extremes() {
+    let mut rng = Rng(31);
+    for quad_on in [false, true] {
+        tessera_kernels_cpu::set_gemm_quad(quad_on);
+        for format in [WeightFormat::W2, WeightFormat::Ternary] {
+            for &k in &[
+                128usize,
+                160,
+                288,
+                32 * 32,
+                32 * 33,
+                32 * 35,
+                1536,
+                32 * 71 - 5,
+            ] {
+                for fill in [Fill::Random, Fill::Max, Fill::MinCode] {
+                    let w = make_weights(format, 9, k, 32, 16, fill, &mut rng);
+                    for m in (2usize..=17).chain([29, 40]) {
+                        if fill != Fill::Random && m % 3 != 0 {
+                            continue;
+                        }
+                        let x: Vec<i8> = (0..m * k)
+                            .map(|j| match j % 5 {
+                                0 => rng.next() as i8,
+                                1 => 127,
+                                _ => -128,
+                            })
+                            .collect();
+                        for acc_bits in [36u32, 48] {
+                            check_all_paths(&w, &dp(32, 16, acc_bits), &x, m);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    tessera_kernels_cpu::set_gemm_quad(true);
 }
