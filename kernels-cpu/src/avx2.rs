@@ -2005,7 +2005,9 @@ pub(crate) fn window_pv2(
             values.len() >= x_a.len() * hd,
             "window_pv2: values of every token"
         );
-        if x_a.iter().chain(x_b).all(|&x| x >= 0) {
+        // One OR over both rows (vectorizes): the sign bit is set iff some activation is < 0.
+        let signs = x_a.iter().chain(x_b).fold(0u8, |m, &x| m | x as u8);
+        if signs & 0x80 == 0 {
             // SAFETY: AVX2 is present (checked above); bounds asserted above, and every
             // activation is in 0..=127 (checked just above), as `win_imp::pv2` requires.
             unsafe { win_imp::pv2(x_a, x_b, values, pv_a, pv_b) }
@@ -2113,8 +2115,47 @@ pub(crate) fn stage_shift_into(acc: &[i64], y: &mut [i32], s: u32, lo: i64, hi: 
     })
 }
 
+/// `kv::dot_i8_u8_portable` compiled for AVX2 (see [`quantize_probs_into`]).
+pub(crate) fn dot_i8_u8(x: &[i8], z: &[u8]) -> i64 {
+    on_avx2!({
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { elem_imp::dot_i8_u8(x, z) }
+    })
+}
+
+/// `kv::shift_sub_clamp_portable` compiled for AVX2 (see [`quantize_probs_into`]).
+pub(crate) fn shift_sub_clamp(p: &[i32], shift: u32, z: i64, lo: i64, hi: i64, acc: &mut [i64]) {
+    on_avx2!({
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { elem_imp::shift_sub_clamp(p, shift, z, lo, hi, acc) }
+    })
+}
+
+/// `kv::clamp_i64_portable` compiled for AVX2 (see [`quantize_probs_into`]).
+pub(crate) fn clamp_i64_into(acc: &[i64], y: &mut [i32], lo: i64, hi: i64) {
+    on_avx2!({
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { elem_imp::clamp_i64(acc, y, lo, hi) }
+    })
+}
+
 #[cfg(target_arch = "x86_64")]
 mod elem_imp {
+    #[target_feature(enable = "avx2")]
+    pub(super) fn dot_i8_u8(x: &[i8], z: &[u8]) -> i64 {
+        crate::kv::dot_i8_u8_portable(x, z)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn shift_sub_clamp(p: &[i32], shift: u32, z: i64, lo: i64, hi: i64, acc: &mut [i64]) {
+        crate::kv::shift_sub_clamp_portable(p, shift, z, lo, hi, acc);
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn clamp_i64(acc: &[i64], y: &mut [i32], lo: i64, hi: i64) {
+        crate::kv::clamp_i64_portable(acc, y, lo, hi);
+    }
+
     #[target_feature(enable = "avx2")]
     pub(super) fn quantize_probs(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
         crate::kv::quantize_probs_portable(p, hi, lo)

@@ -795,9 +795,7 @@ impl KvHeadCpu {
             let rows = &self.keys4[j * gl * key_row..(j + 1) * gl * key_row];
             let p = &mut scratch.p[..gl];
             dot4_rows(isa, xf, rows, gl, self.key_chunks, p);
-            for (t, &pt) in p.iter().enumerate() {
-                acc_out[j * gl + t] = ((i64::from(pt) << 4) - z).clamp(lo, hi);
-            }
+            shift_sub_clamp(p, 4, z, lo, hi, &mut acc_out[j * gl..(j + 1) * gl]);
         }
         let wkeys = &self.wkeys[(n4 - self.w0) * hd..(len - self.w0) * hd];
         if isa == Isa::Avx2 && isa.is_available() && hd < (1 << 17) {
@@ -813,7 +811,7 @@ impl KvHeadCpu {
                 acc_out[n4 + t] = dot.clamp(lo, hi);
             }
         }
-        crate::weights::apply_stage(stage, acc_out, y_out)?;
+        stage_into(stage, acc_out, y_out)?;
         Ok(())
     }
 
@@ -1009,8 +1007,8 @@ impl KvHeadCpu {
         for (a, &pc) in accw.iter_mut().zip(pw.iter()) {
             *a = i64::from(pc).clamp(lo, hi);
         }
-        crate::weights::apply_stage(stage, acc4, y4)?;
-        crate::weights::apply_stage(stage, accw, yw)?;
+        stage_into(stage, acc4, y4)?;
+        stage_into(stage, accw, yw)?;
         Ok((f.s4, f.sw))
     }
 }
@@ -1187,10 +1185,8 @@ impl KvHeadCpu {
         let (acc_a, rest) = out.acc.split_at_mut(hd);
         let (acc_b, rest) = rest.split_at_mut(hd);
         let (accw_a, accw_b) = rest.split_at_mut(hd);
-        for (i, (&x, &y)) in pa.iter().zip(pb.iter()).enumerate() {
-            acc_a[i] = ((i64::from(x) << 4) - za).clamp(lo, hi);
-            acc_b[i] = ((i64::from(y) << 4) - zb).clamp(lo, hi);
-        }
+        shift_sub_clamp(pa, 4, za, lo, hi, acc_a);
+        shift_sub_clamp(pb, 4, zb, lo, hi, acc_b);
         // Window: fold with zero 0, signed 8-bit codes.
         fold_into(&p_hi[n4..], f.mw, self.sf, &mut scratch.xf[..nw]);
         fold_into(&p_lo[n4..], f.mw, self.sf, &mut scratch.xf2[..nw]);
@@ -1209,14 +1205,12 @@ impl KvHeadCpu {
                 }
             }
         }
-        for (i, (&x, &y)) in pa.iter().zip(pb.iter()).enumerate() {
-            accw_a[i] = i64::from(x).clamp(lo, hi);
-            accw_b[i] = i64::from(y).clamp(lo, hi);
-        }
-        crate::weights::apply_stage(stage, acc_a, &mut out.y4_hi)?;
-        crate::weights::apply_stage(stage, acc_b, &mut out.y4_lo)?;
-        crate::weights::apply_stage(stage, accw_a, &mut out.yw_hi)?;
-        crate::weights::apply_stage(stage, accw_b, &mut out.yw_lo)?;
+        shift_sub_clamp(pa, 0, 0, lo, hi, accw_a);
+        shift_sub_clamp(pb, 0, 0, lo, hi, accw_b);
+        stage_into(stage, acc_a, &mut out.y4_hi)?;
+        stage_into(stage, acc_b, &mut out.y4_lo)?;
+        stage_into(stage, accw_a, &mut out.yw_hi)?;
+        stage_into(stage, accw_b, &mut out.yw_lo)?;
         Ok((f.s4, f.sw))
     }
 }
@@ -1514,11 +1508,83 @@ pub(crate) fn fold_portable(x_i8: &[i8], fscale_q: &[u16], sf: u32, out: &mut [i
     }
 }
 
+/// `sum x[e] * z[e]` (a fold group's zero term, N17), compiled for AVX2 when present.
 fn dot_i8_u8(x: &[i8], z: &[u8]) -> i64 {
-    x.iter()
-        .zip(z)
-        .map(|(&a, &b)| i64::from(i32::from(a) * i32::from(b)))
+    if avx2_detected() {
+        crate::avx2::dot_i8_u8(x, z)
+    } else {
+        dot_i8_u8_portable(x, z)
+    }
+}
+
+/// [`dot_i8_u8`]'s body: `|x * z| <= 128 * 255 < 2^15`, so `i32` sums of `2^16` products are
+/// exact (the loop over each block vectorizes), and the blocks are added in `i64`.
+#[inline(always)]
+pub(crate) fn dot_i8_u8_portable(x: &[i8], z: &[u8]) -> i64 {
+    x.chunks(1 << 16)
+        .zip(z.chunks(1 << 16))
+        .map(|(xb, zb)| {
+            i64::from(
+                xb.iter()
+                    .zip(zb)
+                    .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                    .sum::<i32>(),
+            )
+        })
         .sum()
+}
+
+/// `acc[i] = clamp((p[i] << shift) - z, lo, hi)` (a fold group's accumulators, N17 / N13),
+/// compiled for AVX2 when present.
+fn shift_sub_clamp(p: &[i32], shift: u32, z: i64, lo: i64, hi: i64, acc: &mut [i64]) {
+    if avx2_detected() {
+        crate::avx2::shift_sub_clamp(p, shift, z, lo, hi, acc);
+    } else {
+        shift_sub_clamp_portable(p, shift, z, lo, hi, acc);
+    }
+}
+
+/// [`shift_sub_clamp`]'s body (`shift <= 4`: `|p << shift| < 2^36`, exact in `i64`).
+#[inline(always)]
+pub(crate) fn shift_sub_clamp_portable(
+    p: &[i32],
+    shift: u32,
+    z: i64,
+    lo: i64,
+    hi: i64,
+    acc: &mut [i64],
+) {
+    for (a, &x) in acc.iter_mut().zip(p) {
+        *a = ((i64::from(x) << shift) - z).clamp(lo, hi);
+    }
+}
+
+/// N14 for the KV products: the identity stage (`out_mult` 1, `out_shift` 0, the runtime's)
+/// is only N3's clamp to `out_bits`, done here in a loop compiled for AVX2 when present (the
+/// same integers as `weights::apply_stage`, which takes every other stage).
+fn stage_into(stage: &OutputStage, acc: &[i64], y: &mut [i32]) -> Result<(), OpError> {
+    if stage.out_mult == 1 && stage.out_shift == 0 && acc.len() == y.len() {
+        stage.check()?;
+        let (lo, hi) = (min_signed(stage.out_bits), max_signed(stage.out_bits));
+        if avx2_detected() {
+            crate::avx2::clamp_i64_into(acc, y, lo, hi);
+        } else {
+            clamp_i64_portable(acc, y, lo, hi);
+        }
+        return Ok(());
+    }
+    crate::weights::apply_stage(stage, acc, y)
+}
+
+/// [`stage_into`]'s identity loop: `y[i] = clamp(acc[i], lo, hi)` (`lo`, `hi` within `i32`).
+#[inline(always)]
+pub(crate) fn clamp_i64_portable(acc: &[i64], y: &mut [i32], lo: i64, hi: i64) {
+    for (o, &a) in y.iter_mut().zip(acc) {
+        #[allow(clippy::cast_possible_truncation)] // clamped into i32's range
+        {
+            *o = a.clamp(lo, hi) as i32;
+        }
+    }
 }
 
 /// `p[r] = sum_e x[e] * code[r][e]` over `rows` contiguous rows of `chunks` W4 chunks.
