@@ -2093,9 +2093,118 @@ mod kv_imp {
 /// integer operations per element, so the same results).
 pub(crate) fn quantize_probs_into(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
     on_avx2!({
-        // SAFETY: AVX2 is present (checked above); the body is safe code.
-        unsafe { elem_imp::quantize_probs(p, hi, lo) }
+        assert!(
+            hi.len() == p.len() && lo.len() == p.len(),
+            "quantize_probs_into: one code per probability in each plane"
+        );
+        // SAFETY: AVX2 is present (checked above); both planes are as long as p (asserted).
+        unsafe { probs_imp::quantize_probs(p, hi, lo) }
     })
+}
+
+/// N22's probability codes (`kv::quantize_probs_portable`) with explicit AVX2, eight
+/// probabilities a step: the same IEEE `f32` operations per element (`vmaxps` as the portable
+/// `if v > m { v } else { m }`, `vdivps`, `vminps` as `f32::min` on non-NaN values,
+/// `vcvttps2dq` as the truncating cast of a value in `[0, 16383]`), so the same codes; the
+/// tail of fewer than eight is the portable body.
+#[cfg(target_arch = "x86_64")]
+mod probs_imp {
+    use std::arch::x86_64::*;
+
+    use tessera_golden::kv::{P_CODE_MAX, P_PLANE_BITS};
+
+    /// # Safety
+    /// AVX2 present; `hi.len() == lo.len() == p.len()`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_probs(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
+        let n = p.len();
+        let n8 = n / 8 * 8;
+        let pp = p.as_ptr();
+        // Validity (every v in [0, f32::MAX]: ordered compares, false for NaN) and the maximum.
+        let (zero, fmax) = (_mm256_setzero_ps(), _mm256_set1_ps(f32::MAX));
+        let mut m = zero;
+        let mut ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+        let mut i = 0;
+        while i < n8 {
+            // SAFETY: i + 8 <= n.
+            let v = unsafe { _mm256_loadu_ps(pp.add(i)) };
+            let good = _mm256_and_ps(
+                _mm256_cmp_ps::<_CMP_GE_OQ>(v, zero),
+                _mm256_cmp_ps::<_CMP_LE_OQ>(v, fmax),
+            );
+            ok = _mm256_and_ps(ok, good);
+            // max_ps(v, m) = if v > m { v } else { m }, the portable update.
+            m = _mm256_max_ps(v, m);
+            i += 8;
+        }
+        if _mm256_movemask_ps(ok) != 0xFF {
+            return None;
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: lanes is 8 writable f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+        let mut max = 0.0f32;
+        for &v in lanes.iter().chain(&p[n8..]) {
+            if !(0.0..=f32::MAX).contains(&v) {
+                return None;
+            }
+            max = if v > max { v } else { max };
+        }
+        #[allow(clippy::cast_precision_loss)] // 16383 is exact in f32
+        let code_max = P_CODE_MAX as f32;
+        let scale_p = max / code_max;
+        if scale_p == 0.0 {
+            hi.fill(0);
+            lo.fill(0);
+            return Some(0.0);
+        }
+        let (sv, cm) = (_mm256_set1_ps(scale_p), _mm256_set1_ps(code_max));
+        let (half, cmi) = (_mm256_set1_ps(0.5), _mm256_set1_epi32(P_CODE_MAX as i32));
+        let lo_mask = _mm256_set1_epi32((1 << P_PLANE_BITS) - 1);
+        let (hp, lp) = (hi.as_mut_ptr(), lo.as_mut_ptr());
+        let mut i = 0;
+        while i < n8 {
+            // SAFETY: i + 8 <= n for p and both planes.
+            unsafe {
+                let v = _mm256_loadu_ps(pp.add(i));
+                // min_ps(a, b) = if a < b { a } else { b }: f32::min for non-NaN a (the
+                // quotient of finite v >= 0 by scale_p > 0, at most +inf).
+                let x = _mm256_min_ps(_mm256_div_ps(v, sv), cm);
+                let t = _mm256_cvttps_epi32(x);
+                let frac = _mm256_sub_ps(x, _mm256_cvtepi32_ps(t));
+                let up = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half));
+                let code = _mm256_min_epi32(_mm256_sub_epi32(t, up), cmi);
+                let h = _mm256_srli_epi32::<P_PLANE_BITS_I>(code);
+                let l = _mm256_and_si256(code, lo_mask);
+                // Pack 8 i32 (all in 0..=127) to 8 bytes each.
+                let hl = _mm256_packs_epi32(h, l); // [h0-3 l0-3 | h4-7 l4-7] as i16
+                let b = _mm256_packs_epi16(hl, hl); // bytes: [h0-3 l0-3 h0-3 l0-3 | h4-7 l4-7 ..]
+                let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0));
+                let b = _mm256_castsi256_si128(b); // [h0-3 h4-7 l0-3 l4-7]
+                _mm_storel_epi64(hp.add(i).cast::<__m128i>(), b);
+                _mm_storel_epi64(lp.add(i).cast::<__m128i>(), _mm_srli_si128::<8>(b));
+            }
+            i += 8;
+        }
+        for ((&v, h), l) in p[n8..].iter().zip(&mut hi[n8..]).zip(&mut lo[n8..]) {
+            let x = (v / scale_p).min(code_max);
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let t = x as i32;
+            #[allow(clippy::cast_precision_loss)]
+            let code = t + i32::from(x - t as f32 >= 0.5);
+            let code = code.min(P_CODE_MAX as i32);
+            #[allow(clippy::cast_possible_truncation)]
+            {
+                *h = (code >> P_PLANE_BITS) as i8;
+                *l = (code & ((1 << P_PLANE_BITS) - 1)) as i8;
+            }
+        }
+        Some(scale_p)
+    }
+
+    /// [`P_PLANE_BITS`] as a shift immediate.
+    #[allow(clippy::cast_possible_wrap)]
+    const P_PLANE_BITS_I: i32 = P_PLANE_BITS as i32;
 }
 
 /// See [`quantize_probs_into`].
@@ -2139,8 +2248,43 @@ pub(crate) fn clamp_i64_into(acc: &[i64], y: &mut [i32], lo: i64, hi: i64) {
     })
 }
 
+/// `kv::finish_i32_portable` compiled for AVX2 (see [`quantize_probs_into`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finish_i32(
+    p: &[i32],
+    shift: u32,
+    z: i32,
+    alo: i32,
+    ahi: i32,
+    olo: i32,
+    ohi: i32,
+    acc: &mut [i64],
+    y: &mut [i32],
+) {
+    on_avx2!({
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { elem_imp::finish_i32(p, shift, z, alo, ahi, olo, ohi, acc, y) }
+    })
+}
+
 #[cfg(target_arch = "x86_64")]
 mod elem_imp {
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2")]
+    pub(super) fn finish_i32(
+        p: &[i32],
+        shift: u32,
+        z: i32,
+        alo: i32,
+        ahi: i32,
+        olo: i32,
+        ohi: i32,
+        acc: &mut [i64],
+        y: &mut [i32],
+    ) {
+        crate::kv::finish_i32_portable(p, shift, z, alo, ahi, olo, ohi, acc, y);
+    }
+
     #[target_feature(enable = "avx2")]
     pub(super) fn dot_i8_u8(x: &[i8], z: &[u8]) -> i64 {
         crate::kv::dot_i8_u8_portable(x, z)
@@ -2154,11 +2298,6 @@ mod elem_imp {
     #[target_feature(enable = "avx2")]
     pub(super) fn clamp_i64(acc: &[i64], y: &mut [i32], lo: i64, hi: i64) {
         crate::kv::clamp_i64_portable(acc, y, lo, hi);
-    }
-
-    #[target_feature(enable = "avx2")]
-    pub(super) fn quantize_probs(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
-        crate::kv::quantize_probs_portable(p, hi, lo)
     }
 
     #[target_feature(enable = "avx2")]
@@ -2400,6 +2539,58 @@ mod win_tests {
                 0 => -128,
                 1 => 127,
                 _ => self.next() as i8,
+            }
+        }
+    }
+
+    /// The explicit AVX2 N22 codes equal the portable body's: ties `(k + 0.5) * scale` and
+    /// their neighbours, zeros of both signs, denormals, the maximum anywhere, every length
+    /// (tails), and the invalid rows (negative, NaN, inf) anywhere in the row.
+    #[test]
+    fn quantize_probs_avx2_matches_portable() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut rng = Rng(5);
+        let scale = 1.0f32 / 16383.0;
+        let mut pool = vec![0.0f32, -0.0, 1.0, 1e-45, 1e-40, f32::MIN_POSITIVE];
+        for k in (0..16383).step_by(13) {
+            for v in [(k as f32 + 0.5) * scale, k as f32 * scale] {
+                pool.extend([v, v.next_down().max(0.0), v.next_up()]);
+            }
+        }
+        let check = |p: &[f32]| {
+            let n = p.len();
+            let (mut h1, mut l1, mut h2, mut l2) =
+                (vec![0i8; n], vec![0i8; n], vec![0i8; n], vec![0i8; n]);
+            let a = super::quantize_probs_into(p, &mut h1, &mut l1);
+            let b = crate::kv::quantize_probs_portable(p, &mut h2, &mut l2);
+            assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits), "scale, n {n}");
+            if a.is_some() {
+                assert_eq!((h1, l1), (h2, l2), "codes, n {n}");
+            }
+        };
+        for n in 0..80usize {
+            for round in 0..6 {
+                let mut p: Vec<f32> = (0..n)
+                    .map(|_| pool[(rng.next() % pool.len() as u64) as usize])
+                    .collect();
+                if n > 0 && round % 2 == 0 {
+                    p[(rng.next() % n as u64) as usize] = 1.0; // scale exactly 1 / 16383
+                }
+                if n > 0 && round == 5 {
+                    let s = (rng.next() >> 40) as f32 / (1u64 << 24) as f32 * 1e-38;
+                    p.iter_mut().for_each(|v| *v *= s); // tiny rows, denormal scales
+                }
+                check(&p);
+                if n > 0 {
+                    let at = (rng.next() % n as u64) as usize;
+                    for bad in [-1e-30f32, f32::NAN, f32::INFINITY, -0.5] {
+                        let mut q = p.clone();
+                        q[at] = bad;
+                        check(&q);
+                    }
+                }
             }
         }
     }

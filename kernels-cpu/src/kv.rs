@@ -795,7 +795,17 @@ impl KvHeadCpu {
             let rows = &self.keys4[j * gl * key_row..(j + 1) * gl * key_row];
             let p = &mut scratch.p[..gl];
             dot4_rows(isa, xf, rows, gl, self.key_chunks, p);
-            shift_sub_clamp(p, 4, z, lo, hi, &mut acc_out[j * gl..(j + 1) * gl]);
+            let r = j * gl..(j + 1) * gl;
+            finish_part(
+                p,
+                hd,
+                4,
+                z,
+                self.acc_bits,
+                stage,
+                &mut acc_out[r.clone()],
+                &mut y_out[r],
+            )?;
         }
         let wkeys = &self.wkeys[(n4 - self.w0) * hd..(len - self.w0) * hd];
         if isa == Isa::Avx2 && isa.is_available() && hd < (1 << 17) {
@@ -811,7 +821,7 @@ impl KvHeadCpu {
                 acc_out[n4 + t] = dot.clamp(lo, hi);
             }
         }
-        stage_into(stage, acc_out, y_out)?;
+        stage_into(stage, &acc_out[n4..], &mut y_out[n4..])?;
         Ok(())
     }
 
@@ -1156,7 +1166,6 @@ impl KvHeadCpu {
             v.resize(hd, 0);
         }
         out.acc.resize(4 * hd, 0);
-        let (lo, hi) = (min_signed(self.acc_bits), max_signed(self.acc_bits));
         let nw = len - n4;
         let chunks = n4.div_ceil(CHUNK);
         let xlen = chunks * CHUNK;
@@ -1185,8 +1194,9 @@ impl KvHeadCpu {
         let (acc_a, rest) = out.acc.split_at_mut(hd);
         let (acc_b, rest) = rest.split_at_mut(hd);
         let (accw_a, accw_b) = rest.split_at_mut(hd);
-        shift_sub_clamp(pa, 4, za, lo, hi, acc_a);
-        shift_sub_clamp(pb, 4, zb, lo, hi, acc_b);
+        let ab = self.acc_bits;
+        finish_part(pa, n4, 4, za, ab, stage, acc_a, &mut out.y4_hi)?;
+        finish_part(pb, n4, 4, zb, ab, stage, acc_b, &mut out.y4_lo)?;
         // Window: fold with zero 0, signed 8-bit codes.
         fold_into(&p_hi[n4..], f.mw, self.sf, &mut scratch.xf[..nw]);
         fold_into(&p_lo[n4..], f.mw, self.sf, &mut scratch.xf2[..nw]);
@@ -1205,12 +1215,8 @@ impl KvHeadCpu {
                 }
             }
         }
-        shift_sub_clamp(pa, 0, 0, lo, hi, accw_a);
-        shift_sub_clamp(pb, 0, 0, lo, hi, accw_b);
-        stage_into(stage, acc_a, &mut out.y4_hi)?;
-        stage_into(stage, acc_b, &mut out.y4_lo)?;
-        stage_into(stage, accw_a, &mut out.yw_hi)?;
-        stage_into(stage, accw_b, &mut out.yw_lo)?;
+        finish_part(pa, nw, 0, 0, ab, stage, accw_a, &mut out.yw_hi)?;
+        finish_part(pb, nw, 0, 0, ab, stage, accw_b, &mut out.yw_lo)?;
         Ok((f.s4, f.sw))
     }
 }
@@ -1556,6 +1562,68 @@ pub(crate) fn shift_sub_clamp_portable(
 ) {
     for (a, &x) in acc.iter_mut().zip(p) {
         *a = ((i64::from(x) << shift) - z).clamp(lo, hi);
+    }
+}
+
+/// One fold group's (or the window's) outputs from its `i32` dot products `p` over `n_elems`
+/// reduction elements: `acc[i] = sat((p[i] << shift) - z, acc_bits)` (N17 / N13) and `y` by the
+/// N14 `stage`. When `n_elems <= 2^15` every `|p << shift| + |z| <= 2^15 * (128 * 15 * 16 +
+/// 128 * 255) < 2^31` (`shift <= 4`, codes <= 15, zero points <= 255; for the 8-bit window
+/// `shift` 0, `z` 0, `|p| <= 2^15 * 2^14`), so for the identity stage both clamps run in one
+/// `i32` pass (the accumulator bounds clamped into `i32`'s range, where a wider `acc_bits`
+/// clamps nothing); otherwise [`shift_sub_clamp`] then [`stage_into`].
+#[allow(clippy::too_many_arguments)]
+fn finish_part(
+    p: &[i32],
+    n_elems: usize,
+    shift: u32,
+    z: i64,
+    acc_bits: u32,
+    stage: &OutputStage,
+    acc: &mut [i64],
+    y: &mut [i32],
+) -> Result<(), OpError> {
+    let (lo, hi) = (min_signed(acc_bits), max_signed(acc_bits));
+    let fits = n_elems <= 1 << 15 && shift <= 4 && z.unsigned_abs() < 1 << 31;
+    if fits && stage.out_mult == 1 && stage.out_shift == 0 && p.len() == y.len() {
+        stage.check()?;
+        let (olo, ohi) = (min_signed(stage.out_bits), max_signed(stage.out_bits));
+        let (i32lo, i32hi) = (i64::from(i32::MIN), i64::from(i32::MAX));
+        #[allow(clippy::cast_possible_truncation)] // clamped into i32's range, and |z| < 2^31
+        let (alo, ahi, z) = (lo.max(i32lo) as i32, hi.min(i32hi) as i32, z as i32);
+        #[allow(clippy::cast_possible_truncation)] // out_bits <= 32
+        let (olo, ohi) = (olo.max(i32lo) as i32, ohi.min(i32hi) as i32);
+        if avx2_detected() {
+            crate::avx2::finish_i32(p, shift, z, alo, ahi, olo, ohi, acc, y);
+        } else {
+            finish_i32_portable(p, shift, z, alo, ahi, olo, ohi, acc, y);
+        }
+        return Ok(());
+    }
+    shift_sub_clamp(p, shift, z, lo, hi, acc);
+    stage_into(stage, acc, y)
+}
+
+/// [`finish_part`]'s `i32` pass: `a = clamp((p << shift) - z, alo, ahi)`, `acc = a`, `y =
+/// clamp(a, olo, ohi)` (exact under [`finish_part`]'s bound).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn finish_i32_portable(
+    p: &[i32],
+    shift: u32,
+    z: i32,
+    alo: i32,
+    ahi: i32,
+    olo: i32,
+    ohi: i32,
+    acc: &mut [i64],
+    y: &mut [i32],
+) {
+    assert!(acc.len() == p.len() && y.len() == p.len(), "finish: shapes");
+    for ((a, o), &x) in acc.iter_mut().zip(y.iter_mut()).zip(p) {
+        let v = ((x << shift) - z).clamp(alo, ahi);
+        *a = i64::from(v);
+        *o = v.clamp(olo, ohi);
     }
 }
 
