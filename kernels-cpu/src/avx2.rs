@@ -2267,8 +2267,54 @@ pub(crate) fn finish_i32(
     })
 }
 
+/// `kv::quantize_kv4_portable` compiled for AVX2 (see [`quantize_probs_into`]).
+pub(crate) fn quantize_kv4_into(w: &[f32], codes: &mut [u8]) -> Option<(f32, u8)> {
+    on_avx2!({
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { elem_imp::quantize_kv4(w, codes) }
+    })
+}
+
+/// `kv::finish_i32_y_portable` compiled for AVX2 (see [`quantize_probs_into`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finish_i32_y(
+    p: &[i32],
+    shift: u32,
+    z: i32,
+    alo: i32,
+    ahi: i32,
+    olo: i32,
+    ohi: i32,
+    y: &mut [i32],
+) {
+    on_avx2!({
+        // SAFETY: AVX2 is present (checked above); the body is safe code.
+        unsafe { elem_imp::finish_i32_y(p, shift, z, alo, ahi, olo, ohi, y) }
+    })
+}
+
 #[cfg(target_arch = "x86_64")]
 mod elem_imp {
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2")]
+    pub(super) fn finish_i32_y(
+        p: &[i32],
+        shift: u32,
+        z: i32,
+        alo: i32,
+        ahi: i32,
+        olo: i32,
+        ohi: i32,
+        y: &mut [i32],
+    ) {
+        crate::kv::finish_i32_y_portable(p, shift, z, alo, ahi, olo, ohi, y);
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn quantize_kv4(w: &[f32], codes: &mut [u8]) -> Option<(f32, u8)> {
+        crate::kv::quantize_kv4_portable(w, codes)
+    }
+
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2")]
     pub(super) fn finish_i32(
@@ -2591,6 +2637,58 @@ mod win_tests {
                         check(&q);
                     }
                 }
+            }
+        }
+    }
+
+    /// The one-pass `i32` fold-group outputs (`kv::finish_i32*`, AVX2 builds and portable)
+    /// equal the `i64` reference (`(p << shift) - z` clamped to the accumulator bounds, then to
+    /// the output bounds) at the extremes of their bound (`|p << shift| + |z| < 2^31`), every
+    /// length (tails) and accumulator / output widths below and above 32 bits.
+    #[test]
+    fn finish_i32_matches_i64_reference() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut rng = Rng(23);
+        let lim = 1i64 << 30;
+        for n in 0..70usize {
+            for &(shift, acc_bits, out_bits) in
+                &[(4u32, 48u32, 32u32), (4, 20, 32), (0, 48, 16), (0, 24, 12), (4, 32, 32)]
+            {
+                let z = (rng.next() % (2 * lim as u64)) as i64 - lim;
+                let pmax = (lim >> shift) - 1;
+                let p: Vec<i32> = (0..n)
+                    .map(|i| match i % 5 {
+                        0 => pmax as i32,
+                        1 => -pmax as i32,
+                        2 => 0,
+                        _ => ((rng.next() % (2 * pmax as u64)) as i64 - pmax) as i32,
+                    })
+                    .collect();
+                let (alo, ahi) = (-(1i64 << (acc_bits - 1)), (1i64 << (acc_bits - 1)) - 1);
+                let (olo, ohi) = (-(1i64 << (out_bits - 1)), (1i64 << (out_bits - 1)) - 1);
+                let want_acc: Vec<i64> = p
+                    .iter()
+                    .map(|&x| ((i64::from(x) << shift) - z).clamp(alo, ahi))
+                    .collect();
+                let want_y: Vec<i32> = want_acc.iter().map(|&a| a.clamp(olo, ohi) as i32).collect();
+                let c = |v: i64| v.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32;
+                let args = (shift, z as i32, c(alo), c(ahi), c(olo), c(ohi));
+                let (mut a1, mut y1, mut a2, mut y2) =
+                    (vec![0i64; n], vec![0i32; n], vec![0i64; n], vec![0i32; n]);
+                super::finish_i32(&p, args.0, args.1, args.2, args.3, args.4, args.5, &mut a1, &mut y1);
+                crate::kv::finish_i32_portable(
+                    &p, args.0, args.1, args.2, args.3, args.4, args.5, &mut a2, &mut y2,
+                );
+                assert_eq!((&a1, &y1), (&want_acc, &want_y), "avx2 n {n} shift {shift}");
+                assert_eq!((&a2, &y2), (&want_acc, &want_y), "portable n {n}");
+                let (mut y3, mut y4) = (vec![0i32; n], vec![0i32; n]);
+                super::finish_i32_y(&p, args.0, args.1, args.2, args.3, args.4, args.5, &mut y3);
+                crate::kv::finish_i32_y_portable(
+                    &p, args.0, args.1, args.2, args.3, args.4, args.5, &mut y4,
+                );
+                assert_eq!((&y3, &y4), (&want_y, &want_y), "y only n {n}");
             }
         }
     }

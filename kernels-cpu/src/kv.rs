@@ -34,7 +34,7 @@
 //! window (N18): `Q x K^T` is `sat(sum q * k_i8, acc_bits)`; `P x V` folds with zero 0.
 
 use tessera_golden::kv::{KvCache, KvError, KvMemory, KV8_BITS, P_CODE_MAX, P_PLANE_BITS};
-use tessera_golden::numerics::{max_signed, min_signed, round_clamp_f32, sat_u, Datapath};
+use tessera_golden::numerics::{max_signed, min_signed, sat_u, Datapath};
 use tessera_golden::ops::{OpError, OutputStage};
 use tessera_golden::pack::{kv4_key_group_bytes, kv4_value_token_bytes};
 
@@ -804,6 +804,7 @@ impl KvHeadCpu {
                 self.acc_bits,
                 stage,
                 &mut acc_out[r.clone()],
+                true,
                 &mut y_out[r],
             )?;
         }
@@ -1195,8 +1196,8 @@ impl KvHeadCpu {
         let (acc_b, rest) = rest.split_at_mut(hd);
         let (accw_a, accw_b) = rest.split_at_mut(hd);
         let ab = self.acc_bits;
-        finish_part(pa, n4, 4, za, ab, stage, acc_a, &mut out.y4_hi)?;
-        finish_part(pb, n4, 4, zb, ab, stage, acc_b, &mut out.y4_lo)?;
+        finish_part(pa, n4, 4, za, ab, stage, acc_a, false, &mut out.y4_hi)?;
+        finish_part(pb, n4, 4, zb, ab, stage, acc_b, false, &mut out.y4_lo)?;
         // Window: fold with zero 0, signed 8-bit codes.
         fold_into(&p_hi[n4..], f.mw, self.sf, &mut scratch.xf[..nw]);
         fold_into(&p_lo[n4..], f.mw, self.sf, &mut scratch.xf2[..nw]);
@@ -1215,8 +1216,8 @@ impl KvHeadCpu {
                 }
             }
         }
-        finish_part(pa, nw, 0, 0, ab, stage, accw_a, &mut out.yw_hi)?;
-        finish_part(pb, nw, 0, 0, ab, stage, accw_b, &mut out.yw_lo)?;
+        finish_part(pa, nw, 0, 0, ab, stage, accw_a, false, &mut out.yw_hi)?;
+        finish_part(pb, nw, 0, 0, ab, stage, accw_b, false, &mut out.yw_lo)?;
         Ok((f.s4, f.sw))
     }
 }
@@ -1350,6 +1351,21 @@ pub fn quantize_query_into(x: &[f32], out: &mut [i8]) -> Option<f32> {
 /// # Panics
 /// If `codes` is not as long as `w`, or `w` is empty.
 pub fn quantize_kv4_into(w: &[f32], codes: &mut [u8]) -> Option<(f32, u8)> {
+    if avx2_detected() {
+        crate::avx2::quantize_kv4_into(w, codes)
+    } else {
+        quantize_kv4_portable(w, codes)
+    }
+}
+
+/// [`quantize_kv4_into`]'s body (also compiled for AVX2 by `avx2::quantize_kv4_into`). `lo` and
+/// `hi` are taken in eight lanes (which vectorizes): the minimum and maximum of a set of
+/// non-NaN floats do not depend on the order (a NaN is skipped, as `f32::min` / `f32::max`
+/// skip it, and then rejected), except for the sign of a zero result, which changes nothing
+/// below (`hi == lo`, `hi - lo` and the rounded zero point `-lo / scale_g * 16` are the same for
+/// `+0.0` and `-0.0`).
+#[inline(always)]
+pub(crate) fn quantize_kv4_portable(w: &[f32], codes: &mut [u8]) -> Option<(f32, u8)> {
     const BITS: u32 = 4;
     assert_eq!(
         w.len(),
@@ -1358,9 +1374,24 @@ pub fn quantize_kv4_into(w: &[f32], codes: &mut [u8]) -> Option<(f32, u8)> {
     );
     assert!(!w.is_empty(), "quantize_kv4_into: empty group");
     // golden: check_finite, then lo / hi from 0 (the grid holds 0.0).
-    let lo = w.iter().fold(0.0f32, |m, &v| m.min(v));
-    let hi = w.iter().fold(0.0f32, |m, &v| m.max(v));
-    if !(lo.is_finite() && hi.is_finite()) || w.iter().any(|v| v.is_nan()) {
+    let (mut lo8, mut hi8) = ([0.0f32; 8], [0.0f32; 8]);
+    let mut nan = false;
+    let mut chunks = w.chunks_exact(8);
+    for c in &mut chunks {
+        for ((l, h), &v) in lo8.iter_mut().zip(hi8.iter_mut()).zip(c) {
+            nan |= v.is_nan();
+            *l = if v < *l { v } else { *l };
+            *h = if v > *h { v } else { *h };
+        }
+    }
+    for &v in chunks.remainder() {
+        nan |= v.is_nan();
+        lo8[0] = if v < lo8[0] { v } else { lo8[0] };
+        hi8[0] = if v > hi8[0] { v } else { hi8[0] };
+    }
+    let lo = lo8.iter().fold(0.0f32, |m, &v| if v < m { v } else { m });
+    let hi = hi8.iter().fold(0.0f32, |m, &v| if v > m { v } else { m });
+    if !(lo.is_finite() && hi.is_finite()) || nan {
         return None;
     }
     if hi == lo {
@@ -1380,7 +1411,9 @@ pub fn quantize_kv4_into(w: &[f32], codes: &mut [u8]) -> Option<(f32, u8)> {
     }
     #[allow(clippy::cast_precision_loss)] // 2^(8 - B) is exact
     let lattice = (1u32 << (8 - BITS)) as f32;
-    let zero = sat_u(round_clamp_f32(-lo / scale_g * lattice, 0, 255), 8);
+    // `round_clamp` is golden's `round_clamp_f32` on [0, 255] (tested equal; the quotient is
+    // not NaN: `lo` is finite and `scale_g > 0`).
+    let zero = sat_u(i64::from(round_clamp(-lo / scale_g * lattice, 0, 255)), 8);
     let zero_u8 = u8::try_from(zero).expect("sat_u(.., 8) fits u8");
     let zero_f32 = f32::from(zero_u8) / lattice;
     for (q, &v) in codes.iter_mut().zip(w) {
@@ -1437,12 +1470,16 @@ fn fold_multipliers_with(scales: &[f32], s_ref: f32, sf: u32, out: &mut [u16]) {
         out.fill(0);
         return;
     }
-    let one_q = 1i64 << sf;
+    let one_q = 1i32 << sf;
     #[allow(clippy::cast_precision_loss)] // a power of two is exact in f32
     let pow = (1u64 << sf) as f32;
+    // `round_clamp` is golden's `round_clamp_f32` on `[0, 2^15]` (tested equal), without the
+    // libm call, so the loop vectorizes; the quotient is not NaN (`s_ref > 0`, scales finite).
     for (o, &s) in out.iter_mut().zip(scales) {
-        let m = round_clamp_f32(s / s_ref * pow, 0, one_q);
-        *o = u16::try_from(m).expect("multiplier in [0, 2^sf] with sf <= 15");
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // in [0, 2^15]
+        {
+            *o = round_clamp(s / s_ref * pow, 0, one_q) as u16;
+        }
     }
 }
 
@@ -1571,7 +1608,8 @@ pub(crate) fn shift_sub_clamp_portable(
 /// 128 * 255) < 2^31` (`shift <= 4`, codes <= 15, zero points <= 255; for the 8-bit window
 /// `shift` 0, `z` 0, `|p| <= 2^15 * 2^14`), so for the identity stage both clamps run in one
 /// `i32` pass (the accumulator bounds clamped into `i32`'s range, where a wider `acc_bits`
-/// clamps nothing); otherwise [`shift_sub_clamp`] then [`stage_into`].
+/// clamps nothing); otherwise [`shift_sub_clamp`] then [`stage_into`]. Without `keep_acc`, `acc`
+/// is scratch: the one-pass path leaves it unwritten.
 #[allow(clippy::too_many_arguments)]
 fn finish_part(
     p: &[i32],
@@ -1581,6 +1619,7 @@ fn finish_part(
     acc_bits: u32,
     stage: &OutputStage,
     acc: &mut [i64],
+    keep_acc: bool,
     y: &mut [i32],
 ) -> Result<(), OpError> {
     let (lo, hi) = (min_signed(acc_bits), max_signed(acc_bits));
@@ -1593,10 +1632,11 @@ fn finish_part(
         let (alo, ahi, z) = (lo.max(i32lo) as i32, hi.min(i32hi) as i32, z as i32);
         #[allow(clippy::cast_possible_truncation)] // out_bits <= 32
         let (olo, ohi) = (olo.max(i32lo) as i32, ohi.min(i32hi) as i32);
-        if avx2_detected() {
-            crate::avx2::finish_i32(p, shift, z, alo, ahi, olo, ohi, acc, y);
-        } else {
-            finish_i32_portable(p, shift, z, alo, ahi, olo, ohi, acc, y);
+        match (avx2_detected(), keep_acc) {
+            (true, true) => crate::avx2::finish_i32(p, shift, z, alo, ahi, olo, ohi, acc, y),
+            (true, false) => crate::avx2::finish_i32_y(p, shift, z, alo, ahi, olo, ohi, y),
+            (false, true) => finish_i32_portable(p, shift, z, alo, ahi, olo, ohi, acc, y),
+            (false, false) => finish_i32_y_portable(p, shift, z, alo, ahi, olo, ohi, y),
         }
         return Ok(());
     }
@@ -1624,6 +1664,25 @@ pub(crate) fn finish_i32_portable(
         let v = ((x << shift) - z).clamp(alo, ahi);
         *a = i64::from(v);
         *o = v.clamp(olo, ohi);
+    }
+}
+
+/// [`finish_i32_portable`] without the accumulators.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn finish_i32_y_portable(
+    p: &[i32],
+    shift: u32,
+    z: i32,
+    alo: i32,
+    ahi: i32,
+    olo: i32,
+    ohi: i32,
+    y: &mut [i32],
+) {
+    assert!(y.len() == p.len(), "finish: shapes");
+    for (o, &x) in y.iter_mut().zip(p) {
+        *o = ((x << shift) - z).clamp(alo, ahi).clamp(olo, ohi);
     }
 }
 

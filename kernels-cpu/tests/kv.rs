@@ -527,11 +527,25 @@ fn round_clamp_matches_golden() {
         let tie = n as f32 + 0.5;
         ys.extend([tie, tie.next_up(), tie.next_down(), n as f32]);
     }
+    // Up to the fold multipliers' range [0, 2^SF] (SF <= 15), ties included.
+    for n in (300..33_000).step_by(7).chain(32_760..32_776) {
+        let tie = n as f32 + 0.5;
+        ys.extend([tie, tie.next_up(), tie.next_down(), n as f32]);
+    }
     let top = 512.0f32.to_bits();
     for bits in (0..top).step_by(97) {
         ys.extend([f32::from_bits(bits), -f32::from_bits(bits)]);
     }
-    for (lo, hi) in [(0, 15), (-127, 127), (0, 255), (-1, 1), (0, 16383)] {
+    for (lo, hi) in [
+        (0, 15),
+        (-127, 127),
+        (0, 255),
+        (-1, 1),
+        (0, 16383),
+        (0, 2),
+        (0, 256),
+        (0, 1 << 15),
+    ] {
         for &y in &ys {
             assert_eq!(
                 i64::from(round_clamp(y, lo, hi)),
@@ -600,6 +614,19 @@ fn quantize_kv4_matches_golden() {
             }
             groups.push(g);
         }
+    }
+    // Non-finite values and signed zeros at every position of lengths that cut the
+    // eight-lane min / max at different points (body lanes and the tail).
+    for len in [3usize, 8, 9, 17, 33, 40] {
+        for at in 0..len {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0] {
+                let mut g: Vec<f32> = (0..len).map(|_| rng.f32()).collect();
+                g[at] = bad;
+                groups.push(g);
+            }
+        }
+        groups.push(vec![-0.0; len]);
+        groups.push((0..len).map(|i| if i % 2 == 0 { -0.0 } else { 0.0 }).collect());
     }
     for g in &groups {
         assert_kv4_group_matches(g);
