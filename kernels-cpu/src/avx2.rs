@@ -2457,37 +2457,10 @@ mod win_imp {
         let ones = _mm256_set1_epi16(1);
         let mut a = [_mm256_setzero_si256(); 4];
         let mut b = [_mm256_setzero_si256(); 4];
-        let mut t = 0;
-        while t < nw {
-            // Four tokens (a short last pass re-reads token t for the missing ones, whose
-            // activations are 0). The four activations of a full pass are one little-endian
-            // word: byte i is token t + i's.
-            let k = (nw - t).min(4);
-            let (xa4, xb4, tt) = if k == 4 {
-                // SAFETY: bytes t..t + 4 of both activation rows are in bounds (t + 4 <= nw).
-                let w = unsafe {
-                    (
-                        std::ptr::read_unaligned(x_a.as_ptr().add(t).cast::<i32>()),
-                        std::ptr::read_unaligned(x_b.as_ptr().add(t).cast::<i32>()),
-                    )
-                };
-                (w.0, w.1, [t, t + 1, t + 2, t + 3])
-            } else {
-                let xw = |x: &[i8]| -> i32 {
-                    let mut w = 0u32;
-                    for i in 0..k {
-                        w |= u32::from(x[t + i] as u8) << (8 * i);
-                    }
-                    w as i32
-                };
-                let tt = std::array::from_fn(|i| if i < k { t + i } else { t });
-                (xw(x_a), xw(x_b), tt)
-            };
+        // One pass: four tokens' rows at `v[0..4]` (channels c0..c0 + 32) and their activations
+        // as one little-endian word per plane (byte i is token i's).
+        let mut pass = |v: [__m256i; 4], xa4: i32, xb4: i32| {
             let (xa4, xb4) = (_mm256_set1_epi32(xa4), _mm256_set1_epi32(xb4));
-            // SAFETY: tokens tt[i] < nw, channels c0..c0 + 32 <= hd (caller's contract).
-            let v: [__m256i; 4] = std::array::from_fn(|i| unsafe {
-                _mm256_loadu_si256(vp.add(tt[i] * hd + c0).cast::<__m256i>())
-            });
             // Per 128-bit lane, bytes of channels interleaved: [v0 v1 v2 v3] per channel.
             let l01 = _mm256_unpacklo_epi8(v[0], v[1]);
             let h01 = _mm256_unpackhi_epi8(v[0], v[1]);
@@ -2505,7 +2478,41 @@ mod win_imp {
                 a[i] = _mm256_add_epi32(a[i], _mm256_madd_epi16(pa, ones));
                 b[i] = _mm256_add_epi32(b[i], _mm256_madd_epi16(pb, ones));
             }
+        };
+        let n4 = nw / 4 * 4;
+        let mut t = 0;
+        while t < n4 {
+            // SAFETY: tokens t..t + 4 <= nw of both activation rows and of the values,
+            // channels c0..c0 + 32 <= hd (caller's contract).
+            unsafe {
+                let row = vp.add(t * hd + c0);
+                let v = [
+                    _mm256_loadu_si256(row.cast::<__m256i>()),
+                    _mm256_loadu_si256(row.add(hd).cast::<__m256i>()),
+                    _mm256_loadu_si256(row.add(2 * hd).cast::<__m256i>()),
+                    _mm256_loadu_si256(row.add(3 * hd).cast::<__m256i>()),
+                ];
+                let xa4 = std::ptr::read_unaligned(x_a.as_ptr().add(t).cast::<i32>());
+                let xb4 = std::ptr::read_unaligned(x_b.as_ptr().add(t).cast::<i32>());
+                pass(v, xa4, xb4);
+            }
             t += 4;
+        }
+        if n4 < nw {
+            // The last 1..=3 tokens: missing ones re-read token n4 with activations 0.
+            let k = nw - n4;
+            let xw = |x: &[i8]| -> i32 {
+                let mut w = 0u32;
+                for i in 0..k {
+                    w |= u32::from(x[n4 + i] as u8) << (8 * i);
+                }
+                w as i32
+            };
+            // SAFETY: tokens n4 + min(i, k - 1) < nw, channels c0..c0 + 32 <= hd (caller).
+            let v: [__m256i; 4] = std::array::from_fn(|i| unsafe {
+                _mm256_loadu_si256(vp.add((n4 + i.min(k - 1)) * hd + c0).cast::<__m256i>())
+            });
+            pass(v, xw(x_a), xw(x_b));
         }
         (a, b)
     }

@@ -1410,11 +1410,21 @@ fn attn_weighted_sum(
     let f4 = DequantConst::new(&stage, 4).with_x(scale_p).factor(s4);
     let fw = DequantConst::new(&stage, 0).with_x(scale_p).factor(sw);
     let o2 = &b.pv2;
-    let planes = o2
-        .y4_hi
-        .iter()
-        .zip(&o2.y4_lo)
-        .zip(o2.yw_hi.iter().zip(&o2.yw_lo));
+    let (y4h, y4l, ywh, ywl) = (&o2.y4_hi[..], &o2.y4_lo[..], &o2.yw_hi[..], &o2.yw_lo[..]);
+    // With every plane output below 2^23 in magnitude, `128 * hi + lo` is below 2^31: the sum
+    // in `i32` and its `f32` are those of the `i64` sum (the same integer, rounded once), in a
+    // loop that vectorizes (no `i64 -> f32` conversion without AVX-512).
+    let small = |v: &[i32]| v.iter().fold(0u32, |m, &x| m | x.unsigned_abs()) < 1 << 23;
+    if small(y4h) && small(y4l) && small(ywh) && small(ywl) {
+        let planes = y4h.iter().zip(y4l).zip(ywh.iter().zip(ywl));
+        for (o, ((&ah, &al), (&bh, &bl))) in out.iter_mut().zip(planes) {
+            let a = (ah << P_PLANE_BITS) + al;
+            let b = (bh << P_PLANE_BITS) + bl;
+            *o = a as f32 * f4 + b as f32 * fw;
+        }
+        return;
+    }
+    let planes = y4h.iter().zip(y4l).zip(ywh.iter().zip(ywl));
     for (o, ((&ah, &al), (&bh, &bl))) in out.iter_mut().zip(planes) {
         let a = (i64::from(ah) << P_PLANE_BITS) + i64::from(al);
         let b = (i64::from(bh) << P_PLANE_BITS) + i64::from(bl);
