@@ -2337,7 +2337,14 @@ mod elem_imp {
     }
 
     #[target_feature(enable = "avx2")]
-    pub(super) fn shift_sub_clamp(p: &[i32], shift: u32, z: i64, lo: i64, hi: i64, acc: &mut [i64]) {
+    pub(super) fn shift_sub_clamp(
+        p: &[i32],
+        shift: u32,
+        z: i64,
+        lo: i64,
+        hi: i64,
+        acc: &mut [i64],
+    ) {
         crate::kv::shift_sub_clamp_portable(p, shift, z, lo, hi, acc);
     }
 
@@ -2660,9 +2667,13 @@ mod win_tests {
         let mut rng = Rng(23);
         let lim = 1i64 << 30;
         for n in 0..70usize {
-            for &(shift, acc_bits, out_bits) in
-                &[(4u32, 48u32, 32u32), (4, 20, 32), (0, 48, 16), (0, 24, 12), (4, 32, 32)]
-            {
+            for &(shift, acc_bits, out_bits) in &[
+                (4u32, 48u32, 32u32),
+                (4, 20, 32),
+                (0, 48, 16),
+                (0, 24, 12),
+                (4, 32, 32),
+            ] {
                 let z = (rng.next() % (2 * lim as u64)) as i64 - lim;
                 let pmax = (lim >> shift) - 1;
                 let p: Vec<i32> = (0..n)
@@ -2684,7 +2695,9 @@ mod win_tests {
                 let args = (shift, z as i32, c(alo), c(ahi), c(olo), c(ohi));
                 let (mut a1, mut y1, mut a2, mut y2) =
                     (vec![0i64; n], vec![0i32; n], vec![0i64; n], vec![0i32; n]);
-                super::finish_i32(&p, args.0, args.1, args.2, args.3, args.4, args.5, &mut a1, &mut y1);
+                super::finish_i32(
+                    &p, args.0, args.1, args.2, args.3, args.4, args.5, &mut a1, &mut y1,
+                );
                 crate::kv::finish_i32_portable(
                     &p, args.0, args.1, args.2, args.3, args.4, args.5, &mut a2, &mut y2,
                 );

@@ -626,7 +626,11 @@ fn quantize_kv4_matches_golden() {
             }
         }
         groups.push(vec![-0.0; len]);
-        groups.push((0..len).map(|i| if i % 2 == 0 { -0.0 } else { 0.0 }).collect());
+        groups.push(
+            (0..len)
+                .map(|i| if i % 2 == 0 { -0.0 } else { 0.0 })
+                .collect(),
+        );
     }
     for g in &groups {
         assert_kv4_group_matches(g);
