@@ -4,7 +4,8 @@
 //! from DRAM), on a decode [`Team`] of 1 and 2 threads, alternating, min and median over steps.
 //! Matrix kernels only (no N5, stage, norms, attention): where the memory side of decode stands.
 //!
-//! `cargo run --release -p tessera-kernels-cpu --example decode_step -- [steps]`
+//! `cargo run --release -p tessera-kernels-cpu --example decode_step -- [steps]` (env: `LAYERS`,
+//! `NOHEAD`, `SHAPES="n,k;n,k"`)
 use std::time::Instant;
 
 use tessera_golden::numerics::Datapath;
@@ -45,7 +46,18 @@ fn main() {
         kv_group_len: 32,
         kv_recent_window: 64,
     };
-    let shapes = [(960usize, 576usize), (576, 576), (3072, 576), (576, 1536)];
+    // SHAPES="n,k;n,k" replaces the layer's W2 shapes (e.g. to time one shape alone).
+    let shapes: Vec<(usize, usize)> = std::env::var("SHAPES")
+        .ok()
+        .map(|v| {
+            v.split(';')
+                .map(|nk| {
+                    let (n, k) = nk.split_once(',').expect("SHAPES: n,k;n,k");
+                    (n.parse().expect("SHAPES: n"), k.parse().expect("SHAPES: k"))
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| vec![(960, 576), (576, 576), (3072, 576), (576, 1536)]);
     let build = || {
         let mut ws: Vec<PreparedWeights> = Vec::new();
         let layers: u64 = std::env::var("LAYERS")
@@ -77,7 +89,8 @@ fn main() {
     for w in ws.iter().chain(small.iter()) {
         scratch.reserve(w, 1);
     }
-    let x: Vec<i8> = (0..1536)
+    let x_len = shapes.iter().map(|s| s.1).max().unwrap_or(0).max(576);
+    let x: Vec<i8> = (0..x_len)
         .map(|i| ((i * 37 + 11) % 256) as u8 as i8)
         .collect();
     let mut acc = vec![0i64; 49152];
