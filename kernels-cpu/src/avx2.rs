@@ -2214,17 +2214,7 @@ mod probs_imp {
             i += 8;
         }
         for ((&v, h), l) in p[n8..].iter().zip(&mut hi[n8..]).zip(&mut lo[n8..]) {
-            let x = (v / scale_p).min(code_max);
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            let t = x as i32;
-            #[allow(clippy::cast_precision_loss)]
-            let code = t + i32::from(x - t as f32 >= 0.5);
-            let code = code.min(P_CODE_MAX as i32);
-            #[allow(clippy::cast_possible_truncation)]
-            {
-                *h = (code >> P_PLANE_BITS) as i8;
-                *l = (code & ((1 << P_PLANE_BITS) - 1)) as i8;
-            }
+            (*h, *l) = crate::kv::prob_code(v, scale_p);
         }
         Some(scale_p)
     }
@@ -2276,21 +2266,10 @@ pub(crate) fn clamp_i64_into(acc: &[i64], y: &mut [i32], lo: i64, hi: i64) {
 }
 
 /// `kv::finish_i32_portable` compiled for AVX2 (see [`quantize_probs_into`]).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn finish_i32(
-    p: &[i32],
-    shift: u32,
-    z: i32,
-    alo: i32,
-    ahi: i32,
-    olo: i32,
-    ohi: i32,
-    acc: &mut [i64],
-    y: &mut [i32],
-) {
+pub(crate) fn finish_i32(p: &[i32], f: crate::kv::FinishI32, acc: &mut [i64], y: &mut [i32]) {
     on_avx2!({
         // SAFETY: AVX2 is present (checked above); the body is safe code.
-        unsafe { elem_imp::finish_i32(p, shift, z, alo, ahi, olo, ohi, acc, y) }
+        unsafe { elem_imp::finish_i32(p, f, acc, y) }
     })
 }
 
@@ -2303,38 +2282,18 @@ pub(crate) fn quantize_kv4_into(w: &[f32], codes: &mut [u8]) -> Option<(f32, u8)
 }
 
 /// `kv::finish_i32_y_portable` compiled for AVX2 (see [`quantize_probs_into`]).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn finish_i32_y(
-    p: &[i32],
-    shift: u32,
-    z: i32,
-    alo: i32,
-    ahi: i32,
-    olo: i32,
-    ohi: i32,
-    y: &mut [i32],
-) {
+pub(crate) fn finish_i32_y(p: &[i32], f: crate::kv::FinishI32, y: &mut [i32]) {
     on_avx2!({
         // SAFETY: AVX2 is present (checked above); the body is safe code.
-        unsafe { elem_imp::finish_i32_y(p, shift, z, alo, ahi, olo, ohi, y) }
+        unsafe { elem_imp::finish_i32_y(p, f, y) }
     })
 }
 
 #[cfg(target_arch = "x86_64")]
 mod elem_imp {
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2")]
-    pub(super) fn finish_i32_y(
-        p: &[i32],
-        shift: u32,
-        z: i32,
-        alo: i32,
-        ahi: i32,
-        olo: i32,
-        ohi: i32,
-        y: &mut [i32],
-    ) {
-        crate::kv::finish_i32_y_portable(p, shift, z, alo, ahi, olo, ohi, y);
+    pub(super) fn finish_i32_y(p: &[i32], f: crate::kv::FinishI32, y: &mut [i32]) {
+        crate::kv::finish_i32_y_portable(p, f, y);
     }
 
     #[target_feature(enable = "avx2")]
@@ -2342,20 +2301,9 @@ mod elem_imp {
         crate::kv::quantize_kv4_portable(w, codes)
     }
 
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2")]
-    pub(super) fn finish_i32(
-        p: &[i32],
-        shift: u32,
-        z: i32,
-        alo: i32,
-        ahi: i32,
-        olo: i32,
-        ohi: i32,
-        acc: &mut [i64],
-        y: &mut [i32],
-    ) {
-        crate::kv::finish_i32_portable(p, shift, z, alo, ahi, olo, ohi, acc, y);
+    pub(super) fn finish_i32(p: &[i32], f: crate::kv::FinishI32, acc: &mut [i64], y: &mut [i32]) {
+        crate::kv::finish_i32_portable(p, f, acc, y);
     }
 
     #[target_feature(enable = "avx2")]
@@ -2719,22 +2667,23 @@ mod win_tests {
                     .collect();
                 let want_y: Vec<i32> = want_acc.iter().map(|&a| a.clamp(olo, ohi) as i32).collect();
                 let c = |v: i64| v.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32;
-                let args = (shift, z as i32, c(alo), c(ahi), c(olo), c(ohi));
+                let f = crate::kv::FinishI32 {
+                    shift,
+                    z: z as i32,
+                    alo: c(alo),
+                    ahi: c(ahi),
+                    olo: c(olo),
+                    ohi: c(ohi),
+                };
                 let (mut a1, mut y1, mut a2, mut y2) =
                     (vec![0i64; n], vec![0i32; n], vec![0i64; n], vec![0i32; n]);
-                super::finish_i32(
-                    &p, args.0, args.1, args.2, args.3, args.4, args.5, &mut a1, &mut y1,
-                );
-                crate::kv::finish_i32_portable(
-                    &p, args.0, args.1, args.2, args.3, args.4, args.5, &mut a2, &mut y2,
-                );
+                super::finish_i32(&p, f, &mut a1, &mut y1);
+                crate::kv::finish_i32_portable(&p, f, &mut a2, &mut y2);
                 assert_eq!((&a1, &y1), (&want_acc, &want_y), "avx2 n {n} shift {shift}");
                 assert_eq!((&a2, &y2), (&want_acc, &want_y), "portable n {n}");
                 let (mut y3, mut y4) = (vec![0i32; n], vec![0i32; n]);
-                super::finish_i32_y(&p, args.0, args.1, args.2, args.3, args.4, args.5, &mut y3);
-                crate::kv::finish_i32_y_portable(
-                    &p, args.0, args.1, args.2, args.3, args.4, args.5, &mut y4,
-                );
+                super::finish_i32_y(&p, f, &mut y3);
+                crate::kv::finish_i32_y_portable(&p, f, &mut y4);
                 assert_eq!((&y3, &y4), (&want_y, &want_y), "y only n {n}");
             }
         }

@@ -1309,20 +1309,28 @@ pub(crate) fn quantize_probs_portable(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -
         return Some(0.0);
     }
     for ((&v, h), l) in p.iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
-        // In [0, 16383] after the clamp, so the truncating cast and the subtraction are exact.
-        let x = (v / scale_p).min(code_max);
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let t = x as i32;
-        #[allow(clippy::cast_precision_loss)]
-        let code = t + i32::from(x - t as f32 >= 0.5);
-        let code = code.min(P_CODE_MAX as i32);
-        #[allow(clippy::cast_possible_truncation)]
-        {
-            *h = (code >> P_PLANE_BITS) as i8;
-            *l = (code & ((1 << P_PLANE_BITS) - 1)) as i8;
-        }
+        (*h, *l) = prob_code(v, scale_p);
     }
     Some(scale_p)
+}
+
+/// N22's two plane codes of one probability `v >= 0` for `scale_p > 0`: the quotient is
+/// clamped to [`P_CODE_MAX`] (so in `[0, 16383]`, where the truncating cast and the
+/// subtraction are exact) and rounded half up.
+#[inline(always)]
+pub(crate) fn prob_code(v: f32, scale_p: f32) -> (i8, i8) {
+    #[allow(clippy::cast_precision_loss)] // 16383 is exact in f32
+    let x = (v / scale_p).min(P_CODE_MAX as f32);
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let t = x as i32;
+    #[allow(clippy::cast_precision_loss)]
+    let code = t + i32::from(x - t as f32 >= 0.5);
+    let code = code.min(P_CODE_MAX as i32);
+    #[allow(clippy::cast_possible_truncation)]
+    (
+        (code >> P_PLANE_BITS) as i8,
+        (code & ((1 << P_PLANE_BITS) - 1)) as i8,
+    )
 }
 
 /// N5 (golden's `quantize_token`) for one query into `out`, without allocating: `scale =
@@ -1632,11 +1640,19 @@ fn finish_part(
         let (alo, ahi, z) = (lo.max(i32lo) as i32, hi.min(i32hi) as i32, z as i32);
         #[allow(clippy::cast_possible_truncation)] // out_bits <= 32
         let (olo, ohi) = (olo.max(i32lo) as i32, ohi.min(i32hi) as i32);
+        let f = FinishI32 {
+            shift,
+            z,
+            alo,
+            ahi,
+            olo,
+            ohi,
+        };
         match (avx2_detected(), keep_acc) {
-            (true, true) => crate::avx2::finish_i32(p, shift, z, alo, ahi, olo, ohi, acc, y),
-            (true, false) => crate::avx2::finish_i32_y(p, shift, z, alo, ahi, olo, ohi, y),
-            (false, true) => finish_i32_portable(p, shift, z, alo, ahi, olo, ohi, acc, y),
-            (false, false) => finish_i32_y_portable(p, shift, z, alo, ahi, olo, ohi, y),
+            (true, true) => crate::avx2::finish_i32(p, f, acc, y),
+            (true, false) => crate::avx2::finish_i32_y(p, f, y),
+            (false, true) => finish_i32_portable(p, f, acc, y),
+            (false, false) => finish_i32_y_portable(p, f, y),
         }
         return Ok(());
     }
@@ -1646,43 +1662,41 @@ fn finish_part(
 
 /// [`finish_part`]'s `i32` pass: `a = clamp((p << shift) - z, alo, ahi)`, `acc = a`, `y =
 /// clamp(a, olo, ohi)` (exact under [`finish_part`]'s bound).
-#[allow(clippy::too_many_arguments)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FinishI32 {
+    pub shift: u32,
+    pub z: i32,
+    pub alo: i32,
+    pub ahi: i32,
+    pub olo: i32,
+    pub ohi: i32,
+}
+
+impl FinishI32 {
+    /// The accumulator `clamp((x << shift) - z, alo, ahi)`.
+    #[inline(always)]
+    fn acc(self, x: i32) -> i32 {
+        ((x << self.shift) - self.z).clamp(self.alo, self.ahi)
+    }
+}
+
+/// [`FinishI32`] over `p` into `acc` and `y`.
 #[inline(always)]
-pub(crate) fn finish_i32_portable(
-    p: &[i32],
-    shift: u32,
-    z: i32,
-    alo: i32,
-    ahi: i32,
-    olo: i32,
-    ohi: i32,
-    acc: &mut [i64],
-    y: &mut [i32],
-) {
+pub(crate) fn finish_i32_portable(p: &[i32], f: FinishI32, acc: &mut [i64], y: &mut [i32]) {
     assert!(acc.len() == p.len() && y.len() == p.len(), "finish: shapes");
     for ((a, o), &x) in acc.iter_mut().zip(y.iter_mut()).zip(p) {
-        let v = ((x << shift) - z).clamp(alo, ahi);
+        let v = f.acc(x);
         *a = i64::from(v);
-        *o = v.clamp(olo, ohi);
+        *o = v.clamp(f.olo, f.ohi);
     }
 }
 
 /// [`finish_i32_portable`] without the accumulators.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn finish_i32_y_portable(
-    p: &[i32],
-    shift: u32,
-    z: i32,
-    alo: i32,
-    ahi: i32,
-    olo: i32,
-    ohi: i32,
-    y: &mut [i32],
-) {
+pub(crate) fn finish_i32_y_portable(p: &[i32], f: FinishI32, y: &mut [i32]) {
     assert!(y.len() == p.len(), "finish: shapes");
     for (o, &x) in y.iter_mut().zip(p) {
-        *o = ((x << shift) - z).clamp(alo, ahi).clamp(olo, ohi);
+        *o = f.acc(x).clamp(f.olo, f.ohi);
     }
 }
 
