@@ -2177,15 +2177,11 @@ mod probs_imp {
             }
             max = if v > max { v } else { max };
         }
-        #[allow(clippy::cast_precision_loss)] // 16383 is exact in f32
-        let code_max = P_CODE_MAX as f32;
-        let scale_p = max / code_max;
-        if scale_p == 0.0 {
-            hi.fill(0);
-            lo.fill(0);
+        let Some(scale_p) = crate::kv::prob_scale(max, hi, lo) else {
             return Some(0.0);
-        }
-        let (sv, cm) = (_mm256_set1_ps(scale_p), _mm256_set1_ps(code_max));
+        };
+        #[allow(clippy::cast_precision_loss)] // 16383 is exact in f32
+        let (sv, cm) = (_mm256_set1_ps(scale_p), _mm256_set1_ps(P_CODE_MAX as f32));
         let (half, cmi) = (_mm256_set1_ps(0.5), _mm256_set1_epi32(P_CODE_MAX as i32));
         let lo_mask = _mm256_set1_epi32((1 << P_PLANE_BITS) - 1);
         let (hp, lp) = (hi.as_mut_ptr(), lo.as_mut_ptr());

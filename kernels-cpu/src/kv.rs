@@ -1300,16 +1300,25 @@ pub(crate) fn quantize_probs_portable(p: &[f32], hi: &mut [i8], lo: &mut [i8]) -
         return None;
     }
     let max = m8.iter().fold(0.0f32, |a, &b| if b > a { b } else { a });
+    let Some(scale_p) = prob_scale(max, hi, lo) else {
+        return Some(0.0);
+    };
+    for ((&v, h), l) in p.iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
+        (*h, *l) = prob_code(v, scale_p);
+    }
+    Some(scale_p)
+}
+
+/// N22's probability scale `max / 16383` for a row whose largest probability is `max`; when
+/// it is 0 every code is 0, so both planes are zeroed and `None` is returned.
+#[inline(always)]
+pub(crate) fn prob_scale(max: f32, hi: &mut [i8], lo: &mut [i8]) -> Option<f32> {
     #[allow(clippy::cast_precision_loss)] // 16383 is exact in f32
-    let code_max = P_CODE_MAX as f32;
-    let scale_p = max / code_max;
+    let scale_p = max / P_CODE_MAX as f32;
     if scale_p == 0.0 {
         hi.fill(0);
         lo.fill(0);
-        return Some(0.0);
-    }
-    for ((&v, h), l) in p.iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
-        (*h, *l) = prob_code(v, scale_p);
+        return None;
     }
     Some(scale_p)
 }
