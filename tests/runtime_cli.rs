@@ -95,3 +95,55 @@ fn real_model_answers_in_chat_mode() {
         "{stderr:?}"
     );
 }
+
+#[test]
+fn bench_run_prints_one_line_each_and_token_times_per_rep() {
+    let Some(path) = tessera::runtime::cli::default_model_path().filter(|p| p.is_file()) else {
+        println!("SKIPPED: SmolLM2 GGUF not in the cache; run scripts/fetch-model.sh");
+        return;
+    };
+    let out = tessera()
+        .args([
+            "bench",
+            "run",
+            "--mode",
+            "w2a8kv4",
+            "--threads",
+            "2",
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "4",
+            "--reps",
+            "2",
+            "--token-times",
+            "--model",
+        ])
+        .arg(&path)
+        .output()
+        .expect("bench run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("prefill: ")).count(),
+        1,
+        "{stdout}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("decode: ")).count(),
+        1,
+        "{stdout}"
+    );
+    for rep in 1..=2 {
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(&format!("decode rep {rep}: 4 tokens, ms/token min ")))
+            .unwrap_or_else(|| panic!("no token-times line for rep {rep}: {stdout}"));
+        assert!(line.contains("median") && line.contains("max"), "{line}");
+    }
+}

@@ -5,7 +5,7 @@
 //! Matrix kernels only (no N5, stage, norms, attention): where the memory side of decode stands.
 //!
 //! `cargo run --release -p tessera-kernels-cpu --example decode_step -- [steps]` (env: `LAYERS`,
-//! `NOHEAD`, `SHAPES="n,k;n,k"`)
+//! `NOHEAD`, `HEAD_ROWS`, `SHAPES="n,k;n,k"`)
 use std::time::Instant;
 
 use tessera_golden::numerics::Datapath;
@@ -72,7 +72,10 @@ fn main() {
         let head_rows = if std::env::var("NOHEAD").is_ok() {
             64
         } else {
-            49152
+            std::env::var("HEAD_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(49152)
         };
         ws.push(tensor(WeightFormat::W8, head_rows, 576, 999));
         ws

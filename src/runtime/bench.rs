@@ -40,6 +40,11 @@ pub struct BenchRunArgs {
     /// Also measure the memory bandwidth and print the decode roofline
     #[arg(long)]
     pub roofline: bool,
+    /// Also print, per decode repetition, the spread of the per-token step times and the
+    /// helpers' share of the decode team's tasks (host slowdowns show as phases of slow
+    /// tokens with an unchanged share; a missing helper as a share near 0)
+    #[arg(long)]
+    pub token_times: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -147,19 +152,75 @@ fn time_prefill_profiled(
     Ok((t.elapsed().as_secs_f64(), s.ws.profile.take()))
 }
 
+/// Per-token figures of one decode run (`--token-times`): each step's milliseconds and the
+/// helpers' share of the team tasks it ran (`None` when the step ran no team task).
+#[derive(Debug, Default)]
+struct TokenTimes {
+    ms: Vec<f64>,
+    helper_share: Vec<Option<f64>>,
+}
+
+impl TokenTimes {
+    /// One line: token ms min / p10 / median / p90 / max (nearest rank: the sorted index
+    /// `(len - 1) * q` rounded) and the median helper share.
+    fn line(&self, rep: usize) -> String {
+        let mut ms = self.ms.clone();
+        ms.sort_by(f64::total_cmp);
+        let mut share: Vec<f64> = self.helper_share.iter().flatten().copied().collect();
+        share.sort_by(f64::total_cmp);
+        let pick = |v: &[f64], q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        let share = if share.is_empty() {
+            "no team tasks (one thread)".to_string()
+        } else {
+            format!(
+                "helpers ran {:.0}% of the team tasks (median; min {:.0}%)",
+                100.0 * pick(&share, 0.5),
+                100.0 * share[0]
+            )
+        };
+        format!(
+            "decode rep {rep}: {} tokens, ms/token min {:.2} p10 {:.2} median {:.2} p90 {:.2} max {:.2}; {share}",
+            ms.len(),
+            ms[0],
+            pick(&ms, 0.1),
+            pick(&ms, 0.5),
+            pick(&ms, 0.9),
+            ms[ms.len() - 1]
+        )
+    }
+}
+
 /// Seconds of `n` greedy decode steps from an empty session, and the profile if asked (with
-/// the decode team's task counts, leader and helpers, in `Profile::team_tasks`).
-fn time_decode(model: &Model, n: usize, profile: bool) -> Result<(f64, Option<Profile>)> {
+/// the decode team's task counts, leader and helpers, in `Profile::team_tasks`); with `times`,
+/// each step's time and helper share too.
+fn time_decode(
+    model: &Model,
+    n: usize,
+    profile: bool,
+    mut times: Option<&mut TokenTimes>,
+) -> Result<(f64, Option<Profile>)> {
     let mut s = model.session();
     if profile {
         s.enable_profile();
+    }
+    if let Some(tt) = times.as_deref_mut() {
+        tt.ms.reserve(n);
+        tt.helper_share.reserve(n);
     }
     // On one pool worker, as `tessera run` generates (see `on_pool_worker`).
     let secs = on_pool_worker(|| -> Result<f64> {
         let mut next = 1u32;
         let t = Instant::now();
         for _ in 0..n {
+            let (t1, c0) = (Instant::now(), s.team().task_counts());
             next = argmax(model.forward_into(&mut s, &[next], 1)?) as u32;
+            if let Some(tt) = times.as_deref_mut() {
+                let c1 = s.team().task_counts();
+                let (lead, help) = (c1.0 - c0.0, c1.1 - c0.1);
+                tt.ms.push(t1.elapsed().as_secs_f64() * 1e3);
+                tt.helper_share
+                    .push((lead + help > 0).then(|| help as f64 / (lead + help) as f64));
+            }
         }
         Ok(t.elapsed().as_secs_f64())
     })?;
@@ -210,7 +271,7 @@ pub fn run_bench(args: &BenchRunArgs) -> Result<()> {
     bar.set_length((2 * (args.reps + 1)) as u64);
     bar.set_message("warm-up");
     time_prefill(&model, &prompt[..prompt.len().min(16)])?;
-    time_decode(&model, args.gen_tokens.min(8), false)?;
+    time_decode(&model, args.gen_tokens.min(8), false, None)?;
     bar.inc(2);
     bar.set_message("prefill");
     let mut pp = 0.0;
@@ -220,15 +281,19 @@ pub fn run_bench(args: &BenchRunArgs) -> Result<()> {
     }
     bar.set_message("decode");
     let mut tg = 0.0;
+    let mut token_times = Vec::new();
     for _ in 0..args.reps {
-        tg += time_decode(&model, args.gen_tokens, false)?.0;
+        let mut tt = TokenTimes::default();
+        let times = args.token_times.then_some(&mut tt);
+        tg += time_decode(&model, args.gen_tokens, false, times)?.0;
+        token_times.push(tt);
         bar.inc(1);
     }
     let profile = if args.profile {
         bar.set_message("profile");
         Some((
             time_prefill_profiled(&model, &prompt, true)?,
-            time_decode(&model, args.gen_tokens, true)?,
+            time_decode(&model, args.gen_tokens, true, None)?,
         ))
     } else {
         None
@@ -238,6 +303,11 @@ pub fn run_bench(args: &BenchRunArgs) -> Result<()> {
     let tg_tok_s = (args.reps * args.gen_tokens) as f64 / tg;
     println!("prefill: {pp_tok_s:.1} tok/s");
     println!("decode: {tg_tok_s:.1} tok/s");
+    if args.token_times {
+        for (rep, tt) in token_times.iter().enumerate() {
+            println!("{}", tt.line(rep + 1));
+        }
+    }
     if args.roofline {
         let bytes = model.weight_bytes_per_token() + 4 * model.cfg.d_model;
         let gbs = mem_bandwidth_gbs(512);
@@ -305,4 +375,31 @@ pub fn run_mem(args: &BenchMemArgs) -> Result<()> {
         rayon::current_num_threads()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenTimes;
+
+    #[test]
+    fn token_times_line_gives_the_spread_and_the_median_helper_share() {
+        let tt = TokenTimes {
+            ms: vec![5.0, 4.0, 9.0, 6.0, 4.5],
+            helper_share: vec![Some(0.5), Some(0.1), Some(0.4), None, Some(0.6)],
+        };
+        assert_eq!(
+            tt.line(2),
+            "decode rep 2: 5 tokens, ms/token min 4.00 p10 4.00 median 5.00 p90 9.00 max 9.00; \
+             helpers ran 50% of the team tasks (median; min 10%)"
+        );
+        let one = TokenTimes {
+            ms: vec![7.25],
+            helper_share: vec![None],
+        };
+        assert_eq!(
+            one.line(1),
+            "decode rep 1: 1 tokens, ms/token min 7.25 p10 7.25 median 7.25 p90 7.25 max 7.25; \
+             no team tasks (one thread)"
+        );
+    }
 }
