@@ -169,13 +169,27 @@ impl TokenTimes {
         let mut share: Vec<f64> = self.helper_share.iter().flatten().copied().collect();
         share.sort_by(f64::total_cmp);
         let pick = |v: &[f64], q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        let without = self.helper_share.len() - share.len();
         let share = if share.is_empty() {
-            "no team tasks (one thread)".to_string()
-        } else {
+            "no team tasks (one thread, or the team backed off)".to_string()
+        } else if without == 0 {
             format!(
                 "helpers ran {:.0}% of the team tasks (median; min {:.0}%)",
                 100.0 * pick(&share, 0.5),
                 100.0 * share[0]
+            )
+        } else {
+            // Steps with no team task: the team backed off (`Team::lead`), rayon forked.
+            let mut off: Vec<f64> = (self.ms.iter().zip(&self.helper_share))
+                .filter_map(|(&t, s)| s.is_none().then_some(t))
+                .collect();
+            off.sort_by(f64::total_cmp);
+            format!(
+                "helpers ran {:.0}% of the team tasks (median; min {:.0}%); {without} tokens \
+                 without the team (backed off), median {:.2} ms",
+                100.0 * pick(&share, 0.5),
+                100.0 * share[0],
+                pick(&off, 0.5)
             )
         };
         format!(
@@ -385,12 +399,22 @@ mod tests {
     fn token_times_line_gives_the_spread_and_the_median_helper_share() {
         let tt = TokenTimes {
             ms: vec![5.0, 4.0, 9.0, 6.0, 4.5],
-            helper_share: vec![Some(0.5), Some(0.1), Some(0.4), None, Some(0.6)],
+            helper_share: vec![Some(0.5), Some(0.1), Some(0.4), Some(0.7), Some(0.6)],
         };
         assert_eq!(
             tt.line(2),
             "decode rep 2: 5 tokens, ms/token min 4.00 p10 4.00 median 5.00 p90 9.00 max 9.00; \
              helpers ran 50% of the team tasks (median; min 10%)"
+        );
+        let backed_off = TokenTimes {
+            ms: vec![5.0, 4.0, 9.0, 6.0, 4.5],
+            helper_share: vec![Some(0.5), Some(0.1), None, None, Some(0.6)],
+        };
+        assert_eq!(
+            backed_off.line(3),
+            "decode rep 3: 5 tokens, ms/token min 4.00 p10 4.00 median 5.00 p90 9.00 max 9.00; \
+             helpers ran 50% of the team tasks (median; min 10%); 2 tokens without the team \
+             (backed off), median 9.00 ms"
         );
         let one = TokenTimes {
             ms: vec![7.25],
@@ -399,7 +423,7 @@ mod tests {
         assert_eq!(
             one.line(1),
             "decode rep 1: 1 tokens, ms/token min 7.25 p10 7.25 median 7.25 p90 7.25 max 7.25; \
-             no team tasks (one thread)"
+             no team tasks (one thread, or the team backed off)"
         );
     }
 }
