@@ -226,9 +226,12 @@ fn time_decode(
         let mut next = 1u32;
         let t = Instant::now();
         for _ in 0..n {
-            let (t1, c0) = (Instant::now(), s.team().task_counts());
+            // Only with `times`: a plain run times the loop as a whole, nothing per step.
+            let before = times
+                .is_some()
+                .then(|| (Instant::now(), s.team().task_counts()));
             next = argmax(model.forward_into(&mut s, &[next], 1)?) as u32;
-            if let Some(tt) = times.as_deref_mut() {
+            if let (Some(tt), Some((t1, c0))) = (times.as_deref_mut(), before) {
                 let c1 = s.team().task_counts();
                 let (lead, help) = (c1.0 - c0.0, c1.1 - c0.1);
                 tt.ms.push(t1.elapsed().as_secs_f64() * 1e3);
