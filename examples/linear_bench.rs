@@ -1,7 +1,9 @@
 //! Prefill weight-product timing on SmolLM2-135M's shapes (W2, group 32, 16-bit scales, acc 48,
 //! 128 tokens): the kernel alone (`PreparedWeights::gemm_acc`) against the whole CPU-backend
 //! product (`Linear::forward_ws`: N5, the kernel, N14, N20) and N5 alone, each the minimum over
-//! interleaved samples on a rayon pool of `threads` threads.
+//! interleaved samples on a rayon pool of `threads` threads. `kernel` is the AVX2 quad GEMM,
+//! `vnni` the AVX-512 VNNI one (where the CPU has it), `folded` the folded AVX2 GEMM;
+//! `product` runs on `Isa::best()`.
 //!
 //! `cargo run --release --example linear_bench -- [threads] [samples]`
 use std::time::Instant;
@@ -42,9 +44,19 @@ fn main() {
     let m = 128;
     println!("threads {threads}, m {m}, min of {samples} interleaved samples (ms per call)");
     println!(
-        "{:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}",
-        "n x k", "kernel", "folded", "product", "N5", "N5 simd", "ratio", "fold/k"
+        "{:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7}",
+        "n x k",
+        "kernel",
+        "vnni",
+        "folded",
+        "product",
+        "N5",
+        "N5 simd",
+        "ratio",
+        "fold/k",
+        "k/vnni"
     );
+    let vnni = Isa::Avx512Vnni.is_available();
     for (n, k) in [(960usize, 576usize), (576, 576), (3072, 576), (576, 1536)] {
         let codes: Vec<u8> = (0..n * k).map(|_| (r() % 4) as u8).collect();
         let groups = k / 32;
@@ -56,7 +68,7 @@ fn main() {
         let mut lin = Linear::Engine(
             tessera::runtime::ops::EngineLinear::new(std::sync::Arc::new(qw), dp).expect("w"),
         );
-        lin.set_backend(Backend::Cpu, Isa::Avx2);
+        lin.set_backend(Backend::Cpu, Isa::best());
         let pw = lin.engine().expect("engine").prepared().clone();
         let x: Vec<f32> = (0..m * k)
             .map(|_| (r() % 20001) as f32 / 1000.0 - 10.0)
@@ -67,7 +79,8 @@ fn main() {
         let mut ks = Scratch::for_weights(&pw, m);
         let mut acc = vec![0i64; m * n];
         let mut codes8 = vec![0i8; k];
-        let (mut tk, mut tp, mut tq, mut tq2, mut tf) = (
+        let (mut tk, mut tv, mut tp, mut tq, mut tq2, mut tf) = (
+            f64::INFINITY,
             f64::INFINITY,
             f64::INFINITY,
             f64::INFINITY,
@@ -80,6 +93,12 @@ fn main() {
                 pw.gemm_acc(Isa::Avx2, &dp, &xi, m, &mut ks, &mut acc)
                     .expect("gemm");
                 tk = tk.min(t0.elapsed().as_secs_f64());
+                if vnni {
+                    let t0 = Instant::now();
+                    pw.gemm_acc(Isa::Avx512Vnni, &dp, &xi, m, &mut ks, &mut acc)
+                        .expect("gemm");
+                    tv = tv.min(t0.elapsed().as_secs_f64());
+                }
                 tessera_kernels_cpu::set_gemm_quad(false);
                 let t0 = Instant::now();
                 pw.gemm_acc(Isa::Avx2, &dp, &xi, m, &mut ks, &mut acc)
@@ -106,15 +125,17 @@ fn main() {
             }
         });
         println!(
-            "{:>12} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7.2} {:>7.2}",
+            "{:>12} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7.2} {:>7.2} {:>7.2}",
             format!("{n}x{k}"),
             tk * 1e3,
+            tv * 1e3,
             tf * 1e3,
             tp * 1e3,
             tq * 1e3,
             tq2 * 1e3,
             tp / tk,
-            tf / tk
+            tf / tk,
+            tk / tv
         );
     }
 }

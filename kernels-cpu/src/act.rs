@@ -13,7 +13,7 @@ use crate::isa::Isa;
 /// If `out` is not as long as `x`.
 pub fn quantize_token_isa(isa: Isa, x: &[f32], out: &mut [i8]) -> Option<f32> {
     assert_eq!(x.len(), out.len(), "quantize_token_isa: one code per input");
-    if isa == Isa::Avx2 && isa.is_available() {
+    if isa.has_avx2() && isa.is_available() {
         return crate::avx2::quantize_token_n5(x, out);
     }
     quantize_token_portable(x, out)

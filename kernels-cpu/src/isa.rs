@@ -17,8 +17,8 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2: `vpmaddubsw` (u8 codes <= 15 x i8, which cannot saturate) + `vpmaddwd`.
     Avx2,
-    /// x86-64 AVX-512 VNNI (`vpdpbusd`). Not implemented yet: never available (see the crate
-    /// docs); forcing it is an error.
+    /// x86-64 AVX-512 (F, BW, VL) with VNNI: the AVX2 path, except the W2 / ternary quad GEMM
+    /// (prompts), which multiplies with 512-bit `vpdpbusd`.
     Avx512Vnni,
 }
 
@@ -71,8 +71,15 @@ impl Isa {
         match self {
             Isa::Scalar => true,
             Isa::Avx2 => avx2_detected(),
-            Isa::Avx512Vnni => false,
+            Isa::Avx512Vnni => avx2_detected() && avx512vnni_detected(),
         }
+    }
+
+    /// Whether the path runs the AVX2 kernels (AVX2 itself, and AVX-512 VNNI for every kernel
+    /// it has no 512-bit version of).
+    #[must_use]
+    pub fn has_avx2(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::Avx512Vnni)
     }
 
     /// Every path this machine can run, fastest first (tests iterate over this).
@@ -154,5 +161,18 @@ fn avx2_detected() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_detected() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512vnni_detected() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512vnni_detected() -> bool {
     false
 }

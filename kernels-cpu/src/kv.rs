@@ -809,7 +809,7 @@ impl KvHeadCpu {
             )?;
         }
         let wkeys = &self.wkeys[(n4 - self.w0) * hd..(len - self.w0) * hd];
-        if isa == Isa::Avx2 && isa.is_available() && hd < (1 << 17) {
+        if isa.has_avx2() && isa.is_available() && hd < (1 << 17) {
             // |q * k| <= 2^14 per channel: the i32 sums are exact for hd < 2^17.
             crate::avx2::window_qk(q_i8, wkeys, &mut acc_out[n4..], lo, hi);
         } else {
@@ -1005,7 +1005,7 @@ impl KvHeadCpu {
         let wvalues = &self.wvalues[(n4 - self.w0) * hd..(len - self.w0) * hd];
         let pw = &mut scratch.p[..hd];
         pw.fill(0);
-        if isa == Isa::Avx2 && isa.is_available() && nw < (1 << 17) {
+        if isa.has_avx2() && isa.is_available() && nw < (1 << 17) {
             crate::avx2::window_pv(xw, wvalues, pw);
         } else {
             for (t, &x) in xw.iter().enumerate() {
@@ -1186,7 +1186,7 @@ impl KvHeadCpu {
         if chunks == 0 {
             pa.fill(0);
             pb.fill(0);
-        } else if isa == Isa::Avx2 && isa.is_available() {
+        } else if isa.has_avx2() && isa.is_available() {
             crate::avx2::dot4_rows2(xa, xb, &self.values4, self.vcap / 2, hd, chunks, pa, pb);
         } else {
             dot4_rows_strided(isa, xa, &self.values4, self.vcap / 2, hd, chunks, pa);
@@ -1205,7 +1205,7 @@ impl KvHeadCpu {
         let wvalues = &self.wvalues[(n4 - self.w0) * hd..(len - self.w0) * hd];
         pa.fill(0);
         pb.fill(0);
-        if isa == Isa::Avx2 && isa.is_available() && nw < (1 << 17) {
+        if isa.has_avx2() && isa.is_available() && nw < (1 << 17) {
             crate::avx2::window_pv2(xa, xb, wvalues, pa, pb);
         } else {
             for ((&ta, &tb), v) in xa.iter().zip(xb).zip(wvalues.chunks_exact(hd)) {
@@ -1754,7 +1754,7 @@ fn dot4_rows_strided(
 ) {
     assert!(x_pad.len() >= chunks * CHUNK && p.len() >= n_rows);
     assert!(n_rows == 0 || rows.len() >= (n_rows - 1) * stride + chunks * CHUNK_BYTES4);
-    if isa == Isa::Avx2 && isa.is_available() {
+    if isa.has_avx2() && isa.is_available() {
         crate::avx2::dot4_rows(x_pad, rows, stride, n_rows, chunks, p);
         return;
     }

@@ -577,6 +577,41 @@ pub(crate) fn quad_permute(xp: &[i8], quads: usize, out: &mut [i8]) {
     xt.copy_from_slice(&xp[128 * quads..]);
 }
 
+/// The VNNI quad layout within each 16-byte unit: byte `r` of a unit is byte `VNNI_SIGMA[r]`
+/// of the same unit of the quad layout ([`quad_source`]). `i32` lane `L` of a unit takes the
+/// quad layout's byte pairs `L` and `L + 4`, both of group `L`, so each `i32` lane of
+/// `vpdpbusd` sums four products of one group.
+pub(crate) const VNNI_SIGMA: [u8; 16] = [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15];
+
+/// One padded token in the VNNI quad layout (GEMM on [`Isa::Avx512Vnni`]): quads in pairs,
+/// 256 bytes a pair, virtual chunk `c` of the pair's two quads side by side at `64 c` (a
+/// 512-bit load), each 32-byte chunk the quad layout's chunk with [`VNNI_SIGMA`] applied in
+/// each 16-byte unit; a last unpaired quad as 128 bytes (chunk `c` at `32 c`); the tail groups'
+/// chunks in their own order. `out` is `128 * quads + 32 * tail` codes.
+pub(crate) fn quad_permute_vnni(xp: &[i8], quads: usize, out: &mut [i8]) {
+    assert_eq!(out.len(), xp.len(), "VNNI quad layout length");
+    let mut two = [0i8; 256];
+    for q0 in (0..quads).step_by(2) {
+        let nq = (quads - q0).min(2);
+        quad_permute(&xp[128 * q0..128 * (q0 + nq)], nq, &mut two[..128 * nq]);
+        for h in 0..nq {
+            for c in 0..4 {
+                for r in 0..32 {
+                    let dst = 128 * q0
+                        + if nq == 2 {
+                            64 * c + 32 * h + r
+                        } else {
+                            32 * c + r
+                        };
+                    let src = 128 * h + 32 * c + 16 * (r / 16) + VNNI_SIGMA[r % 16] as usize;
+                    out[dst] = two[src];
+                }
+            }
+        }
+    }
+    out[128 * quads..].copy_from_slice(&xp[128 * quads..]);
+}
+
 /// W2 and ternary: how many of a row's `n_chunks` chunks are stored in blocks of four (the
 /// rest, `n_chunks % 4`, as single 8-byte chunks; see the module docs).
 #[inline]
@@ -774,7 +809,9 @@ impl PreparedWeights {
     }
 
     /// Copies token rows into the padded layout and computes `S[t][g]` (N12).
-    fn pad_activations(&self, x_i8: &[i8], m_tokens: usize, scratch: &mut Scratch) {
+    /// `isa` is the effective path: on [`Isa::Avx512Vnni`] a GEMM's tokens go into the VNNI
+    /// quad layout ([`quad_permute_vnni`]), else the quad layout.
+    fn pad_activations(&self, x_i8: &[i8], m_tokens: usize, scratch: &mut Scratch, isa: Isa) {
         scratch.reserve(self, m_tokens);
         let plen = self.padded_len();
         let lp = self.chunks_per_group * CHUNK;
@@ -792,8 +829,13 @@ impl PreparedWeights {
         }
         if m_tokens > 1 && self.quad.stride > 0 {
             let xl = self.quad.x_len();
+            let permute = if isa == Isa::Avx512Vnni {
+                quad_permute_vnni
+            } else {
+                quad_permute
+            };
             for t in 0..m_tokens {
-                quad_permute(
+                permute(
                     &scratch.x_pad[t * plen..(t + 1) * plen],
                     self.quad.quads,
                     &mut scratch.x_quad_m[t * xl..(t + 1) * xl],
@@ -864,8 +906,8 @@ impl PreparedWeights {
         acc_out: &mut [i64],
     ) -> Result<(), OpError> {
         self.check(dp, x_i8, m_tokens, acc_out.len())?;
-        self.pad_activations(x_i8, m_tokens, scratch);
         let isa = self.effective_isa(isa);
+        self.pad_activations(x_i8, m_tokens, scratch, isa);
         let ctx = self.row_ctx(dp.acc_bits);
         let plen = self.padded_len();
         let groups = self.groups;
@@ -964,7 +1006,7 @@ impl PreparedWeights {
         assert_eq!(acc_out.len(), self.n_rows, "GEMV output length");
         let plen = self.padded_len();
         let groups = self.groups;
-        let use_quad = isa == Isa::Avx2 && self.quad.stride > 0;
+        let use_quad = isa.has_avx2() && self.quad.stride > 0;
         if use_quad {
             self.quad_activations(scratch);
         }
@@ -1031,8 +1073,8 @@ impl PreparedWeights {
         let total: usize = outs.iter().map(|o| o.len()).sum();
         self.check(dp, x_i8, 1, total)?;
         let parts = Parts::new(outs, 1)?;
-        self.pad_activations(x_i8, 1, scratch);
         let isa = self.effective_isa(isa);
+        self.pad_activations(x_i8, 1, scratch, isa);
         let ctx = self.row_ctx(dp.acc_bits);
         if scratch.gemv_acc.len() < self.n_rows {
             scratch.gemv_acc.resize(self.n_rows, 0);
@@ -1111,8 +1153,8 @@ impl PreparedWeights {
         let parts = Parts::new(outs, m_tokens)?;
         // Token `t`'s N14 outputs `y` of rows `row..row + y.len()`, split at the part boundaries.
         let emit = |t: usize, row: usize, y: &[i32]| parts.emit(t, row, y, &epi);
-        self.pad_activations(x_i8, m_tokens, scratch);
         let isa = self.effective_isa(isa);
+        self.pad_activations(x_i8, m_tokens, scratch, isa);
         let ctx = self.row_ctx(dp.acc_bits);
         let plen = self.padded_len();
         let groups = self.groups;
@@ -1156,7 +1198,7 @@ impl PreparedWeights {
                     // (as in `stage_unchecked`), else `stage_unchecked` and a transposition.
                     let c0 = b0 - e0;
                     if let Some((sh, lo, hi)) = lattice.filter(|_| below_2_62(sub)) {
-                        if isa == Isa::Avx2 {
+                        if isa.has_avx2() {
                             let yt = &mut yt[c0..];
                             crate::avx2::stage_transpose(
                                 sub,
@@ -1207,9 +1249,8 @@ impl PreparedWeights {
     }
 
     fn effective_isa(&self, isa: Isa) -> Isa {
-        if isa == Isa::Avx2 && isa.is_available() && self.chunks_per_group * CHUNK <= SIMD_MAX_GROUP
-        {
-            Isa::Avx2
+        if isa.has_avx2() && isa.is_available() && self.chunks_per_group * CHUNK <= SIMD_MAX_GROUP {
+            isa
         } else {
             Isa::Scalar
         }
@@ -1310,7 +1351,7 @@ fn rows_one_token(
     out: &mut [i64],
 ) {
     match isa {
-        Isa::Avx2 => crate::avx2::rows_one_token(ctx, row0, xp, s, qx, out),
+        Isa::Avx2 | Isa::Avx512Vnni => crate::avx2::rows_one_token(ctx, row0, xp, s, qx, out),
         _ => {
             for (i, o) in out.iter_mut().enumerate() {
                 *o = row_acc_scalar(ctx, row0 + i, xp, s);
@@ -1334,7 +1375,10 @@ fn rows_many_tokens(
     out: &mut [i64],
 ) {
     match isa {
-        Isa::Avx2 => crate::avx2::rows_many_tokens(ctx, row0, m, plen, xp, xq, s, s_tr, out),
+        Isa::Avx2 => crate::avx2::rows_many_tokens(ctx, row0, m, plen, xp, xq, s, s_tr, out, false),
+        Isa::Avx512Vnni => {
+            crate::avx2::rows_many_tokens(ctx, row0, m, plen, xp, xq, s, s_tr, out, true);
+        }
         _ => {
             for (i, o_row) in out.chunks_exact_mut(m).enumerate() {
                 for (t, o) in o_row.iter_mut().enumerate() {
