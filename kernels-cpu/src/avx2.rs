@@ -1541,22 +1541,10 @@ mod imp {
             }
         }
         let z0 = _mm256_setzero_si256();
-        let (mut zl, mut zh, mut zl64, mut since) = (z0, z0, [z0; 2], 0);
-        for pr in p_lo..p_hi {
-            // SAFETY: eight elements at sp + pr * stride (caller).
-            let sv = unsafe { _mm256_loadu_si256(sp.add(pr * stride).cast::<__m256i>()) };
-            let (lo, hi) = (p.gz_lo[pr - p_lo], p.gz_hi[pr - p_lo]);
-            zl = _mm256_add_epi32(zl, _mm256_madd_epi16(sv, _mm256_set1_epi32(lo)));
-            zh = _mm256_add_epi32(zh, _mm256_madd_epi16(sv, _mm256_set1_epi32(hi)));
-            since += 1;
-            if since == 8 {
-                zl64 = widen2(zl64, zl);
-                zl = z0;
-                since = 0;
-            }
-        }
-        zl64 = widen2(zl64, zl);
-        let zh64 = widen2([z0; 2], zh);
+        let n = p_hi - p_lo;
+        // SAFETY: eight elements at sp + pr * stride for the block's pairs (caller).
+        let (zl64, zh64) =
+            unsafe { zero_term_tile(sp.add(p_lo * stride), stride, &p.gz_lo[..n], &p.gz_hi[..n]) };
         let lsv = _mm_cvtsi32_si128(ls);
         for v in 0..T.div_ceil(4) {
             let zt = _mm256_add_epi64(zl64[v], _mm256_slli_epi64(zh64[v], 15));
@@ -1589,7 +1577,7 @@ mod imp {
     mod vnni {
         use std::arch::x86_64::*;
 
-        use super::{decode, widen2, QUAD_ROWS, QUAD_SPAN, QUAD_TILE};
+        use super::{decode, zero_term_tile, QUAD_ROWS, QUAD_SPAN, QUAD_TILE};
         use crate::weights::{QuadM, RowCtx, VNNI_SIGMA};
 
         /// A row's codes and scales for one k-block of up to [`QUAD_SPAN`] quads (a multiple of
@@ -1900,23 +1888,16 @@ mod imp {
                     );
                 }
             }
-            let z0 = _mm256_setzero_si256();
-            let (mut zl, mut zh, mut zl64, mut since) = (z0, z0, [z0; 2], 0);
-            for pr in blk.p_lo..blk.p_hi {
-                // SAFETY: eight elements at sp + pr * stride (caller).
-                let sv = unsafe { _mm256_loadu_si256(sp.add(pr * stride).cast::<__m256i>()) };
-                let (lo, hi) = (p.gz_lo[pr - blk.p_lo], p.gz_hi[pr - blk.p_lo]);
-                zl = _mm256_add_epi32(zl, _mm256_madd_epi16(sv, _mm256_set1_epi32(lo)));
-                zh = _mm256_add_epi32(zh, _mm256_madd_epi16(sv, _mm256_set1_epi32(hi)));
-                since += 1;
-                if since == 8 {
-                    zl64 = widen2(zl64, zl);
-                    zl = z0;
-                    since = 0;
-                }
-            }
-            zl64 = widen2(zl64, zl);
-            let zh64 = widen2([z0; 2], zh);
+            let n = blk.p_hi - blk.p_lo;
+            // SAFETY: eight elements at sp + pr * stride for the block's pairs (caller).
+            let (zl64, zh64) = unsafe {
+                zero_term_tile(
+                    sp.add(blk.p_lo * stride),
+                    stride,
+                    &p.gz_lo[..n],
+                    &p.gz_hi[..n],
+                )
+            };
             // The second accumulator into the first's low half (a lane stays below
             // 2^29.6 + 2^28.3 < 2^31), each token's lanes widened to i64x8, and the eight
             // tokens reduced together: after three levels of pairwise sums lane u is token u.
@@ -1956,6 +1937,48 @@ mod imp {
                 _mm512_mask_storeu_epi64(out.cast(), k, _mm512_add_epi64(prev, r));
             }
         }
+    }
+
+    /// The zero term `sum_g gscale * zero * S` of one k-block for eight tokens, as `(Z_lo,
+    /// Z_hi)` in two `i64x4` each (tokens `0..4`, `4..8`; the term is `Z_lo + Z_hi * 2^15`):
+    /// per pair of groups one `vpmaddwd` of the tokens' paired sums (`sp + i * stride`) by the
+    /// pair's `lo` halves and one by its `hi` halves, in four independent chains (a single
+    /// chain is a latency-bound series of dependent multiply-adds). A `lo` product pair is
+    /// below `2 * 2^15 * 2^12 = 2^28` (`|S| <= 2^12`), a chain holds at most 5 of the at most
+    /// 20 pairs: below `2^31`; a `hi` pair is below `2^21`.
+    ///
+    /// # Safety
+    /// `sp + i * stride` has eight readable `i32` for `i < lo.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn zero_term_tile(
+        sp: *const i32,
+        stride: usize,
+        lo: &[i32],
+        hi: &[i32],
+    ) -> ([__m256i; 2], [__m256i; 2]) {
+        let n = lo.len();
+        assert!(hi.len() == n && n <= 20, "zero_term_tile: at most 20 pairs");
+        let z0 = _mm256_setzero_si256();
+        let (mut zl, mut zh) = ([z0; 4], [z0; 4]);
+        let mut i = 0;
+        while i < n {
+            for j in 0..4.min(n - i) {
+                // SAFETY: pair i + j < n (caller).
+                let sv = unsafe { _mm256_loadu_si256(sp.add((i + j) * stride).cast::<__m256i>()) };
+                zl[j] =
+                    _mm256_add_epi32(zl[j], _mm256_madd_epi16(sv, _mm256_set1_epi32(lo[i + j])));
+                zh[j] =
+                    _mm256_add_epi32(zh[j], _mm256_madd_epi16(sv, _mm256_set1_epi32(hi[i + j])));
+            }
+            i += 4;
+        }
+        let zl64 = widen2(widen2(widen2(widen2([z0; 2], zl[0]), zl[1]), zl[2]), zl[3]);
+        let zh = _mm256_add_epi32(
+            _mm256_add_epi32(zh[0], zh[1]),
+            _mm256_add_epi32(zh[2], zh[3]),
+        );
+        (zl64, widen2([z0; 2], zh))
     }
 
     /// Eight `i32` lanes (tokens `0..8`) added into two `i64x4` (tokens `0..4`, `4..8`).
