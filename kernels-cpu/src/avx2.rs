@@ -653,7 +653,9 @@ mod imp {
         // SAFETY (both): AVX-512 F/BW/VL/VNNI present when `vnni` (caller's contract), else
         // AVX2; the rest forwarded to quad_rows' contract.
         let quad = |fold: &[usize], o: *mut i64, xq: QuadM<'_>| unsafe {
-            if vnni {
+            if vnni && crate::weights::tok_layout(ctx.groups) {
+                vnni::tok_rows(ctx, row0, fold, m, xq, o);
+            } else if vnni {
                 vnni::quad_rows(ctx, row0, fold, m, xq, o);
             } else {
                 quad_rows(ctx, row0, fold, m, xq, o);
@@ -1577,7 +1579,7 @@ mod imp {
     mod vnni {
         use std::arch::x86_64::*;
 
-        use super::{decode, zero_term_tile, QUAD_ROWS, QUAD_SPAN, QUAD_TILE};
+        use super::{decode, decode_at, zero_term_tile, QUAD_ROWS, QUAD_SPAN, QUAD_TILE};
         use crate::weights::{QuadM, RowCtx, VNNI_SIGMA};
 
         /// A row's codes and scales for one k-block of up to [`QUAD_SPAN`] quads (a multiple of
@@ -1788,6 +1790,235 @@ mod imp {
                     }
                 }
                 q0 += nq;
+            }
+        }
+
+        /// The token-major VNNI GEMM of rows `row0 + i` for `i` in `fold` (each row's bound
+        /// proves no saturation), `m` tokens in the layout of `crate::weights::tok_permute`
+        /// (`xq.x`) with paired group sums (`xq.s_pair`, token stride a multiple of 16):
+        /// lanes are tokens, so no horizontal sums. Each row's codes are decoded once into a
+        /// panel (`u8`, natural order); then by blocks of tiles of 16 tokens small enough for
+        /// L1 (`TOK_L1` bytes of codes), every pair of rows runs [`tok_block`] on the block, so
+        /// a block's token codes are read from L1 by all rows and each load serves two rows.
+        ///
+        /// # Safety
+        /// AVX2 and AVX-512 F/BW/VL/VNNI present; the rows are checked rows of both layouts;
+        /// `32 * groups <= TOK_MAX_K`; `xq.x` holds `m.next_multiple_of(16) * 32 * groups`
+        /// codes, `xq.s_pair` `ceil(groups / 2) * s_pair_stride(m)` sums; `o` has `m`
+        /// writable elements for each row `i` of `fold` at `i * m`, not aliased.
+        #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+        pub(super) unsafe fn tok_rows(
+            ctx: &RowCtx<'_>,
+            row0: usize,
+            fold: &[usize],
+            m: usize,
+            xq: QuadM<'_>,
+            o: *mut i64,
+        ) {
+            use crate::weights::{TOK_MAX_K, TOK_TILE};
+            const TOK_L1: usize = 24 << 10;
+            let groups = ctx.groups;
+            let plen = 32 * groups;
+            assert!(plen <= TOK_MAX_K && ctx.chunks_per_group == 1 && ctx.bits == 2);
+            assert!(fold.len() <= QUAD_ROWS);
+            let m16 = m.next_multiple_of(TOK_TILE);
+            let tiles = m16 / TOK_TILE;
+            let stride = crate::weights::s_pair_stride(m);
+            assert_eq!(stride % TOK_TILE, 0);
+            let xt = xq.x[..m16 * plen].as_ptr();
+            let sp = xq.s_pair[..groups.div_ceil(2) * stride].as_ptr();
+            let blocked = crate::weights::block_chunks(groups);
+            let mut codes = [[0u8; TOK_MAX_K]; QUAD_ROWS];
+            let mut gs = [[0i32; TOK_MAX_K / 32]; QUAD_ROWS];
+            let mut gz = [[(0i32, 0i32); TOK_MAX_K / 64]; QUAD_ROWS];
+            for (r, &i) in fold.iter().enumerate() {
+                let row = row0 + i;
+                let w = ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr();
+                for g in 0..groups {
+                    // SAFETY: chunk g of the row (one chunk a group); 32 bytes of the panel.
+                    unsafe {
+                        let c = decode_at::<2>(w, g, blocked).0;
+                        _mm256_storeu_si256(codes[r].as_mut_ptr().add(32 * g).cast(), c);
+                    }
+                }
+                let gscale = &ctx.gscale_q[row * groups..(row + 1) * groups];
+                let zero = &ctx.zero_u8[row * groups..(row + 1) * groups];
+                for g in 0..groups {
+                    gs[r][g] = i32::from(gscale[g]);
+                }
+                for (pr, v) in gz[r].iter_mut().enumerate().take(groups.div_ceil(2)) {
+                    let (mut lo, mut hi) = (0u32, 0u32);
+                    for h in 0..2 {
+                        let g = 2 * pr + h;
+                        if g < groups {
+                            let z = u32::from(gscale[g]) * u32::from(zero[g]);
+                            debug_assert!(z < 1 << 23);
+                            lo |= (z & 0x7FFF) << (16 * h);
+                            hi |= (z >> 15) << (16 * h);
+                        }
+                    }
+                    *v = (lo as i32, hi as i32);
+                }
+            }
+            let panel = |r: usize| RowPanel {
+                codes: &codes[r][..plen],
+                gs: &gs[r][..groups],
+                gz: &gz[r][..groups.div_ceil(2)],
+                ls: ctx.lattice_shift,
+            };
+            let nt = if 2 * TOK_TILE * plen <= TOK_L1 { 2 } else { 1 };
+            let nr = fold.len();
+            let mut j = 0;
+            while j < tiles {
+                let n = nt.min(tiles - j);
+                let mut r = 0;
+                while r < nr {
+                    let two = r + 1 < nr;
+                    let ps = [panel(r), panel(if two { r + 1 } else { r })];
+                    // SAFETY: tiles j..j + n of xt, their s_pair columns, and the rows'
+                    // outputs (caller's contract).
+                    unsafe {
+                        let outs = [
+                            o.add(fold[r] * m),
+                            o.add(fold[if two { r + 1 } else { r }] * m),
+                        ];
+                        match (two, n) {
+                            (true, 2) => tok_block::<2, 2>(&ps, xt, plen, sp, stride, j, m, outs),
+                            (true, _) => tok_block::<2, 1>(&ps, xt, plen, sp, stride, j, m, outs),
+                            (false, 2) => tok_block::<1, 2>(&ps, xt, plen, sp, stride, j, m, outs),
+                            (false, _) => tok_block::<1, 1>(&ps, xt, plen, sp, stride, j, m, outs),
+                        }
+                    }
+                    r += 2;
+                }
+                j += n;
+            }
+        }
+
+        /// One row's decoded codes, group scales, paired `gscale * zero` halves and lattice
+        /// shift, for [`tok_block`].
+        struct RowPanel<'a> {
+            codes: &'a [u8],
+            gs: &'a [i32],
+            gz: &'a [(i32, i32)],
+            ls: u32,
+        }
+
+        /// `R` rows (`p[..R]`, results to `outs[..R]`) times `N` tiles of 16 tokens from tile
+        /// `j0`. Per group, row and tile: eight `vpdpbusd` of the row's four-code steps
+        /// (broadcast) by the tokens' codes, in two chains of four (latency), give the group's
+        /// exact sums `P` (`|P| <= 32 * 3 * 128 = 12288`); one `vpmulld` by `gscale` (`<=
+        /// 2^15`: `< 2^28.6`) and one `vpaddd` add them to an `i32` accumulator that is widened
+        /// to `i64` every four groups (`< 2^30.6`). Each token-code load serves the `R` rows.
+        /// The zero term `sum_g gscale * zero * S` by pairs of groups as in
+        /// [`super::zero_term_tile`], sixteen tokens at once (`lo` pairs below `2^28` summed
+        /// four at a time in `i32`, `hi` pairs below `2^21`, fewer than `2^10` pairs); then
+        /// the lattice shift, and the results are stored (tokens past `m` masked).
+        ///
+        /// # Safety
+        /// As [`tok_rows`]: tiles `j0..j0 + N` exist in `xt`, `sp + pr * stride + 16 (j0 + N)`
+        /// is in range for every pair `pr`, and `outs[r][0..m]` are writable.
+        #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+        #[inline]
+        #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn tok_block<const R: usize, const N: usize>(
+            p: &[RowPanel<'_>; 2],
+            xt: *const i8,
+            plen: usize,
+            sp: *const i32,
+            stride: usize,
+            j0: usize,
+            m: usize,
+            outs: [*mut i64; 2],
+        ) {
+            let z = _mm512_setzero_si512();
+            let groups = p[0].gs.len();
+            let tile_bytes = 16 * plen;
+            let mut acc32 = [[z; N]; R];
+            let mut acc64 = [[[z; 2]; N]; R];
+            let widen = |acc64: &mut [__m512i; 2], v: __m512i| {
+                acc64[0] =
+                    _mm512_add_epi64(acc64[0], _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)));
+                acc64[1] = _mm512_add_epi64(
+                    acc64[1],
+                    _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)),
+                );
+            };
+            for g in 0..groups {
+                let mut part = [[[z; N]; R]; 2];
+                for c in 0..4 {
+                    for h in 0..2 {
+                        let step = 8 * g + 4 * h + c;
+                        // SAFETY: code step `step` of each panel (32 * groups codes); tile
+                        // j0 + j's step `step` (caller).
+                        unsafe {
+                            let mut wb = [z; R];
+                            for r in 0..R {
+                                wb[r] = _mm512_set1_epi32(std::ptr::read_unaligned(
+                                    p[r].codes.as_ptr().add(4 * step).cast::<i32>(),
+                                ));
+                            }
+                            for j in 0..N {
+                                let xv = _mm512_loadu_si512(
+                                    xt.add((j0 + j) * tile_bytes + 64 * step).cast(),
+                                );
+                                for r in 0..R {
+                                    part[h][r][j] = _mm512_dpbusd_epi32(part[h][r][j], wb[r], xv);
+                                }
+                            }
+                        }
+                    }
+                }
+                for r in 0..R {
+                    let gsv = _mm512_set1_epi32(p[r].gs[g]);
+                    for j in 0..N {
+                        let pj = _mm512_add_epi32(part[0][r][j], part[1][r][j]);
+                        acc32[r][j] = _mm512_add_epi32(acc32[r][j], _mm512_mullo_epi32(pj, gsv));
+                    }
+                }
+                if g % 4 == 3 {
+                    for r in 0..R {
+                        for j in 0..N {
+                            widen(&mut acc64[r][j], acc32[r][j]);
+                            acc32[r][j] = z;
+                        }
+                    }
+                }
+            }
+            for r in 0..R {
+                let lsv = _mm_cvtsi32_si128(p[r].ls as i32);
+                for j in 0..N {
+                    widen(&mut acc64[r][j], acc32[r][j]);
+                    let (mut zl64, mut zl, mut zh, mut since) = ([z; 2], z, z, 0);
+                    for (pr, &(lo, hi)) in p[r].gz.iter().enumerate() {
+                        // SAFETY: sixteen sums of pair pr for tile j0 + j (caller).
+                        let sv = unsafe {
+                            _mm512_loadu_si512(sp.add(pr * stride + 16 * (j0 + j)).cast())
+                        };
+                        zl = _mm512_add_epi32(zl, _mm512_madd_epi16(sv, _mm512_set1_epi32(lo)));
+                        zh = _mm512_add_epi32(zh, _mm512_madd_epi16(sv, _mm512_set1_epi32(hi)));
+                        since += 1;
+                        if since == 4 {
+                            widen(&mut zl64, zl);
+                            zl = z;
+                            since = 0;
+                        }
+                    }
+                    widen(&mut zl64, zl);
+                    let mut zh64 = [z; 2];
+                    widen(&mut zh64, zh);
+                    for h in 0..2 {
+                        let zt = _mm512_add_epi64(zl64[h], _mm512_slli_epi64(zh64[h], 15));
+                        let v = _mm512_sub_epi64(_mm512_sll_epi64(acc64[r][j][h], lsv), zt);
+                        let t0 = 16 * (j0 + j) + 8 * h;
+                        if t0 < m {
+                            let n = (m - t0).min(8);
+                            let k: __mmask8 = if n == 8 { 0xFF } else { (1u8 << n) - 1 };
+                            // SAFETY: outs[r][t0..t0 + n] are writable (t0 + n <= m).
+                            unsafe { _mm512_mask_storeu_epi64(outs[r].add(t0).cast(), k, v) };
+                        }
+                    }
+                }
             }
         }
 

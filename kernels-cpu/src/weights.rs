@@ -345,7 +345,7 @@ impl Scratch {
         if self.s_quad.len() < w.quad.meta.next_multiple_of(16) {
             self.s_quad.resize(w.quad.meta.next_multiple_of(16), 0);
         }
-        let xqm = m_tokens * w.quad.x_len();
+        let xqm = m_tokens.next_multiple_of(TOK_TILE) * w.quad.x_len();
         if m_tokens > 1 && self.x_quad_m.len() < xqm {
             self.x_quad_m.resize(xqm, 0);
         }
@@ -547,7 +547,46 @@ pub(crate) fn s_tr_stride(m_tokens: usize) -> usize {
 /// 8-token `i32` vector load at any tile start stays in the buffer.
 #[inline]
 pub(crate) fn s_pair_stride(m_tokens: usize) -> usize {
-    m_tokens.next_multiple_of(8)
+    m_tokens.next_multiple_of(TOK_TILE)
+}
+
+/// Tokens a tile of the token-major VNNI GEMM ([`tok_permute`]): the 16 `i32` lanes of a
+/// 512-bit vector.
+pub(crate) const TOK_TILE: usize = 16;
+
+/// The longest padded row (`32 * groups` codes) the token-major VNNI GEMM takes (its row
+/// panel is on the stack); longer rows take the VNNI quad GEMM.
+pub(crate) const TOK_MAX_K: usize = 4096;
+
+/// Whether a W2 / ternary tensor with `groups` groups of one chunk runs its GEMM token-major
+/// on [`Isa::Avx512Vnni`] (else in the VNNI quad layout).
+#[inline]
+pub(crate) fn tok_layout(groups: usize) -> bool {
+    32 * groups <= TOK_MAX_K
+}
+
+/// The GEMM's padded tokens `xp` (`m` rows of `plen` codes) token-major for the VNNI GEMM:
+/// tile `j` (tokens `16 j..16 j + 16`), four-code step `c` (codes `4 c..4 c + 4` of each
+/// token) is 64 bytes at `(j * plen / 4 + c) * 64`, lane `l` holding token `16 j + l`'s four
+/// codes (zeros for tokens past `m`). `out` is `m.next_multiple_of(16) * plen` codes.
+pub(crate) fn tok_permute(xp: &[i8], m: usize, plen: usize, out: &mut [i8]) {
+    assert!(plen.is_multiple_of(4) && xp.len() >= m * plen);
+    let m16 = m.next_multiple_of(TOK_TILE);
+    assert_eq!(out.len(), m16 * plen, "token-major layout length");
+    let steps = plen / 4;
+    for (j, tile) in out.chunks_exact_mut(TOK_TILE * plen).enumerate() {
+        for l in 0..TOK_TILE {
+            let t = TOK_TILE * j + l;
+            for c in 0..steps {
+                let dst = &mut tile[64 * c + 4 * l..64 * c + 4 * l + 4];
+                if t < m {
+                    dst.copy_from_slice(&xp[t * plen + 4 * c..t * plen + 4 * c + 4]);
+                } else {
+                    dst.fill(0);
+                }
+            }
+        }
+    }
 }
 
 /// The GEMV quad layout (module docs): byte `i` of virtual chunk `c` (0..4) of a quad holds
@@ -757,7 +796,7 @@ impl PreparedWeights {
     ) -> Option<QuadM<'s>> {
         let on = GEMM_QUAD.load(std::sync::atomic::Ordering::Relaxed);
         (on && self.quad.stride > 0).then(|| QuadM {
-            x: &x_quad_m[..m_tokens * self.quad.x_len()],
+            x: &x_quad_m[..m_tokens.next_multiple_of(TOK_TILE) * self.quad.x_len()],
             s_pair: &s_pair[..self.groups.div_ceil(2) * s_pair_stride(m_tokens)],
         })
     }
@@ -829,17 +868,27 @@ impl PreparedWeights {
         }
         if m_tokens > 1 && self.quad.stride > 0 {
             let xl = self.quad.x_len();
-            let permute = if isa == Isa::Avx512Vnni {
-                quad_permute_vnni
-            } else {
-                quad_permute
-            };
-            for t in 0..m_tokens {
-                permute(
-                    &scratch.x_pad[t * plen..(t + 1) * plen],
-                    self.quad.quads,
-                    &mut scratch.x_quad_m[t * xl..(t + 1) * xl],
+            if isa == Isa::Avx512Vnni && tok_layout(self.groups) {
+                let m16 = m_tokens.next_multiple_of(TOK_TILE);
+                tok_permute(
+                    &scratch.x_pad[..m_tokens * plen],
+                    m_tokens,
+                    plen,
+                    &mut scratch.x_quad_m[..m16 * xl],
                 );
+            } else {
+                let permute = if isa == Isa::Avx512Vnni {
+                    quad_permute_vnni
+                } else {
+                    quad_permute
+                };
+                for t in 0..m_tokens {
+                    permute(
+                        &scratch.x_pad[t * plen..(t + 1) * plen],
+                        self.quad.quads,
+                        &mut scratch.x_quad_m[t * xl..(t + 1) * xl],
+                    );
+                }
             }
             let stride = s_pair_stride(m_tokens);
             let groups = self.groups;

@@ -735,9 +735,10 @@ fn concat_rows_gemv_equals_parts() {
 }
 
 /// The tiled quad GEMM (`avx2.rs`, W2 / ternary with one chunk a group: one row by eight
-/// tokens over k-blocks of 8 quads, or 7 and the tail chunks; on AVX-512 VNNI blocks of 8
-/// quads in pairs, an unpaired last quad (k = 160, 448, `32 * 71 - 5`) and the tail chunks
-/// joining the last block), and the folded GEMM it replaced
+/// tokens over k-blocks of 8 quads, or 7 and the tail chunks; on AVX-512 VNNI token-major,
+/// 16 tokens a vector, rows in pairs and tiles in blocks, or for rows longer than
+/// `TOK_MAX_K` (k = `32 * 130`) blocks of 8 quads in pairs with the tail chunks joining the
+/// last block), and the folded GEMM it replaced
 /// for those tensors (switched by `set_gemm_quad`; the switch is process-wide, so other tests
 /// running meanwhile may take either path: both are exact). Every token tail (`m % 8` = 0..7),
 /// quads with 0-3 tail groups, one and several k-blocks (32 groups exactly one block, 33 and 35
@@ -762,6 +763,7 @@ fn quad_gemm_token_tails_kblocks_and_extremes() {
                 32 * 35,
                 1536,
                 32 * 71 - 5,
+                32 * 130,
             ] {
                 for fill in [Fill::Random, Fill::Max, Fill::MinCode] {
                     let w = make_weights(format, 9, k, 32, 16, fill, &mut rng);
