@@ -1828,7 +1828,9 @@ mod imp {
             let xt = xq.x[..m16 * plen].as_ptr();
             let sp = xq.s_pair[..groups.div_ceil(2) * stride].as_ptr();
             let blocked = crate::weights::block_chunks(groups);
-            let mut codes = [[0u8; TOK_MAX_K]; QUAD_ROWS];
+            // Not zeroed (32 KiB a call): only each row's first `plen` codes are written, then
+            // read.
+            let mut codes = [[std::mem::MaybeUninit::<u8>::uninit(); TOK_MAX_K]; QUAD_ROWS];
             let mut gs = [[0i32; TOK_MAX_K / 32]; QUAD_ROWS];
             let mut gz = [[(0i32, 0i32); TOK_MAX_K / 64]; QUAD_ROWS];
             for (r, &i) in fold.iter().enumerate() {
@@ -1861,7 +1863,8 @@ mod imp {
                 }
             }
             let panel = |r: usize| RowPanel {
-                codes: &codes[r][..plen],
+                // SAFETY: row r of `fold` (r < fold.len()) had its codes 0..plen written above.
+                codes: unsafe { std::slice::from_raw_parts(codes[r].as_ptr().cast::<u8>(), plen) },
                 gs: &gs[r][..groups],
                 gz: &gz[r][..groups.div_ceil(2)],
                 ls: ctx.lattice_shift,
