@@ -666,7 +666,12 @@ mod imp {
         if let Some(xq) = xq.filter(|_| B == 2 && ctx.quads > 0) {
             // Folded rows in groups of QUAD_ROWS (their panels and a token tile's activations
             // stay in L1 together), the others on the ordered path.
-            let mut fold = [0usize; QUAD_ROWS];
+            let mut fold = [0usize; vnni::TOK_ROWS];
+            let cap = if vnni && crate::weights::tok_layout(ctx.groups) {
+                vnni::TOK_ROWS
+            } else {
+                QUAD_ROWS
+            };
             let mut nf = 0;
             for i in 0..rows {
                 let row = row0 + i;
@@ -676,7 +681,7 @@ mod imp {
                     if ctx.no_saturation(row) {
                         fold[nf] = i;
                         nf += 1;
-                        if nf == QUAD_ROWS || i + 1 == rows {
+                        if nf == cap || i + 1 == rows {
                             quad(&fold[..nf], o, xq);
                             nf = 0;
                         }
@@ -1793,6 +1798,10 @@ mod imp {
             }
         }
 
+        /// Rows a call of [`tok_rows`] takes (their panels stay in L1 while every block of
+        /// token tiles passes them).
+        pub(super) const TOK_ROWS: usize = 16;
+
         /// The token-major VNNI GEMM of rows `row0 + i` for `i` in `fold` (each row's bound
         /// proves no saturation), `m` tokens in the layout of `crate::weights::tok_permute`
         /// (`xq.x`) with paired group sums (`xq.s_pair`, token stride a multiple of 16):
@@ -1820,7 +1829,7 @@ mod imp {
             let groups = ctx.groups;
             let plen = 32 * groups;
             assert!(plen <= TOK_MAX_K && ctx.chunks_per_group == 1 && ctx.bits == 2);
-            assert!(fold.len() <= QUAD_ROWS);
+            assert!(fold.len() <= TOK_ROWS);
             let m16 = m.next_multiple_of(TOK_TILE);
             let tiles = m16 / TOK_TILE;
             let stride = crate::weights::s_pair_stride(m);
@@ -1830,9 +1839,9 @@ mod imp {
             let blocked = crate::weights::block_chunks(groups);
             // Not zeroed (32 KiB a call): only each row's first `plen` codes are written, then
             // read.
-            let mut codes = [[std::mem::MaybeUninit::<u8>::uninit(); TOK_MAX_K]; QUAD_ROWS];
-            let mut gs = [[0i32; TOK_MAX_K / 32]; QUAD_ROWS];
-            let mut gz = [[(0i32, 0i32); TOK_MAX_K / 64]; QUAD_ROWS];
+            let mut codes = [[std::mem::MaybeUninit::<u8>::uninit(); TOK_MAX_K]; TOK_ROWS];
+            let mut gs = [[0i32; TOK_MAX_K / 32]; TOK_ROWS];
+            let mut gz = [[(0i32, 0i32); TOK_MAX_K / 64]; TOK_ROWS];
             for (r, &i) in fold.iter().enumerate() {
                 let row = row0 + i;
                 let w = ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr();
