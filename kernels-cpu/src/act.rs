@@ -46,3 +46,30 @@ pub(crate) fn round_clamp_i8(y: f32) -> i8 {
     let q = crate::kv::round_clamp(y, -127, 127) as i8;
     q
 }
+
+/// N20 for a run of one token's outputs, in the runtime's split form: `out[i] = y[i] as f32 *
+/// ((c * f64::from(scale_w[i])) as f32)` (`c` = the per-call constant times the token's
+/// activation scale, in `f64`). The same IEEE operations on every path (`f64` multiply, round
+/// to `f32`, convert, `f32` multiply; no fused multiply-add), so the same `f32`s; on AVX2 CPUs
+/// they run eight lanes at a time.
+///
+/// # Panics
+/// If the three slices differ in length.
+pub fn dequant_run(c: f64, y: &[i32], scale_w: &[f32], out: &mut [f32]) {
+    assert!(
+        y.len() == out.len() && scale_w.len() == out.len(),
+        "dequant_run: one scale and one output per accumulator"
+    );
+    if Isa::Avx2.is_available() {
+        crate::avx2::dequant_run_avx2(c, y, scale_w, out);
+        return;
+    }
+    dequant_run_portable(c, y, scale_w, out);
+}
+
+#[inline(always)]
+pub(crate) fn dequant_run_portable(c: f64, y: &[i32], scale_w: &[f32], out: &mut [f32]) {
+    for ((o, &v), &sw) in out.iter_mut().zip(y).zip(scale_w) {
+        *o = v as f32 * ((c * f64::from(sw)) as f32);
+    }
+}

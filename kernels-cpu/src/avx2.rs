@@ -96,6 +96,23 @@ macro_rules! on_avx2 {
 
 use crate::weights::{QuadM, QuadX, RowCtx, QUAD_SLACK};
 
+/// [`crate::act::dequant_run`] compiled for AVX2 (the portable loop, vectorized: the same
+/// operations per element).
+pub(crate) fn dequant_run_avx2(c: f64, y: &[i32], scale_w: &[f32], out: &mut [f32]) {
+    on_avx2!({
+        // SAFETY: AVX2 is present (checked just above); the body is safe code.
+        unsafe { n20_imp::dequant_run(c, y, scale_w, out) }
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod n20_imp {
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dequant_run(c: f64, y: &[i32], scale_w: &[f32], out: &mut [f32]) {
+        crate::act::dequant_run_portable(c, y, scale_w, out);
+    }
+}
+
 /// Rows `row0..row0 + out.len()` for one padded token `xp` with group sums `s` (and `qx`, the
 /// token in the GEMV quad layout, for tensors that have one).
 pub(crate) fn rows_one_token(

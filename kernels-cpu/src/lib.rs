@@ -48,7 +48,7 @@ pub mod mem;
 pub mod team;
 pub mod weights;
 
-pub use act::quantize_token_isa;
+pub use act::{dequant_run, quantize_token_isa};
 pub use isa::{Isa, IsaError};
 pub use kv::{KvHeadCpu, KvKernelError, KvScratch, Pv2Out, ValueFolds};
 pub use team::Team;

@@ -1246,7 +1246,10 @@ impl PreparedWeights {
                     // within L1/L2): the lattice stage inline when every accumulator allows it
                     // (as in `stage_unchecked`), else `stage_unchecked` and a transposition.
                     let c0 = b0 - e0;
-                    if let Some((sh, lo, hi)) = lattice.filter(|_| below_2_62(sub)) {
+                    // The kernels' accumulators are N13's, saturated to `acc_bits <= 48`
+                    // (checked above): always below 2^62, so no scan of `sub` is needed.
+                    debug_assert!(below_2_62(sub));
+                    if let Some((sh, lo, hi)) = lattice {
                         if isa.has_avx2() {
                             let yt = &mut yt[c0..];
                             crate::avx2::stage_transpose(
