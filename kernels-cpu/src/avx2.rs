@@ -1824,8 +1824,8 @@ mod imp {
         /// (`xq.x`) with paired group sums (`xq.s_pair`, token stride a multiple of 16):
         /// lanes are tokens, so no horizontal sums. Each row's codes are decoded once into a
         /// panel (`u8`, natural order); then by blocks of tiles of 16 tokens small enough for
-        /// L1 (`TOK_L1` bytes of codes), every pair of rows runs [`tok_block`] on the block, so
-        /// a block's token codes are read from L1 by all rows and each load serves two rows.
+        /// L1 (`TOK_L1` bytes of codes), every four rows run [`tok_block`] on the block, so a
+        /// block's token codes are read from L1 by all rows and each load serves four rows.
         ///
         /// # Safety
         /// AVX2 and AVX-512 F/BW/VL/VNNI present; the rows are checked rows of both layouts;
@@ -1902,23 +1902,26 @@ mod imp {
                 let n = nt.min(tiles - j);
                 let mut r = 0;
                 while r < nr {
-                    let two = r + 1 < nr;
-                    let ps = [panel(r), panel(if two { r + 1 } else { r })];
+                    let rr = (nr - r).min(4);
+                    let at = |i: usize| r + i.min(rr - 1);
+                    let ps = [panel(at(0)), panel(at(1)), panel(at(2)), panel(at(3))];
                     // SAFETY: tiles j..j + n of xt, their s_pair columns, and the rows'
                     // outputs (caller's contract).
                     unsafe {
-                        let outs = [
-                            o.add(fold[r] * m),
-                            o.add(fold[if two { r + 1 } else { r }] * m),
-                        ];
-                        match (two, n) {
-                            (true, 2) => tok_block::<2, 2>(&ps, xt, plen, sp, stride, j, m, outs),
-                            (true, _) => tok_block::<2, 1>(&ps, xt, plen, sp, stride, j, m, outs),
-                            (false, 2) => tok_block::<1, 2>(&ps, xt, plen, sp, stride, j, m, outs),
-                            (false, _) => tok_block::<1, 1>(&ps, xt, plen, sp, stride, j, m, outs),
+                        let outs = [0, 1, 2, 3].map(|i| o.add(fold[at(i)] * m));
+                        let a = (&ps, xt, plen, sp, stride, j, m, outs);
+                        match (rr, n) {
+                            (4, 2) => tok_block::<4, 2>(a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7),
+                            (4, _) => tok_block::<4, 1>(a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7),
+                            (3, 2) => tok_block::<3, 2>(a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7),
+                            (3, _) => tok_block::<3, 1>(a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7),
+                            (2, 2) => tok_block::<2, 2>(a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7),
+                            (2, _) => tok_block::<2, 1>(a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7),
+                            (_, 2) => tok_block::<1, 2>(a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7),
+                            (_, _) => tok_block::<1, 1>(a.0, a.1, a.2, a.3, a.4, a.5, a.6, a.7),
                         }
                     }
-                    r += 2;
+                    r += rr;
                 }
                 j += n;
             }
@@ -1933,9 +1936,9 @@ mod imp {
             ls: u32,
         }
 
-        /// `R` rows (`p[..R]`, results to `outs[..R]`) times `N` tiles of 16 tokens from tile
-        /// `j0`. Per group, row and tile: eight `vpdpbusd` of the row's four-code steps
-        /// (broadcast) by the tokens' codes, in two chains of four (latency), give the group's
+        /// `R <= 4` rows (`p[..R]`, results to `outs[..R]`) times `N` tiles of 16 tokens from
+        /// tile `j0`. Per group, row and tile: eight `vpdpbusd` of the row's four-code steps
+        /// (broadcast) by the tokens' codes give the group's
         /// exact sums `P` (`|P| <= 32 * 3 * 128 = 12288`); one `vpmulld` by `gscale` (`<=
         /// 2^15`: `< 2^28.6`) and one `vpaddd` add them to an `i32` accumulator that is widened
         /// to `i64` every four groups (`< 2^30.6`). Each token-code load serves the `R` rows.
@@ -1951,14 +1954,14 @@ mod imp {
         #[inline]
         #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
         unsafe fn tok_block<const R: usize, const N: usize>(
-            p: &[RowPanel<'_>; 2],
+            p: &[RowPanel<'_>; 4],
             xt: *const i8,
             plen: usize,
             sp: *const i32,
             stride: usize,
             j0: usize,
             m: usize,
-            outs: [*mut i64; 2],
+            outs: [*mut i64; 4],
         ) {
             let z = _mm512_setzero_si512();
             let groups = p[0].gs.len();
@@ -1974,26 +1977,26 @@ mod imp {
                 );
             };
             for g in 0..groups {
-                let mut part = [[[z; N]; R]; 2];
-                for c in 0..4 {
-                    for h in 0..2 {
-                        let step = 8 * g + 4 * h + c;
-                        // SAFETY: code step `step` of each panel (32 * groups codes); tile
-                        // j0 + j's step `step` (caller).
-                        unsafe {
-                            let mut wb = [z; R];
+                // R * N independent chains of eight steps (enough to cover the products'
+                // latency); each broadcast serves N tiles, each token load R rows.
+                let mut part = [[z; N]; R];
+                for c in 0..8 {
+                    let step = 8 * g + c;
+                    // SAFETY: code step `step` of each panel (32 * groups codes); tile j0 + j's
+                    // step `step` (caller).
+                    unsafe {
+                        let mut wb = [z; R];
+                        for r in 0..R {
+                            wb[r] = _mm512_set1_epi32(std::ptr::read_unaligned(
+                                p[r].codes.as_ptr().add(4 * step).cast::<i32>(),
+                            ));
+                        }
+                        for j in 0..N {
+                            let xv = _mm512_loadu_si512(
+                                xt.add((j0 + j) * tile_bytes + 64 * step).cast(),
+                            );
                             for r in 0..R {
-                                wb[r] = _mm512_set1_epi32(std::ptr::read_unaligned(
-                                    p[r].codes.as_ptr().add(4 * step).cast::<i32>(),
-                                ));
-                            }
-                            for j in 0..N {
-                                let xv = _mm512_loadu_si512(
-                                    xt.add((j0 + j) * tile_bytes + 64 * step).cast(),
-                                );
-                                for r in 0..R {
-                                    part[h][r][j] = _mm512_dpbusd_epi32(part[h][r][j], wb[r], xv);
-                                }
+                                part[r][j] = _mm512_dpbusd_epi32(part[r][j], wb[r], xv);
                             }
                         }
                     }
@@ -2001,7 +2004,7 @@ mod imp {
                 for r in 0..R {
                     let gsv = _mm512_set1_epi32(p[r].gs[g]);
                     for j in 0..N {
-                        let pj = _mm512_add_epi32(part[0][r][j], part[1][r][j]);
+                        let pj = part[r][j];
                         acc32[r][j] = _mm512_add_epi32(acc32[r][j], _mm512_mullo_epi32(pj, gsv));
                     }
                 }

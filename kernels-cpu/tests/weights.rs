@@ -736,7 +736,7 @@ fn concat_rows_gemv_equals_parts() {
 
 /// The tiled quad GEMM (`avx2.rs`, W2 / ternary with one chunk a group: one row by eight
 /// tokens over k-blocks of 8 quads, or 7 and the tail chunks; on AVX-512 VNNI token-major,
-/// 16 tokens a vector, rows in pairs and tiles in blocks, or for rows longer than
+/// 16 tokens a vector, rows in fours and tiles in blocks, or for rows longer than
 /// `TOK_MAX_K` (k = `32 * 130`) blocks of 8 quads in pairs with the tail chunks joining the
 /// last block), and the folded GEMM it replaced
 /// for those tensors (switched by `set_gemm_quad`; the switch is process-wide, so other tests
