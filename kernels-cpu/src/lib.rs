@@ -7,7 +7,8 @@
 //!   exactly `golden::ops::weight_acc` / `golden::ops::weight_op`.
 //! - [`kv`]: the A8 x KV4 attention products (`Q x K^T` per key group, `P x V`) on N11b-packed
 //!   codes, equal to `golden::kv::KvCache::{qk, pv}`.
-//! - [`Isa`]: run-time dispatch (AVX2, portable scalar; `TESSERA_FORCE_ISA` pins a path).
+//! - [`Isa`]: run-time dispatch (AVX-512 VNNI, AVX2, portable scalar; `TESSERA_FORCE_ISA` pins a
+//!   path).
 //! - [`Team`]: a thread team whose helpers spin between loops, for the short products of a
 //!   decode step ([`PreparedWeights::gemm_acc_in`]); rayon forks everything else.
 //!
