@@ -163,3 +163,51 @@ fn dequant_run_equals_the_scalar_factor_bit_for_bit() {
         }
     }
 }
+
+/// `expf_in_place` (four lanes on AVX2 + FMA) equals the scalar `expf` for a spread of bit
+/// patterns (every 4099th, both signs, all exponents), the range edges (+-88, the overflow and
+/// underflow thresholds, subnormal results), infinities, NaN, zeros, and the two inputs where
+/// an unfused `x * 32 / ln 2 - k` differs from glibc; on glibc both equal `f32::exp`
+/// (`examples/expf_exhaustive` checks every `f32`).
+#[test]
+fn expf_vector_path_equals_scalar_and_glibc() {
+    let mut xs: Vec<f32> = (0..=u32::MAX).step_by(4099).map(f32::from_bits).collect();
+    xs.extend([
+        0.0,
+        -0.0,
+        88.0,
+        -88.0,
+        87.99999,
+        -87.99999,
+        88.72283,
+        88.72284,
+        -103.27893,
+        -103.97208,
+        -104.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MIN_POSITIVE,
+        f32::from_bits(0x4202_422f),
+        f32::from_bits(0xc27c_65d9),
+    ]);
+    let mut got = xs.clone();
+    tessera_kernels_cpu::expf_in_place(&mut got);
+    for (&x, &g) in xs.iter().zip(&got) {
+        let s = tessera_kernels_cpu::expf(x);
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        assert!(same(g, s), "x {x:e}: vector {g:e}, scalar {s:e}");
+        if cfg!(all(
+            target_os = "linux",
+            target_env = "gnu",
+            target_arch = "x86_64"
+        )) {
+            let l = std::hint::black_box(x).exp();
+            assert!(
+                same(s, l),
+                "x {x:e} ({:08x}): expf {s:e}, glibc {l:e}",
+                x.to_bits()
+            );
+        }
+    }
+}

@@ -762,12 +762,16 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// In-place softmax.
+/// In-place softmax. The exponentials are `kernels_cpu::expf` (glibc's `expf`, bit for bit,
+/// on every CPU; vectorized where AVX2 and FMA are), summed in index order.
 pub fn softmax(x: &mut [f32]) {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
     for v in x.iter_mut() {
-        *v = (*v - m).exp();
+        *v -= m;
+    }
+    tessera_kernels_cpu::expf_in_place(x);
+    let mut sum = 0f32;
+    for v in x.iter() {
         sum += *v;
     }
     let inv = 1.0 / sum;
@@ -783,8 +787,15 @@ const SILU_CHUNK: usize = 384;
 /// `team` when the step leads it (elementwise, so the same values in any order).
 fn silu_mul(team: &Team, g: &mut [f32], u: &[f32]) {
     let one = |gc: &mut [f32], uc: &[f32]| {
-        for (gi, ui) in gc.iter_mut().zip(uc) {
-            *gi = silu(*gi) * ui;
+        // silu's `exp(-x)` for the whole chunk at once (vectorized), then its division.
+        let mut e = [0f32; SILU_CHUNK];
+        let e = &mut e[..gc.len()];
+        for (ei, &gi) in e.iter_mut().zip(gc.iter()) {
+            *ei = -gi;
+        }
+        tessera_kernels_cpu::expf_in_place(e);
+        for ((gi, ui), &ei) in gc.iter_mut().zip(uc).zip(e.iter()) {
+            *gi = *gi / (1.0 + ei) * ui;
         }
     };
     if g.len() > 4 * SILU_CHUNK && !team.is_leading() {
@@ -797,7 +808,7 @@ fn silu_mul(team: &Team, g: &mut [f32], u: &[f32]) {
 }
 
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + tessera_kernels_cpu::expf(-x))
 }
 
 fn add(x: &mut [f32], y: &[f32]) {
