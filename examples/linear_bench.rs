@@ -5,7 +5,8 @@
 //! `vnni` the AVX-512 VNNI one (where the CPU has it), `folded` the folded AVX2 GEMM;
 //! `product` runs on `Isa::best()`.
 //!
-//! `cargo run --release --example linear_bench -- [threads] [samples]`
+//! `cargo run --release --example linear_bench -- [threads] [samples]` (env `M`: tokens, default
+//! 128)
 use std::time::Instant;
 
 use tessera::runtime::ops::{Backend, Isa, Linear, LinearScratch};
@@ -41,7 +42,7 @@ fn main() {
         .num_threads(threads)
         .build()
         .expect("pool");
-    let m = 128;
+    let m: usize = std::env::var("M").ok().and_then(|v| v.parse().ok()).unwrap_or(128);
     println!("threads {threads}, m {m}, min of {samples} interleaved samples (ms per call)");
     println!(
         "{:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7}",
