@@ -42,7 +42,10 @@ fn main() {
         .num_threads(threads)
         .build()
         .expect("pool");
-    let m: usize = std::env::var("M").ok().and_then(|v| v.parse().ok()).unwrap_or(128);
+    let m: usize = std::env::var("M")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
     println!("threads {threads}, m {m}, min of {samples} interleaved samples (ms per call)");
     println!(
         "{:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7}",

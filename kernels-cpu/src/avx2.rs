@@ -1926,11 +1926,12 @@ mod imp {
             let xt = xq.x[..m16 * plen].as_ptr();
             let sp = xq.s_pair[..groups.div_ceil(2) * stride].as_ptr();
             let blocked = crate::weights::block_chunks(groups);
-            // Not zeroed (32 KiB a call): only each row's first `plen` codes are written, then
-            // read.
+            // Not zeroed (48 KiB a call): only each row's first `plen` codes, `groups` scales
+            // and `ceil(groups / 2)` zero-term pairs are written, then read.
             let mut codes = [[std::mem::MaybeUninit::<u8>::uninit(); TOK_MAX_K]; TOK_ROWS];
-            let mut gs = [[0i32; TOK_MAX_K / 32]; TOK_ROWS];
-            let mut gz = [[(0i32, 0i32); TOK_MAX_K / 64]; TOK_ROWS];
+            let mut gs = [[std::mem::MaybeUninit::<i32>::uninit(); TOK_MAX_K / 32]; TOK_ROWS];
+            let mut gz =
+                [[std::mem::MaybeUninit::<(i32, i32)>::uninit(); TOK_MAX_K / 64]; TOK_ROWS];
             for (r, &i) in fold.iter().enumerate() {
                 let row = row0 + i;
                 let w = ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr();
@@ -1944,9 +1945,10 @@ mod imp {
                 let gscale = &ctx.gscale_q[row * groups..(row + 1) * groups];
                 let zero = &ctx.zero_u8[row * groups..(row + 1) * groups];
                 for g in 0..groups {
-                    gs[r][g] = i32::from(gscale[g]);
+                    gs[r][g].write(i32::from(gscale[g]));
                 }
                 for (pr, v) in gz[r].iter_mut().enumerate().take(groups.div_ceil(2)) {
+                    let v = v.write((0, 0));
                     let (mut lo, mut hi) = (0u32, 0u32);
                     for h in 0..2 {
                         let g = 2 * pr + h;
@@ -1963,8 +1965,15 @@ mod imp {
             let panel = |r: usize| RowPanel {
                 // SAFETY: row r of `fold` (r < fold.len()) had its codes 0..plen written above.
                 codes: unsafe { std::slice::from_raw_parts(codes[r].as_ptr().cast::<u8>(), plen) },
-                gs: &gs[r][..groups],
-                gz: &gz[r][..groups.div_ceil(2)],
+                // SAFETY (both): row r's first `groups` scales and `ceil(groups / 2)` pairs
+                // were written above.
+                gs: unsafe { std::slice::from_raw_parts(gs[r].as_ptr().cast::<i32>(), groups) },
+                gz: unsafe {
+                    std::slice::from_raw_parts(
+                        gz[r].as_ptr().cast::<(i32, i32)>(),
+                        groups.div_ceil(2),
+                    )
+                },
                 ls: ctx.lattice_shift,
             };
             let nt = if 2 * TOK_TILE * plen <= TOK_L1 { 2 } else { 1 };
