@@ -37,7 +37,7 @@ fn main() {
             checked += 1;
         }
         b0 += BLOCK;
-        if b0 % (1 << 28) == 0 {
+        if b0.is_multiple_of(1 << 28) {
             eprintln!("{:.0}% checked", 100.0 * b0 as f64 / total as f64);
         }
     }
