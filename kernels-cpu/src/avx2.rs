@@ -744,8 +744,6 @@ mod imp {
         let quad = |fold: &[usize], o: *mut i64, xq: QuadM<'_>| unsafe {
             if vnni && crate::weights::tok_layout(ctx.groups) {
                 vnni::tok_rows(ctx, row0, fold, m, xq, o);
-            } else if vnni {
-                vnni::quad_rows(ctx, row0, fold, m, xq, o);
             } else {
                 quad_rows(ctx, row0, fold, m, xq, o);
             }
@@ -1523,17 +1521,7 @@ mod imp {
                     p.tail[t] = fold_pre(codes, _mm256_set1_epi16(gscale[g] as i16));
                 }
                 for pr in p_lo..p_hi {
-                    let (mut lo, mut hi) = (0u32, 0u32);
-                    for h in 0..2 {
-                        let g = 2 * pr + h;
-                        if g < g_hi {
-                            let gz = u32::from(gscale[g]) * u32::from(zero[g]);
-                            debug_assert!(gz < 1 << 23);
-                            lo |= (gz & 0x7FFF) << (16 * h);
-                            hi |= (gz >> 15) << (16 * h);
-                        }
-                    }
-                    (p.gz_lo[pr - p_lo], p.gz_hi[pr - p_lo]) = (lo as i32, hi as i32);
+                    (p.gz_lo[pr - p_lo], p.gz_hi[pr - p_lo]) = gz_pair(gscale, zero, pr, g_hi);
                 }
             }
             let blk = (q0, nq, nt, p_lo, p_hi);
@@ -1667,225 +1655,14 @@ mod imp {
         }
     }
 
-    /// The quad GEMM with AVX-512 VNNI ([`crate::Isa::Avx512Vnni`]): [`quad_rows`] with the
-    /// tokens in the VNNI quad layout (`crate::weights::quad_permute_vnni`) and each k-block's
-    /// quads in pairs, one 512-bit `vpdpbusd` per virtual chunk of a pair and token.
+    /// The GEMM of W2 / ternary rows on AVX-512 VNNI ([`crate::Isa::Avx512Vnni`]): token-major
+    /// ([`vnni::tok_rows`]) for rows up to `TOK_MAX_K` codes (longer rows take the AVX2
+    /// [`quad_rows`]).
     mod vnni {
         use std::arch::x86_64::*;
 
-        use super::{decode, decode_at, zero_term_tile, QUAD_ROWS, QUAD_SPAN, QUAD_TILE};
-        use crate::weights::{QuadM, RowCtx, VNNI_SIGMA};
-
-        /// A row's codes and scales for one k-block of up to [`QUAD_SPAN`] quads (a multiple of
-        /// two but for the last block), built once and used by every token tile: per pair of
-        /// quads the four virtual chunks (`u8` codes, [`VNNI_SIGMA`] order, both quads side by
-        /// side) and the scales as `i32` lanes (lane `L` of a quad: group `L % 4`); a last
-        /// unpaired quad and the tail chunks as 256-bit vectors. Where a group's scale is
-        /// `2^15` its codes are doubled and its multiplier is `2^14` (as `fold_pre`), so every
-        /// multiplier is a non-negative `i16` and `vpmaddwd` applies it to the `i32` sums
-        /// (each below `2^15` in magnitude: four `vpdpbusd` of four products, `16 * 6 * 128 =
-        /// 12288`).
-        #[derive(Clone, Copy)]
-        struct Panel {
-            pairs: [[__m512i; 4]; QUAD_SPAN / 2],
-            pgs: [__m512i; QUAD_SPAN / 2],
-            odd: [__m256i; 4],
-            ogs: __m256i,
-            tail: [(__m256i, __m256i); 3],
-            tail01: (__m512i, __m512i),
-            gz_lo: [i32; 2 * QUAD_SPAN + 2],
-            gz_hi: [i32; 2 * QUAD_SPAN + 2],
-        }
-
-        /// One quad's four virtual chunks in the VNNI order and its four scales as `i32`
-        /// lanes, `2^15` folded into doubled codes.
-        #[inline]
-        #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-        unsafe fn quad_panel(w: *const u8, gs: *const u8) -> ([__m256i; 4], __m256i) {
-            // SAFETY (caller): 32 code bytes at w, four u16 scales at gs.
-            let (v, g4) = unsafe {
-                (
-                    _mm256_loadu_si256(w.cast::<__m256i>()),
-                    std::ptr::read_unaligned(gs.cast::<i64>()),
-                )
-            };
-            let m3 = _mm256_set1_epi8(3);
-            // SAFETY: VNNI_SIGMA is 16 bytes.
-            let sig = _mm256_broadcastsi128_si256(unsafe {
-                _mm_loadu_si128(VNNI_SIGMA.as_ptr().cast::<__m128i>())
-            });
-            let gsv = _mm256_cvtepu16_epi32(_mm_set1_epi64x(g4));
-            let dbl = _mm256_cmpeq_epi32(gsv, _mm256_set1_epi32(1 << 15));
-            let gsv = _mm256_xor_si256(gsv, _mm256_and_si256(dbl, _mm256_set1_epi32(0xC000)));
-            let chunk = |c: __m256i| {
-                let c = _mm256_shuffle_epi8(c, sig);
-                _mm256_add_epi8(c, _mm256_and_si256(c, dbl))
-            };
-            (
-                [
-                    chunk(_mm256_and_si256(v, m3)),
-                    chunk(_mm256_and_si256(_mm256_srli_epi16(v, 2), m3)),
-                    chunk(_mm256_and_si256(_mm256_srli_epi16(v, 4), m3)),
-                    chunk(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3)),
-                ],
-                gsv,
-            )
-        }
-
-        /// [`super::quad_rows`] on AVX-512 VNNI: the same rows, blocks, zero term and
-        /// result (bit for bit), the tokens in the VNNI quad layout.
-        ///
-        /// # Safety
-        /// AVX2 and AVX-512 F/BW/VL/VNNI present; otherwise as [`super::quad_rows`], with
-        /// `xq.x` in the VNNI quad layout.
-        #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-        pub(super) unsafe fn quad_rows(
-            ctx: &RowCtx<'_>,
-            row0: usize,
-            fold: &[usize],
-            m: usize,
-            xq: QuadM<'_>,
-            o: *mut i64,
-        ) {
-            let (quads, tail, groups) = (ctx.quads, ctx.quad_tail, ctx.groups);
-            let xlen = 32 * groups;
-            let stride = crate::weights::s_pair_stride(m);
-            let x = xq.x[..m * xlen].as_ptr();
-            let sp = xq.s_pair[..groups.div_ceil(2) * stride].as_ptr();
-            let ls = ctx.lattice_shift as i32;
-            let nr = fold.len();
-            assert!(nr <= QUAD_ROWS);
-            let mut outs = [std::ptr::null_mut::<i64>(); QUAD_ROWS];
-            for (r, &i) in fold.iter().enumerate() {
-                // SAFETY: m writable elements at o + i * m (caller).
-                unsafe {
-                    outs[r] = o.add(i * m);
-                    std::ptr::write_bytes(outs[r], 0, m);
-                }
-            }
-            let (z, zy) = (_mm512_setzero_si512(), _mm256_setzero_si256());
-            let mut panels = [Panel {
-                pairs: [[z; 4]; QUAD_SPAN / 2],
-                pgs: [z; QUAD_SPAN / 2],
-                odd: [zy; 4],
-                ogs: zy,
-                tail: [(zy, zy); 3],
-                tail01: (z, z),
-                gz_lo: [0; 2 * QUAD_SPAN + 2],
-                gz_hi: [0; 2 * QUAD_SPAN + 2],
-            }; QUAD_ROWS];
-            let mut q0 = 0;
-            // Blocks of QUAD_SPAN quads (even, so pairs of the layout never straddle a block);
-            // the tail chunks join the last block (their own 256-bit accumulator).
-            while q0 < quads {
-                let nq = QUAD_SPAN.min(quads - q0);
-                let nt = if q0 + nq == quads { tail } else { 0 };
-                let (g_lo, g_hi) = (4 * q0, 4 * (q0 + nq) + nt);
-                let (p_lo, p_hi) = (g_lo / 2, g_hi.div_ceil(2));
-                for (p, &i) in panels.iter_mut().zip(fold) {
-                    let row = row0 + i;
-                    // SAFETY (raw reads): as in super::quad_rows.
-                    let w = unsafe { ctx.quad_data.as_ptr().add(row * ctx.quad_stride) };
-                    let gs = unsafe { w.add(32 * quads + 8 * tail) };
-                    let gscale = &ctx.gscale_q[row * groups..(row + 1) * groups];
-                    let zero = &ctx.zero_u8[row * groups..(row + 1) * groups];
-                    for pi in 0..nq / 2 {
-                        let q = q0 + 2 * pi;
-                        // SAFETY: quads q, q + 1 < quads of the row and their scales.
-                        let (a, b) = unsafe {
-                            (
-                                quad_panel(w.add(32 * q), gs.add(8 * q)),
-                                quad_panel(w.add(32 * (q + 1)), gs.add(8 * (q + 1))),
-                            )
-                        };
-                        for c in 0..4 {
-                            p.pairs[pi][c] =
-                                _mm512_inserti64x4(_mm512_castsi256_si512(a.0[c]), b.0[c], 1);
-                        }
-                        p.pgs[pi] = _mm512_inserti64x4(_mm512_castsi256_si512(a.1), b.1, 1);
-                    }
-                    if nq % 2 == 1 {
-                        let q = q0 + nq - 1;
-                        // SAFETY: quad q < quads of the row and its scales.
-                        (p.odd, p.ogs) = unsafe { quad_panel(w.add(32 * q), gs.add(8 * q)) };
-                    }
-                    for t in 0..nt {
-                        let g = 4 * quads + t;
-                        // SAFETY: tail chunk t of the row.
-                        let codes = unsafe { decode::<2>(w.add(32 * quads + 8 * t)).0 };
-                        p.tail[t] = if gscale[g] == 1 << 15 {
-                            (_mm256_add_epi8(codes, codes), _mm256_set1_epi32(1 << 14))
-                        } else {
-                            (codes, _mm256_set1_epi32(i32::from(gscale[g])))
-                        };
-                    }
-                    if nt >= 2 {
-                        let (a, b) = (p.tail[0], p.tail[1]);
-                        p.tail01 = (
-                            _mm512_inserti64x4(_mm512_castsi256_si512(a.0), b.0, 1),
-                            _mm512_inserti64x4(_mm512_castsi256_si512(a.1), b.1, 1),
-                        );
-                    }
-                    for pr in p_lo..p_hi {
-                        let (mut lo, mut hi) = (0u32, 0u32);
-                        for h in 0..2 {
-                            let g = 2 * pr + h;
-                            if g < g_hi {
-                                let gz = u32::from(gscale[g]) * u32::from(zero[g]);
-                                debug_assert!(gz < 1 << 23);
-                                lo |= (gz & 0x7FFF) << (16 * h);
-                                hi |= (gz >> 15) << (16 * h);
-                            }
-                        }
-                        (p.gz_lo[pr - p_lo], p.gz_hi[pr - p_lo]) = (lo as i32, hi as i32);
-                    }
-                }
-                let blk = Blk {
-                    q0,
-                    nq,
-                    nt,
-                    p_lo,
-                    p_hi,
-                    tail_at: 128 * quads,
-                };
-                let mut t = 0;
-                // SAFETY: each tile's tokens t..t + T < m are rows of xq.x, their s_pair
-                // columns t..t + 8 <= stride, and outs[r][t..t + T] are writable.
-                unsafe {
-                    while t + QUAD_TILE <= m {
-                        let (xt, spt) = (x.add(t * xlen), sp.add(t));
-                        for r in 0..nr {
-                            tile::<QUAD_TILE>(
-                                &panels[r],
-                                blk,
-                                xt,
-                                xlen,
-                                spt,
-                                stride,
-                                ls,
-                                outs[r].add(t),
-                            );
-                        }
-                        t += QUAD_TILE;
-                    }
-                    let (xt, spt) = (x.add(t * xlen), sp.add(t));
-                    for r in 0..nr {
-                        let (p, ot) = (&panels[r], outs[r].add(t));
-                        match m - t {
-                            1 => tile::<1>(p, blk, xt, xlen, spt, stride, ls, ot),
-                            2 => tile::<2>(p, blk, xt, xlen, spt, stride, ls, ot),
-                            3 => tile::<3>(p, blk, xt, xlen, spt, stride, ls, ot),
-                            4 => tile::<4>(p, blk, xt, xlen, spt, stride, ls, ot),
-                            5 => tile::<5>(p, blk, xt, xlen, spt, stride, ls, ot),
-                            6 => tile::<6>(p, blk, xt, xlen, spt, stride, ls, ot),
-                            7 => tile::<7>(p, blk, xt, xlen, spt, stride, ls, ot),
-                            _ => {}
-                        }
-                    }
-                }
-                q0 += nq;
-            }
-        }
+        use super::decode_at;
+        use crate::weights::{QuadM, RowCtx};
 
         /// Rows a call of [`tok_rows`] takes (their panels stay in L1 while every block of
         /// token tiles passes them).
@@ -1948,18 +1725,7 @@ mod imp {
                     gs[r][g].write(i32::from(gscale[g]));
                 }
                 for (pr, v) in gz[r].iter_mut().enumerate().take(groups.div_ceil(2)) {
-                    let v = v.write((0, 0));
-                    let (mut lo, mut hi) = (0u32, 0u32);
-                    for h in 0..2 {
-                        let g = 2 * pr + h;
-                        if g < groups {
-                            let z = u32::from(gscale[g]) * u32::from(zero[g]);
-                            debug_assert!(z < 1 << 23);
-                            lo |= (z & 0x7FFF) << (16 * h);
-                            hi |= (z >> 15) << (16 * h);
-                        }
-                    }
-                    *v = (lo as i32, hi as i32);
+                    v.write(super::gz_pair(gscale, zero, pr, groups));
                 }
             }
             let panel = |r: usize| RowPanel {
@@ -2134,153 +1900,25 @@ mod imp {
                 }
             }
         }
+    }
 
-        /// A k-block: its first quad and quad count, tail chunks, pairs of groups, and where
-        /// the tail groups start in a token's row.
-        #[derive(Clone, Copy)]
-        struct Blk {
-            q0: usize,
-            nq: usize,
-            nt: usize,
-            p_lo: usize,
-            p_hi: usize,
-            tail_at: usize,
-        }
-
-        /// One row times `T <= 8` tokens over one k-block: per pair of quads and token four
-        /// `vpdpbusd` (activations as memory operands) into a fresh `i32x16`, one `vpmaddwd` by
-        /// the scales, one `vpaddd`; the unpaired quad and the tail chunks the same in 256
-        /// bits into a second accumulator. Lane bounds: a pair adds at most `12288 * 2^14 <
-        /// 2^27.6` to a lane of the first, four pairs stay below `2^31`; the second gets at
-        /// most one quad and three tail chunks (`4 * 6 * 128 * 2^14 < 2^25.6` each). The zero
-        /// term as [`super::quad_tile`]; each token's lanes are widened and summed in `i64`,
-        /// shifted by the lattice, the zero term subtracted (wrapping, as the `i64` lanes do),
-        /// and the result added into `out[0..T]`.
-        ///
-        /// # Safety
-        /// As [`super::quad_tile`], with `x` in the VNNI quad layout; AVX-512 VNNI present.
-        #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-        #[inline]
-        #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-        unsafe fn tile<const T: usize>(
-            p: &Panel,
-            blk: Blk,
-            x: *const i8,
-            xlen: usize,
-            sp: *const i32,
-            stride: usize,
-            ls: i32,
-            out: *mut i64,
-        ) {
-            let z = _mm512_setzero_si512();
-            let zy = _mm256_setzero_si256();
-            let mut acc = [z; T];
-            let mut accy = [zy; T];
-            for pi in 0..blk.nq / 2 {
-                let (c, g) = (&p.pairs[pi], p.pgs[pi]);
-                for u in 0..T {
-                    // SAFETY: pair pi of the block for token u: 256 bytes (caller).
-                    unsafe {
-                        let xu = x.add(u * xlen + 128 * (blk.q0 + 2 * pi));
-                        let mut a = _mm512_dpbusd_epi32(z, c[0], _mm512_loadu_si512(xu.cast()));
-                        a = _mm512_dpbusd_epi32(a, c[1], _mm512_loadu_si512(xu.add(64).cast()));
-                        a = _mm512_dpbusd_epi32(a, c[2], _mm512_loadu_si512(xu.add(128).cast()));
-                        a = _mm512_dpbusd_epi32(a, c[3], _mm512_loadu_si512(xu.add(192).cast()));
-                        acc[u] = _mm512_add_epi32(acc[u], _mm512_madd_epi16(a, g));
-                    }
-                }
-            }
-            if blk.nq % 2 == 1 {
-                let q = blk.q0 + blk.nq - 1;
-                for u in 0..T {
-                    // SAFETY: the unpaired quad q for token u: 128 bytes (caller).
-                    unsafe {
-                        let xu = x.add(u * xlen + 128 * q);
-                        let ld = |i: usize| _mm256_loadu_si256(xu.add(32 * i).cast::<__m256i>());
-                        let mut a = _mm256_dpbusd_epi32(zy, p.odd[0], ld(0));
-                        a = _mm256_dpbusd_epi32(a, p.odd[1], ld(1));
-                        a = _mm256_dpbusd_epi32(a, p.odd[2], ld(2));
-                        a = _mm256_dpbusd_epi32(a, p.odd[3], ld(3));
-                        accy[u] = _mm256_add_epi32(accy[u], _mm256_madd_epi16(a, p.ogs));
-                    }
-                }
-            }
-            // Tail chunks 0 and 1 (adjacent in a token's row) in one 512-bit product, into
-            // the first accumulator (a lane gets at most 2^25.6 more: below 2^29.6 + 2^25.6).
-            let t2 = if blk.nt >= 2 { 2 } else { 0 };
-            if t2 == 2 {
-                let (c, g) = p.tail01;
-                for u in 0..T {
-                    // SAFETY: tail chunks 0 and 1 of token u: 64 bytes (caller).
-                    let xv = unsafe { _mm512_loadu_si512(x.add(u * xlen + blk.tail_at).cast()) };
-                    acc[u] = _mm512_add_epi32(
-                        acc[u],
-                        _mm512_madd_epi16(_mm512_dpbusd_epi32(z, c, xv), g),
-                    );
-                }
-            }
-            for t in t2..blk.nt {
-                let (c, g) = p.tail[t];
-                for u in 0..T {
-                    // SAFETY: tail chunk t of token u (caller).
-                    let xv = unsafe {
-                        _mm256_loadu_si256(x.add(u * xlen + blk.tail_at + 32 * t).cast::<__m256i>())
-                    };
-                    accy[u] = _mm256_add_epi32(
-                        accy[u],
-                        _mm256_madd_epi16(_mm256_dpbusd_epi32(zy, c, xv), g),
-                    );
-                }
-            }
-            let n = blk.p_hi - blk.p_lo;
-            // SAFETY: eight elements at sp + pr * stride for the block's pairs (caller).
-            let (zl64, zh64) = unsafe {
-                zero_term_tile(
-                    sp.add(blk.p_lo * stride),
-                    stride,
-                    &p.gz_lo[..n],
-                    &p.gz_hi[..n],
-                )
-            };
-            // The second accumulator into the first's low half (a lane stays below
-            // 2^29.6 + 2^28.3 < 2^31), each token's lanes widened to i64x8, and the eight
-            // tokens reduced together: after three levels of pairwise sums lane u is token u.
-            let mut w = [z; 8];
-            for u in 0..T {
-                let a = _mm512_add_epi32(acc[u], _mm512_zextsi256_si512(accy[u]));
-                w[u] = _mm512_add_epi64(
-                    _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a)),
-                    _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1)),
-                );
-            }
-            let pair = |a: __m512i, b: __m512i| {
-                _mm512_add_epi64(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b))
-            };
-            let quad = |a: __m512i, b: __m512i| {
-                _mm512_add_epi64(
-                    _mm512_shuffle_i64x2(a, b, 0b10_00_10_00),
-                    _mm512_shuffle_i64x2(a, b, 0b11_01_11_01),
-                )
-            };
-            let sums = quad(
-                quad(pair(w[0], w[1]), pair(w[2], w[3])),
-                quad(pair(w[4], w[5]), pair(w[6], w[7])),
-            );
-            let zt = _mm512_add_epi64(
-                _mm512_inserti64x4(_mm512_castsi256_si512(zl64[0]), zl64[1], 1),
-                _mm512_slli_epi64(
-                    _mm512_inserti64x4(_mm512_castsi256_si512(zh64[0]), zh64[1], 1),
-                    15,
-                ),
-            );
-            let r = _mm512_sub_epi64(_mm512_sll_epi64(sums, _mm_cvtsi32_si128(ls)), zt);
-            let k: __mmask8 = if T == 8 { 0xFF } else { (1u8 << T) - 1 };
-            // SAFETY: out[0..T] are writable (caller); the masked lanes are not touched.
-            unsafe {
-                let prev = _mm512_maskz_loadu_epi64(k, out.cast());
-                _mm512_mask_storeu_epi64(out.cast(), k, _mm512_add_epi64(prev, r));
+    /// Groups `2 pr` and `2 pr + 1` (those below `g_end`; others 0) of a row's `gscale * zero`
+    /// (`< 2^23`) split as `gz = hi * 2^15 + lo` and paired as `i16` halves of two `i32`: `(lo_0
+    /// | lo_1 << 16, hi_0 | hi_1 << 16)`, the multipliers of the zero term's `vpmaddwd` by the
+    /// tokens' paired group sums.
+    #[inline]
+    fn gz_pair(gscale: &[u16], zero: &[u8], pr: usize, g_end: usize) -> (i32, i32) {
+        let (mut lo, mut hi) = (0u32, 0u32);
+        for h in 0..2 {
+            let g = 2 * pr + h;
+            if g < g_end {
+                let gz = u32::from(gscale[g]) * u32::from(zero[g]);
+                debug_assert!(gz < 1 << 23);
+                lo |= (gz & 0x7FFF) << (16 * h);
+                hi |= (gz >> 15) << (16 * h);
             }
         }
+        (lo as i32, hi as i32)
     }
 
     /// The zero term `sum_g gscale * zero * S` of one k-block for eight tokens, as `(Z_lo,

@@ -555,11 +555,11 @@ pub(crate) fn s_pair_stride(m_tokens: usize) -> usize {
 pub(crate) const TOK_TILE: usize = 16;
 
 /// The longest padded row (`32 * groups` codes) the token-major VNNI GEMM takes (its row
-/// panel is on the stack); longer rows take the VNNI quad GEMM.
+/// panel is on the stack); longer rows take the AVX2 quad GEMM.
 pub(crate) const TOK_MAX_K: usize = 4096;
 
 /// Whether a W2 / ternary tensor with `groups` groups of one chunk runs its GEMM token-major
-/// on [`Isa::Avx512Vnni`] (else in the VNNI quad layout).
+/// on [`Isa::Avx512Vnni`] (else on the AVX2 quad GEMM).
 #[inline]
 pub(crate) fn tok_layout(groups: usize) -> bool {
     32 * groups <= TOK_MAX_K
@@ -614,41 +614,6 @@ pub(crate) fn quad_permute(xp: &[i8], quads: usize, out: &mut [i8]) {
         }
     }
     xt.copy_from_slice(&xp[128 * quads..]);
-}
-
-/// The VNNI quad layout within each 16-byte unit: byte `r` of a unit is byte `VNNI_SIGMA[r]`
-/// of the same unit of the quad layout ([`quad_source`]). `i32` lane `L` of a unit takes the
-/// quad layout's byte pairs `L` and `L + 4`, both of group `L`, so each `i32` lane of
-/// `vpdpbusd` sums four products of one group.
-pub(crate) const VNNI_SIGMA: [u8; 16] = [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15];
-
-/// One padded token in the VNNI quad layout (GEMM on [`Isa::Avx512Vnni`]): quads in pairs,
-/// 256 bytes a pair, virtual chunk `c` of the pair's two quads side by side at `64 c` (a
-/// 512-bit load), each 32-byte chunk the quad layout's chunk with [`VNNI_SIGMA`] applied in
-/// each 16-byte unit; a last unpaired quad as 128 bytes (chunk `c` at `32 c`); the tail groups'
-/// chunks in their own order. `out` is `128 * quads + 32 * tail` codes.
-pub(crate) fn quad_permute_vnni(xp: &[i8], quads: usize, out: &mut [i8]) {
-    assert_eq!(out.len(), xp.len(), "VNNI quad layout length");
-    let mut two = [0i8; 256];
-    for q0 in (0..quads).step_by(2) {
-        let nq = (quads - q0).min(2);
-        quad_permute(&xp[128 * q0..128 * (q0 + nq)], nq, &mut two[..128 * nq]);
-        for h in 0..nq {
-            for c in 0..4 {
-                for r in 0..32 {
-                    let dst = 128 * q0
-                        + if nq == 2 {
-                            64 * c + 32 * h + r
-                        } else {
-                            32 * c + r
-                        };
-                    let src = 128 * h + 32 * c + 16 * (r / 16) + VNNI_SIGMA[r % 16] as usize;
-                    out[dst] = two[src];
-                }
-            }
-        }
-    }
-    out[128 * quads..].copy_from_slice(&xp[128 * quads..]);
 }
 
 /// W2 and ternary: how many of a row's `n_chunks` chunks are stored in blocks of four (the
@@ -848,8 +813,9 @@ impl PreparedWeights {
     }
 
     /// Copies token rows into the padded layout and computes `S[t][g]` (N12).
-    /// `isa` is the effective path: on [`Isa::Avx512Vnni`] a GEMM's tokens go into the VNNI
-    /// quad layout ([`quad_permute_vnni`]), else the quad layout.
+    /// `isa` is the effective path: on [`Isa::Avx512Vnni`] a GEMM's tokens go token-major
+    /// ([`tok_permute`]) when the rows are short enough ([`tok_layout`]), else into the quad
+    /// layout.
     fn pad_activations(&self, x_i8: &[i8], m_tokens: usize, scratch: &mut Scratch, isa: Isa) {
         scratch.reserve(self, m_tokens);
         let plen = self.padded_len();
@@ -877,13 +843,8 @@ impl PreparedWeights {
                     &mut scratch.x_quad_m[..m16 * xl],
                 );
             } else {
-                let permute = if isa == Isa::Avx512Vnni {
-                    quad_permute_vnni
-                } else {
-                    quad_permute
-                };
                 for t in 0..m_tokens {
-                    permute(
+                    quad_permute(
                         &scratch.x_pad[t * plen..(t + 1) * plen],
                         self.quad.quads,
                         &mut scratch.x_quad_m[t * xl..(t + 1) * xl],

@@ -736,9 +736,8 @@ fn concat_rows_gemv_equals_parts() {
 
 /// The tiled quad GEMM (`avx2.rs`, W2 / ternary with one chunk a group: one row by eight
 /// tokens over k-blocks of 8 quads, or 7 and the tail chunks; on AVX-512 VNNI token-major,
-/// 16 tokens a vector, rows in fours and tiles in blocks, or for rows longer than
-/// `TOK_MAX_K` (k = `32 * 130`) blocks of 8 quads in pairs with the tail chunks joining the
-/// last block), and the folded GEMM it replaced
+/// 16 tokens a vector, rows in fours and tiles in blocks; rows longer than `TOK_MAX_K` (k =
+/// `32 * 130`) on the AVX2 quad GEMM there), and the folded GEMM it replaced
 /// for those tensors (switched by `set_gemm_quad`; the switch is process-wide, so other tests
 /// running meanwhile may take either path: both are exact). Every token tail (`m % 8` = 0..7),
 /// quads with 0-3 tail groups, one and several k-blocks (32 groups exactly one block, 33 and 35
