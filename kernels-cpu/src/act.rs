@@ -163,3 +163,26 @@ pub fn expf_in_place(x: &mut [f32]) {
         *v = expf(*v);
     }
 }
+
+/// `out[r] = sum_i f64(x[r d + i]) * f64(x[r d + i])` for each row `r` of `d` values, each row
+/// summed in index order from zero with separate multiplies and adds: the `f64` of
+/// `row.iter().map(|&v| f64::from(v) * f64::from(v)).sum()`. On AVX2 CPUs four rows run at a
+/// time, one `f64` lane each (the same operations per lane, so the same sums), which takes the
+/// latency of the sequential additions off the row count.
+///
+/// # Panics
+/// If `x.len() != out.len() * d`.
+pub fn sum_squares_rows(x: &[f32], d: usize, out: &mut [f64]) {
+    assert_eq!(x.len(), out.len() * d, "sum_squares_rows: rows of d values");
+    let mut r0 = 0;
+    if Isa::Avx2.is_available() && d > 0 {
+        r0 = out.len() / 4 * 4;
+        crate::avx2::sum_squares_rows4(&x[..r0 * d], d, &mut out[..r0]);
+    }
+    for (o, row) in out[r0..].iter_mut().zip(x[r0 * d..].chunks_exact(d.max(1))) {
+        *o = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    }
+    if d == 0 {
+        out.fill(0.0);
+    }
+}

@@ -127,11 +127,45 @@ pub(crate) fn expf_in_place_avx2(x: &mut [f32]) {
     })
 }
 
+/// [`crate::act::sum_squares_rows`] for a multiple of four rows: rows `4 b..4 b + 4` in the
+/// four `f64` lanes of one vector (gathered a column at a time), the sequential sum per lane.
+pub(crate) fn sum_squares_rows4(x: &[f32], d: usize, out: &mut [f64]) {
+    assert!(out.len().is_multiple_of(4) && x.len() == out.len() * d && d > 0);
+    assert!(
+        x.len() <= i32::MAX as usize,
+        "row offsets fit the gather's i32 indices"
+    );
+    on_avx2!({
+        // SAFETY: AVX2 is present (checked just above); every gathered index is below
+        // x.len() (rows of d values, asserted).
+        unsafe { n20_imp::sum_squares_rows4(x, d, out) }
+    })
+}
+
 #[cfg(target_arch = "x86_64")]
 mod n20_imp {
     use std::arch::x86_64::*;
 
     use crate::act::{expf, EXPF_C, EXPF_INV_LN2_N, EXPF_SHIFT, EXPF_TAB};
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn sum_squares_rows4(x: &[f32], d: usize, out: &mut [f64]) {
+        let p = x.as_ptr();
+        let di = d as i32;
+        let idx = _mm_setr_epi32(0, di, 2 * di, 3 * di);
+        for (b, o) in out.chunks_exact_mut(4).enumerate() {
+            let base = b * 4 * d;
+            let mut acc = _mm256_setzero_pd();
+            for i in 0..d {
+                // SAFETY: x[base + r d + i] for r < 4, i < d is in bounds (caller).
+                let v = unsafe { _mm_i32gather_ps::<4>(p.add(base + i), idx) };
+                let v = _mm256_cvtps_pd(v);
+                acc = _mm256_add_pd(acc, _mm256_mul_pd(v, v));
+            }
+            // SAFETY: o is four f64.
+            unsafe { _mm256_storeu_pd(o.as_mut_ptr(), acc) };
+        }
+    }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn expf_in_place(x: &mut [f32]) {

@@ -49,7 +49,7 @@ pub mod mem;
 pub mod team;
 pub mod weights;
 
-pub use act::{dequant_run, expf, expf_in_place, quantize_token_isa};
+pub use act::{dequant_run, expf, expf_in_place, quantize_token_isa, sum_squares_rows};
 pub use isa::{Isa, IsaError};
 pub use kv::{KvHeadCpu, KvKernelError, KvScratch, Pv2Out, ValueFolds};
 pub use team::Team;

@@ -753,11 +753,21 @@ impl<'a> RopeTable<'a> {
 /// as ggml does.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
-    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let ss: f64 = xr.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-        let scale = 1.0 / ((ss / d as f64) as f32 + eps).sqrt();
-        for ((o, &xi), &wi) in or.iter_mut().zip(xr).zip(w) {
-            *o = xi * scale * wi;
+    // Each row's sum of squares in f64, in index order (`kernels_cpu::sum_squares_rows`: a
+    // prompt's rows four at a time on AVX2, the same sums), by blocks of rows on the stack.
+    const ROWS: usize = 64;
+    let mut ss = [0f64; ROWS];
+    for (xb, ob) in x
+        .chunks(ROWS * d.max(1))
+        .zip(out.chunks_mut(ROWS * d.max(1)))
+    {
+        let rows = xb.len().checked_div(d).unwrap_or(0);
+        tessera_kernels_cpu::sum_squares_rows(&xb[..rows * d], d, &mut ss[..rows]);
+        for ((xr, or), &ssr) in xb.chunks_exact(d).zip(ob.chunks_exact_mut(d)).zip(&ss) {
+            let scale = 1.0 / ((ssr / d as f64) as f32 + eps).sqrt();
+            for ((o, &xi), &wi) in or.iter_mut().zip(xr).zip(w) {
+                *o = xi * scale * wi;
+            }
         }
     }
 }
