@@ -6,6 +6,7 @@
 //! `push` then `scores` / softmax / `weighted_sum` per head (`serial`), or `push_decode` +
 //! `attend_decode` with (`team`) or without (`noteam`) a thread team. Each time is the minimum
 //! over every layer and rep of one layer's call (times 30): robust to a busy machine.
+//! The kernel path is `TESSERA_FORCE_ISA` (default: the best available).
 use std::time::Instant;
 use tessera::runtime::model::softmax;
 use tessera::runtime::ops::{Backend, Isa, KvCache, KvKind, Team};
@@ -44,7 +45,7 @@ fn main() {
                     NKV,
                     HD,
                     Backend::Cpu,
-                    Isa::Avx2,
+                    Isa::from_env().expect("TESSERA_FORCE_ISA"),
                 )
                 .expect("bench setup")
             })

@@ -2381,6 +2381,27 @@ pub(crate) fn window_qk(q: &[i8], keys: &[i8], out: &mut [i64], lo: i64, hi: i64
     })
 }
 
+/// [`window_qk`] for head dimension 64 on AVX-512 VNNI: one 512-bit `vpdpbusd` a token of the
+/// keys biased to `u8` (`k + 128`) by the query (`i8`), minus `128 * sum(q)` (exact for every
+/// `i8`, -128 included: a lane sums four products below `2^15`, a token below `2^21`), sixteen
+/// tokens' lanes reduced together; the last `n % 16` tokens on the AVX2 path.
+pub(crate) fn window_qk_vnni64(q: &[i8], keys: &[i8], out: &mut [i64], lo: i64, hi: i64) {
+    assert!(
+        crate::Isa::Avx512Vnni.is_available(),
+        "AVX-512 VNNI path on a CPU without it"
+    );
+    assert!(
+        q.len() == 64 && keys.len() >= out.len() * 64,
+        "window_qk_vnni64: 64 channels, keys of every token"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512 VNNI (and AVX2) present, asserted above; every token t < out.len() has
+    // 64 keys (asserted above).
+    unsafe {
+        win_imp::qk64_vnni(q, keys, out, lo, hi);
+    }
+}
+
 /// See [`window_qk`].
 pub(crate) fn window_pv(x: &[i8], values: &[i8], pv: &mut [i32]) {
     on_avx2!({
@@ -2843,6 +2864,56 @@ mod win_imp {
             let d = hsum1(a) + if v16 < hd { tail(t) } else { 0 };
             out[t] = i64::from(d).clamp(lo, hi);
             t += 1;
+        }
+    }
+
+    /// See `super::window_qk_vnni64`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/VNNI and AVX2 present; `q.len() == 64`, `keys.len() >= out.len() * 64`.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn qk64_vnni(q: &[i8], keys: &[i8], out: &mut [i64], lo: i64, hi: i64) {
+        let z = _mm512_setzero_si512();
+        // SAFETY: q has 64 bytes (caller).
+        let qv = unsafe { _mm512_loadu_si512(q.as_ptr().cast()) };
+        let corr = 128 * q.iter().map(|&v| i32::from(v)).sum::<i32>();
+        let bias = _mm512_set1_epi8(i8::MIN);
+        let kp = keys.as_ptr();
+        let n16 = out.len() / 16 * 16;
+        let pair = |a: __m512i, b: __m512i| {
+            _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b))
+        };
+        let quad = |a: __m512i, b: __m512i| {
+            _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b))
+        };
+        let lanes = |a: __m512i, b: __m512i| {
+            _mm512_add_epi32(
+                _mm512_shuffle_i32x4(a, b, 0b10_00_10_00),
+                _mm512_shuffle_i32x4(a, b, 0b11_01_11_01),
+            )
+        };
+        for t0 in (0..n16).step_by(16) {
+            let mut v = [z; 16];
+            for (u, vu) in v.iter_mut().enumerate() {
+                // SAFETY: token t0 + u < n16 <= out.len() has 64 keys (caller).
+                let k = unsafe { _mm512_loadu_si512(kp.add((t0 + u) * 64).cast()) };
+                *vu = _mm512_dpbusd_epi32(z, _mm512_xor_si512(k, bias), qv);
+            }
+            // Lane u of the result is token t0 + u's sum (pairs of i32 lanes, then 64-bit
+            // halves, then 128-bit quarters).
+            let a: [__m512i; 8] = std::array::from_fn(|i| pair(v[2 * i], v[2 * i + 1]));
+            let b: [__m512i; 4] = std::array::from_fn(|i| quad(a[2 * i], a[2 * i + 1]));
+            let sums = lanes(lanes(b[0], b[1]), lanes(b[2], b[3]));
+            let mut s = [0i32; 16];
+            // SAFETY: s is 64 writable bytes.
+            unsafe { _mm512_storeu_si512(s.as_mut_ptr().cast(), sums) };
+            for (o, &su) in out[t0..t0 + 16].iter_mut().zip(&s) {
+                *o = i64::from(su - corr).clamp(lo, hi);
+            }
+        }
+        if n16 < out.len() {
+            // SAFETY: AVX2 present; the remaining tokens have 64 keys each (caller).
+            unsafe { qk(q, &keys[n16 * 64..], &mut out[n16..], lo, hi) };
         }
     }
 

@@ -809,7 +809,9 @@ impl KvHeadCpu {
             )?;
         }
         let wkeys = &self.wkeys[(n4 - self.w0) * hd..(len - self.w0) * hd];
-        if isa.has_avx2() && isa.is_available() && hd < (1 << 17) {
+        if isa == Isa::Avx512Vnni && isa.is_available() && hd == 64 {
+            crate::avx2::window_qk_vnni64(q_i8, wkeys, &mut acc_out[n4..], lo, hi);
+        } else if isa.has_avx2() && isa.is_available() && hd < (1 << 17) {
             // |q * k| <= 2^14 per channel: the i32 sums are exact for hd < 2^17.
             crate::avx2::window_qk(q_i8, wkeys, &mut acc_out[n4..], lo, hi);
         } else {
