@@ -1706,9 +1706,10 @@ mod imp {
         /// proves no saturation), `m` tokens in the layout of `crate::weights::tok_permute`
         /// (`xq.x`) with paired group sums (`xq.s_pair`, token stride a multiple of 16):
         /// lanes are tokens, so no horizontal sums. Each row's codes are decoded once into a
-        /// panel (`u8`, natural order); then by blocks of tiles of 16 tokens small enough for
-        /// L1 (`TOK_L1` bytes of codes), every four rows run [`tok_block`] on the block, so a
-        /// block's token codes are read from L1 by all rows and each load serves four rows.
+        /// panel (`u8`, natural order); then by blocks of one or two tiles of 16 tokens (two
+        /// while they fit `TOK_L1` bytes of codes), every four rows run [`tok_block`] on the
+        /// block, so a block's token codes are read from cache by all rows and each load
+        /// serves four rows.
         ///
         /// # Safety
         /// AVX2 and AVX-512 F/BW/VL/VNNI present; the rows are checked rows of both layouts;
@@ -1725,7 +1726,9 @@ mod imp {
             o: *mut i64,
         ) {
             use crate::weights::{TOK_MAX_K, TOK_TILE};
-            const TOK_L1: usize = 24 << 10;
+            // Two tiles a block while they take at most 48 KiB (k <= 1536): at k = 1536 this
+            // measured 4-6% faster than one tile a block, though the panels then leave L1.
+            const TOK_L1: usize = 48 << 10;
             let groups = ctx.groups;
             let plen = 32 * groups;
             assert!(plen <= TOK_MAX_K && ctx.chunks_per_group == 1 && ctx.bits == 2);
@@ -1825,8 +1828,10 @@ mod imp {
         /// to `i64` every four groups (`< 2^30.6`). Each token-code load serves the `R` rows.
         /// The zero term `sum_g gscale * zero * S` by pairs of groups as in
         /// [`super::zero_term_tile`], sixteen tokens at once (`lo` pairs below `2^28` summed
-        /// four at a time in `i32`, `hi` pairs below `2^21`, fewer than `2^10` pairs); then
-        /// the lattice shift, and the results are stored (tokens past `m` masked).
+        /// four at a time in `i32`, `hi` pairs below `2^21`, fewer than `2^10` pairs), per tile
+        /// for the `R` rows together (one row's two chains alone are latency-bound: that took
+        /// ~17% of the kernel); then the lattice shift, and the results are stored (tokens past
+        /// `m` masked).
         ///
         /// # Safety
         /// As [`tok_rows`]: tiles `j0..j0 + N` exist in `xt`, `sp + pr * stride + 16 (j0 + N)`
@@ -1859,8 +1864,11 @@ mod imp {
             };
             for g in 0..groups {
                 // R * N independent chains of eight steps (enough to cover the products'
-                // latency); each broadcast serves N tiles, each token load R rows.
+                // latency); each broadcast serves N tiles, each token load R rows. With one
+                // tile, odd steps go to a second set of chains (`part2`), else R chains of
+                // eight dependent steps would leave half the multipliers idle.
                 let mut part = [[z; N]; R];
+                let mut part2 = [[z; N]; R];
                 for c in 0..8 {
                     let step = 8 * g + c;
                     // SAFETY: code step `step` of each panel (32 * groups codes); tile j0 + j's
@@ -1877,7 +1885,11 @@ mod imp {
                                 xt.add((j0 + j) * tile_bytes + 64 * step).cast(),
                             );
                             for r in 0..R {
-                                part[r][j] = _mm512_dpbusd_epi32(part[r][j], wb[r], xv);
+                                if N == 1 && c % 2 == 1 {
+                                    part2[r][j] = _mm512_dpbusd_epi32(part2[r][j], wb[r], xv);
+                                } else {
+                                    part[r][j] = _mm512_dpbusd_epi32(part[r][j], wb[r], xv);
+                                }
                             }
                         }
                     }
@@ -1885,7 +1897,11 @@ mod imp {
                 for r in 0..R {
                     let gsv = _mm512_set1_epi32(p[r].gs[g]);
                     for j in 0..N {
-                        let pj = part[r][j];
+                        let pj = if N == 1 {
+                            _mm512_add_epi32(part[r][j], part2[r][j])
+                        } else {
+                            part[r][j]
+                        };
                         acc32[r][j] = _mm512_add_epi32(acc32[r][j], _mm512_mullo_epi32(pj, gsv));
                     }
                 }
@@ -1898,30 +1914,38 @@ mod imp {
                     }
                 }
             }
-            for r in 0..R {
-                let lsv = _mm_cvtsi32_si128(p[r].ls as i32);
-                for j in 0..N {
-                    widen(&mut acc64[r][j], acc32[r][j]);
-                    let (mut zl64, mut zl, mut zh, mut since) = ([z; 2], z, z, 0);
-                    for (pr, &(lo, hi)) in p[r].gz.iter().enumerate() {
-                        // SAFETY: sixteen sums of pair pr for tile j0 + j (caller).
+            // The zero terms, per tile all R rows together (R independent chains of
+            // `vpdpwssd` each for `lo` and `hi`, so the products' latency is covered).
+            let pairs = p[0].gz.len();
+            for j in 0..N {
+                let (mut zl, mut zh, mut zl64) = ([z; R], [z; R], [[z; 2]; R]);
+                let mut pr = 0;
+                while pr < pairs {
+                    let end = (pr + 4).min(pairs);
+                    for q in pr..end {
+                        // SAFETY: sixteen sums of pair q for tile j0 + j (caller).
                         let sv = unsafe {
-                            _mm512_loadu_si512(sp.add(pr * stride + 16 * (j0 + j)).cast())
+                            _mm512_loadu_si512(sp.add(q * stride + 16 * (j0 + j)).cast())
                         };
-                        zl = _mm512_add_epi32(zl, _mm512_madd_epi16(sv, _mm512_set1_epi32(lo)));
-                        zh = _mm512_add_epi32(zh, _mm512_madd_epi16(sv, _mm512_set1_epi32(hi)));
-                        since += 1;
-                        if since == 4 {
-                            widen(&mut zl64, zl);
-                            zl = z;
-                            since = 0;
+                        for r in 0..R {
+                            let (lo, hi) = p[r].gz[q];
+                            zl[r] = _mm512_dpwssd_epi32(zl[r], sv, _mm512_set1_epi32(lo));
+                            zh[r] = _mm512_dpwssd_epi32(zh[r], sv, _mm512_set1_epi32(hi));
                         }
                     }
-                    widen(&mut zl64, zl);
+                    for r in 0..R {
+                        widen(&mut zl64[r], zl[r]);
+                        zl[r] = z;
+                    }
+                    pr = end;
+                }
+                for r in 0..R {
+                    let lsv = _mm_cvtsi32_si128(p[r].ls as i32);
+                    widen(&mut acc64[r][j], acc32[r][j]);
                     let mut zh64 = [z; 2];
-                    widen(&mut zh64, zh);
+                    widen(&mut zh64, zh[r]);
                     for h in 0..2 {
-                        let zt = _mm512_add_epi64(zl64[h], _mm512_slli_epi64(zh64[h], 15));
+                        let zt = _mm512_add_epi64(zl64[r][h], _mm512_slli_epi64(zh64[h], 15));
                         let v = _mm512_sub_epi64(_mm512_sll_epi64(acc64[r][j][h], lsv), zt);
                         let t0 = 16 * (j0 + j) + 8 * h;
                         if t0 < m {
