@@ -1744,8 +1744,8 @@ mod imp {
             // and `ceil(groups / 2)` zero-term pairs are written, then read.
             let mut codes = [[std::mem::MaybeUninit::<u8>::uninit(); TOK_MAX_K]; TOK_ROWS];
             let mut gs = [[std::mem::MaybeUninit::<i32>::uninit(); TOK_MAX_K / 32]; TOK_ROWS];
-            let mut gz =
-                [[std::mem::MaybeUninit::<(i32, i32)>::uninit(); TOK_MAX_K / 64]; TOK_ROWS];
+            let mut gzl = [[std::mem::MaybeUninit::<i32>::uninit(); TOK_MAX_K / 64]; TOK_ROWS];
+            let mut gzh = [[std::mem::MaybeUninit::<i32>::uninit(); TOK_MAX_K / 64]; TOK_ROWS];
             for (r, &i) in fold.iter().enumerate() {
                 let row = row0 + i;
                 let w = ctx.data[row * ctx.row_bytes..(row + 1) * ctx.row_bytes].as_ptr();
@@ -1758,25 +1758,79 @@ mod imp {
                 }
                 let gscale = &ctx.gscale_q[row * groups..(row + 1) * groups];
                 let zero = &ctx.zero_u8[row * groups..(row + 1) * groups];
-                for g in 0..groups {
-                    gs[r][g].write(i32::from(gscale[g]));
+                // Sixteen groups a step: the scales as `i32`, and `gscale * zero` (`< 2^23`)
+                // split as `hi * 2^15 + lo`, each half narrowed to `i16` so that consecutive
+                // groups pair up in one `i32` (`lo_0 | lo_1 << 16`, as `super::gz_pair`);
+                // lanes past `groups` are loaded as 0, so an odd last pair's upper half is 0.
+                for g0 in (0..groups).step_by(16) {
+                    let k: __mmask16 = if groups - g0 >= 16 {
+                        0xFFFF
+                    } else {
+                        (1u16 << (groups - g0)) - 1
+                    };
+                    // SAFETY: the masked lanes g0..min(g0 + 16, groups) of both slices are in
+                    // range; the stores write 16 `i32` at g0 and 8 at g0 / 2, inside the panels
+                    // (`TOK_MAX_K / 32` and `TOK_MAX_K / 64` long: multiples of 16 and 8, and
+                    // `groups <= TOK_MAX_K / 32`).
+                    unsafe {
+                        let gsv = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                            k,
+                            gscale.as_ptr().add(g0).cast(),
+                        ));
+                        let zv = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(
+                            k,
+                            zero.as_ptr().add(g0).cast(),
+                        ));
+                        let gz = _mm512_mullo_epi32(gsv, zv);
+                        let lo = _mm512_and_si512(gz, _mm512_set1_epi32(0x7FFF));
+                        let hi = _mm512_srli_epi32(gz, 15);
+                        _mm512_storeu_si512(gs[r].as_mut_ptr().add(g0).cast(), gsv);
+                        _mm256_storeu_si256(
+                            gzl[r].as_mut_ptr().add(g0 / 2).cast(),
+                            _mm512_cvtepi32_epi16(lo),
+                        );
+                        _mm256_storeu_si256(
+                            gzh[r].as_mut_ptr().add(g0 / 2).cast(),
+                            _mm512_cvtepi32_epi16(hi),
+                        );
+                    }
                 }
-                for (pr, v) in gz[r].iter_mut().enumerate().take(groups.div_ceil(2)) {
-                    v.write(super::gz_pair(gscale, zero, pr, groups));
+                debug_assert!((0..groups.div_ceil(2)).all(|pr| {
+                    // SAFETY: pairs 0..ceil(groups / 2) were written above.
+                    let (lo, hi) = unsafe { (gzl[r][pr].assume_init(), gzh[r][pr].assume_init()) };
+                    (lo, hi) == super::gz_pair(gscale, zero, pr, groups)
+                }));
+            }
+            // The next call's rows (the following sub-block): prefetched now, so that their
+            // panels are not built from memory stalls (1 thread, weights cycling through L3:
+            // ~5% of the call).
+            let next = row0 + TOK_ROWS..(row0 + 2 * TOK_ROWS).min(ctx.row_bound.len());
+            if !next.is_empty() {
+                let spans = [
+                    (ctx.data, next.start * ctx.row_bytes, next.end * ctx.row_bytes),
+                    (ctx.zero_u8, next.start * groups, next.end * groups),
+                ];
+                for (bytes, a, b) in spans {
+                    for off in (a..b.min(bytes.len())).step_by(64) {
+                        // SAFETY: `off` is inside `bytes` (a prefetch reads nothing anyway).
+                        unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(off).cast()) };
+                    }
+                }
+                let (a, b) = (next.start * groups, (next.end * groups).min(ctx.gscale_q.len()));
+                for off in (a..b).step_by(32) {
+                    // SAFETY: `off` is inside `gscale_q`.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(ctx.gscale_q.as_ptr().add(off).cast()) };
                 }
             }
+            let pairs = groups.div_ceil(2);
             let panel = |r: usize| RowPanel {
                 // SAFETY: row r of `fold` (r < fold.len()) had its codes 0..plen written above.
                 codes: unsafe { std::slice::from_raw_parts(codes[r].as_ptr().cast::<u8>(), plen) },
-                // SAFETY (both): row r's first `groups` scales and `ceil(groups / 2)` pairs
-                // were written above.
+                // SAFETY (all three): row r's first `groups` scales and `ceil(groups / 2)`
+                // pairs were written above.
                 gs: unsafe { std::slice::from_raw_parts(gs[r].as_ptr().cast::<i32>(), groups) },
-                gz: unsafe {
-                    std::slice::from_raw_parts(
-                        gz[r].as_ptr().cast::<(i32, i32)>(),
-                        groups.div_ceil(2),
-                    )
-                },
+                gz_lo: unsafe { std::slice::from_raw_parts(gzl[r].as_ptr().cast::<i32>(), pairs) },
+                gz_hi: unsafe { std::slice::from_raw_parts(gzh[r].as_ptr().cast::<i32>(), pairs) },
                 ls: ctx.lattice_shift,
             };
             let nt = if 2 * TOK_TILE * plen <= TOK_L1 { 2 } else { 1 };
@@ -1816,7 +1870,8 @@ mod imp {
         struct RowPanel<'a> {
             codes: &'a [u8],
             gs: &'a [i32],
-            gz: &'a [(i32, i32)],
+            gz_lo: &'a [i32],
+            gz_hi: &'a [i32],
             ls: u32,
         }
 
@@ -1916,7 +1971,7 @@ mod imp {
             }
             // The zero terms, per tile all R rows together (R independent chains of
             // `vpdpwssd` each for `lo` and `hi`, so the products' latency is covered).
-            let pairs = p[0].gz.len();
+            let pairs = p[0].gz_lo.len();
             for j in 0..N {
                 let (mut zl, mut zh, mut zl64) = ([z; R], [z; R], [[z; 2]; R]);
                 let mut pr = 0;
@@ -1928,7 +1983,7 @@ mod imp {
                             _mm512_loadu_si512(sp.add(q * stride + 16 * (j0 + j)).cast())
                         };
                         for r in 0..R {
-                            let (lo, hi) = p[r].gz[q];
+                            let (lo, hi) = (p[r].gz_lo[q], p[r].gz_hi[q]);
                             zl[r] = _mm512_dpwssd_epi32(zl[r], sv, _mm512_set1_epi32(lo));
                             zh[r] = _mm512_dpwssd_epi32(zh[r], sv, _mm512_set1_epi32(hi));
                         }
