@@ -68,7 +68,7 @@ fn main() {
             let mut caches = fresh();
             for c in caches.iter_mut() {
                 let t0 = Instant::now();
-                assert!(c.attend_prefill(&k, &v, &q, n, NH, scale, &mut att));
+                assert!(c.attend_prefill(&Team::new(), &k, &v, &q, n, NH, scale, &mut att));
                 best_pf = best_pf.min(t0.elapsed().as_secs_f64() * L as f64);
             }
             sum += att.iter().map(|&x| x as f64).sum::<f64>();

@@ -32,7 +32,8 @@ fn tiny_model_heads(seed: u64, n_head: usize, n_kv: usize) -> Model {
 }
 
 /// Prompt then `steps` greedy decode steps: every step's logits and the tokens. On the CPU
-/// backend the decode steps lead the session's thread team (when the test pool has 2+ threads).
+/// backend the prompt and the decode steps lead the session's thread team (when the test pool
+/// has 2+ threads).
 fn generate(m: &Model, prompt: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
     generate_team(m, prompt, steps, true)
 }
@@ -40,6 +41,7 @@ fn generate(m: &Model, prompt: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>
 fn generate_team(m: &Model, prompt: &[u32], steps: usize, team: bool) -> (Vec<Vec<f32>>, Vec<u32>) {
     let mut s = m.session();
     s.decode_team = team;
+    s.prefill_team = team;
     let mut all = Vec::new();
     let mut toks = Vec::new();
     let mut logits = m.forward(&mut s, prompt, false).unwrap();

@@ -1807,7 +1807,11 @@ mod imp {
             let next = row0 + TOK_ROWS..(row0 + 2 * TOK_ROWS).min(ctx.row_bound.len());
             if !next.is_empty() {
                 let spans = [
-                    (ctx.data, next.start * ctx.row_bytes, next.end * ctx.row_bytes),
+                    (
+                        ctx.data,
+                        next.start * ctx.row_bytes,
+                        next.end * ctx.row_bytes,
+                    ),
                     (ctx.zero_u8, next.start * groups, next.end * groups),
                 ];
                 for (bytes, a, b) in spans {
@@ -1816,7 +1820,10 @@ mod imp {
                         unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(off).cast()) };
                     }
                 }
-                let (a, b) = (next.start * groups, (next.end * groups).min(ctx.gscale_q.len()));
+                let (a, b) = (
+                    next.start * groups,
+                    (next.end * groups).min(ctx.gscale_q.len()),
+                );
                 for off in (a..b).step_by(32) {
                     // SAFETY: `off` is inside `gscale_q`.
                     unsafe { _mm_prefetch::<_MM_HINT_T0>(ctx.gscale_q.as_ptr().add(off).cast()) };

@@ -1,4 +1,5 @@
-//! A small thread team for the many short parallel loops of one decode step.
+//! A small thread team for the many short parallel loops of one decode step (and of a
+//! prompt's forward pass: its products, N5 and batched attention, docs/performance.md).
 //!
 //! A decode step makes about 120 weight products of 10-100 us each. Forking each on rayon
 //! (`par_chunks_mut`) wakes the pool's sleeping workers every time; a [`Team`] instead keeps
@@ -154,15 +155,22 @@ impl Team {
         )
     }
 
-    /// Runs `f` on a worker of the current rayon pool (in place when the caller is one) as the
-    /// team's leader, with `min(threads, pool size) - 1` helpers taken from the pool until `f`
-    /// returns. `threads <= 1` runs `f` without a team.
+    /// Runs `f` on a worker of the current rayon pool (in place when the caller is one; from
+    /// another thread, through `rayon::scope`, so that `f`'s parallel loops fork from a worker)
+    /// as the team's leader, with `min(threads, pool size) - 1` helpers taken from the pool
+    /// until `f` returns. `threads <= 1` runs `f` without a team.
     ///
     /// On a machine busier than its cores, spinning helpers are descheduled and only take CPU
     /// time from the leader: when the helpers of a lead ran under [`MIN_HELPER_SHARE`] of its
     /// tasks, the next [`BACKOFF_LEADS`] leads run without helpers (their parallel work then
     /// forks on rayon, whose workers sleep), then the team tries again.
     pub fn lead<R: Send>(&self, threads: usize, f: impl FnOnce() -> R + Send) -> R {
+        if rayon::current_thread_index().is_none() {
+            // Not on a pool worker: lead from one. (Else the helpers' `rayon::join` would run
+            // `f` on a worker while the calling thread is marked as the leader, and without
+            // helpers `f`'s parallel loops would each be injected into the pool from outside.)
+            return rayon::scope(|_| self.lead(threads, f));
+        }
         let sh = &*self.shared;
         let skip = threads > 1
             && sh

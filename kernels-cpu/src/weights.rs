@@ -125,8 +125,9 @@ const EPILOGUE_ROWS: usize = 64;
 #[derive(Clone, Copy)]
 struct OutPtr<T>(*mut T);
 
-// SAFETY: only used by `gemm_acc_in`, `gemv_tasks` and `gemv_epilogue_in`, whose tasks write
-// disjoint elements (GEMM row blocks, guided GEMV row ranges) of a `T: Send` buffer.
+// SAFETY: only used by `gemm_acc_in`, `gemm_epilogue_in`, `gemv_tasks` and `gemv_epilogue_in`,
+// whose tasks write disjoint elements (GEMM row blocks, guided GEMV row ranges) of a `T: Send`
+// buffer.
 #[allow(unsafe_code)]
 unsafe impl<T: Send> Send for OutPtr<T> {}
 // SAFETY: as above.
@@ -1153,9 +1154,32 @@ impl PreparedWeights {
         T: Send,
         F: Fn(usize, usize, &[i32], &mut [T]) + Sync,
     {
+        self.gemm_epilogue_in(None, isa, dp, x_i8, m_tokens, stage, scratch, outs, epi)
+    }
+
+    /// As [`Self::gemm_epilogue`]; when the caller leads `team` ([`Team::lead`]) the tasks
+    /// (GEMM row blocks, or the GEMV's rows for one token) run on the team instead of rayon:
+    /// the same tasks, so the same integers, without waking rayon's sleeping workers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_epilogue_in<T, F>(
+        &self,
+        team: Option<&Team>,
+        isa: Isa,
+        dp: &Datapath,
+        x_i8: &[i8],
+        m_tokens: usize,
+        stage: &OutputStage,
+        scratch: &mut Scratch,
+        outs: &mut [&mut [T]],
+        epi: F,
+    ) -> Result<(), OpError>
+    where
+        T: Send,
+        F: Fn(usize, usize, &[i32], &mut [T]) + Sync,
+    {
         if m_tokens == 1 {
-            // The GEMV path, without a team (rayon tasks), allocating nothing.
-            return self.gemv_epilogue_in(None, isa, dp, x_i8, stage, scratch, outs, epi);
+            // The GEMV path, allocating nothing.
+            return self.gemv_epilogue_in(team, isa, dp, x_i8, stage, scratch, outs, epi);
         }
         stage.check()?;
         let total: usize = outs.iter().map(|o| o.len()).sum();
@@ -1251,6 +1275,32 @@ impl PreparedWeights {
                 .zip(y_sub.chunks_mut(task_len))
                 .enumerate()
                 .for_each(|(task, (block, ysub))| run(task * rows_per_task, block, ysub));
+        } else if let Some(team) = team.filter(|t| t.is_leading() && t.threads() > 1) {
+            let block_len = rows_per_task * m_tokens;
+            let (acc_p, y_p) = (OutPtr(acc_nt.as_mut_ptr()), OutPtr(y_sub.as_mut_ptr()));
+            let (acc_len, y_len) = (acc_nt.len(), y_sub.len());
+            team.for_each(tasks, |task, _| {
+                let a0 = task * block_len;
+                let a1 = (a0 + block_len).min(acc_len);
+                let y0 = task * task_len;
+                assert!(
+                    a0 < a1 && y0 + task_len <= y_len,
+                    "GEMM task inside its buffers"
+                );
+                // SAFETY: task `task`'s chunks of `acc_nt` (`block_len` elements, the last one
+                // shorter) and of `y_sub` (`task_len`) are inside them (asserted) and are the
+                // chunks the rayon path hands to that task: `for_each` runs each index once,
+                // so no two tasks share an element, and both buffers stay mutably borrowed
+                // (unused elsewhere) until every task has finished.
+                #[allow(unsafe_code)]
+                let (block, ysub) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(acc_p.at(a0), a1 - a0),
+                        std::slice::from_raw_parts_mut(y_p.at(y0), task_len),
+                    )
+                };
+                run(task * rows_per_task, block, ysub);
+            });
         } else {
             acc_nt
                 .par_chunks_mut(rows_per_task * m_tokens)

@@ -54,6 +54,37 @@ fn every_task_runs_once_for_any_count_and_threads() {
     }
 }
 
+/// A `lead` from a thread outside the pool (as `tessera bench`'s prefill calls the forward
+/// pass) runs `f` on a pool worker and leads from it: the loops reach the helpers, and the
+/// calling thread is not left marked as a leader.
+#[test]
+fn lead_from_outside_the_pool_leads_from_a_worker() {
+    let team = Team::new();
+    let ran_on_worker = std::thread::scope(|s| {
+        // A plain thread: not a worker of any pool (the lead takes the global pool's).
+        s.spawn(|| {
+            assert!(rayon::current_thread_index().is_none());
+            let r = team.lead(2, || {
+                // Helpers only where the global pool has two threads or more.
+                let helpers = rayon::current_num_threads() >= 2;
+                assert_eq!(team.is_leading(), helpers);
+                assert_eq!(team.threads(), if helpers { 2 } else { 1 });
+                let hits: Vec<AtomicUsize> = (0..64).map(|_| AtomicUsize::new(0)).collect();
+                team.for_each(64, |i, _| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+                rayon::current_thread_index().is_some()
+            });
+            assert!(!team.is_leading(), "the caller is not left leading");
+            r
+        })
+        .join()
+        .expect("no panic")
+    });
+    assert!(ran_on_worker, "f ran on a pool worker");
+}
+
 #[test]
 fn chunks_are_disjoint_and_cover_the_slice() {
     let team = Team::new();
@@ -318,6 +349,97 @@ fn team_gemv_epilogue_equals_acc_then_stage_in_every_part() {
                         got, want_rows,
                         "{format:?} n {n} isa {isa} threads {threads}"
                     );
+                }
+            }
+        }
+    }
+}
+
+/// `gemm_epilogue_in` on a team the caller leads (a prompt's products, several tokens) gives
+/// every (token, row) exactly once, the same N14 outputs as `gemm_epilogue` on rayon, in every
+/// part: teams of 1-4 threads, token counts with and without a 16-token tail, tensors above the
+/// sequential threshold split into one or three parts (the tasks are the rayon path's row
+/// blocks, claimed dynamically).
+#[test]
+fn team_gemm_epilogue_equals_rayon_in_every_part() {
+    let mut rng = Rng(19);
+    let d = Datapath {
+        w_group_len: 32,
+        w_scale_bits: 16,
+        acc_bits: 48,
+        kv_group_len: 16,
+        kv_recent_window: 16,
+    };
+    let stage = tessera_golden::ops::OutputStage::weight_lattice_i32(15);
+    for format in [WeightFormat::W2, WeightFormat::W8] {
+        for &(n, k, cuts) in &[
+            (1001usize, 576usize, &[1001usize][..]),
+            (960, 576, &[576, 192, 192][..]),
+        ] {
+            let groups = k.div_ceil(32);
+            let max = u64::from(format.max_code()) + 1;
+            let codes: Vec<u8> = (0..n * k).map(|_| (rng.next() % max) as u8).collect();
+            let gscale = (0..n * groups)
+                .map(|_| (rng.next() % 32769) as u16)
+                .collect();
+            let zero = (0..n * groups).map(|_| rng.next() as u8).collect();
+            let w =
+                QuantWeights::from_codes(format, n, k, 32, 16, &codes, gscale, zero, vec![1.0; n])
+                    .expect("tensor");
+            let p = PreparedWeights::from(&w);
+            for m in [5usize, 33] {
+                let x: Vec<i8> = (0..m * k).map(|_| rng.next() as i8).collect();
+                for isa in Isa::available() {
+                    // `(t, row, y)` per element, from a run on rayon or on a team.
+                    let run = |team: Option<&Team>| {
+                        let mut got = vec![(usize::MAX, 0usize, 0i32); m * n];
+                        let mut bufs: Vec<Vec<(usize, usize, i32)>> = cuts
+                            .iter()
+                            .map(|&c| vec![(usize::MAX, 0, 0); m * c])
+                            .collect();
+                        let mut parts: Vec<&mut [(usize, usize, i32)]> =
+                            bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+                        p.gemm_epilogue_in(
+                            team,
+                            isa,
+                            &d,
+                            &x,
+                            m,
+                            &stage,
+                            &mut Scratch::new(),
+                            &mut parts,
+                            |t, row, y: &[i32], out: &mut [(usize, usize, i32)]| {
+                                for (i, (o, &v)) in out.iter_mut().zip(y).enumerate() {
+                                    assert_eq!(o.0, usize::MAX, "(t {t}, row {row}) twice");
+                                    *o = (t, row + i, v);
+                                }
+                            },
+                        )
+                        .expect("epilogue");
+                        let mut row0 = 0;
+                        for (b, &c) in bufs.iter().zip(cuts) {
+                            for t in 0..m {
+                                for j in 0..c {
+                                    got[t * n + row0 + j] = b[t * c + j];
+                                }
+                            }
+                            row0 += c;
+                        }
+                        got
+                    };
+                    let want = pool(2).install(|| run(None));
+                    assert!(
+                        want.iter().all(|e| e.0 != usize::MAX),
+                        "every element emitted"
+                    );
+                    for threads in 1..=4 {
+                        let team = Team::new();
+                        let got = pool(threads).install(|| team.lead(threads, || run(Some(&team))));
+                        assert_eq!(
+                            got, want,
+                            "{format:?} n {n} m {m} isa {isa} threads {threads}"
+                        );
+                    }
                 }
             }
         }

@@ -186,6 +186,9 @@ pub struct Session {
     /// Decode steps lead the session's thread team (see [`Model::forward_into`]); on unless
     /// `TESSERA_DECODE_TEAM=0` ([`DECODE_TEAM_ENV`]), set by [`Model::session`].
     pub decode_team: bool,
+    /// Prompts (several tokens a pass) lead the team too; on unless `TESSERA_PREFILL_TEAM=0`
+    /// ([`PREFILL_TEAM_ENV`]), set by [`Model::session`].
+    pub prefill_team: bool,
 }
 
 /// Buffers of one forward step (activations, scores, logits, the linears' scratch).
@@ -433,6 +436,7 @@ impl Model {
                 ..Workspace::default()
             },
             decode_team: decode_team_from_env(),
+            prefill_team: prefill_team_from_env(),
         }
     }
 
@@ -463,16 +467,24 @@ impl Model {
     /// thread team ([`Team`]) with as many threads as the rayon pool: its helpers spin between
     /// the step's products, so a GEMV costs a few atomic operations of synchronisation instead
     /// of a rayon wake-up (the same integers: only which thread computes a row changes). A
-    /// prompt, and the other backends (whose products fork on rayon), run without it; so does
-    /// every step when [`Session::decode_team`] is unset (`TESSERA_DECODE_TEAM=0`,
-    /// [`DECODE_TEAM_ENV`]; on by default since the quiet-machine pairs in docs/performance.md).
+    /// prompt leads it as well (its products, N5 and batched attention run their tasks on the
+    /// team: +7% prefill in paired runs, docs/performance.md). The other backends (whose
+    /// products fork on rayon) run without it; so does every decode step when
+    /// [`Session::decode_team`] is unset (`TESSERA_DECODE_TEAM=0`, [`DECODE_TEAM_ENV`]; on by
+    /// default since the quiet-machine pairs in docs/performance.md), and every prompt when
+    /// [`Session::prefill_team`] is (`TESSERA_PREFILL_TEAM=0`).
     pub fn forward_into<'s>(
         &self,
         s: &'s mut Session,
         tokens: &[u32],
         rows: usize,
     ) -> Result<&'s [f32]> {
-        let threads = if tokens.len() == 1 && s.decode_team && self.all_linears_on_cpu_backend() {
+        let team_on = if tokens.len() == 1 {
+            s.decode_team
+        } else {
+            s.prefill_team
+        };
+        let threads = if team_on && self.all_linears_on_cpu_backend() {
             rayon::current_num_threads()
         } else {
             1
@@ -574,7 +586,7 @@ impl Model {
                     rope.apply(i, &mut k[i * kvd..(i + 1) * kvd]);
                 }
                 lap(prof, &mut t, 3);
-                cache.attend_prefill(k, v, q, n, c.n_head, scale, att);
+                cache.attend_prefill(&lin.team, k, v, q, n, c.n_head, scale, att);
                 lap(prof, &mut t, 5);
             } else if n == 1 && cache.batches_prefill() {
                 // A decode step on the CPU backend: the KV heads' pushes, then the query heads'
@@ -691,6 +703,26 @@ fn decode_team_from_env() -> bool {
         Ok(v) if v == "0" => false,
         Ok(v) => {
             eprintln!("warning: {DECODE_TEAM_ENV}={v:?} is not 0 or 1; the decode team stays on");
+            true
+        }
+    })
+}
+
+/// Environment variable that switches the thread team off (`0`) or on (`1`, the default) for
+/// prompts (several tokens a forward pass): the products' and the batched attention's tasks
+/// then run on the team, whose helpers spin between loops, instead of forking on rayon.
+pub const PREFILL_TEAM_ENV: &str = "TESSERA_PREFILL_TEAM";
+
+/// Whether [`PREFILL_TEAM_ENV`] leaves the prompt team on (read once, as
+/// [`decode_team_from_env`]).
+fn prefill_team_from_env() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| match std::env::var(PREFILL_TEAM_ENV) {
+        Err(_) => true,
+        Ok(v) if v == "1" => true,
+        Ok(v) if v == "0" => false,
+        Ok(v) => {
+            eprintln!("warning: {PREFILL_TEAM_ENV}={v:?} is not 0 or 1; the prompt team stays on");
             true
         }
     })

@@ -240,7 +240,8 @@ impl EngineLinear {
         let c = DequantConst::new(&stage, weight_frac_bits(w));
         if n_tok > 1 {
             // A prompt: N14 and N20 per GEMM sub-block, in the GEMM's tasks.
-            let ok = pw.gemm_epilogue(
+            let ok = pw.gemm_epilogue_in(
+                Some(&ws.team),
                 self.isa,
                 &self.dp,
                 &ws.codes[..n_tok * k],
@@ -430,7 +431,8 @@ impl Linear {
         let rs = f.w.row_scale();
         if n_tok > 1 {
             // A prompt: N14 and N20 per GEMM sub-block, in the GEMM's tasks.
-            let ok = f.w.gemm_epilogue(
+            let ok = f.w.gemm_epilogue_in(
+                Some(&ws.team),
                 e.isa,
                 &e.dp,
                 &ws.codes[..n_tok * k],
@@ -512,7 +514,37 @@ impl LinearScratch {
             // A decode step: no fork (the step may be leading the team).
             return one((x, (codes, &mut scales[0])));
         }
-        // A prompt: tokens are independent, so in parallel (the same codes and scales).
+        // A prompt: tokens are independent, so in parallel (the same codes and scales): on
+        // the team when the pass leads it (its helpers spin between loops), else on rayon.
+        if self.team.is_leading() && self.team.threads() > 1 {
+            const TOKENS_PER_TASK: usize = 8;
+            let chunks = x.chunks(TOKENS_PER_TASK * k).zip(
+                codes
+                    .chunks_mut(TOKENS_PER_TASK * k)
+                    .zip(scales.chunks_mut(TOKENS_PER_TASK)),
+            );
+            let n_tasks = n_tok.div_ceil(TOKENS_PER_TASK);
+            // Each task takes the next chunks from one shared iterator (the lock is held only
+            // to take them).
+            let chunks = Mutex::new(chunks);
+            let finite = std::sync::atomic::AtomicBool::new(true);
+            self.team.for_each(n_tasks, |_, _| {
+                let Some((xc, (cc, sc))) = lock(&chunks).next() else {
+                    return;
+                };
+                // Every token of the chunk (no short cut), as the rayon path's reduce.
+                let failed = xc
+                    .chunks(k)
+                    .zip(cc.chunks_mut(k).zip(sc.iter_mut()))
+                    .map(one)
+                    .filter(|ok| !ok)
+                    .count();
+                if failed > 0 {
+                    finite.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+            return finite.into_inner();
+        }
         x.par_chunks(k)
             .zip(codes.par_chunks_mut(k).zip(scales.par_iter_mut()))
             .map(one)
@@ -1042,10 +1074,13 @@ impl KvCache {
     /// the mirror's sync; heads are independent), then spawns one task per block of
     /// [`PREFILL_BLOCK`] positions for the query heads of its group (each with the value folds of
     /// its positions). The pushes of one head thus overlap the attention of another, and work
-    /// stealing balances the blocks (later positions see more keys).
+    /// stealing balances the blocks (later positions see more keys). When the caller leads
+    /// `team` (a prompt's forward pass, `Model::forward_into`), the same tasks run on it
+    /// instead, as two loops: the heads' pushes, then every (head, block).
     #[allow(clippy::too_many_arguments)]
     pub fn attend_prefill(
         &mut self,
+        team: &Team,
         k: &[f32],
         v: &[f32],
         q: &[f32],
@@ -1106,56 +1141,82 @@ impl KvCache {
                 outs[h][i / PREFILL_BLOCK].push(part);
             }
         }
-        cpu.add_members(rayon::current_num_threads().max(1), hd);
+        let on_team = team.is_leading() && team.threads() > 1;
+        let members = rayon::current_num_threads().max(team.threads()).max(1);
+        cpu.add_members(members, hd);
         let (isa, bufs, zeros) = (cpu.isa, &cpu.members.0, &cpu.zeros);
         let (finite, poisoned_after, first_failed) = (&finite, &poisoned_after, &first_failed);
-        rayon::scope(|s| {
-            let per_head = cpu.mirrors.iter_mut().zip(outs);
-            for (h, (mirror, outs_h)) in per_head.enumerate() {
-                s.spawn(move |s| {
-                    for (i, &fin) in finite.iter().enumerate() {
-                        let (kh, vh) = if fin {
-                            let r = i * kvd + h * hd..i * kvd + (h + 1) * hd;
-                            (&k[r.clone()], &v[r])
-                        } else {
-                            (&zeros[..], &zeros[..])
-                        };
-                        // The native push, keeping the 8-bit history for the attentions below.
-                        if mirror.push_retaining(kh, vh, true).is_err() {
-                            first_failed.fetch_min(i, Ordering::Relaxed);
-                        }
-                    }
-                    let m: &KvHeadCpu = mirror;
-                    for (blk, mut outs_b) in outs_h.into_iter().enumerate() {
-                        s.spawn(move |_| {
-                            let me = rayon::current_thread_index().unwrap_or(0);
-                            let mut guard = lock(&bufs[me.min(bufs.len() - 1)]);
-                            let b = &mut *guard;
-                            let mut folds = ValueFolds::default();
-                            for (j, out_i) in outs_b.iter_mut().enumerate() {
-                                let i = blk * PREFILL_BLOCK + j;
-                                let len = pos0 + i + 1;
-                                grow(&mut b.scores, len);
-                                let mut sc = std::mem::take(&mut b.scores);
-                                // The value folds at this length, shared by the group's query
-                                // heads and both probability planes.
-                                let folds_ok = m.value_folds_at(len, &mut folds).is_ok();
-                                let pz = poisoned_after[i] || !folds_ok;
-                                for (g, out) in out_i.chunks_mut(hd).enumerate() {
-                                    let head = h * group + g;
-                                    let qh = &q[i * qd + head * hd..i * qd + (head + 1) * hd];
-                                    let s = &mut sc[..len];
-                                    attn_scores(m, isa, b, len, pz, qh, scale, s);
-                                    super::model::softmax(s);
-                                    attn_weighted_sum(m, isa, b, len, pz, Some(&folds), s, out);
-                                }
-                                b.scores = sc;
-                            }
-                        });
-                    }
-                });
+        // Head h's pushes of every position, keeping the 8-bit history for the attentions.
+        let push_head = |h: usize, mirror: &mut KvHeadCpu| {
+            for (i, &fin) in finite.iter().enumerate() {
+                let (kh, vh) = if fin {
+                    let r = i * kvd + h * hd..i * kvd + (h + 1) * hd;
+                    (&k[r.clone()], &v[r])
+                } else {
+                    (&zeros[..], &zeros[..])
+                };
+                if mirror.push_retaining(kh, vh, true).is_err() {
+                    first_failed.fetch_min(i, Ordering::Relaxed);
+                }
             }
-        });
+        };
+        // The attentions of block `blk` of positions of KV head `h` (after its pushes).
+        let block = |m: &KvHeadCpu, h: usize, blk: usize, outs_b: &mut [&mut [f32]], me: usize| {
+            let mut guard = lock(&bufs[me.min(bufs.len() - 1)]);
+            let b = &mut *guard;
+            let mut folds = ValueFolds::default();
+            for (j, out_i) in outs_b.iter_mut().enumerate() {
+                let i = blk * PREFILL_BLOCK + j;
+                let len = pos0 + i + 1;
+                grow(&mut b.scores, len);
+                let mut sc = std::mem::take(&mut b.scores);
+                // The value folds at this length, shared by the group's query heads and both
+                // probability planes.
+                let folds_ok = m.value_folds_at(len, &mut folds).is_ok();
+                let pz = poisoned_after[i] || !folds_ok;
+                for (g, out) in out_i.chunks_mut(hd).enumerate() {
+                    let head = h * group + g;
+                    let qh = &q[i * qd + head * hd..i * qd + (head + 1) * hd];
+                    let s = &mut sc[..len];
+                    attn_scores(m, isa, b, len, pz, qh, scale, s);
+                    super::model::softmax(s);
+                    attn_weighted_sum(m, isa, b, len, pz, Some(&folds), s, out);
+                }
+                b.scores = sc;
+            }
+        };
+        if on_team {
+            // On the team the pass leads: the heads' pushes (one task a head), then every
+            // (head, block) attention (the same work as below, so the same results).
+            team.for_each_chunk_mut(&mut cpu.mirrors, 1, |h, m, _| push_head(h, &mut m[0]));
+            let mirrors = &cpu.mirrors;
+            let mut tasks: Vec<(usize, usize, Vec<&mut [f32]>)> = outs
+                .into_iter()
+                .enumerate()
+                .flat_map(|(h, o)| o.into_iter().enumerate().map(move |(blk, b)| (h, blk, b)))
+                .collect();
+            team.for_each_chunk_mut(&mut tasks, 1, |_, t, me| {
+                let (h, blk, outs_b) = &mut t[0];
+                block(&mirrors[*h], *h, *blk, outs_b, me);
+            });
+        } else {
+            let (push_head, block) = (&push_head, &block);
+            rayon::scope(|s| {
+                let per_head = cpu.mirrors.iter_mut().zip(outs);
+                for (h, (mirror, outs_h)) in per_head.enumerate() {
+                    s.spawn(move |s| {
+                        push_head(h, mirror);
+                        let m: &KvHeadCpu = mirror;
+                        for (blk, mut outs_b) in outs_h.into_iter().enumerate() {
+                            s.spawn(move |_| {
+                                let me = rayon::current_thread_index().unwrap_or(0);
+                                block(m, h, blk, &mut outs_b, me);
+                            });
+                        }
+                    });
+                }
+            });
+        }
         let failed = first_failed.load(Ordering::Relaxed);
         if failed < n {
             // A token-by-token run is poisoned from that push on: NaN outputs.
