@@ -98,6 +98,23 @@ fn random_model_cpu_backend_equals_golden_bit_for_bit() {
     }
 }
 
+/// A prompt longer than one block of the prompt team's RMS-norm and RoPE loops (16 rows) and
+/// than one attention block: the team's split of every prompt loop gives golden's bits.
+#[test]
+fn long_prompt_on_the_team_equals_golden() {
+    let prompt: Vec<u32> = (0..41).map(|i| (i * 11 + 2) % 50).collect();
+    let mut m = tiny_model_heads(23, 6, 3);
+    apply_mode(&mut m, Mode::W2a8kv4, &DP, 8, &|_, _| {}).unwrap();
+    for threads in [2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let what = format!("41-token prompt, {threads} threads");
+        pool.install(|| assert_backends_agree(&what, &m, &prompt, 4));
+    }
+}
+
 /// The decode team splits a step's attention into one task per KV head (push) and one per query
 /// head: head counts that the team's threads do not divide (3 KV heads, 9 or 6 query heads, as
 /// SmolLM2's 9 / 3) on pools of 2 and 3 threads give golden's bits.

@@ -3504,9 +3504,11 @@ mod n5_imp {
 /// `yt[t * ld + i] = stage_shift_one(sub[i * m + t], s, lo, hi)` for `i < rows`, `t < m`: N14's
 /// lattice stage (`weights::stage_shift_portable`'s operations) of a `[row][t]` block of
 /// accumulators, written transposed. Every `|sub[..]| < 2^62`, `s` in `1..=61`, and
-/// `[lo, hi]` within `i32`.
+/// `[lo, hi]` within `i32`. `wide`: the AVX-512 version (8 rows x 8 tokens a block; the CPU
+/// must have [`crate::Isa::Avx512Vnni`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_transpose(
+    wide: bool,
     sub: &[i64],
     rows: usize,
     m: usize,
@@ -3528,6 +3530,14 @@ pub(crate) fn stage_transpose(
             std::arch::is_x86_feature_detected!("avx2"),
             "AVX2 path on a CPU without AVX2"
         );
+        if wide {
+            assert!(
+                crate::Isa::Avx512Vnni.is_available(),
+                "AVX-512 path on a CPU without AVX-512"
+            );
+            // SAFETY: AVX-512 F/BW/VL present (checked above); the sizes are asserted above.
+            return unsafe { epi_imp::stage_transpose512(sub, rows, m, s, lo, hi, yt, ld) };
+        }
         // SAFETY: AVX2 is present (checked above); the sizes are asserted above.
         unsafe { epi_imp::stage_transpose(sub, rows, m, s, lo, hi, yt, ld) }
     }
@@ -3609,6 +3619,97 @@ mod epi_imp {
             }
         }
     }
+
+    /// [`stage_transpose`] on AVX-512: blocks of 8 rows x 8 tokens (eight `i64` vectors staged
+    /// with AVX-512's arithmetic shift and `i64` min / max, narrowed to `i32`, transposed as an
+    /// 8 x 8 `i32` matrix), the remaining rows and tokens one by one. `b = a + 2^(s-1) - [a <
+    /// 0]` is below `2^63` in magnitude (`|a| < 2^62`), and `b >> s` (arithmetic) is
+    /// `stage_shift_one`'s rounding.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL are available; the sizes as asserted by the caller.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn stage_transpose512(
+        sub: &[i64],
+        rows: usize,
+        m: usize,
+        s: u32,
+        lo: i64,
+        hi: i64,
+        yt: &mut [i32],
+        ld: usize,
+    ) {
+        let half = _mm512_set1_epi64(1i64 << (s - 1));
+        let one = _mm512_set1_epi64(1);
+        let cnt = _mm_cvtsi32_si128(s as i32);
+        let (lov, hiv) = (_mm512_set1_epi64(lo), _mm512_set1_epi64(hi));
+        let zero = _mm512_setzero_si512();
+        let stage8 = |a: __m512i| -> __m256i {
+            let neg = _mm512_cmplt_epi64_mask(a, zero);
+            let b = _mm512_mask_sub_epi64(
+                _mm512_add_epi64(a, half),
+                neg,
+                _mm512_add_epi64(a, half),
+                one,
+            );
+            let r = _mm512_min_epi64(_mm512_max_epi64(_mm512_sra_epi64(b, cnt), lov), hiv);
+            _mm512_cvtepi64_epi32(r)
+        };
+        let (p, o) = (sub.as_ptr(), yt.as_mut_ptr());
+        let (r8, m8) = (rows / 8 * 8, m / 8 * 8);
+        for i in (0..r8).step_by(8) {
+            for t in (0..m8).step_by(8) {
+                // SAFETY: rows i..i + 8 and tokens t..t + 8 are inside `sub` (rows * m) and
+                // their outputs (t + j) * ld + i..+8 inside `yt` (i + 8 <= rows <= ld).
+                unsafe {
+                    let x: [__m256i; 8] = std::array::from_fn(|j| {
+                        stage8(_mm512_loadu_si512(p.add((i + j) * m + t).cast()))
+                    });
+                    // x[j] = row i + j, tokens t..t + 8: transpose to token-major.
+                    let a0 = _mm256_unpacklo_epi32(x[0], x[1]);
+                    let a1 = _mm256_unpackhi_epi32(x[0], x[1]);
+                    let a2 = _mm256_unpacklo_epi32(x[2], x[3]);
+                    let a3 = _mm256_unpackhi_epi32(x[2], x[3]);
+                    let a4 = _mm256_unpacklo_epi32(x[4], x[5]);
+                    let a5 = _mm256_unpackhi_epi32(x[4], x[5]);
+                    let a6 = _mm256_unpacklo_epi32(x[6], x[7]);
+                    let a7 = _mm256_unpackhi_epi32(x[6], x[7]);
+                    let b0 = _mm256_unpacklo_epi64(a0, a2);
+                    let b1 = _mm256_unpackhi_epi64(a0, a2);
+                    let b2 = _mm256_unpacklo_epi64(a1, a3);
+                    let b3 = _mm256_unpackhi_epi64(a1, a3);
+                    let b4 = _mm256_unpacklo_epi64(a4, a6);
+                    let b5 = _mm256_unpackhi_epi64(a4, a6);
+                    let b6 = _mm256_unpacklo_epi64(a5, a7);
+                    let b7 = _mm256_unpackhi_epi64(a5, a7);
+                    let out = [
+                        _mm256_permute2x128_si256::<0x20>(b0, b4),
+                        _mm256_permute2x128_si256::<0x20>(b1, b5),
+                        _mm256_permute2x128_si256::<0x20>(b2, b6),
+                        _mm256_permute2x128_si256::<0x20>(b3, b7),
+                        _mm256_permute2x128_si256::<0x31>(b0, b4),
+                        _mm256_permute2x128_si256::<0x31>(b1, b5),
+                        _mm256_permute2x128_si256::<0x31>(b2, b6),
+                        _mm256_permute2x128_si256::<0x31>(b3, b7),
+                    ];
+                    for (j, v) in out.into_iter().enumerate() {
+                        _mm256_storeu_si256(o.add((t + j) * ld + i).cast(), v);
+                    }
+                }
+            }
+            for r in i..i + 8 {
+                for t in m8..m {
+                    yt[t * ld + r] = stage_shift_one(sub[r * m + t], s, lo, hi);
+                }
+            }
+        }
+        for r in r8..rows {
+            for t in 0..m {
+                yt[t * ld + r] = stage_shift_one(sub[r * m + t], s, lo, hi);
+            }
+        }
+    }
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
@@ -3632,7 +3733,16 @@ mod epi_tests {
         };
         for s in 1..=61u32 {
             for (lo, hi) in [(i64::from(i32::MIN), i64::from(i32::MAX)), (-128, 127)] {
-                for (rows, m) in [(4usize, 4usize), (5, 9), (16, 13), (3, 2), (8, 17), (0, 3)] {
+                for (rows, m) in [
+                    (4usize, 4usize),
+                    (5, 9),
+                    (16, 13),
+                    (3, 2),
+                    (8, 17),
+                    (0, 3),
+                    (16, 16),
+                    (9, 24),
+                ] {
                     let sub: Vec<i64> = (0..rows * m)
                         .map(|j| match j % 9 {
                             0 => (1 << 62) - 1,
@@ -3644,20 +3754,25 @@ mod epi_tests {
                         })
                         .collect();
                     let ld = rows + 3;
-                    let mut got = vec![7i32; m * ld];
-                    super::stage_transpose(&sub, rows, m, s, lo, hi, &mut got, ld);
-                    for t in 0..m {
-                        for i in 0..ld {
-                            let want = if i < rows {
-                                stage_shift_one(sub[i * m + t], s, lo, hi)
-                            } else {
-                                7
-                            };
-                            assert_eq!(
-                                got[t * ld + i],
-                                want,
-                                "s {s} rows {rows} m {m} t {t} i {i}"
-                            );
+                    for wide in [false, true] {
+                        if wide && !crate::Isa::Avx512Vnni.is_available() {
+                            continue;
+                        }
+                        let mut got = vec![7i32; m * ld];
+                        super::stage_transpose(wide, &sub, rows, m, s, lo, hi, &mut got, ld);
+                        for t in 0..m {
+                            for i in 0..ld {
+                                let want = if i < rows {
+                                    stage_shift_one(sub[i * m + t], s, lo, hi)
+                                } else {
+                                    7
+                                };
+                                assert_eq!(
+                                    got[t * ld + i],
+                                    want,
+                                    "s {s} rows {rows} m {m} t {t} i {i} wide {wide}"
+                                );
+                            }
                         }
                     }
                 }

@@ -1238,6 +1238,7 @@ impl PreparedWeights {
                         if isa.has_avx2() {
                             let yt = &mut yt[c0..];
                             crate::avx2::stage_transpose(
+                                isa == Isa::Avx512Vnni,
                                 sub,
                                 rows,
                                 m_tokens,

@@ -6,7 +6,7 @@
 //! Weight products and attention products go through [`Linear`] and [`KvCache`] (module
 //! [`super::ops`]), the dispatch points for the later quantized modes.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rayon::prelude::*;
 
@@ -566,7 +566,7 @@ impl Model {
             if cache.len() != s.pos {
                 return Err(Error::new("KV cache out of step with the session position"));
             }
-            rms_norm(x, &layer.attn_norm, c.rms_eps, h);
+            rms_norm_on(&lin.team, x, &layer.attn_norm, c.rms_eps, h);
             lap(prof, &mut t, 1);
             if !layer
                 .wq
@@ -581,10 +581,7 @@ impl Model {
                 // A prompt on the CPU backend: every position pushed, then all (position, head)
                 // attentions in parallel, each seeing the cache exactly as it was right after
                 // its own push (so as the token-by-token loop below); timed as "q.K scores".
-                for i in 0..n {
-                    rope.apply(i, &mut q[i * qd..(i + 1) * qd]);
-                    rope.apply(i, &mut k[i * kvd..(i + 1) * kvd]);
-                }
+                rope.apply_tokens(&lin.team, q, qd, k, kvd);
                 lap(prof, &mut t, 3);
                 cache.attend_prefill(&lin.team, k, v, q, n, c.n_head, scale, att);
                 lap(prof, &mut t, 5);
@@ -646,7 +643,7 @@ impl Model {
             add(x, o);
             lap(prof, &mut t, 10);
 
-            rms_norm(x, &layer.ffn_norm, c.rms_eps, h);
+            rms_norm_on(&lin.team, x, &layer.ffn_norm, c.rms_eps, h);
             lap(prof, &mut t, 1);
             if !layer
                 .w_gate
@@ -764,6 +761,40 @@ impl<'a> RopeTable<'a> {
         }
     }
 
+    /// [`Self::apply`] to every token of `q` (rows of `qd`) and `k` (rows of `kvd`), by
+    /// blocks of tokens on `team` when the caller leads it (each token is rotated alone, so the
+    /// same values), else in order.
+    fn apply_tokens(&self, team: &Team, q: &mut [f32], qd: usize, k: &mut [f32], kvd: usize) {
+        const TOKENS: usize = 16;
+        let n = q.len() / qd.max(1);
+        let blocks = q
+            .chunks_mut(TOKENS * qd)
+            .zip(k.chunks_mut(TOKENS * kvd))
+            .enumerate();
+        if !(team.is_leading() && team.threads() > 1) {
+            for (b, (qb, kb)) in blocks {
+                self.apply_block(b * TOKENS, qb, qd, kb, kvd);
+            }
+            return;
+        }
+        // Each task takes the next block from one shared iterator.
+        let blocks = Mutex::new(blocks);
+        team.for_each(n.div_ceil(TOKENS), |_, _| {
+            let next = blocks.lock().unwrap_or_else(PoisonError::into_inner).next();
+            if let Some((b, (qb, kb))) = next {
+                self.apply_block(b * TOKENS, qb, qd, kb, kvd);
+            }
+        });
+    }
+
+    /// Tokens `t0..` of `qb` and `kb` (rows of `qd` and `kvd`).
+    fn apply_block(&self, t0: usize, qb: &mut [f32], qd: usize, kb: &mut [f32], kvd: usize) {
+        for (i, (qr, kr)) in qb.chunks_mut(qd).zip(kb.chunks_mut(kvd)).enumerate() {
+            self.apply(t0 + i, qr);
+            self.apply(t0 + i, kr);
+        }
+    }
+
     /// Rotates every head of token `t`'s vector `x` (length a multiple of head_dim).
     fn apply(&self, t: usize, x: &mut [f32]) {
         let half = self.head_dim / 2;
@@ -783,6 +814,20 @@ impl<'a> RopeTable<'a> {
 
 /// RMSNorm of each row of `x` (rows of `w.len()`), times `w`. The mean square is summed in f64
 /// as ggml does.
+/// [`rms_norm`] by blocks of rows on `team` when the caller leads it (rows are normalized
+/// alone, so the same values), else on the calling thread.
+fn rms_norm_on(team: &Team, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    const ROWS: usize = 16;
+    let d = w.len();
+    if !(team.is_leading() && team.threads() > 1) || d == 0 || x.len() <= ROWS * d {
+        rms_norm(x, w, eps, out);
+        return;
+    }
+    team.for_each_chunk_mut(out, ROWS * d, |i, ob, _| {
+        rms_norm(&x[i * ROWS * d..i * ROWS * d + ob.len()], w, eps, ob);
+    });
+}
+
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
     // Each row's sum of squares in f64, in index order (`kernels_cpu::sum_squares_rows`: a
