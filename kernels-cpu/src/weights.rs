@@ -134,6 +134,29 @@ unsafe impl<T: Send> Send for OutPtr<T> {}
 #[allow(unsafe_code)]
 unsafe impl<T: Send> Sync for OutPtr<T> {}
 
+/// [`PreparedWeights::pad_tile`]'s view of a [`Scratch`]'s activation copies (each tile task
+/// writes its own tokens' elements).
+#[derive(Clone, Copy)]
+struct PadBufs {
+    x_pad: OutPtr<i8>,
+    s_sum: OutPtr<i32>,
+    x_quad_m: OutPtr<i8>,
+    s_pair: OutPtr<i32>,
+    s_tr: OutPtr<i64>,
+}
+
+impl PadBufs {
+    fn of(s: &mut Scratch) -> PadBufs {
+        PadBufs {
+            x_pad: OutPtr(s.x_pad.as_mut_ptr()),
+            s_sum: OutPtr(s.s_sum.as_mut_ptr()),
+            x_quad_m: OutPtr(s.x_quad_m.as_mut_ptr()),
+            s_pair: OutPtr(s.s_pair.as_mut_ptr()),
+            s_tr: OutPtr(s.s_tr.as_mut_ptr()),
+        }
+    }
+}
+
 impl<T> OutPtr<T> {
     /// # Safety
     /// `i` is inside the buffer the pointer was taken from.
@@ -818,14 +841,73 @@ impl PreparedWeights {
     /// ([`tok_permute`]) when the rows are short enough ([`tok_layout`]), else into the quad
     /// layout.
     fn pad_activations(&self, x_i8: &[i8], m_tokens: usize, scratch: &mut Scratch, isa: Isa) {
+        self.pad_activations_on(None, x_i8, m_tokens, scratch, isa);
+    }
+
+    /// The kernels' copies of `m_tokens` activation rows: padded rows (`x_pad`), group sums
+    /// (`s_sum`), and for a GEMM the tokens in the quad or token-major layout (`x_quad_m`), the
+    /// paired sums (`s_pair`) and the transposed ones (`s_tr`). A GEMM's are made by tiles of
+    /// [`TOK_TILE`] tokens, each tile writing only its own tokens' elements (and its columns'
+    /// entries past `m_tokens` as zeros), on `team` when the caller leads it, else in order:
+    /// the same bytes either way.
+    fn pad_activations_on(
+        &self,
+        team: Option<&Team>,
+        x_i8: &[i8],
+        m_tokens: usize,
+        scratch: &mut Scratch,
+        isa: Isa,
+    ) {
         scratch.reserve(self, m_tokens);
+        if m_tokens == 1 {
+            let mut bufs = PadBufs::of(scratch);
+            // SAFETY: the buffers were reserved for one token above; one tile, one thread.
+            #[allow(unsafe_code)]
+            unsafe {
+                self.pad_tile(x_i8, 1, 0, isa, &mut bufs);
+            }
+            return;
+        }
+        let tiles = m_tokens.div_ceil(TOK_TILE);
+        let bufs = PadBufs::of(scratch);
+        let one = |j: usize| {
+            let mut b = bufs;
+            // SAFETY: the buffers were reserved for `m_tokens` above and stay borrowed (through
+            // `bufs`) until every tile is done; tile `j` writes only its own tokens' elements,
+            // and each tile index runs once (`for_each` or the loop below).
+            #[allow(unsafe_code)]
+            unsafe {
+                self.pad_tile(x_i8, m_tokens, j, isa, &mut b);
+            }
+        };
+        match team.filter(|t| t.is_leading() && t.threads() > 1 && tiles > 1) {
+            Some(team) => team.for_each(tiles, |j, _| one(j)),
+            None => (0..tiles).for_each(one),
+        }
+    }
+
+    /// Tile `j` (tokens `16 j..min(16 j + 16, m)`) of [`Self::pad_activations_on`].
+    ///
+    /// # Safety
+    /// `b` points into a [`Scratch`] reserved for `m` tokens of this tensor, and no other
+    /// thread reads or writes tile `j`'s elements meanwhile.
+    #[allow(unsafe_code)]
+    unsafe fn pad_tile(&self, x_i8: &[i8], m: usize, j: usize, isa: Isa, b: &mut PadBufs) {
         let plen = self.padded_len();
         let lp = self.chunks_per_group * CHUNK;
-        for t in 0..m_tokens {
+        let groups = self.groups;
+        let t0 = j * TOK_TILE;
+        let t1 = (t0 + TOK_TILE).min(m);
+        for t in t0..t1 {
             let x = &x_i8[t * self.k..(t + 1) * self.k];
-            let xp = &mut scratch.x_pad[t * plen..(t + 1) * plen];
-            let s = &mut scratch.s_sum[t * self.groups..(t + 1) * self.groups];
-            for g in 0..self.groups {
+            // SAFETY: token t's padded row and group sums (t < m, reserved), this tile's own.
+            let (xp, s) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(b.x_pad.at(t * plen), plen),
+                    std::slice::from_raw_parts_mut(b.s_sum.at(t * groups), groups),
+                )
+            };
+            for g in 0..groups {
                 let src = &x[g * self.group_len..((g + 1) * self.group_len).min(self.k)];
                 let dst = &mut xp[g * lp..(g + 1) * lp];
                 dst[..src.len()].copy_from_slice(src);
@@ -833,53 +915,67 @@ impl PreparedWeights {
                 s[g] = src.iter().map(|&v| i32::from(v)).sum();
             }
         }
-        if m_tokens > 1 && self.quad.stride > 0 {
-            let xl = self.quad.x_len();
-            if isa == Isa::Avx512Vnni && tok_layout(self.groups) {
-                let m16 = m_tokens.next_multiple_of(TOK_TILE);
-                tok_permute(
-                    &scratch.x_pad[..m_tokens * plen],
-                    m_tokens,
-                    plen,
-                    &mut scratch.x_quad_m[..m16 * xl],
-                );
+        if m == 1 {
+            return;
+        }
+        // The tile's padded rows and sums, written above by this task.
+        // SAFETY: tokens t0..t1 of both buffers (reserved), this tile's own.
+        let (xp, ss) = unsafe {
+            (
+                std::slice::from_raw_parts(b.x_pad.at(t0 * plen).cast_const(), (t1 - t0) * plen),
+                std::slice::from_raw_parts(
+                    b.s_sum.at(t0 * groups).cast_const(),
+                    (t1 - t0) * groups,
+                ),
+            )
+        };
+        let sum = |t: usize, g: usize| -> i32 {
+            if t < t1 && g < groups {
+                ss[(t - t0) * groups + g]
             } else {
-                for t in 0..m_tokens {
+                0
+            }
+        };
+        if self.quad.stride > 0 {
+            let xl = self.quad.x_len();
+            if isa == Isa::Avx512Vnni && tok_layout(groups) {
+                // SAFETY: tile j of the token-major copy (`TOK_TILE * plen` codes, reserved
+                // for `m.next_multiple_of(TOK_TILE)` tokens), this tile's own.
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        b.x_quad_m.at(j * TOK_TILE * plen),
+                        TOK_TILE * plen,
+                    )
+                };
+                tok_permute(xp, t1 - t0, plen, out);
+            } else {
+                for t in t0..t1 {
+                    // SAFETY: token t's quad copy (reserved), this tile's own.
+                    let out = unsafe { std::slice::from_raw_parts_mut(b.x_quad_m.at(t * xl), xl) };
                     quad_permute(
-                        &scratch.x_pad[t * plen..(t + 1) * plen],
+                        &xp[(t - t0) * plen..(t - t0 + 1) * plen],
                         self.quad.quads,
-                        &mut scratch.x_quad_m[t * xl..(t + 1) * xl],
+                        out,
                     );
                 }
             }
-            let stride = s_pair_stride(m_tokens);
-            let groups = self.groups;
-            let sp = &mut scratch.s_pair[..groups.div_ceil(2) * stride];
-            for (p, col) in sp.chunks_exact_mut(stride).enumerate() {
-                for (t, v) in col.iter_mut().enumerate() {
+            let stride = s_pair_stride(m);
+            for p in 0..groups.div_ceil(2) {
+                for t in t0..t0 + TOK_TILE {
                     // |S| <= 32 * 128 (one chunk a group): exact in i16.
-                    let half = |g: usize| -> u32 {
-                        if t < m_tokens && g < groups {
-                            u32::from(scratch.s_sum[t * groups + g] as i16 as u16)
-                        } else {
-                            0
-                        }
-                    };
-                    *v = (half(2 * p) | (half(2 * p + 1) << 16)) as i32;
+                    let half = |g: usize| u32::from(sum(t, g) as i16 as u16);
+                    let v = (half(2 * p) | (half(2 * p + 1) << 16)) as i32;
+                    // SAFETY: entry t of pair p's column (t < stride = m rounded up to a
+                    // tile), this tile's own.
+                    unsafe { *b.s_pair.at(p * stride + t) = v };
                 }
             }
         }
-        if m_tokens > 1 {
-            let stride = s_tr_stride(m_tokens);
-            let s_tr = &mut scratch.s_tr[..self.groups * stride];
-            for (g, col) in s_tr.chunks_exact_mut(stride).enumerate() {
-                for (t, v) in col.iter_mut().enumerate() {
-                    *v = if t < m_tokens {
-                        i64::from(scratch.s_sum[t * self.groups + g])
-                    } else {
-                        0
-                    };
-                }
+        let stride = s_tr_stride(m);
+        for g in 0..groups {
+            for t in t0..(t0 + TOK_TILE).min(stride) {
+                // SAFETY: entry t of group g's column (t < stride), this tile's own.
+                unsafe { *b.s_tr.at(g * stride + t) = i64::from(sum(t, g)) };
             }
         }
     }
@@ -918,7 +1014,7 @@ impl PreparedWeights {
     ) -> Result<(), OpError> {
         self.check(dp, x_i8, m_tokens, acc_out.len())?;
         let isa = self.effective_isa(isa);
-        self.pad_activations(x_i8, m_tokens, scratch, isa);
+        self.pad_activations_on(team, x_i8, m_tokens, scratch, isa);
         let ctx = self.row_ctx(dp.acc_bits);
         let plen = self.padded_len();
         let groups = self.groups;
@@ -1188,7 +1284,7 @@ impl PreparedWeights {
         // Token `t`'s N14 outputs `y` of rows `row..row + y.len()`, split at the part boundaries.
         let emit = |t: usize, row: usize, y: &[i32]| parts.emit(t, row, y, &epi);
         let isa = self.effective_isa(isa);
-        self.pad_activations(x_i8, m_tokens, scratch, isa);
+        self.pad_activations_on(team, x_i8, m_tokens, scratch, isa);
         let ctx = self.row_ctx(dp.acc_bits);
         let plen = self.padded_len();
         let groups = self.groups;
