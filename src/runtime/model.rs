@@ -867,6 +867,54 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
+/// [`softmax`] of each row of `x` (rows of `len`), the same values: up to four rows at a time
+/// with their ordered maxima and sums interleaved (each row's chain of `f32` additions is
+/// latency-bound alone; interleaved, the rows' chains overlap).
+pub fn softmax_rows(x: &mut [f32], len: usize) {
+    if len == 0 {
+        return;
+    }
+    assert!(x.len().is_multiple_of(len), "softmax_rows: whole rows");
+    for rows in x.chunks_mut(4 * len) {
+        match rows.len() / len {
+            4 => softmax_interleaved::<4>(rows, len),
+            3 => softmax_interleaved::<3>(rows, len),
+            2 => softmax_interleaved::<2>(rows, len),
+            _ => softmax(rows),
+        }
+    }
+}
+
+/// [`softmax`] of `R` rows of `len` (`x.len() == R * len`), each row's operations in
+/// [`softmax`]'s order.
+fn softmax_interleaved<const R: usize>(x: &mut [f32], len: usize) {
+    assert_eq!(x.len(), R * len);
+    let mut m = [f32::NEG_INFINITY; R];
+    for j in 0..len {
+        for (r, mr) in m.iter_mut().enumerate() {
+            *mr = mr.max(x[r * len + j]);
+        }
+    }
+    for (row, &mr) in x.chunks_exact_mut(len).zip(&m) {
+        for v in row.iter_mut() {
+            *v -= mr;
+        }
+    }
+    tessera_kernels_cpu::expf_in_place(x);
+    let mut sum = [0f32; R];
+    for j in 0..len {
+        for (r, sr) in sum.iter_mut().enumerate() {
+            *sr += x[r * len + j];
+        }
+    }
+    for (row, &sr) in x.chunks_exact_mut(len).zip(&sum) {
+        let inv = 1.0 / sr;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
 /// Elements per task of [`silu_mul`].
 const SILU_CHUNK: usize = 384;
 
@@ -901,5 +949,48 @@ pub fn silu(x: f32) -> f32 {
 fn add(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{softmax, softmax_rows};
+
+    /// `softmax_rows` gives each row exactly `softmax`'s bits: 1 to 9 rows (the interleaved
+    /// groups of 4, 3 and 2 and a single row), lengths 1 to 70, rows holding infinities, a NaN,
+    /// huge spreads and ties.
+    #[test]
+    fn softmax_rows_equal_softmax_row_by_row() {
+        let mut z = 5u64;
+        let mut next = move || {
+            z = z
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((z >> 40) as f32 / (1u64 << 24) as f32) * 60.0 - 30.0
+        };
+        for rows in 1..=9usize {
+            for len in [1usize, 2, 3, 7, 64, 70] {
+                let mut x: Vec<f32> = (0..rows * len).map(|_| next()).collect();
+                if len > 2 {
+                    x[1] = f32::NEG_INFINITY;
+                    if rows > 1 {
+                        x[len + 1] = f32::INFINITY;
+                    }
+                    let n = x.len();
+                    x[len.min(n - 1)] = x[0];
+                }
+                if rows > 4 && len > 2 {
+                    x[4 * len + 2] = f32::NAN;
+                }
+                let mut want = x.clone();
+                for r in want.chunks_exact_mut(len) {
+                    softmax(r);
+                }
+                softmax_rows(&mut x, len);
+                for (i, (a, b)) in x.iter().zip(&want).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "rows {rows} len {len} at {i}");
+                }
+            }
+        }
     }
 }

@@ -24,7 +24,7 @@
 //! order of `f32`/`f64` operations (tests/runtime_backends.rs compares logits bit for bit).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 
 use rayon::prelude::*;
 use tessera_golden::kv::{quantize_probs, KvCache as GoldenKvCache, P_PLANE_BITS};
@@ -1168,36 +1168,77 @@ impl KvCache {
             for (j, out_i) in outs_b.iter_mut().enumerate() {
                 let i = blk * PREFILL_BLOCK + j;
                 let len = pos0 + i + 1;
-                grow(&mut b.scores, len);
+                grow(&mut b.scores, group * len);
                 let mut sc = std::mem::take(&mut b.scores);
                 // The value folds at this length, shared by the group's query heads and both
                 // probability planes.
                 let folds_ok = m.value_folds_at(len, &mut folds).is_ok();
                 let pz = poisoned_after[i] || !folds_ok;
-                for (g, out) in out_i.chunks_mut(hd).enumerate() {
+                // The group's query heads see the same keys: their scores, then their
+                // softmaxes together (row by row the same values), then their outputs.
+                let sc_g = &mut sc[..group * len];
+                for (g, s) in sc_g.chunks_exact_mut(len).enumerate() {
                     let head = h * group + g;
                     let qh = &q[i * qd + head * hd..i * qd + (head + 1) * hd];
-                    let s = &mut sc[..len];
                     attn_scores(m, isa, b, len, pz, qh, scale, s);
-                    super::model::softmax(s);
+                }
+                super::model::softmax_rows(sc_g, len);
+                for (out, s) in out_i.chunks_mut(hd).zip(sc_g.chunks_exact(len)) {
                     attn_weighted_sum(m, isa, b, len, pz, Some(&folds), s, out);
                 }
                 b.scores = sc;
             }
         };
         if on_team {
-            // On the team the pass leads: the heads' pushes (one task a head), then every
-            // (head, block) attention (the same work as below, so the same results).
-            team.for_each_chunk_mut(&mut cpu.mirrors, 1, |h, m, _| push_head(h, &mut m[0]));
-            let mirrors = &cpu.mirrors;
-            let mut tasks: Vec<(usize, usize, Vec<&mut [f32]>)> = outs
+            // On the team the pass leads, one loop: the heads' pushes (tasks 0..n_kv, claimed
+            // first), then every (head, block) attention, each waiting until its head's push
+            // is done (the push was claimed earlier, so it is running; a helper that finished
+            // its push goes on to the blocks of the heads already pushed instead of idling).
+            // The same work as below, so the same results.
+            let n_kv = cpu.mirrors.len();
+            let heads: Vec<RwLock<&mut KvHeadCpu>> =
+                cpu.mirrors.iter_mut().map(RwLock::new).collect();
+            let pushed: Vec<AtomicBool> = (0..n_kv).map(|_| AtomicBool::new(false)).collect();
+            /// A (head, block, outputs) attention task, taken once by the task that runs it.
+            type BlockTask<'o> = Mutex<Option<(usize, usize, Vec<&'o mut [f32]>)>>;
+            let blocks: Vec<BlockTask<'_>> = outs
                 .into_iter()
                 .enumerate()
-                .flat_map(|(h, o)| o.into_iter().enumerate().map(move |(blk, b)| (h, blk, b)))
+                .flat_map(|(h, o)| {
+                    o.into_iter()
+                        .enumerate()
+                        .map(move |(blk, b)| Mutex::new(Some((h, blk, b))))
+                })
                 .collect();
-            team.for_each_chunk_mut(&mut tasks, 1, |_, t, me| {
-                let (h, blk, outs_b) = &mut t[0];
-                block(&mirrors[*h], *h, *blk, outs_b, me);
+            /// Marks a head pushed when its push task ends, even by a panic (which the team
+            /// resumes on the leader), so that no block task waits forever.
+            struct Pushed<'a>(&'a AtomicBool);
+            impl Drop for Pushed<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Release);
+                }
+            }
+            team.for_each(n_kv + blocks.len(), |i, me| {
+                if i < n_kv {
+                    let _done = Pushed(&pushed[i]);
+                    let mut m = heads[i].write().unwrap_or_else(PoisonError::into_inner);
+                    push_head(i, &mut m);
+                    return;
+                }
+                let Some((h, blk, mut outs_b)) = lock(&blocks[i - n_kv]).take() else {
+                    return;
+                };
+                let mut rounds = 0u32;
+                while !pushed[h].load(Ordering::Acquire) {
+                    if rounds < 1 << 10 {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::yield_now();
+                    }
+                    rounds = rounds.saturating_add(1);
+                }
+                let m = heads[h].read().unwrap_or_else(PoisonError::into_inner);
+                block(&m, h, blk, &mut outs_b, me);
             });
         } else {
             let (push_head, block) = (&push_head, &block);
