@@ -1076,7 +1076,8 @@ impl KvCache {
     /// its positions). The pushes of one head thus overlap the attention of another, and work
     /// stealing balances the blocks (later positions see more keys). When the caller leads
     /// `team` (a prompt's forward pass, `Model::forward_into`), the same tasks run on it
-    /// instead, as two loops: the heads' pushes, then every (head, block).
+    /// instead, as one loop: the heads' pushes first, then every (head, block), each waiting
+    /// until its head is pushed.
     #[allow(clippy::too_many_arguments)]
     pub fn attend_prefill(
         &mut self,
