@@ -106,13 +106,18 @@ fn long_prompt_on_the_team_equals_golden() {
     let mut m = tiny_model_heads(23, 6, 3);
     apply_mode(&mut m, Mode::W2a8kv4, &DP, 8, &|_, _| {}).unwrap();
     for threads in [2, 3] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
         let what = format!("41-token prompt, {threads} threads");
-        pool.install(|| assert_backends_agree(&what, &m, &prompt, 4));
+        on_pool(threads, || assert_backends_agree(&what, &m, &prompt, 4));
     }
+}
+
+/// Runs `f` on a fresh rayon pool of `threads` threads.
+fn on_pool(threads: usize, f: impl FnOnce() + Send) {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f);
 }
 
 /// The decode team splits a step's attention into one task per KV head (push) and one per query
@@ -125,12 +130,8 @@ fn decode_team_head_split_equals_golden() {
         let mut m = tiny_model_heads(5, n_head, n_kv);
         apply_mode(&mut m, Mode::W2a8kv4, &DP, 8, &|_, _| {}).unwrap();
         for threads in [2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
             let what = format!("{n_head} heads / {n_kv} KV heads, {threads} threads");
-            pool.install(|| assert_backends_agree(&what, &m, &prompt, 40));
+            on_pool(threads, || assert_backends_agree(&what, &m, &prompt, 40));
         }
     }
 }

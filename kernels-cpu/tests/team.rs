@@ -18,6 +18,36 @@ fn pool(threads: usize) -> rayon::ThreadPool {
         .expect("rayon pool")
 }
 
+/// A random `n x k` tensor of `format` with groups of `l` (scales up to `2^15`, any zero
+/// point), prepared for the kernels.
+fn random_tensor(
+    format: WeightFormat,
+    n: usize,
+    k: usize,
+    l: usize,
+    rng: &mut Rng,
+) -> PreparedWeights {
+    let groups = k.div_ceil(l);
+    let max = u64::from(format.max_code()) + 1;
+    let codes: Vec<u8> = (0..n * k).map(|_| (rng.next() % max) as u8).collect();
+    let gscale = (0..n * groups)
+        .map(|_| (rng.next() % 32769) as u16)
+        .collect();
+    let zero = (0..n * groups).map(|_| rng.next() as u8).collect();
+    let w = QuantWeights::from_codes(format, n, k, l, 16, &codes, gscale, zero, vec![1.0; n])
+        .expect("tensor");
+    PreparedWeights::from(&w)
+}
+
+/// Groups of 32, 16-bit scales, 48-bit accumulators.
+const DP48: Datapath = Datapath {
+    w_group_len: 32,
+    w_scale_bits: 16,
+    acc_bits: 48,
+    kv_group_len: 16,
+    kv_recent_window: 16,
+};
+
 /// splitmix64.
 struct Rng(u64);
 impl Rng {
@@ -226,17 +256,7 @@ fn team_gemv_equals_the_rayon_split() {
             (1001, 160, 32),
             (333, 576, 64),
         ] {
-            let groups = k.div_ceil(l);
-            let max = u64::from(format.max_code()) + 1;
-            let codes: Vec<u8> = (0..n * k).map(|_| (rng.next() % max) as u8).collect();
-            let gscale = (0..n * groups)
-                .map(|_| (rng.next() % 32769) as u16)
-                .collect();
-            let zero = (0..n * groups).map(|_| rng.next() as u8).collect();
-            let w =
-                QuantWeights::from_codes(format, n, k, l, 16, &codes, gscale, zero, vec![1.0; n])
-                    .expect("tensor");
-            let p = PreparedWeights::from(&w);
+            let p = random_tensor(format, n, k, l, &mut rng);
             let x: Vec<i8> = (0..k).map(|_| rng.next() as i8).collect();
             for isa in Isa::available() {
                 let mut want = vec![0i64; n];
@@ -278,13 +298,7 @@ fn team_gemv_equals_the_rayon_split() {
 #[test]
 fn team_gemv_epilogue_equals_acc_then_stage_in_every_part() {
     let mut rng = Rng(7);
-    let d = Datapath {
-        w_group_len: 32,
-        w_scale_bits: 16,
-        acc_bits: 48,
-        kv_group_len: 16,
-        kv_recent_window: 16,
-    };
+    let d = DP48;
     let stage = tessera_golden::ops::OutputStage::weight_lattice_i32(15);
     for format in [WeightFormat::W2, WeightFormat::W8] {
         for &(n, k, cuts) in &[
@@ -292,17 +306,7 @@ fn team_gemv_epilogue_equals_acc_then_stage_in_every_part() {
             (960, 576, &[576, 192, 192][..]),
             (37, 96, &[20, 17][..]),
         ] {
-            let groups = k.div_ceil(32);
-            let max = u64::from(format.max_code()) + 1;
-            let codes: Vec<u8> = (0..n * k).map(|_| (rng.next() % max) as u8).collect();
-            let gscale = (0..n * groups)
-                .map(|_| (rng.next() % 32769) as u16)
-                .collect();
-            let zero = (0..n * groups).map(|_| rng.next() as u8).collect();
-            let w =
-                QuantWeights::from_codes(format, n, k, 32, 16, &codes, gscale, zero, vec![1.0; n])
-                    .expect("tensor");
-            let p = PreparedWeights::from(&w);
+            let p = random_tensor(format, n, k, 32, &mut rng);
             let x: Vec<i8> = (0..k).map(|_| rng.next() as i8).collect();
             for isa in Isa::available() {
                 let mut acc = vec![0i64; n];
@@ -363,30 +367,14 @@ fn team_gemv_epilogue_equals_acc_then_stage_in_every_part() {
 #[test]
 fn team_gemm_epilogue_equals_rayon_in_every_part() {
     let mut rng = Rng(19);
-    let d = Datapath {
-        w_group_len: 32,
-        w_scale_bits: 16,
-        acc_bits: 48,
-        kv_group_len: 16,
-        kv_recent_window: 16,
-    };
+    let d = DP48;
     let stage = tessera_golden::ops::OutputStage::weight_lattice_i32(15);
     for format in [WeightFormat::W2, WeightFormat::W8] {
         for &(n, k, cuts) in &[
             (1001usize, 576usize, &[1001usize][..]),
             (960, 576, &[576, 192, 192][..]),
         ] {
-            let groups = k.div_ceil(32);
-            let max = u64::from(format.max_code()) + 1;
-            let codes: Vec<u8> = (0..n * k).map(|_| (rng.next() % max) as u8).collect();
-            let gscale = (0..n * groups)
-                .map(|_| (rng.next() % 32769) as u16)
-                .collect();
-            let zero = (0..n * groups).map(|_| rng.next() as u8).collect();
-            let w =
-                QuantWeights::from_codes(format, n, k, 32, 16, &codes, gscale, zero, vec![1.0; n])
-                    .expect("tensor");
-            let p = PreparedWeights::from(&w);
+            let p = random_tensor(format, n, k, 32, &mut rng);
             for m in [5usize, 33] {
                 let x: Vec<i8> = (0..m * k).map(|_| rng.next() as i8).collect();
                 for isa in Isa::available() {

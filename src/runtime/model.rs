@@ -694,15 +694,21 @@ pub const DECODE_TEAM_ENV: &str = "TESSERA_DECODE_TEAM";
 /// reported once and means the default, on).
 fn decode_team_from_env() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| match std::env::var(DECODE_TEAM_ENV) {
+    *ON.get_or_init(|| switch_from_env(DECODE_TEAM_ENV, "the decode team"))
+}
+
+/// A `0` / `1` switch from the environment variable `var`, on when unset; another value is
+/// reported (naming `what` stays on) and means on.
+fn switch_from_env(var: &str, what: &str) -> bool {
+    match std::env::var(var) {
         Err(_) => true,
         Ok(v) if v == "1" => true,
         Ok(v) if v == "0" => false,
         Ok(v) => {
-            eprintln!("warning: {DECODE_TEAM_ENV}={v:?} is not 0 or 1; the decode team stays on");
+            eprintln!("warning: {var}={v:?} is not 0 or 1; {what} stays on");
             true
         }
-    })
+    }
 }
 
 /// Environment variable that switches the thread team off (`0`) or on (`1`, the default) for
@@ -714,15 +720,7 @@ pub const PREFILL_TEAM_ENV: &str = "TESSERA_PREFILL_TEAM";
 /// [`decode_team_from_env`]).
 fn prefill_team_from_env() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| match std::env::var(PREFILL_TEAM_ENV) {
-        Err(_) => true,
-        Ok(v) if v == "1" => true,
-        Ok(v) if v == "0" => false,
-        Ok(v) => {
-            eprintln!("warning: {PREFILL_TEAM_ENV}={v:?} is not 0 or 1; the prompt team stays on");
-            true
-        }
-    })
+    *ON.get_or_init(|| switch_from_env(PREFILL_TEAM_ENV, "the prompt team"))
 }
 
 /// cos/sin of RoPE angles for `n` positions from `pos0`, llama.cpp's "normal" mode: element pairs
