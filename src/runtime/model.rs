@@ -640,7 +640,7 @@ impl Model {
             }
             layer.wo.forward_ws(att, n, o, lin);
             lap(prof, &mut t, 8);
-            add(x, o);
+            add_on(&lin.team, x, o);
             lap(prof, &mut t, 10);
 
             rms_norm_on(&lin.team, x, &layer.ffn_norm, c.rms_eps, h);
@@ -657,7 +657,7 @@ impl Model {
             lap(prof, &mut t, 10);
             layer.w_down.forward_ws(g, n, o, lin);
             lap(prof, &mut t, 11);
-            add(x, o);
+            add_on(&lin.team, x, o);
             lap(prof, &mut t, 10);
         }
         s.pos += n;
@@ -942,6 +942,17 @@ fn silu_mul(team: &Team, g: &mut [f32], u: &[f32]) {
 
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + tessera_kernels_cpu::expf(-x))
+}
+
+/// [`add`] by blocks on `team` when the caller leads it (a prompt's residuals), else in order:
+/// the same sums.
+fn add_on(team: &Team, x: &mut [f32], y: &[f32]) {
+    const BLOCK: usize = 2048;
+    if !(team.is_leading() && team.threads() > 1) || x.len() <= BLOCK {
+        add(x, y);
+        return;
+    }
+    team.for_each_chunk_mut(x, BLOCK, |i, xb, _| add(xb, &y[i * BLOCK..]));
 }
 
 fn add(x: &mut [f32], y: &[f32]) {
