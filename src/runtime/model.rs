@@ -467,8 +467,9 @@ impl Model {
     /// thread team ([`Team`]) with as many threads as the rayon pool: its helpers spin between
     /// the step's products, so a GEMV costs a few atomic operations of synchronisation instead
     /// of a rayon wake-up (the same integers: only which thread computes a row changes). A
-    /// prompt leads it as well (its products, N5 and batched attention run their tasks on the
-    /// team: +7% prefill in paired runs, docs/performance.md). The other backends (whose
+    /// prompt leads it as well (its products and their activation copies, N5, batched
+    /// attention, RMS norms, RoPE and residual additions run their tasks on the team: +7%
+    /// prefill against rayon in paired runs, docs/performance.md). The other backends (whose
     /// products fork on rayon) run without it; so does every decode step when
     /// [`Session::decode_team`] is unset (`TESSERA_DECODE_TEAM=0`, [`DECODE_TEAM_ENV`]; on by
     /// default since the quiet-machine pairs in docs/performance.md), and every prompt when

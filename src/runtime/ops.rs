@@ -527,7 +527,7 @@ impl LinearScratch {
             // Each task takes the next chunks from one shared iterator (the lock is held only
             // to take them).
             let chunks = Mutex::new(chunks);
-            let finite = std::sync::atomic::AtomicBool::new(true);
+            let finite = AtomicBool::new(true);
             self.team.for_each(n_tasks, |_, _| {
                 let Some((xc, (cc, sc))) = lock(&chunks).next() else {
                     return;
@@ -540,7 +540,7 @@ impl LinearScratch {
                     .filter(|ok| !ok)
                     .count();
                 if failed > 0 {
-                    finite.store(false, std::sync::atomic::Ordering::Relaxed);
+                    finite.store(false, Ordering::Relaxed);
                 }
             });
             return finite.into_inner();
