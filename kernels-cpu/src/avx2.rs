@@ -3551,6 +3551,24 @@ mod epi_imp {
 
     use crate::weights::stage_shift_one;
 
+    /// The blocks' remainders one element at a time: `yt[t * ld + r]` for `r` in `rows`, `t` in
+    /// `toks`, with the stage `(s, lo, hi)` of `stage_shift_one`.
+    fn stage_scalar(
+        sub: &[i64],
+        m: usize,
+        rows: std::ops::Range<usize>,
+        toks: std::ops::Range<usize>,
+        (s, lo, hi): (u32, i64, i64),
+        yt: &mut [i32],
+        ld: usize,
+    ) {
+        for r in rows {
+            for t in toks.clone() {
+                yt[t * ld + r] = stage_shift_one(sub[r * m + t], s, lo, hi);
+            }
+        }
+    }
+
     /// See [`super::stage_transpose`]: blocks of 4 rows x 4 tokens (four `i64` vectors staged,
     /// their low `i32` halves transposed with unpacks), the remaining rows and tokens one by
     /// one. The arithmetic shift right of `b = a + 2^(s-1) - [a < 0]` (`|b| < 2^63`) is
@@ -3607,17 +3625,9 @@ mod epi_imp {
                     _mm_storeu_si128(o.add((t + 3) * ld + i).cast(), _mm_unpackhi_epi64(t2, t3));
                 }
             }
-            for r in i..i + 4 {
-                for t in m4..m {
-                    yt[t * ld + r] = stage_shift_one(sub[r * m + t], s, lo, hi);
-                }
-            }
+            stage_scalar(sub, m, i..i + 4, m4..m, (s, lo, hi), yt, ld);
         }
-        for r in r4..rows {
-            for t in 0..m {
-                yt[t * ld + r] = stage_shift_one(sub[r * m + t], s, lo, hi);
-            }
-        }
+        stage_scalar(sub, m, r4..rows, 0..m, (s, lo, hi), yt, ld);
     }
 
     /// [`stage_transpose`] on AVX-512: blocks of 8 rows x 8 tokens (eight `i64` vectors staged
@@ -3698,17 +3708,9 @@ mod epi_imp {
                     }
                 }
             }
-            for r in i..i + 8 {
-                for t in m8..m {
-                    yt[t * ld + r] = stage_shift_one(sub[r * m + t], s, lo, hi);
-                }
-            }
+            stage_scalar(sub, m, i..i + 8, m8..m, (s, lo, hi), yt, ld);
         }
-        for r in r8..rows {
-            for t in 0..m {
-                yt[t * ld + r] = stage_shift_one(sub[r * m + t], s, lo, hi);
-            }
-        }
+        stage_scalar(sub, m, r8..rows, 0..m, (s, lo, hi), yt, ld);
     }
 }
 
